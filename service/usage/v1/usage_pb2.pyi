@@ -1,0 +1,171 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from usage.v1 import customer_pb2 as _customer_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EntitlementReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENTITLEMENT_REASON_UNSPECIFIED: _ClassVar[EntitlementReason]
+    ENTITLEMENT_REASON_WITHIN_LIMIT: _ClassVar[EntitlementReason]
+    ENTITLEMENT_REASON_FEATURE_ENABLED: _ClassVar[EntitlementReason]
+    ENTITLEMENT_REASON_SOFT_LIMIT_EXCEEDED: _ClassVar[EntitlementReason]
+    ENTITLEMENT_REASON_LIMIT_EXCEEDED: _ClassVar[EntitlementReason]
+    ENTITLEMENT_REASON_FEATURE_NOT_IN_PLAN: _ClassVar[EntitlementReason]
+    ENTITLEMENT_REASON_SUBSCRIPTION_INACTIVE: _ClassVar[EntitlementReason]
+    ENTITLEMENT_REASON_CUSTOMER_NOT_FOUND: _ClassVar[EntitlementReason]
+ENTITLEMENT_REASON_UNSPECIFIED: EntitlementReason
+ENTITLEMENT_REASON_WITHIN_LIMIT: EntitlementReason
+ENTITLEMENT_REASON_FEATURE_ENABLED: EntitlementReason
+ENTITLEMENT_REASON_SOFT_LIMIT_EXCEEDED: EntitlementReason
+ENTITLEMENT_REASON_LIMIT_EXCEEDED: EntitlementReason
+ENTITLEMENT_REASON_FEATURE_NOT_IN_PLAN: EntitlementReason
+ENTITLEMENT_REASON_SUBSCRIPTION_INACTIVE: EntitlementReason
+ENTITLEMENT_REASON_CUSTOMER_NOT_FOUND: EntitlementReason
+
+class RecordUsageRequest(_message.Message):
+    __slots__ = ("customer_id", "meter", "quantity", "idempotency_key", "event_time", "properties")
+    class PropertiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    METER_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    meter: str
+    quantity: int
+    idempotency_key: str
+    event_time: _timestamp_pb2.Timestamp
+    properties: _containers.ScalarMap[str, str]
+    def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ..., quantity: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RecordUsageResponse(_message.Message):
+    __slots__ = ("event_id", "duplicate")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    duplicate: bool
+    def __init__(self, event_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class BatchRecordUsageRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RecordUsageRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RecordUsageRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchRecordUsageResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[RecordUsageResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[RecordUsageResponse, _Mapping]]] = ...) -> None: ...
+
+class CheckEntitlementRequest(_message.Message):
+    __slots__ = ("customer_id", "feature", "quantity", "consume", "idempotency_key", "properties")
+    class PropertiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    CONSUME_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    feature: str
+    quantity: int
+    consume: bool
+    idempotency_key: str
+    properties: _containers.ScalarMap[str, str]
+    def __init__(self, customer_id: _Optional[str] = ..., feature: _Optional[str] = ..., quantity: _Optional[int] = ..., consume: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CheckEntitlementResponse(_message.Message):
+    __slots__ = ("allowed", "reason", "used", "included", "limit", "remaining", "period_start_time", "period_end_time", "event_id", "duplicate")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_TIME_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    allowed: bool
+    reason: EntitlementReason
+    used: int
+    included: int
+    limit: int
+    remaining: int
+    period_start_time: _timestamp_pb2.Timestamp
+    period_end_time: _timestamp_pb2.Timestamp
+    event_id: str
+    duplicate: bool
+    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[EntitlementReason, str]] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class GetUsageSummaryRequest(_message.Message):
+    __slots__ = ("customer_id", "meter")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    METER_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    meter: str
+    def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ...) -> None: ...
+
+class MeterUsage(_message.Message):
+    __slots__ = ("meter", "used", "included", "limit", "remaining", "overage", "reported", "pending", "failed", "aggregation", "unit")
+    METER_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    meter: str
+    used: int
+    included: int
+    limit: int
+    remaining: int
+    overage: int
+    reported: int
+    pending: int
+    failed: int
+    aggregation: str
+    unit: str
+    def __init__(self, meter: _Optional[str] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., overage: _Optional[int] = ..., reported: _Optional[int] = ..., pending: _Optional[int] = ..., failed: _Optional[int] = ..., aggregation: _Optional[str] = ..., unit: _Optional[str] = ...) -> None: ...
+
+class GetUsageSummaryResponse(_message.Message):
+    __slots__ = ("customer_id", "plan_id", "period_start_time", "period_end_time", "meters", "subscription_status")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_TIME_FIELD_NUMBER: _ClassVar[int]
+    METERS_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTION_STATUS_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    plan_id: str
+    period_start_time: _timestamp_pb2.Timestamp
+    period_end_time: _timestamp_pb2.Timestamp
+    meters: _containers.RepeatedCompositeFieldContainer[MeterUsage]
+    subscription_status: _customer_pb2.SubscriptionStatus
+    def __init__(self, customer_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., meters: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., subscription_status: _Optional[_Union[_customer_pb2.SubscriptionStatus, str]] = ...) -> None: ...
