@@ -1,0 +1,1 @@
+"""gRPC servicers: proto <-> domain types, validation and error mapping. No SQL here."""

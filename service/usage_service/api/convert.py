@@ -1,0 +1,103 @@
+"""Proto <-> domain conversions."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from google.protobuf import timestamp_pb2
+
+from usage.v1 import customer_pb2, usage_pb2
+from usage_service import domain
+
+STATUS_TO_PROTO = {
+    domain.SubscriptionStatus.ACTIVE: customer_pb2.SUBSCRIPTION_STATUS_ACTIVE,
+    domain.SubscriptionStatus.TRIALING: customer_pb2.SUBSCRIPTION_STATUS_TRIALING,
+    domain.SubscriptionStatus.PAST_DUE: customer_pb2.SUBSCRIPTION_STATUS_PAST_DUE,
+    domain.SubscriptionStatus.CANCELED: customer_pb2.SUBSCRIPTION_STATUS_CANCELED,
+    domain.SubscriptionStatus.UNPAID: customer_pb2.SUBSCRIPTION_STATUS_UNPAID,
+    domain.SubscriptionStatus.INCOMPLETE: customer_pb2.SUBSCRIPTION_STATUS_INCOMPLETE,
+    domain.SubscriptionStatus.PAUSED: customer_pb2.SUBSCRIPTION_STATUS_PAUSED,
+}
+STATUS_FROM_PROTO = {v: k for k, v in STATUS_TO_PROTO.items()}
+
+PROVIDER_TO_PROTO = {
+    domain.Provider.NONE: customer_pb2.PROVIDER_UNSPECIFIED,
+    domain.Provider.STRIPE: customer_pb2.PROVIDER_STRIPE,
+    domain.Provider.LEMON_SQUEEZY: customer_pb2.PROVIDER_LEMON_SQUEEZY,
+    domain.Provider.POLAR: customer_pb2.PROVIDER_POLAR,
+    domain.Provider.DODO_PAYMENTS: customer_pb2.PROVIDER_DODO_PAYMENTS,
+    domain.Provider.CREEM: customer_pb2.PROVIDER_CREEM,
+}
+PROVIDER_FROM_PROTO = {v: k for k, v in PROVIDER_TO_PROTO.items()}
+
+REASON_TO_PROTO = {
+    domain.Reason.WITHIN_LIMIT: usage_pb2.ENTITLEMENT_REASON_WITHIN_LIMIT,
+    domain.Reason.FEATURE_ENABLED: usage_pb2.ENTITLEMENT_REASON_FEATURE_ENABLED,
+    domain.Reason.SOFT_LIMIT_EXCEEDED: usage_pb2.ENTITLEMENT_REASON_SOFT_LIMIT_EXCEEDED,
+    domain.Reason.LIMIT_EXCEEDED: usage_pb2.ENTITLEMENT_REASON_LIMIT_EXCEEDED,
+    domain.Reason.FEATURE_NOT_IN_PLAN: usage_pb2.ENTITLEMENT_REASON_FEATURE_NOT_IN_PLAN,
+    domain.Reason.SUBSCRIPTION_INACTIVE: usage_pb2.ENTITLEMENT_REASON_SUBSCRIPTION_INACTIVE,
+    domain.Reason.CUSTOMER_NOT_FOUND: usage_pb2.ENTITLEMENT_REASON_CUSTOMER_NOT_FOUND,
+}
+
+
+def ts(when: dt.datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(when)
+    return out
+
+
+def customer_to_proto(c: domain.Customer) -> customer_pb2.Customer:
+    return customer_pb2.Customer(
+        customer_id=c.customer_id,
+        plan_id=c.plan_id,
+        subscription_status=STATUS_TO_PROTO[c.subscription_status],
+        current_period_start_time=ts(c.period_start),
+        current_period_end_time=ts(c.period_end),
+        provider=PROVIDER_TO_PROTO[c.provider],
+        provider_customer_id=c.provider_customer_id,
+        subscription_items=dict(c.subscription_items),
+    )
+
+
+def decision_to_proto(
+    d: domain.Decision,
+    customer: domain.Customer | None,
+    event_id: str = "",
+    duplicate: bool = False,
+) -> usage_pb2.CheckEntitlementResponse:
+    out = usage_pb2.CheckEntitlementResponse(
+        allowed=d.allowed,
+        reason=REASON_TO_PROTO[d.reason],
+        used=d.used,
+        included=d.included,
+        event_id=event_id,
+        duplicate=duplicate,
+    )
+    if d.limit is not None:
+        out.limit = d.limit
+    if d.remaining is not None:
+        out.remaining = d.remaining
+    if customer is not None:
+        out.period_start_time.CopyFrom(ts(customer.period_start))
+        out.period_end_time.CopyFrom(ts(customer.period_end))
+    return out
+
+
+def meter_to_proto(m: domain.MeterSummary) -> usage_pb2.MeterUsage:
+    out = usage_pb2.MeterUsage(
+        meter=m.meter,
+        used=m.used,
+        included=m.included,
+        overage=m.overage,
+        reported=m.reported,
+        pending=m.pending,
+        failed=m.failed,
+        aggregation=m.aggregation.value,
+        unit=m.unit,
+    )
+    if m.limit is not None:
+        out.limit = m.limit
+    if m.remaining is not None:
+        out.remaining = m.remaining
+    return out

@@ -1,0 +1,93 @@
+"""usage.v1.CustomerService."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from usage.v1 import customer_pb2, customer_pb2_grpc
+from usage_service import domain
+from usage_service.api import convert, validation
+from usage_service.api.errors import ApiError, rpc
+from usage_service.api.validation import Violations
+from usage_service.plans import Plans
+from usage_service.storage.store import Store
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CustomerService(customer_pb2_grpc.CustomerServiceServicer):
+    def __init__(self, store: Store, plans: Plans) -> None:
+        self.store = store
+        self.plans = plans
+
+    @rpc
+    async def UpsertCustomer(
+        self, request: customer_pb2.UpsertCustomerRequest, context: Context
+    ) -> customer_pb2.UpsertCustomerResponse:
+        c = request.customer
+        v = Violations()
+        if not request.HasField("customer"):
+            v.add("customer", "is required")
+            v.check()
+        validation.text(v, "customer.customer_id", c.customer_id)
+        if not c.plan_id:
+            v.add("customer.plan_id", "must not be empty")
+        elif c.plan_id not in self.plans.plans:
+            v.add("customer.plan_id", f"unknown plan {c.plan_id[:100]!r}")
+        status = convert.STATUS_FROM_PROTO.get(c.subscription_status)
+        if status is None:
+            v.add("customer.subscription_status", "must be set to a known status")
+        provider = convert.PROVIDER_FROM_PROTO.get(c.provider)
+        if provider is None:
+            v.add("customer.provider", "unknown provider")
+        validation.text(v, "customer.provider_customer_id", c.provider_customer_id, required=False)
+        start = end = None
+        for name in ("current_period_start_time", "current_period_end_time"):
+            if not c.HasField(name):
+                v.add(f"customer.{name}", "is required")
+        if not v:
+            start = validation.timestamp(
+                v, "customer.current_period_start_time", c.current_period_start_time
+            )
+            end = validation.timestamp(
+                v, "customer.current_period_end_time", c.current_period_end_time
+            )
+            if start and end and start >= end:
+                v.add("customer.current_period_end_time", "must be after current_period_start_time")
+        for meter, item in c.subscription_items.items():
+            if meter not in self.plans.meters:
+                v.add(f"customer.subscription_items[{meter[:100]!r}]", "unknown meter")
+            validation.text(v, f"customer.subscription_items[{meter[:100]!r}]", item)
+        v.check()
+        assert status is not None and provider is not None and start and end
+        saved = await self.store.upsert_customer(
+            domain.Customer(
+                customer_id=c.customer_id,
+                plan_id=c.plan_id,
+                subscription_status=status,
+                period_start=start,
+                period_end=end,
+                provider=provider,
+                provider_customer_id=c.provider_customer_id,
+                subscription_items=dict(c.subscription_items),
+            )
+        )
+        return customer_pb2.UpsertCustomerResponse(customer=convert.customer_to_proto(saved))
+
+    @rpc
+    async def GetCustomer(
+        self, request: customer_pb2.GetCustomerRequest, context: Context
+    ) -> customer_pb2.GetCustomerResponse:
+        v = Violations()
+        validation.text(v, "customer_id", request.customer_id)
+        v.check()
+        customer = await self.store.get_customer(request.customer_id)
+        if customer is None:
+            raise ApiError(
+                "CUSTOMER_NOT_FOUND",
+                f"no customer {request.customer_id[:100]!r}",
+                metadata={"customer_id": request.customer_id},
+            )
+        return customer_pb2.GetCustomerResponse(customer=convert.customer_to_proto(customer))

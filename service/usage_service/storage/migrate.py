@@ -1,0 +1,42 @@
+"""Plain versioned SQL migrations, applied in file-name order under an advisory lock, so several
+replicas starting at once apply each one exactly once."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import asyncpg
+
+from usage_service.storage import queries
+
+MIGRATIONS = pathlib.Path(__file__).with_name("migrations")
+log = logging.getLogger(__name__)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Applies the migrations not yet applied; returns their versions."""
+    applied_now: list[str] = []
+    await conn.execute(queries.MIGRATION_LOCK)
+    try:
+        await conn.execute(queries.MIGRATION_TABLE)
+        done = {row["version"] for row in await conn.fetch(queries.MIGRATIONS_APPLIED)}
+        for file in sorted(MIGRATIONS.glob("*.sql")):
+            if file.stem in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(file.read_text(encoding="utf-8"))
+                await conn.execute(queries.MIGRATION_DONE, file.stem)
+            log.info("applied migration %s", file.stem, extra={"action": "migrate"})
+            applied_now.append(file.stem)
+    finally:
+        await conn.execute(queries.MIGRATION_UNLOCK)
+    return applied_now
+
+
+async def migrate_dsn(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()

