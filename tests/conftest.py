@@ -19,10 +19,10 @@ import asyncpg
 import grpc
 import pytest
 
+from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2_grpc
 from usage_service import plans as plans_mod
 from usage_service.server import start_server
 from usage_service.storage import migrate, store
-from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2_grpc
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
@@ -36,7 +36,7 @@ def with_database(dsn: str, name: str) -> str:
 async def _reachable(dsn: str) -> bool:
     try:
         conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, asyncpg.PostgresError):
         return False
     await conn.close()
     return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import grpc
@@ -43,19 +44,10 @@ class CustomerService(customer_pb2_grpc.CustomerServiceServicer):
         if provider is None:
             v.add("customer.provider", "unknown provider")
         validation.text(v, "customer.provider_customer_id", c.provider_customer_id, required=False)
-        start = end = None
-        for name in ("current_period_start_time", "current_period_end_time"):
-            if not c.HasField(name):
-                v.add(f"customer.{name}", "is required")
-        if not v:
-            start = validation.timestamp(
-                v, "customer.current_period_start_time", c.current_period_start_time
-            )
-            end = validation.timestamp(
-                v, "customer.current_period_end_time", c.current_period_end_time
-            )
-            if start and end and start >= end:
-                v.add("customer.current_period_end_time", "must be after current_period_start_time")
+        start = _period_time(v, c, "current_period_start_time")
+        end = _period_time(v, c, "current_period_end_time")
+        if start and end and start >= end:
+            v.add("customer.current_period_end_time", "must be after current_period_start_time")
         for meter, item in c.subscription_items.items():
             if meter not in self.plans.meters:
                 v.add(f"customer.subscription_items[{meter[:100]!r}]", "unknown meter")
@@ -91,3 +83,10 @@ class CustomerService(customer_pb2_grpc.CustomerServiceServicer):
                 metadata={"customer_id": request.customer_id},
             )
         return customer_pb2.GetCustomerResponse(customer=convert.customer_to_proto(customer))
+
+
+def _period_time(v: Violations, c: customer_pb2.Customer, name: str) -> dt.datetime | None:
+    if not c.HasField(name):
+        v.add(f"customer.{name}", "is required")
+        return None
+    return validation.timestamp(v, f"customer.{name}", getattr(c, name))
