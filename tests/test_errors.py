@@ -1,0 +1,108 @@
+"""Bad input gets INVALID_ARGUMENT naming each field and changes nothing; failures below the API
+become clear codes, never UNKNOWN and never a stack trace."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import grpc
+import pytest
+from conftest import Service
+from helpers import details, record
+
+from usage.v1 import usage_pb2, usage_pb2_grpc
+from usage_service import plans as plans_mod
+from usage_service.server import start_server
+from usage_service.storage import store
+
+FUTURE = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)
+
+
+@pytest.mark.parametrize(
+    ("request_", "fields"),
+    [
+        (record(customer_id=""), {"customer_id"}),
+        (record(customer_id="c" * 256), {"customer_id"}),
+        (record(customer_id="a\x00b"), {"customer_id"}),
+        (record(meter=""), {"meter"}),
+        (record(meter="nope"), {"meter"}),
+        (record(quantity=-1), {"quantity"}),
+        (record(key=""), {"idempotency_key"}),
+        (record(key="k" * 256), {"idempotency_key"}),
+        (record(when=FUTURE), {"event_time"}),
+        (record(**{"k" * 41: "v"}), {f"properties[{'k' * 41!r}]"}),
+        (record(big="v" * 501), {"properties['big']"}),
+        (
+            record(customer_id="", meter="nope", quantity=-5, key=""),
+            {"customer_id", "meter", "quantity", "idempotency_key"},
+        ),
+    ],
+)
+async def test_record_rejects_bad_fields_and_stores_nothing(
+    service: Service, request_: usage_pb2.RecordUsageRequest, fields: set[str]
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.usage.RecordUsage(request_)
+    d = details(caught.value)
+    assert d.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (d.reason, d.domain) == ("INVALID_REQUEST", "usage.v1")
+    assert set(d.fields) == fields
+    assert all(d.fields.values())
+    assert await service.count_events() == 0
+
+
+async def test_limits_are_inclusive(service: Service) -> None:
+    near_future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4)
+    ok = record(customer_id="c" * 255, key="k" * 255, quantity=0, when=near_future)
+    assert not (await service.usage.RecordUsage(ok)).duplicate
+
+
+async def test_check_and_summary_validate_too(service: Service) -> None:
+    bad_check = usage_pb2.CheckEntitlementRequest(customer_id="", feature="", quantity=-1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.usage.CheckEntitlement(bad_check)
+    assert set(details(caught.value).fields) == {"customer_id", "feature", "quantity"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.usage.GetUsageSummary(
+            usage_pb2.GetUsageSummaryRequest(customer_id="c", meter="nope")
+        )
+    assert set(details(caught.value).fields) == {"meter"}
+
+
+async def test_database_unreachable_is_unavailable(plans: plans_mod.Plans) -> None:
+    import asyncpg
+
+    pool = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:1/none", min_size=0)
+    assert pool is not None
+    running = await start_server(store.Store(pool), plans, "127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = usage_pb2_grpc.UsageServiceStub(channel)
+            for call in (
+                stub.RecordUsage(record()),
+                stub.GetUsageSummary(usage_pb2.GetUsageSummaryRequest(customer_id="c")),
+                stub.CheckEntitlement(
+                    usage_pb2.CheckEntitlementRequest(customer_id="c", feature="tokens")
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                d = details(caught.value)
+                assert d.code == grpc.StatusCode.UNAVAILABLE
+                assert d.reason == "DATABASE_UNAVAILABLE"
+                assert "Traceback" not in (caught.value.details() or "")
+    finally:
+        await running.stop(0)
+        await pool.close()
+
+
+async def test_unexpected_failure_is_internal_without_a_stack_trace(service: Service) -> None:
+    """A broken table is a bug, not bad input: INTERNAL, with nothing of the trace exposed."""
+    await service.db.execute(
+        "ALTER TABLE usage_events ADD CONSTRAINT no_sevens CHECK (quantity <> 7)"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.usage.RecordUsage(record(quantity=7))
+    d = details(caught.value)
+    assert d.code == grpc.StatusCode.INTERNAL and d.reason == "INTERNAL_ERROR"
+    assert caught.value.details() == "internal error"
