@@ -25,7 +25,8 @@ from usage_service.server import start_server
 from usage_service.storage import migrate, store
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
-LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
+# Where the machine's own PostgreSQL normally runs; without it the tests start an embedded one.
+LOCAL_SERVER = os.environ.get("USAGE_TEST_LOCAL_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def with_database(dsn: str, name: str) -> str:
