@@ -136,7 +136,10 @@ class Store:
             j = first.setdefault(key, i)
             if j != i and events[j].payload_hash != e.payload_hash:
                 raise KeyConflict(i, events[j].event_id)
-        fresh = [events[i] for i in sorted(first.values())]
+        # Rows go in key order, so concurrent writers take unique-index locks in one order.
+        fresh = sorted(
+            (events[i] for i in first.values()), key=lambda e: (e.customer_id, e.idempotency_key)
+        )
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(queries.LOCK_CUSTOMERS, sorted({e.customer_id for e in fresh}))
             customers = {r["customer_id"]: customer_from_row(r) for r in rows}
