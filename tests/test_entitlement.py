@@ -128,6 +128,10 @@ async def test_consume_needs_a_key_and_a_meter(service: Service) -> None:
     d = details(caught.value)
     assert d.code == grpc.StatusCode.INVALID_ARGUMENT
     assert set(d.fields) == {"idempotency_key", "feature"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.usage.CheckEntitlement(check(quantity=0, consume=True, key="z"))
+    assert set(details(caught.value).fields) == {"quantity"}
+    assert await service.count_events() == 0
 
 
 @pytest.mark.parametrize("attempt", range(3))

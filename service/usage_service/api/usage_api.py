@@ -72,6 +72,8 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             v.add("quantity", f"must be >= 0, not {request.quantity}")
         if request.consume:
             validation.text(v, "idempotency_key", request.idempotency_key)
+            if request.quantity == 0:
+                v.add("quantity", "consume needs a quantity > 0")
             if request.feature and request.feature not in self.plans.meters:
                 v.add("feature", "consume needs a metered feature (a meter in the plans file)")
             validation.properties(v, "properties", request.properties)
