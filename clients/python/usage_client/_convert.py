@@ -1,0 +1,197 @@
+"""Records <-> usage.v1 messages. The only module that touches generated message classes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+from google.protobuf import timestamp_pb2
+
+from usage_client import _types as types
+from usage_client._gen.usage.v1 import customer_pb2, usage_pb2
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _enum(cls: type[E], value: int) -> E:
+    try:
+        return cls(value)
+    except ValueError:  # a value added to the contract after this client was built
+        return cls["UNSPECIFIED"]
+
+
+def _timestamp(value: dt.datetime, field: str) -> timestamp_pb2.Timestamp:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"{field}: naive datetime {value.isoformat()}; pass an aware one, "
+            "e.g. datetime.now(timezone.utc)"
+        )
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _datetime(stamp: timestamp_pb2.Timestamp) -> dt.datetime:
+    return stamp.ToDatetime(tzinfo=dt.UTC)
+
+
+def record_request(
+    customer_id: str,
+    meter: str,
+    quantity: int,
+    idempotency_key: str,
+    event_time: dt.datetime | None,
+    properties: Mapping[str, str] | None,
+    field: str = "event_time",
+) -> usage_pb2.RecordUsageRequest:
+    request = usage_pb2.RecordUsageRequest(
+        customer_id=customer_id,
+        meter=meter,
+        quantity=quantity,
+        idempotency_key=idempotency_key,
+        properties=dict(properties or {}),
+    )
+    if event_time is not None:
+        request.event_time.CopyFrom(_timestamp(event_time, field))
+    return request
+
+
+def batch_request(events: Sequence[types.UsageEvent]) -> usage_pb2.BatchRecordUsageRequest:
+    return usage_pb2.BatchRecordUsageRequest(
+        requests=[
+            record_request(
+                e.customer_id,
+                e.meter,
+                e.quantity,
+                e.idempotency_key,
+                e.event_time,
+                e.properties,
+                field=f"events[{i}].event_time",
+            )
+            for i, e in enumerate(events)
+        ]
+    )
+
+
+def record_result(response: usage_pb2.RecordUsageResponse) -> types.RecordResult:
+    return types.RecordResult(event_id=response.event_id, duplicate=response.duplicate)
+
+
+def batch_results(response: usage_pb2.BatchRecordUsageResponse) -> list[types.RecordResult]:
+    return [record_result(r) for r in response.responses]
+
+
+def check_request(
+    customer_id: str,
+    feature: str,
+    quantity: int,
+    consume: bool,
+    idempotency_key: str | None,
+    properties: Mapping[str, str] | None,
+) -> usage_pb2.CheckEntitlementRequest:
+    return usage_pb2.CheckEntitlementRequest(
+        customer_id=customer_id,
+        feature=feature,
+        quantity=quantity,
+        consume=consume,
+        idempotency_key=idempotency_key or "",
+        properties=dict(properties or {}),
+    )
+
+
+def entitlement(response: usage_pb2.CheckEntitlementResponse) -> types.Entitlement:
+    return types.Entitlement(
+        allowed=response.allowed,
+        reason=_enum(types.EntitlementReason, response.reason),
+        used=response.used,
+        included=response.included,
+        limit=response.limit if response.HasField("limit") else None,
+        remaining=response.remaining if response.HasField("remaining") else None,
+        period_start_time=(
+            _datetime(response.period_start_time)
+            if response.HasField("period_start_time")
+            else None
+        ),
+        period_end_time=(
+            _datetime(response.period_end_time) if response.HasField("period_end_time") else None
+        ),
+        event_id=response.event_id or None,
+        duplicate=response.duplicate,
+    )
+
+
+def summary_request(customer_id: str, meter: str | None) -> usage_pb2.GetUsageSummaryRequest:
+    return usage_pb2.GetUsageSummaryRequest(customer_id=customer_id, meter=meter or "")
+
+
+def meter_usage(message: usage_pb2.MeterUsage) -> types.MeterUsage:
+    return types.MeterUsage(
+        meter=message.meter,
+        used=message.used,
+        included=message.included,
+        limit=message.limit if message.HasField("limit") else None,
+        remaining=message.remaining if message.HasField("remaining") else None,
+        overage=message.overage,
+        reported=message.reported,
+        pending=message.pending,
+        failed=message.failed,
+        aggregation=message.aggregation,
+        unit=message.unit,
+    )
+
+
+def summary(response: usage_pb2.GetUsageSummaryResponse) -> types.UsageSummary:
+    return types.UsageSummary(
+        customer_id=response.customer_id,
+        plan_id=response.plan_id,
+        subscription_status=_enum(types.SubscriptionStatus, response.subscription_status),
+        period_start_time=(
+            _datetime(response.period_start_time)
+            if response.HasField("period_start_time")
+            else None
+        ),
+        period_end_time=(
+            _datetime(response.period_end_time) if response.HasField("period_end_time") else None
+        ),
+        meters=tuple(meter_usage(m) for m in response.meters),
+    )
+
+
+def customer_message(customer: types.Customer) -> customer_pb2.Customer:
+    return customer_pb2.Customer(
+        customer_id=customer.customer_id,
+        plan_id=customer.plan_id,
+        subscription_status=customer.subscription_status.value,
+        current_period_start_time=_timestamp(
+            customer.current_period_start_time, "customer.current_period_start_time"
+        ),
+        current_period_end_time=_timestamp(
+            customer.current_period_end_time, "customer.current_period_end_time"
+        ),
+        provider=customer.provider.value,
+        provider_customer_id=customer.provider_customer_id,
+        subscription_items=dict(customer.subscription_items),
+    )
+
+
+def customer(message: customer_pb2.Customer) -> types.Customer:
+    return types.Customer(
+        customer_id=message.customer_id,
+        plan_id=message.plan_id,
+        subscription_status=_enum(types.SubscriptionStatus, message.subscription_status),
+        current_period_start_time=_datetime(message.current_period_start_time),
+        current_period_end_time=_datetime(message.current_period_end_time),
+        provider=_enum(types.Provider, message.provider),
+        provider_customer_id=message.provider_customer_id,
+        subscription_items=dict(message.subscription_items),
+    )
+
+
+def upsert_request(value: types.Customer) -> customer_pb2.UpsertCustomerRequest:
+    return customer_pb2.UpsertCustomerRequest(customer=customer_message(value))
+
+
+def get_customer_request(customer_id: str) -> customer_pb2.GetCustomerRequest:
+    return customer_pb2.GetCustomerRequest(customer_id=customer_id)
