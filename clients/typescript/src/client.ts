@@ -1,0 +1,380 @@
+import { create } from "@bufbuild/protobuf";
+import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
+import { createClient, type Client, type Transport } from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+
+import { UsageServiceError } from "./errors.js";
+import {
+  Health,
+  HealthCheckRequestSchema,
+  HealthCheckResponse_ServingStatus,
+} from "./gen/grpc/health/v1/health_pb.js";
+import {
+  CustomerSchema,
+  CustomerService,
+  Provider,
+  SubscriptionStatus,
+  type Customer as CustomerMessage,
+} from "./gen/usage/v1/customer_pb.js";
+import {
+  EntitlementReason,
+  RecordUsageRequestSchema,
+  UsageService,
+  type CheckEntitlementResponse,
+  type MeterUsage as MeterUsageMessage,
+  type RecordUsageRequest,
+  type RecordUsageResponse,
+} from "./gen/usage/v1/usage_pb.js";
+import { retryPolicy, withRetry, type RetryPolicy } from "./retry.js";
+
+/** Default deadline of each attempt, in milliseconds. */
+export const DEFAULT_TIMEOUT_MS = 5_000;
+
+/** Whole units: a safe integer number or a bigint. */
+export type Quantity = number | bigint;
+
+export type EntitlementReasonName = keyof typeof EntitlementReason;
+export type SubscriptionStatusName = keyof typeof SubscriptionStatus;
+export type ProviderName = keyof typeof Provider;
+export type ServingStatusName = keyof typeof HealthCheckResponse_ServingStatus;
+
+export interface UsageClientOptions {
+  /** "host:port" (plaintext HTTP/2) or a URL such as "http://host:port" / "https://host". */
+  readonly address: string;
+  /** Deadline of each attempt, in milliseconds (default 5000). */
+  readonly timeoutMs?: number;
+  /** Retries on UNAVAILABLE and DEADLINE_EXCEEDED (default DEFAULT_RETRY). */
+  readonly retry?: Partial<RetryPolicy>;
+  /** Headers sent with every call, e.g. authorization. */
+  readonly headers?: Readonly<Record<string, string>>;
+  /** Called before each retry, e.g. to log it. */
+  readonly onRetry?: (error: UsageServiceError, attempt: number, waitMs: number) => void;
+  /** A transport of your own (TLS, interceptors...); then the client does not own a connection. */
+  readonly transport?: Transport;
+}
+
+/** Per-call options; unset values come from the client's options. */
+export interface CallOptions {
+  readonly timeoutMs?: number;
+  readonly retry?: Partial<RetryPolicy>;
+  /** Aborts the call and any pending retry. */
+  readonly signal?: AbortSignal;
+}
+
+export interface RecordUsageInput {
+  readonly customerId: string;
+  readonly meter: string;
+  readonly quantity: Quantity;
+  /** Required: derive it from your own ids with idempotencyKey(...), never a random value per attempt. */
+  readonly idempotencyKey: string;
+  /** When the usage happened (default: now, at the service). */
+  readonly eventTime?: Date;
+  readonly properties?: Readonly<Record<string, string>>;
+}
+
+export interface RecordUsageResult {
+  readonly eventId: string;
+  /** True when this key had already been recorded: nothing new was stored. */
+  readonly duplicate: boolean;
+}
+
+export interface CheckEntitlementInput {
+  readonly customerId: string;
+  /** A meter name or a boolean feature name of the customer's plan. */
+  readonly feature: string;
+  /** The amount about to be used; 0 (default) asks "is any left?". */
+  readonly quantity?: Quantity;
+  /** Record `quantity` as usage, atomically with the decision, when allowed. */
+  readonly consume?: boolean;
+  /** Required when consume is true. */
+  readonly idempotencyKey?: string;
+  readonly properties?: Readonly<Record<string, string>>;
+}
+
+export interface Entitlement {
+  readonly allowed: boolean;
+  /** Why: WITHIN_LIMIT, FEATURE_ENABLED, SOFT_LIMIT_EXCEEDED, LIMIT_EXCEEDED, ... */
+  readonly reason: EntitlementReasonName;
+  /** Usage in the current period, after this call's consumption if any. */
+  readonly used: bigint;
+  readonly included: bigint;
+  /** undefined: unlimited. */
+  readonly limit: bigint | undefined;
+  /** undefined: unlimited. */
+  readonly remaining: bigint | undefined;
+  readonly periodStartTime: Date | undefined;
+  readonly periodEndTime: Date | undefined;
+  /** The recorded event when consumed; "" otherwise. */
+  readonly eventId: string;
+  /** True when the idempotency key had already been consumed: nothing new was recorded. */
+  readonly duplicate: boolean;
+}
+
+export interface MeterUsage {
+  readonly meter: string;
+  readonly used: bigint;
+  readonly included: bigint;
+  readonly limit: bigint | undefined;
+  readonly remaining: bigint | undefined;
+  readonly overage: bigint;
+  readonly reported: bigint;
+  readonly pending: bigint;
+  readonly failed: bigint;
+  readonly aggregation: string;
+  readonly unit: string;
+}
+
+export interface UsageSummary {
+  readonly customerId: string;
+  readonly planId: string;
+  readonly subscriptionStatus: SubscriptionStatusName;
+  readonly periodStartTime: Date | undefined;
+  readonly periodEndTime: Date | undefined;
+  readonly meters: readonly MeterUsage[];
+}
+
+export interface Customer {
+  readonly customerId: string;
+  readonly planId: string;
+  readonly subscriptionStatus: SubscriptionStatusName;
+  readonly currentPeriodStartTime: Date | undefined;
+  readonly currentPeriodEndTime: Date | undefined;
+  readonly provider: ProviderName;
+  readonly providerCustomerId: string;
+  /** Meter -> Lemon Squeezy subscription item id. */
+  readonly subscriptionItems: Readonly<Record<string, string>>;
+}
+
+export interface CustomerInput {
+  readonly customerId: string;
+  readonly planId: string;
+  readonly subscriptionStatus: SubscriptionStatusName;
+  readonly currentPeriodStartTime: Date;
+  readonly currentPeriodEndTime: Date;
+  /** Default UNSPECIFIED: metered and checked, never reported to a provider. */
+  readonly provider?: ProviderName;
+  readonly providerCustomerId?: string;
+  readonly subscriptionItems?: Readonly<Record<string, string>>;
+}
+
+function toBigInt(quantity: Quantity | undefined): bigint {
+  return quantity === undefined ? 0n : BigInt(quantity);
+}
+
+function toDate(timestamp: Timestamp | undefined): Date | undefined {
+  return timestamp === undefined ? undefined : timestampDate(timestamp);
+}
+
+function enumValue<E extends Record<string, string | number>>(
+  values: E,
+  name: string,
+  what: string,
+): number {
+  const value = values[name];
+  if (typeof value !== "number") {
+    throw new TypeError(`unknown ${what} "${name}"`);
+  }
+  return value;
+}
+
+function enumName<N extends string>(values: Record<number, string>, value: number): N {
+  return (values[value] ?? "UNSPECIFIED") as N;
+}
+
+function recordRequest(input: RecordUsageInput): RecordUsageRequest {
+  return create(RecordUsageRequestSchema, {
+    customerId: input.customerId,
+    meter: input.meter,
+    quantity: toBigInt(input.quantity),
+    idempotencyKey: input.idempotencyKey,
+    eventTime: input.eventTime === undefined ? undefined : timestampFromDate(input.eventTime),
+    properties: { ...(input.properties ?? {}) },
+  });
+}
+
+function recordResult(response: RecordUsageResponse): RecordUsageResult {
+  return { eventId: response.eventId, duplicate: response.duplicate };
+}
+
+function entitlement(response: CheckEntitlementResponse): Entitlement {
+  return {
+    allowed: response.allowed,
+    reason: enumName<EntitlementReasonName>(EntitlementReason, response.reason),
+    used: response.used,
+    included: response.included,
+    limit: response.limit,
+    remaining: response.remaining,
+    periodStartTime: toDate(response.periodStartTime),
+    periodEndTime: toDate(response.periodEndTime),
+    eventId: response.eventId,
+    duplicate: response.duplicate,
+  };
+}
+
+function meterUsage(meter: MeterUsageMessage): MeterUsage {
+  return {
+    meter: meter.meter,
+    used: meter.used,
+    included: meter.included,
+    limit: meter.limit,
+    remaining: meter.remaining,
+    overage: meter.overage,
+    reported: meter.reported,
+    pending: meter.pending,
+    failed: meter.failed,
+    aggregation: meter.aggregation,
+    unit: meter.unit,
+  };
+}
+
+function customer(message: CustomerMessage | undefined): Customer {
+  if (message === undefined) {
+    throw new TypeError("the service answered without a customer");
+  }
+  return {
+    customerId: message.customerId,
+    planId: message.planId,
+    subscriptionStatus: enumName<SubscriptionStatusName>(SubscriptionStatus, message.subscriptionStatus),
+    currentPeriodStartTime: toDate(message.currentPeriodStartTime),
+    currentPeriodEndTime: toDate(message.currentPeriodEndTime),
+    provider: enumName<ProviderName>(Provider, message.provider),
+    providerCustomerId: message.providerCustomerId,
+    subscriptionItems: { ...message.subscriptionItems },
+  };
+}
+
+/**
+ * A usage-service client: every call has a deadline, is retried with backoff on UNAVAILABLE and
+ * DEADLINE_EXCEEDED with the very same request (so the same idempotency key), and fails with a
+ * UsageServiceError carrying the service's ErrorInfo and BadRequest details.
+ *
+ * One client holds one HTTP/2 connection; share it, and close() it when done.
+ */
+export class UsageClient {
+  /** The generated clients, for anything the methods below do not cover (no retries there). */
+  readonly usage: Client<typeof UsageService>;
+  readonly customers: Client<typeof CustomerService>;
+  readonly health: Client<typeof Health>;
+
+  private readonly sessionManager: Http2SessionManager | undefined;
+  private readonly timeoutMs: number;
+  private readonly retry: RetryPolicy;
+  private readonly headers: Readonly<Record<string, string>>;
+  private readonly onRetry: UsageClientOptions["onRetry"];
+
+  constructor(options: UsageClientOptions) {
+    this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    if (!(this.timeoutMs > 0)) {
+      throw new RangeError(`timeoutMs must be > 0, got ${this.timeoutMs}`);
+    }
+    this.retry = retryPolicy(options.retry);
+    this.headers = { ...(options.headers ?? {}) };
+    this.onRetry = options.onRetry;
+    let transport = options.transport;
+    if (transport === undefined) {
+      const baseUrl = options.address.includes("://") ? options.address : `http://${options.address}`;
+      this.sessionManager = new Http2SessionManager(baseUrl, { idleConnectionTimeoutMs: 60_000 });
+      transport = createGrpcTransport({ baseUrl, sessionManager: this.sessionManager });
+    }
+    this.usage = createClient(UsageService, transport);
+    this.customers = createClient(CustomerService, transport);
+    this.health = createClient(Health, transport);
+  }
+
+  /** Closes the connection; calls made afterwards open a new one. */
+  close(): void {
+    this.sessionManager?.abort();
+  }
+
+  private call<T>(options: CallOptions | undefined, run: (callOptions: {
+    timeoutMs: number;
+    signal: AbortSignal | undefined;
+    headers: Record<string, string>;
+  }) => Promise<T>): Promise<T> {
+    const policy = options?.retry === undefined ? this.retry : retryPolicy(options.retry, this.retry);
+    const callOptions = {
+      timeoutMs: options?.timeoutMs ?? this.timeoutMs,
+      signal: options?.signal,
+      headers: { ...this.headers },
+    };
+    return withRetry(policy, () => run(callOptions), options?.signal, this.onRetry);
+  }
+
+  /** Records one usage event; OK means it is committed. A retry of the same key returns the original. */
+  async recordUsage(input: RecordUsageInput, options?: CallOptions): Promise<RecordUsageResult> {
+    const request = recordRequest(input);
+    return recordResult(await this.call(options, (o) => this.usage.recordUsage(request, o)));
+  }
+
+  /** Records 1..1000 events atomically; results come in the same order. */
+  async batchRecordUsage(
+    inputs: readonly RecordUsageInput[],
+    options?: CallOptions,
+  ): Promise<RecordUsageResult[]> {
+    const request = { requests: inputs.map(recordRequest) };
+    const response = await this.call(options, (o) => this.usage.batchRecordUsage(request, o));
+    return response.responses.map(recordResult);
+  }
+
+  /** May the customer use `feature` now? A denial is an answer (allowed: false), not an error. */
+  async checkEntitlement(input: CheckEntitlementInput, options?: CallOptions): Promise<Entitlement> {
+    const request = {
+      customerId: input.customerId,
+      feature: input.feature,
+      quantity: toBigInt(input.quantity),
+      consume: input.consume ?? false,
+      idempotencyKey: input.idempotencyKey ?? "",
+      properties: { ...(input.properties ?? {}) },
+    };
+    return entitlement(await this.call(options, (o) => this.usage.checkEntitlement(request, o)));
+  }
+
+  /** The customer's usage in the current billing period, per meter (or only `meter`). */
+  async getUsageSummary(
+    customerId: string,
+    filter: { readonly meter?: string } = {},
+    options?: CallOptions,
+  ): Promise<UsageSummary> {
+    const request = { customerId, meter: filter.meter ?? "" };
+    const response = await this.call(options, (o) => this.usage.getUsageSummary(request, o));
+    return {
+      customerId: response.customerId,
+      planId: response.planId,
+      subscriptionStatus: enumName<SubscriptionStatusName>(SubscriptionStatus, response.subscriptionStatus),
+      periodStartTime: toDate(response.periodStartTime),
+      periodEndTime: toDate(response.periodEndTime),
+      meters: response.meters.map(meterUsage),
+    };
+  }
+
+  /** Creates or replaces a customer (plan, subscription status, billing period, provider). */
+  async upsertCustomer(input: CustomerInput, options?: CallOptions): Promise<Customer> {
+    const message = create(CustomerSchema, {
+      customerId: input.customerId,
+      planId: input.planId,
+      subscriptionStatus: enumValue(SubscriptionStatus, input.subscriptionStatus, "subscription status"),
+      currentPeriodStartTime: timestampFromDate(input.currentPeriodStartTime),
+      currentPeriodEndTime: timestampFromDate(input.currentPeriodEndTime),
+      provider: enumValue(Provider, input.provider ?? "UNSPECIFIED", "provider"),
+      providerCustomerId: input.providerCustomerId ?? "",
+      subscriptionItems: { ...(input.subscriptionItems ?? {}) },
+    });
+    const response = await this.call(options, (o) =>
+      this.customers.upsertCustomer({ customer: message }, o),
+    );
+    return customer(response.customer);
+  }
+
+  /** A customer; UsageServiceError with codeName NOT_FOUND for an unknown id. */
+  async getCustomer(customerId: string, options?: CallOptions): Promise<Customer> {
+    const response = await this.call(options, (o) => this.customers.getCustomer({ customerId }, o));
+    return customer(response.customer);
+  }
+
+  /** The standard grpc.health.v1 check: "SERVING" when the service can take calls. */
+  async checkHealth(service = "", options?: CallOptions): Promise<ServingStatusName> {
+    const request = create(HealthCheckRequestSchema, { service });
+    const response = await this.call(options, (o) => this.health.check(request, o));
+    return enumName<ServingStatusName>(HealthCheckResponse_ServingStatus, response.status);
+  }
+}

@@ -1,0 +1,36 @@
+/**
+ * @usage-service/client: a TypeScript client for usage-service (usage.v1 over gRPC).
+ *
+ *   const client = new UsageClient({ address: "127.0.0.1:50051" });
+ *   const key = idempotencyKey("chat-completion", requestId);
+ *   await client.recordUsage({ customerId, meter: "llm_tokens", quantity: 1234, idempotencyKey: key });
+ */
+export {
+  DEFAULT_TIMEOUT_MS,
+  UsageClient,
+  type CallOptions,
+  type CheckEntitlementInput,
+  type Customer,
+  type CustomerInput,
+  type Entitlement,
+  type EntitlementReasonName,
+  type MeterUsage,
+  type ProviderName,
+  type Quantity,
+  type RecordUsageInput,
+  type RecordUsageResult,
+  type ServingStatusName,
+  type SubscriptionStatusName,
+  type UsageClientOptions,
+  type UsageSummary,
+} from "./client.js";
+export {
+  UsageServiceError,
+  isRetryableCode,
+  type FieldViolation,
+  type GrpcCodeName,
+  type UsageServiceErrorInit,
+} from "./errors.js";
+export { idempotencyKey, type KeyPart } from "./keys.js";
+export { DEFAULT_RETRY, backoffMs, retryPolicy, type RetryPolicy } from "./retry.js";
+export { Code } from "@connectrpc/connect";
