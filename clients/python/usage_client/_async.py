@@ -22,6 +22,11 @@ from usage_client._gen.usage.v1 import (
 from usage_client._retry import RetryPolicy, log_retry
 
 
+def _untyped(interceptors: Sequence[Any]) -> list[Any]:
+    """grpc-stubs leaves aio channels' interceptor type open; the channel takes a list."""
+    return list(interceptors)
+
+
 class AsyncUsageClient:
     """An asyncio client of usage.v1's UsageService and CustomerService.
 
@@ -50,11 +55,11 @@ class AsyncUsageClient:
         options = _channel.channel_options(channel_options)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(
-                target, options=options, interceptors=list(interceptors)
+                target, options=options, interceptors=_untyped(interceptors)
             )
         else:
             self._channel = grpc.aio.secure_channel(
-                target, credentials, options=options, interceptors=list(interceptors)
+                target, credentials, options=options, interceptors=_untyped(interceptors)
             )
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
         self._customers = customer_pb2_grpc.CustomerServiceStub(self._channel)

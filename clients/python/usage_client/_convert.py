@@ -163,14 +163,14 @@ def customer_message(customer: types.Customer) -> customer_pb2.Customer:
     return customer_pb2.Customer(
         customer_id=customer.customer_id,
         plan_id=customer.plan_id,
-        subscription_status=customer.subscription_status.value,
+        subscription_status=f"SUBSCRIPTION_STATUS_{customer.subscription_status.name}",
         current_period_start_time=_timestamp(
             customer.current_period_start_time, "customer.current_period_start_time"
         ),
         current_period_end_time=_timestamp(
             customer.current_period_end_time, "customer.current_period_end_time"
         ),
-        provider=customer.provider.value,
+        provider=f"PROVIDER_{customer.provider.name}",
         provider_customer_id=customer.provider_customer_id,
         subscription_items=dict(customer.subscription_items),
     )

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -141,56 +142,57 @@ _BY_CODE: Mapping[grpc.StatusCode, type[UsageError]] = {
 }
 
 
-class _FailedCall(Protocol):
-    """What both grpc.RpcError (sync) and grpc.aio.AioRpcError offer once a call has failed."""
-
-    def code(self) -> grpc.StatusCode: ...
-
-    def details(self) -> str | None: ...
-
-    def trailing_metadata(self) -> Any: ...
+def status_code(error: grpc.RpcError) -> grpc.StatusCode:
+    """The code of a failed call; UNKNOWN for an RpcError that carries none."""
+    code = getattr(error, "code", None)
+    value = code() if callable(code) else None
+    return value if isinstance(value, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
-def rich_status(error: _FailedCall) -> status_pb2.Status | None:
-    """The google.rpc.Status the server attached, or None (absent, unreadable or inconsistent)."""
-    try:
-        trailers = error.trailing_metadata() or ()
-    except Exception:  # a locally made error may carry no metadata at all
-        return None
+def _details(error: grpc.RpcError) -> str:
+    details = getattr(error, "details", None)
+    value = details() if callable(details) else None
+    return value if isinstance(value, str) else ""
+
+
+def rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status the server attached to a failed call (sync or asyncio), or None
+    when it is absent, unreadable, or names another code than the call's."""
+    trailing = getattr(error, "trailing_metadata", None)
+    trailers: Iterable[tuple[str, Any]] = (trailing() if callable(trailing) else None) or ()
     for key, value in trailers:
         if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
             continue
         status = status_pb2.Status()
         try:
             status.ParseFromString(value)
-        except Exception:
+        except DecodeError:
             return None
-        return status if status.code == error.code().value[0] else None
+        return status if status.code == status_code(error).value[0] else None
     return None
 
 
 def from_rpc_error(error: grpc.RpcError, attempts: int = 1) -> UsageError:
     """Maps a failed call to the matching UsageError, with its decoded details."""
-    call: _FailedCall = error  # type: ignore[assignment]
     code = status_code(error)
-    details = getattr(error, "details", None)
-    message = (details() if callable(details) else None) or ""
+    message = _details(error)
     reason = domain = ""
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
-    status = rich_status(call)
+    status = rich_status(error)
     if status is not None:
-        message = status.message or message
+        message = str(status.message) or message
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+                reason, domain = str(info.reason), str(info.domain)
+                metadata = {str(k): str(v) for k, v in info.metadata.items()}
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations.extend(
-                    FieldViolation(v.field, v.description) for v in bad.field_violations
+                    FieldViolation(str(v.field), str(v.description)) for v in bad.field_violations
                 )
     cls = _BY_CODE.get(code, ServerError)
     return cls(
@@ -202,10 +204,3 @@ def from_rpc_error(error: grpc.RpcError, attempts: int = 1) -> UsageError:
         field_violations=violations,
         attempts=attempts,
     )
-
-
-def status_code(error: grpc.RpcError) -> grpc.StatusCode:
-    """The code of a failed call; UNKNOWN for an RpcError that carries none."""
-    code = getattr(error, "code", None)
-    value = code() if callable(code) else None
-    return value if isinstance(value, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
