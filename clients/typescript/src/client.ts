@@ -43,7 +43,7 @@ export interface UsageClientOptions {
   readonly address: string;
   /** Deadline of each attempt, in milliseconds (default 5000). */
   readonly timeoutMs?: number;
-  /** Retries on UNAVAILABLE and DEADLINE_EXCEEDED (default DEFAULT_RETRY). */
+  /** Retries on UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED (default DEFAULT_RETRY). */
   readonly retry?: Partial<RetryPolicy>;
   /** Headers sent with every call, e.g. authorization. */
   readonly headers?: Readonly<Record<string, string>>;
@@ -244,8 +244,8 @@ function customer(message: CustomerMessage | undefined): Customer {
 }
 
 /**
- * A usage-service client: every call has a deadline, is retried with backoff on UNAVAILABLE and
- * DEADLINE_EXCEEDED with the very same request (so the same idempotency key), and fails with a
+ * A usage-service client: every call has a deadline, is retried with backoff on UNAVAILABLE,
+ * DEADLINE_EXCEEDED and ABORTED with the very same request (so the same idempotency key), and fails with a
  * UsageServiceError carrying the service's ErrorInfo and BadRequest details.
  *
  * One client holds one HTTP/2 connection; share it, and close() it when done.

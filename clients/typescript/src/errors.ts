@@ -5,7 +5,8 @@
  *   └── UsageServiceError    the call failed: either the service answered with a gRPC error
  *                            (code, ErrorInfo reason/domain/metadata, BadRequest field
  *                            violations), or it could not be reached within the retries
- *                            (UNAVAILABLE / DEADLINE_EXCEEDED, `attempts` says how many).
+ *                            (UNAVAILABLE / DEADLINE_EXCEEDED / ABORTED; `attempts` says
+ *                            how many were made).
  *
  * A denied entitlement check is not an error: it is an answer with `allowed: false` and a reason.
  * Errors from the transport are mapped to UsageServiceError in one place, `toUsageServiceError`.
@@ -103,7 +104,7 @@ export class UsageServiceError extends Error {
     this.attempts = init.attempts ?? 1;
   }
 
-  /** True for the codes the client retries: UNAVAILABLE and DEADLINE_EXCEEDED. */
+  /** True for the codes the client retries: UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED. */
   get retryable(): boolean {
     return isRetryableCode(this.code);
   }
@@ -114,8 +115,13 @@ export class UsageServiceError extends Error {
   }
 }
 
+/**
+ * The codes worth the same request again: the service was not reached or did not answer in time
+ * (UNAVAILABLE, DEADLINE_EXCEEDED), or it asked for a retry after a concurrent write (ABORTED,
+ * reason CONCURRENCY_CONFLICT). Safe because every retry resends the same idempotency key.
+ */
 export function isRetryableCode(code: Code): boolean {
-  return code === Code.Unavailable || code === Code.DeadlineExceeded;
+  return code === Code.Unavailable || code === Code.DeadlineExceeded || code === Code.Aborted;
 }
 
 /** Maps anything a call threw to a UsageServiceError; the one place that reads ConnectError. */

@@ -1,6 +1,6 @@
 import { isRetryableCode, toUsageServiceError, UsageServiceError } from "./errors.js";
 
-/** How calls are retried on UNAVAILABLE and DEADLINE_EXCEEDED. Immutable; see DEFAULT_RETRY. */
+/** How calls are retried on UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED. Immutable; see DEFAULT_RETRY. */
 export interface RetryPolicy {
   /** Attempts in all, the first included; 1 disables retries. */
   readonly maxAttempts: number;

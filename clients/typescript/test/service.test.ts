@@ -1,0 +1,341 @@
+/** Every RPC of usage.v1 (and grpc.health.v1) through the client, against a live usage-service. */
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+
+import { idempotencyKey, UsageServiceError, type UsageClient } from "../src/index.js";
+import { activeCustomer, Fixture, uniqueId } from "./harness.js";
+
+const fixture = new Fixture();
+let client: UsageClient;
+
+before(async () => {
+  client = await fixture.start();
+});
+
+after(async () => {
+  await fixture.stop();
+});
+
+/** Awaits a promise that must fail, and returns its UsageServiceError. */
+async function failure(promise: Promise<unknown>): Promise<UsageServiceError> {
+  try {
+    await promise;
+  } catch (error) {
+    assert.ok(error instanceof UsageServiceError, `expected a UsageServiceError, got ${String(error)}`);
+    return error;
+  }
+  assert.fail("the call succeeded");
+}
+
+async function newCustomer(): Promise<string> {
+  const customerId = uniqueId("cus");
+  await client.upsertCustomer(activeCustomer(customerId));
+  return customerId;
+}
+
+async function used(customerId: string, meter: string): Promise<bigint> {
+  const summary = await client.getUsageSummary(customerId, { meter });
+  assert.equal(summary.meters.length, 1);
+  return summary.meters[0]!.used;
+}
+
+describe("health", () => {
+  test("the standard grpc.health.v1 check answers SERVING", async () => {
+    assert.equal(await client.checkHealth(), "SERVING");
+  });
+});
+
+describe("CustomerService", () => {
+  test("UpsertCustomer then GetCustomer round-trips every field", async () => {
+    const input = {
+      ...activeCustomer(uniqueId("cus")),
+      provider: "LEMON_SQUEEZY" as const,
+      providerCustomerId: "ls-123",
+      subscriptionItems: { llm_tokens: "item-1" },
+    };
+    const stored = await client.upsertCustomer(input);
+    const read = await client.getCustomer(input.customerId);
+    for (const answer of [stored, read]) {
+      assert.equal(answer.customerId, input.customerId);
+      assert.equal(answer.planId, "starter");
+      assert.equal(answer.subscriptionStatus, "ACTIVE");
+      assert.equal(answer.provider, "LEMON_SQUEEZY");
+      assert.equal(answer.providerCustomerId, "ls-123");
+      assert.deepEqual(answer.subscriptionItems, { llm_tokens: "item-1" });
+      assert.equal(answer.currentPeriodStartTime?.getTime(), input.currentPeriodStartTime.getTime());
+      assert.equal(answer.currentPeriodEndTime?.getTime(), input.currentPeriodEndTime.getTime());
+    }
+  });
+
+  test("UpsertCustomer replaces the customer", async () => {
+    const customerId = await newCustomer();
+    await client.upsertCustomer({ ...activeCustomer(customerId), subscriptionStatus: "PAST_DUE" });
+    assert.equal((await client.getCustomer(customerId)).subscriptionStatus, "PAST_DUE");
+  });
+
+  test("GetCustomer of an unknown id is NOT_FOUND with ErrorInfo CUSTOMER_NOT_FOUND", async () => {
+    const customerId = uniqueId("missing");
+    const error = await failure(client.getCustomer(customerId));
+    assert.equal(error.codeName, "NOT_FOUND");
+    assert.equal(error.reason, "CUSTOMER_NOT_FOUND");
+    assert.equal(error.domain, "usage.v1");
+    assert.equal(error.metadata.customer_id, customerId);
+    assert.equal(error.attempts, 1, "NOT_FOUND is not retried");
+  });
+
+  test("UpsertCustomer with an unknown plan is INVALID_ARGUMENT naming the field", async () => {
+    const error = await failure(
+      client.upsertCustomer({ ...activeCustomer(uniqueId("cus")), planId: "no-such-plan" }),
+    );
+    assert.equal(error.codeName, "INVALID_ARGUMENT");
+    assert.equal(error.reason, "INVALID_REQUEST");
+    assert.ok(
+      error.fieldViolations.some((v) => v.field.endsWith("plan_id")),
+      JSON.stringify(error.fieldViolations),
+    );
+  });
+});
+
+describe("RecordUsage", () => {
+  test("a new key records an event; the same key again is a duplicate of it", async () => {
+    const customerId = await newCustomer();
+    const key = idempotencyKey("test-record", customerId);
+    const input = { customerId, meter: "llm_tokens", quantity: 42, idempotencyKey: key };
+    const first = await client.recordUsage(input);
+    assert.equal(first.duplicate, false);
+    assert.ok(first.eventId.length > 0);
+    const again = await client.recordUsage(input);
+    assert.deepEqual(again, { eventId: first.eventId, duplicate: true });
+    assert.equal(await used(customerId, "llm_tokens"), 42n, "the duplicate was not counted");
+  });
+
+  test("the same key with another payload is ALREADY_EXISTS and the first event stays", async () => {
+    const customerId = await newCustomer();
+    const key = idempotencyKey("test-conflict", customerId);
+    const first = await client.recordUsage({ customerId, meter: "llm_tokens", quantity: 5, idempotencyKey: key });
+    const error = await failure(
+      client.recordUsage({ customerId, meter: "llm_tokens", quantity: 6, idempotencyKey: key }),
+    );
+    assert.equal(error.codeName, "ALREADY_EXISTS");
+    assert.equal(error.reason, "IDEMPOTENCY_KEY_REUSED");
+    assert.equal(error.domain, "usage.v1");
+    assert.equal(error.metadata.event_id, first.eventId);
+    assert.equal(error.attempts, 1);
+    assert.equal(await used(customerId, "llm_tokens"), 5n);
+  });
+
+  test("event time and properties are accepted", async () => {
+    const customerId = await newCustomer();
+    const result = await client.recordUsage({
+      customerId,
+      meter: "llm_tokens",
+      quantity: 3n,
+      idempotencyKey: idempotencyKey("test-props", customerId),
+      eventTime: new Date(Date.now() - 60_000),
+      properties: { model: "small" },
+    });
+    assert.equal(result.duplicate, false);
+    assert.equal(await used(customerId, "llm_tokens"), 3n);
+  });
+
+  test("a negative quantity and a missing key are INVALID_ARGUMENT with a BadRequest", async () => {
+    const customerId = await newCustomer();
+    const error = await failure(
+      client.recordUsage({ customerId, meter: "llm_tokens", quantity: -1, idempotencyKey: "" }),
+    );
+    assert.equal(error.codeName, "INVALID_ARGUMENT");
+    assert.equal(error.reason, "INVALID_REQUEST");
+    const fields = error.fieldViolations.map((v) => v.field).sort();
+    assert.deepEqual(fields, ["idempotency_key", "quantity"]);
+    assert.ok(error.violation("quantity")!.description.length > 0);
+    assert.equal(error.attempts, 1, "INVALID_ARGUMENT is not retried");
+  });
+});
+
+describe("BatchRecordUsage", () => {
+  test("records in order and reports duplicates per item, never failing the batch", async () => {
+    const customerId = await newCustomer();
+    const item = (n: number, quantity = 10) => ({
+      customerId,
+      meter: "llm_tokens",
+      quantity,
+      idempotencyKey: idempotencyKey("test-batch", customerId, n),
+    });
+    const earlier = await client.recordUsage(item(0));
+    const results = await client.batchRecordUsage([item(0), item(1), item(2), item(1)]);
+    assert.equal(results.length, 4);
+    assert.deepEqual(results[0], { eventId: earlier.eventId, duplicate: true });
+    assert.equal(results[1]!.duplicate, false);
+    assert.equal(results[2]!.duplicate, false);
+    assert.notEqual(results[1]!.eventId, results[2]!.eventId);
+    assert.deepEqual(results[3], { eventId: results[1]!.eventId, duplicate: true });
+    assert.equal(await used(customerId, "llm_tokens"), 30n);
+  });
+
+  test("one bad item is INVALID_ARGUMENT naming its index, and nothing is stored", async () => {
+    const customerId = await newCustomer();
+    const items = [0, 1, 2, 3].map((n) => ({
+      customerId,
+      meter: "llm_tokens",
+      quantity: n === 3 ? -5 : 1,
+      idempotencyKey: idempotencyKey("test-batch-bad", customerId, n),
+    }));
+    const error = await failure(client.batchRecordUsage(items));
+    assert.equal(error.codeName, "INVALID_ARGUMENT");
+    assert.equal(error.reason, "INVALID_REQUEST");
+    assert.equal(error.domain, "usage.v1");
+    assert.deepEqual(
+      error.fieldViolations.map((v) => v.field),
+      ["requests[3].quantity"],
+    );
+    assert.equal(await used(customerId, "llm_tokens"), 0n, "no partial write");
+    const retried = await client.batchRecordUsage(items.slice(0, 3));
+    assert.ok(retried.every((r) => !r.duplicate), "the valid items were not stored by the failed batch");
+  });
+
+  test("an empty batch is INVALID_ARGUMENT", async () => {
+    const error = await failure(client.batchRecordUsage([]));
+    assert.equal(error.codeName, "INVALID_ARGUMENT");
+    assert.ok(error.fieldViolations.some((v) => v.field === "requests"), JSON.stringify(error.fieldViolations));
+  });
+});
+
+describe("CheckEntitlement", () => {
+  test("within the limit: allowed, WITHIN_LIMIT, with the plan's numbers and period", async () => {
+    const input = activeCustomer(uniqueId("cus"));
+    const customerId = input.customerId;
+    await client.upsertCustomer(input);
+    const answer = await client.checkEntitlement({ customerId, feature: "llm_tokens", quantity: 50 });
+    assert.equal(answer.allowed, true);
+    assert.equal(answer.reason, "WITHIN_LIMIT");
+    assert.equal(answer.used, 0n);
+    assert.equal(answer.included, 100n);
+    assert.equal(answer.limit, 1000n);
+    assert.equal(answer.remaining, 1000n);
+    assert.equal(answer.eventId, "", "a check without consume records nothing");
+    assert.equal(answer.periodStartTime?.getTime(), input.currentPeriodStartTime.getTime());
+    assert.equal(answer.periodEndTime?.getTime(), input.currentPeriodEndTime.getTime());
+    assert.equal(await used(customerId, "llm_tokens"), 0n);
+  });
+
+  test("past a hard limit: denied with LIMIT_EXCEEDED, as an answer and not an error", async () => {
+    const customerId = await newCustomer();
+    await client.recordUsage({
+      customerId,
+      meter: "llm_tokens",
+      quantity: 990,
+      idempotencyKey: idempotencyKey("test-limit", customerId),
+    });
+    const answer = await client.checkEntitlement({ customerId, feature: "llm_tokens", quantity: 11 });
+    assert.equal(answer.allowed, false);
+    assert.equal(answer.reason, "LIMIT_EXCEEDED");
+    assert.equal(answer.used, 990n);
+    assert.equal(answer.remaining, 10n);
+    const fits = await client.checkEntitlement({ customerId, feature: "llm_tokens", quantity: 10 });
+    assert.equal(fits.allowed, true);
+  });
+
+  test("consume records atomically; the same key consumes once", async () => {
+    const customerId = await newCustomer();
+    const key = idempotencyKey("test-consume", customerId, "job-1");
+    const request = { customerId, feature: "llm_tokens", quantity: 600, consume: true, idempotencyKey: key };
+    const first = await client.checkEntitlement(request);
+    assert.equal(first.allowed, true);
+    assert.equal(first.reason, "WITHIN_LIMIT");
+    assert.equal(first.used, 600n);
+    assert.equal(first.duplicate, false);
+    assert.ok(first.eventId.length > 0);
+    const again = await client.checkEntitlement(request);
+    assert.equal(again.allowed, true);
+    assert.equal(again.duplicate, true);
+    assert.equal(again.eventId, first.eventId);
+    assert.equal(await used(customerId, "llm_tokens"), 600n);
+    const denied = await client.checkEntitlement({
+      ...request,
+      idempotencyKey: idempotencyKey("test-consume", customerId, "job-2"),
+    });
+    assert.equal(denied.allowed, false);
+    assert.equal(denied.reason, "LIMIT_EXCEEDED");
+    assert.equal(denied.eventId, "");
+    assert.equal(await used(customerId, "llm_tokens"), 600n, "a denied consume records nothing");
+  });
+
+  test("consume without an idempotency key is INVALID_ARGUMENT", async () => {
+    const customerId = await newCustomer();
+    const error = await failure(
+      client.checkEntitlement({ customerId, feature: "llm_tokens", quantity: 1, consume: true }),
+    );
+    assert.equal(error.codeName, "INVALID_ARGUMENT");
+    assert.ok(error.violation("idempotency_key"), JSON.stringify(error.fieldViolations));
+  });
+
+  test("an unknown customer is denied with CUSTOMER_NOT_FOUND", async () => {
+    const answer = await client.checkEntitlement({ customerId: uniqueId("missing"), feature: "llm_tokens", quantity: 1 });
+    assert.equal(answer.allowed, false);
+    assert.equal(answer.reason, "CUSTOMER_NOT_FOUND");
+  });
+
+  test("boolean features, features outside the plan, inactive subscriptions, soft limits", async () => {
+    const customerId = await newCustomer();
+    const sso = await client.checkEntitlement({ customerId, feature: "sso" });
+    assert.deepEqual([sso.allowed, sso.reason], [true, "FEATURE_ENABLED"]);
+    const missing = await client.checkEntitlement({ customerId, feature: "no_such_feature" });
+    assert.deepEqual([missing.allowed, missing.reason], [false, "FEATURE_NOT_IN_PLAN"]);
+    const calls = [...Array(10).keys()].map((n) => ({
+      customerId,
+      meter: "api_calls",
+      quantity: 1,
+      idempotencyKey: idempotencyKey("test-soft", customerId, n),
+    }));
+    await client.batchRecordUsage(calls);
+    const soft = await client.checkEntitlement({ customerId, feature: "api_calls", quantity: 1 });
+    assert.deepEqual([soft.allowed, soft.reason], [true, "SOFT_LIMIT_EXCEEDED"]);
+    await client.upsertCustomer({ ...activeCustomer(customerId), subscriptionStatus: "CANCELED" });
+    const inactive = await client.checkEntitlement({ customerId, feature: "llm_tokens", quantity: 1 });
+    assert.deepEqual([inactive.allowed, inactive.reason], [false, "SUBSCRIPTION_INACTIVE"]);
+  });
+});
+
+describe("GetUsageSummary", () => {
+  test("per meter: used, included, limit, remaining, overage, pending, aggregation, unit", async () => {
+    const customerId = await newCustomer();
+    await client.batchRecordUsage([
+      { customerId, meter: "llm_tokens", quantity: 70, idempotencyKey: idempotencyKey("sum", customerId, 1) },
+      { customerId, meter: "llm_tokens", quantity: 80, idempotencyKey: idempotencyKey("sum", customerId, 2) },
+      { customerId, meter: "seats", quantity: 2, idempotencyKey: idempotencyKey("sum", customerId, 3) },
+    ]);
+    const summary = await client.getUsageSummary(customerId);
+    assert.equal(summary.customerId, customerId);
+    assert.equal(summary.planId, "starter");
+    assert.equal(summary.subscriptionStatus, "ACTIVE");
+    assert.ok(summary.periodStartTime && summary.periodEndTime);
+    const byMeter = new Map(summary.meters.map((m) => [m.meter, m]));
+    assert.deepEqual([...byMeter.keys()].sort(), ["api_calls", "llm_tokens", "seats"]);
+    const tokens = byMeter.get("llm_tokens")!;
+    assert.equal(tokens.used, 150n);
+    assert.equal(tokens.included, 100n);
+    assert.equal(tokens.limit, 1000n);
+    assert.equal(tokens.remaining, 850n);
+    assert.equal(tokens.overage, 50n);
+    assert.equal(tokens.pending, 150n, "no provider: nothing is reported");
+    assert.equal(tokens.reported, 0n);
+    assert.equal(tokens.aggregation, "sum");
+    assert.equal(tokens.unit, "tokens");
+    const seats = byMeter.get("seats")!;
+    assert.equal(seats.used, 2n);
+    assert.equal(seats.overage, 1n);
+    assert.equal(seats.aggregation, "last");
+  });
+
+  test("the meter filter returns only that meter", async () => {
+    const customerId = await newCustomer();
+    const summary = await client.getUsageSummary(customerId, { meter: "api_calls" });
+    assert.deepEqual(summary.meters.map((m) => m.meter), ["api_calls"]);
+  });
+
+  test("an unknown customer is NOT_FOUND", async () => {
+    const error = await failure(client.getUsageSummary(uniqueId("missing")));
+    assert.equal(error.codeName, "NOT_FOUND");
+    assert.equal(error.reason, "CUSTOMER_NOT_FOUND");
+  });
+});

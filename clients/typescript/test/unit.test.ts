@@ -1,0 +1,144 @@
+/** The client's pure parts: idempotency keys, backoff, the retry loop and error mapping. */
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+
+import { create, toBinary } from "@bufbuild/protobuf";
+import { ConnectError } from "@connectrpc/connect";
+
+import { BadRequestSchema, ErrorInfoSchema } from "../src/gen/google/rpc/error_details_pb.js";
+import { toUsageServiceError } from "../src/errors.js";
+import { withRetry } from "../src/retry.js";
+import { backoffMs, Code, idempotencyKey, retryPolicy, UsageServiceError } from "../src/index.js";
+
+describe("idempotencyKey", () => {
+  test("the same parts give the same key; other parts give another", () => {
+    assert.equal(idempotencyKey("order", "o-1", 2), idempotencyKey("order", "o-1", 2));
+    assert.notEqual(idempotencyKey("order", "o-1", 2), idempotencyKey("order", "o-1", 3));
+    assert.match(idempotencyKey("x"), /^[0-9a-f]{64}$/);
+  });
+
+  test("part boundaries and types count", () => {
+    assert.notEqual(idempotencyKey("ab", "c"), idempotencyKey("a", "bc"));
+    assert.notEqual(idempotencyKey("a:b"), idempotencyKey("a", "b"));
+    assert.notEqual(idempotencyKey(1), idempotencyKey("1"));
+    assert.notEqual(idempotencyKey(1n), idempotencyKey(1));
+  });
+
+  test("at least one part is needed", () => {
+    assert.throws(() => idempotencyKey(), TypeError);
+  });
+});
+
+describe("backoff", () => {
+  const policy = retryPolicy({ initialBackoffMs: 100, maxBackoffMs: 1_000, multiplier: 2, jitter: 0.5 });
+
+  test("grows by the multiplier up to the cap", () => {
+    const noJitter = () => 0;
+    assert.deepEqual(
+      [1, 2, 3, 4, 5, 6].map((retry) => backoffMs(policy, retry, noJitter)),
+      [100, 200, 400, 800, 1_000, 1_000],
+    );
+  });
+
+  test("jitter only shortens, by at most the jitter fraction", () => {
+    assert.equal(backoffMs(policy, 2, () => 0.999999), 200 * (1 - 0.5 * 0.999999));
+  });
+
+  test("bad policies are refused", () => {
+    assert.throws(() => retryPolicy({ maxAttempts: 0 }), RangeError);
+    assert.throws(() => retryPolicy({ jitter: 2 }), RangeError);
+  });
+});
+
+describe("withRetry", () => {
+  const fast = retryPolicy({ maxAttempts: 4, initialBackoffMs: 1, maxBackoffMs: 1 });
+
+  test("retries UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED, then returns the answer", async () => {
+    const codes = [Code.Unavailable, Code.DeadlineExceeded, Code.Aborted];
+    const attempts: number[] = [];
+    const answer = await withRetry(fast, async ({ attempt }) => {
+      attempts.push(attempt);
+      const code = codes[attempt - 1];
+      if (code !== undefined) throw new ConnectError("try again", code);
+      return "ok";
+    });
+    assert.equal(answer, "ok");
+    assert.deepEqual(attempts, [1, 2, 3, 4]);
+  });
+
+  test("gives up after maxAttempts with the last error and the attempt count", async () => {
+    let calls = 0;
+    const error = await withRetry(fast, async () => {
+      calls++;
+      throw new ConnectError("down", Code.Unavailable);
+    }).catch((e: unknown) => e);
+    assert.ok(error instanceof UsageServiceError);
+    assert.equal(error.codeName, "UNAVAILABLE");
+    assert.equal(error.attempts, 4);
+    assert.equal(calls, 4);
+  });
+
+  test("does not retry other codes", async () => {
+    let calls = 0;
+    const error = await withRetry(fast, async () => {
+      calls++;
+      throw new ConnectError("bad", Code.InvalidArgument);
+    }).catch((e: unknown) => e);
+    assert.ok(error instanceof UsageServiceError);
+    assert.equal(error.codeName, "INVALID_ARGUMENT");
+    assert.equal(calls, 1);
+  });
+
+  test("an aborted signal stops the retries", async () => {
+    const controller = new AbortController();
+    let calls = 0;
+    const slow = retryPolicy({ maxAttempts: 10, initialBackoffMs: 60_000, maxBackoffMs: 60_000 });
+    const pending = withRetry(
+      slow,
+      async () => {
+        calls++;
+        throw new ConnectError("down", Code.Unavailable);
+      },
+      controller.signal,
+      () => controller.abort(),
+    ).catch((e: unknown) => e);
+    const error = await pending;
+    assert.ok(error instanceof UsageServiceError);
+    assert.equal(calls, 1);
+  });
+});
+
+describe("toUsageServiceError", () => {
+  test("decodes ErrorInfo and BadRequest from the error details", () => {
+    const info = create(ErrorInfoSchema, { reason: "INVALID_REQUEST", domain: "usage.v1", metadata: { a: "b" } });
+    const badRequest = create(BadRequestSchema, {
+      fieldViolations: [{ field: "requests[3].quantity", description: "must be >= 0" }],
+    });
+    const connect = new ConnectError("invalid request", Code.InvalidArgument);
+    // As the gRPC transport leaves them after reading grpc-status-details-bin: type name + bytes.
+    connect.details = [
+      { type: "google.rpc.ErrorInfo", value: toBinary(ErrorInfoSchema, info) },
+      { type: "google.rpc.BadRequest", value: toBinary(BadRequestSchema, badRequest) },
+    ];
+    const error = toUsageServiceError(connect, 2);
+    assert.equal(error.code, Code.InvalidArgument);
+    assert.equal(error.codeName, "INVALID_ARGUMENT");
+    assert.equal(error.reason, "INVALID_REQUEST");
+    assert.equal(error.domain, "usage.v1");
+    assert.deepEqual(error.metadata, { a: "b" });
+    assert.deepEqual(error.fieldViolations, [
+      { field: "requests[3].quantity", description: "must be >= 0", reason: "" },
+    ]);
+    assert.equal(error.violation("requests[3].quantity")?.description, "must be >= 0");
+    assert.equal(error.attempts, 2);
+    assert.equal(error.message, "invalid request");
+    assert.equal(error.cause, connect);
+  });
+
+  test("an error without details still maps, with empty details", () => {
+    const error = toUsageServiceError(new Error("boom"), 1);
+    assert.equal(error.codeName, "UNKNOWN");
+    assert.equal(error.reason, undefined);
+    assert.deepEqual(error.fieldViolations, []);
+  });
+});
