@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 from google.protobuf import descriptor_pb2
 from google.protobuf.compiler import plugin_pb2
-from grpc_tools import protoc
+from grpc_tools import protoc  # type: ignore[import-untyped]
 
 GENERATORS = ("python", "pyi", "grpc_python")
 

@@ -89,9 +89,9 @@ describe("CustomerService", () => {
     );
     assert.equal(error.codeName, "INVALID_ARGUMENT");
     assert.equal(error.reason, "INVALID_REQUEST");
-    assert.ok(
-      error.fieldViolations.some((v) => v.field.endsWith("plan_id")),
-      JSON.stringify(error.fieldViolations),
+    assert.deepEqual(
+      error.fieldViolations.map((v) => v.field),
+      ["customer.plan_id"],
     );
   });
 });
