@@ -1,0 +1,246 @@
+"""The drain: reports recorded usage to payment providers, exactly once as far as they can tell.
+
+Each cycle, per provider with credentials: lease the open reports that are due (retries, and those
+of workers that died), claim pending events into new reports (committed with their stable ids
+before any send), send each report through the provider's adapter and settle the outcome.
+Replicas coordinate through row locks and leases only, so any number may run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import os
+import random
+import socket
+import uuid
+from collections.abc import Mapping
+
+from usage_service import domain
+from usage_service.plans import Aggregation, Meter
+from usage_service.providers import Adapter, outcome
+from usage_service.providers.outcome import Outcome, Report
+from usage_service.storage import drain_store
+from usage_service.storage.drain_store import Claimed, DrainStore, NewReport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 2.0  # seconds between looks for due events
+DEFAULT_LEASE = 120.0  # seconds a worker owns a claimed report; longer than any send
+DEFAULT_CLAIM = 1000  # events claimed per provider per cycle
+DEFAULT_BACKOFF_BASE = 1.0  # seconds, doubled per attempt
+DEFAULT_BACKOFF_CAP = 300.0  # seconds
+DEFAULT_CONCURRENCY = 8  # reports in flight per provider in one process
+BATCH_REPORT = 100  # events per report for the per-event providers (Polar, Dodo, Creem)
+STRIPE_COUNT_REPORT = 200  # events per report for Stripe count meters (one call each)
+STRIPE_RESEND_WINDOW = dt.timedelta(hours=23)  # Stripe dedupes identifiers for at least 24 h
+MAX_CYCLES_PER_WAKE = 100  # cycles run back to back while there is work, before sleeping
+MAX_CHECKPOINTS = 3  # checkpoints one send may ask for
+LANE_PROVIDERS = frozenset({domain.Provider.STRIPE, domain.Provider.LEMON_SQUEEZY})
+STRIPE_TOO_OLD = (
+    "stripe: first sent over 23 h ago and still unsettled; Stripe's identifier dedupe window "
+    "may be over, so it is not re-sent automatically: check the meter's events, then requeue"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainSettings:
+    interval: float = DEFAULT_INTERVAL
+    lease: float = DEFAULT_LEASE
+    claim: int = DEFAULT_CLAIM
+    backoff_base: float = DEFAULT_BACKOFF_BASE
+    backoff_cap: float = DEFAULT_BACKOFF_CAP
+    concurrency: int = DEFAULT_CONCURRENCY
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DrainSettings:
+        env = os.environ if environ is None else environ
+
+        def number(name: str, default: float) -> float:
+            text = env.get(name, "")
+            value = float(text) if text else default
+            if value <= 0:
+                raise ValueError(f"{name}: must be > 0, not {text}")
+            return value
+
+        return cls(
+            interval=number("USAGE_DRAIN_INTERVAL_SECONDS", DEFAULT_INTERVAL),
+            lease=number("USAGE_DRAIN_LEASE_SECONDS", DEFAULT_LEASE),
+            claim=int(number("USAGE_DRAIN_CLAIM_EVENTS", DEFAULT_CLAIM)),
+            backoff_base=number("USAGE_DRAIN_BACKOFF_BASE_SECONDS", DEFAULT_BACKOFF_BASE),
+            backoff_cap=number("USAGE_DRAIN_BACKOFF_CAP_SECONDS", DEFAULT_BACKOFF_CAP),
+            concurrency=int(number("USAGE_DRAIN_CONCURRENCY", DEFAULT_CONCURRENCY)),
+        )
+
+    def backoff(self, attempts: int) -> float:
+        """Capped exponential backoff with full jitter above half the step."""
+        step = min(self.backoff_cap, self.backoff_base * float(2 ** min(attempts, 30)))
+        return step * random.uniform(0.5, 1.0)
+
+
+def build_reports(
+    provider: domain.Provider, meters: Mapping[str, Meter], claimed: list[Claimed]
+) -> list[NewReport]:
+    """Groups claimed events (oldest first) into reports. Stripe and Lemon Squeezy: one report
+    per customer and meter, of one period only (the rest waits for that report to settle).
+    Polar, Dodo and Creem: batches, one provider event per usage event."""
+    if provider not in LANE_PROVIDERS:
+        return [
+            NewReport(drain_store.new_report_id(), None, tuple(c.event for c in batch))
+            for batch in _chunks(claimed, BATCH_REPORT)
+        ]
+    lanes: dict[tuple[str, str], list[Claimed]] = {}
+    for c in claimed:
+        lanes.setdefault((c.event.customer_id, c.event.meter), []).append(c)
+    reports = []
+    for (customer_id, meter_name), items in lanes.items():
+        period = items[0].period_start
+        same = [c for c in items if c.period_start == period]
+        meter = meters.get(meter_name)
+        aggregation = meter.aggregation if meter else Aggregation.SUM
+        if provider is domain.Provider.STRIPE and aggregation is Aggregation.COUNT:
+            same = same[:STRIPE_COUNT_REPORT]
+        reports.append(
+            NewReport(
+                drain_store.new_report_id(),
+                drain_store.lane(provider, customer_id, meter_name),
+                tuple(c.event for c in same),
+                _value(aggregation, same),
+            )
+        )
+    return reports
+
+
+def _value(aggregation: Aggregation, items: list[Claimed]) -> int:
+    """What a collapsed record carries. Max and last meters carry the period's figure, so a
+    later report never lowers what an earlier one set."""
+    last = items[-1]  # claimed oldest first
+    if aggregation is Aggregation.SUM:
+        return sum(c.event.quantity for c in items)
+    if aggregation is Aggregation.COUNT:
+        return len(items)
+    if aggregation is Aggregation.MAX:
+        own = max(c.event.quantity for c in items)
+        return max(own, last.period_max) if last.period_max is not None else own
+    if last.period_last is not None:
+        return last.period_last
+    return max(items, key=lambda c: (c.event.event_time, c.event.event_id)).event.quantity
+
+
+def _chunks(items: list[Claimed], size: int) -> list[list[Claimed]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Drain:
+    def __init__(
+        self,
+        store: DrainStore,
+        adapters: Mapping[domain.Provider, Adapter],
+        meters: Mapping[str, Meter],
+        settings: DrainSettings,
+        owner: str = "",
+    ) -> None:
+        self.store = store
+        self.adapters = adapters
+        self.meters = meters
+        self.settings = settings
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """The running loop finishes its current cycle, then returns."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        log.info("drain started", extra={"action": "drain_start", "owner": self.owner})
+        while not self._stopping.is_set():
+            try:
+                for _ in range(MAX_CYCLES_PER_WAKE):
+                    if not await self.cycle() or self._stopping.is_set():
+                        break
+            except Exception:
+                log.exception("drain cycle failed", extra={"action": "drain_cycle"})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.interval)
+        log.info("drain stopped", extra={"action": "drain_stop", "owner": self.owner})
+
+    async def drain_due(self, max_cycles: int = MAX_CYCLES_PER_WAKE) -> int:
+        """Cycles until nothing is due (or `max_cycles`); returns the reports handled."""
+        total = 0
+        for _ in range(max_cycles):
+            handled = await self.cycle()
+            if not handled:
+                break
+            total += handled
+        return total
+
+    async def cycle(self) -> int:
+        """One pass over every provider with credentials; returns the reports handled."""
+        counts = await asyncio.gather(
+            *(self._provider_cycle(p, a) for p, a in self.adapters.items())
+        )
+        return sum(counts)
+
+    async def _provider_cycle(self, provider: domain.Provider, adapter: Adapter) -> int:
+        s = self.settings
+        reports = await self.store.claim_reports(provider, self.owner, s.lease, s.claim)
+        reports += await self.store.claim_new(
+            provider,
+            self.owner,
+            s.lease,
+            s.claim,
+            lambda claimed: build_reports(provider, self.meters, claimed),
+        )
+        gate = asyncio.Semaphore(s.concurrency)
+
+        async def one(report: Report) -> None:
+            async with gate:
+                await self._handle(adapter, report)
+
+        await asyncio.gather(*(one(r) for r in reports))
+        return len(reports)
+
+    async def _handle(self, adapter: Adapter, report: Report) -> None:
+        rid = report.report_id
+        if (
+            report.provider is domain.Provider.STRIPE
+            and report.first_sent_at is not None
+            and dt.datetime.now(dt.UTC) - report.first_sent_at > STRIPE_RESEND_WINDOW
+        ):
+            await self.store.failed(rid, STRIPE_TOO_OLD)
+            return
+        answer: Outcome = outcome.Retry("too many checkpoints")
+        try:
+            for _ in range(MAX_CHECKPOINTS + 1):
+                answer = await adapter.send(report)
+                if not isinstance(answer, outcome.Checkpoint):
+                    break
+                if not await self.store.save_checkpoint(rid, self.owner, answer.state):
+                    log.warning("lease lost before sending %s", rid, extra={"action": "lease"})
+                    return
+                report = dataclasses.replace(report, checkpoint=answer.state)
+        except Exception as exc:  # an adapter bug must not stop the drain
+            log.exception("sending report %s failed", rid, extra={"action": "drain_send"})
+            answer = outcome.Retry(f"internal error: {exc!r}")
+        await self._settle(report, answer)
+
+    async def _settle(self, report: Report, answer: Outcome) -> None:
+        rid, provider = report.report_id, report.provider.value
+        extra = {"action": "drain_settle", "provider": provider, "report_id": rid}
+        if isinstance(answer, outcome.Delivered):
+            await self.store.delivered(rid)
+        elif isinstance(answer, outcome.Rejected):
+            await self.store.delivered(rid, answer.reasons)
+            log.warning("%s: %d events refused", provider, len(answer.reasons), extra=extra)
+        elif isinstance(answer, outcome.Failed):
+            await self.store.failed(rid, answer.reason)
+            log.warning("%s: report parked: %s", provider, answer.reason, extra=extra)
+        elif isinstance(answer, outcome.Retry):
+            delay = answer.after
+            if delay is None:
+                delay = self.settings.backoff(report.attempts)
+            await self.store.retry_later(rid, self.owner, max(delay, 0.001), answer.reason)
+            log.info("%s: retry in %.1fs: %s", provider, delay, answer.reason, extra=extra)

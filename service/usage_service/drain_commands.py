@@ -1,0 +1,121 @@
+"""Operator commands around the drain (`usage-service drain --once`, `requeue`, `status`) and
+the background drain that `usage-service serve` runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import sys
+from collections.abc import Mapping
+from typing import TextIO
+
+from usage_service import drain, providers
+from usage_service.config import Settings
+from usage_service.plans import Meter, Plans
+from usage_service.providers.config import ALL, ProviderSettings
+from usage_service.storage import store
+from usage_service.storage.drain_store import DrainStore, ProviderStatus
+
+COMMANDS = ("drain", "requeue", "status")
+STOP_GRACE = 30.0  # seconds the current cycle gets to finish on shutdown
+
+
+def build(
+    pool_store: store.Store, meters: Mapping[str, Meter], environ: Mapping[str, str]
+) -> drain.Drain:
+    adapters = providers.adapters(ProviderSettings.from_env(environ), meters)
+    return drain.Drain(
+        DrainStore(pool_store.pool), adapters, meters, drain.DrainSettings.from_env(environ)
+    )
+
+
+async def close(d: drain.Drain) -> None:
+    for adapter in d.adapters.values():
+        await adapter.aclose()
+
+
+@dataclasses.dataclass
+class Background:
+    """The drain as a task of the server process."""
+
+    drain: drain.Drain
+    task: asyncio.Task[None]
+
+    @classmethod
+    def start(cls, st: store.Store, plans: Plans, environ: Mapping[str, str]) -> Background:
+        d = build(st, plans.meters, environ)
+        return cls(d, asyncio.create_task(d.run(), name="drain"))
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Lets the current cycle finish (up to `grace` seconds), then closes the adapters.
+        Whatever is cut short is safe: its reports are re-sent under the same ids."""
+        self.drain.stop()
+        try:
+            await asyncio.wait_for(self.task, grace)
+        except TimeoutError:
+            pass
+        finally:
+            await close(self.drain)
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    d = commands.add_parser("drain", help="report due usage to the providers, then exit")
+    d.add_argument("--once", action="store_true", required=True, help="one pass, then exit")
+    r = commands.add_parser("requeue", help="put parked (failed) events back in the queue")
+    r.add_argument("--provider", default="", choices=["", *ALL], help="only this provider's")
+    r.add_argument("event_ids", nargs="*", help="only these events (default: every parked one)")
+    commands.add_parser("status", help="per provider: pending, oldest pending, parked failures")
+
+
+async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int:
+    from usage_service import server  # the server starts the drain: import it late
+
+    async with server.database(settings) as st:
+        if args.command == "drain":
+            d = build(st, plans.meters, settings.environ)
+            try:
+                handled = await d.drain_due(max_cycles=1000)
+            finally:
+                await close(d)
+            off = [p for p in ALL if p not in d.adapters]
+            print(
+                f"drain: {handled} reports handled"
+                + (f"; no credentials: {', '.join(off)}" if off else "")
+            )
+            write_status(await DrainStore(st.pool).status(), settings.environ, sys.stdout)
+        elif args.command == "requeue":
+            count = await DrainStore(st.pool).requeue(args.provider, args.event_ids)
+            print(f"requeued {count} events")
+        else:
+            write_status(await DrainStore(st.pool).status(), settings.environ, sys.stdout)
+    return 0
+
+
+def write_status(rows: list[ProviderStatus], environ: Mapping[str, str], out: TextIO) -> None:
+    configured = set(ProviderSettings.from_env(environ).configured())
+    if not rows:
+        print("nothing pending, nothing parked", file=out)
+    for row in rows:
+        name = row.provider or "(no provider: never reported)"
+        if row.provider == "?":
+            name = "(unknown customer)"
+        elif row.provider and row.provider not in configured:
+            name += " (no credentials: waiting)"
+        age = _age(row.oldest_pending_age)
+        print(f"{name}: pending {row.pending} (oldest {age}), parked {row.failed}", file=out)
+        if row.retrying_reports:
+            print(f"  retrying {row.retrying_reports} reports: {row.retrying_error}", file=out)
+        for reason, count in row.failed_reasons:
+            print(f"  parked {count}: {reason}", file=out)
+
+
+def _age(age: dt.timedelta | None) -> str:
+    if age is None:
+        return "-"
+    seconds = int(age.total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    return (
+        f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+    )

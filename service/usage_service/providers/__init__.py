@@ -1,0 +1,67 @@
+"""Payment-provider adapters: each turns a report into provider calls and answers an Outcome.
+
+They know nothing of the database; the drain gives them reports and settles what they answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from usage_service import domain
+from usage_service.plans import Meter
+from usage_service.providers import creem, dodo_payments, lemon_squeezy, polar, stripe_meters
+from usage_service.providers.config import ProviderSettings
+from usage_service.providers.outcome import (
+    Checkpoint,
+    Delivered,
+    Failed,
+    Outcome,
+    Rejected,
+    Report,
+    ReportEvent,
+    Retry,
+)
+
+__all__ = [
+    "Adapter",
+    "Checkpoint",
+    "Delivered",
+    "Failed",
+    "Outcome",
+    "ProviderSettings",
+    "Rejected",
+    "Report",
+    "ReportEvent",
+    "Retry",
+    "adapters",
+]
+
+
+class Adapter(Protocol):
+    async def send(self, report: Report) -> Outcome: ...
+
+    async def aclose(self) -> None: ...
+
+
+def adapters(
+    settings: ProviderSettings, meters: Mapping[str, Meter]
+) -> dict[domain.Provider, Adapter]:
+    """One adapter per provider that has credentials."""
+    timeout = settings.http_timeout
+    built: dict[domain.Provider, Adapter] = {}
+    for provider in settings.configured():
+        endpoint = settings.endpoint(provider)
+        if provider is domain.Provider.STRIPE:
+            built[provider] = stripe_meters.StripeMeters(
+                endpoint, settings.stripe_meter_events_base, meters, timeout
+            )
+        elif provider is domain.Provider.LEMON_SQUEEZY:
+            built[provider] = lemon_squeezy.LemonSqueezy(endpoint, meters, timeout)
+        elif provider is domain.Provider.POLAR:
+            built[provider] = polar.adapter(endpoint, meters, timeout)
+        elif provider is domain.Provider.DODO_PAYMENTS:
+            built[provider] = dodo_payments.adapter(endpoint, meters, timeout)
+        elif provider is domain.Provider.CREEM:
+            built[provider] = creem.adapter(endpoint, meters, timeout)
+    return built

@@ -1,0 +1,113 @@
+"""What the drain hands an adapter, and what an adapter answers.
+
+    Outcome
+     +-- Delivered    the provider holds the report (2xx, or "already have it": duplicate=True)
+     +-- Retry        nothing known to be stored, or unknown: send the same report again later
+     +-- Failed       permanent: park every event of the report with the provider's reason
+     +-- Rejected     permanent for the named events only; every other event is delivered
+     +-- Checkpoint   save this adapter state with the report, then call send again
+
+Adapters know nothing of the database: they get a Report and answer one Outcome. Each adapter maps
+provider answers to an Outcome in exactly one place; the drain branches on the Outcome only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import email.utils
+from collections.abc import Mapping
+from typing import Any, TypeAlias
+
+from usage_service import domain
+
+RETRY_STATUSES = frozenset({408, 409, 425, 429})  # and every 5xx
+MAX_RETRY_AFTER = 3600.0  # seconds; a longer Retry-After is treated as this
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportEvent:
+    """One usage event as captured in a report, with the customer's provider details."""
+
+    event_id: str
+    customer_id: str
+    meter: str
+    quantity: int
+    event_time: dt.datetime
+    properties: Mapping[str, str]
+    provider_customer_id: str  # Stripe cus_..., Polar / Dodo / Creem customer id; may be empty
+    subscription_item: str  # Lemon Squeezy subscription item id for this meter; may be empty
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What is sent as one unit, under a stable identifier stored before the first send.
+
+    Lane reports (Stripe, Lemon Squeezy) hold one customer's events of one meter and period, and
+    `value` is what a collapsed record carries: the sum (sum meters), the event count (count
+    meters) or the period's max / latest value (max / last meters)."""
+
+    report_id: str
+    provider: domain.Provider
+    events: tuple[ReportEvent, ...]
+    value: int = 0
+    checkpoint: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    attempts: int = 0
+    first_sent_at: dt.datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivered:
+    duplicate: bool = False  # the provider already had it
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    reason: str
+    after: float | None = None  # seconds, from Retry-After; None: the drain's backoff decides
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    reasons: Mapping[str, str]  # event_id -> the provider's reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    state: Mapping[str, Any]
+
+
+Outcome: TypeAlias = Delivered | Retry | Failed | Rejected | Checkpoint
+
+
+def retryable(status: int) -> bool:
+    return status in RETRY_STATUSES or status >= 500
+
+
+def retry_after(headers: Mapping[str, str], now: dt.datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), if any."""
+    text = (headers.get("retry-after") or headers.get("Retry-After") or "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def iso(when: dt.datetime) -> str:
+    """ISO-8601 in UTC with a Z, milliseconds kept."""
+    text = when.astimezone(dt.UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")

@@ -1,0 +1,127 @@
+"""The Lemon Squeezy adapter against a fake: JSON:API records, and no blind re-sent increment."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+
+import pytest
+from fakes import event, report
+from fakes.base import Fault
+from fakes.lemon_squeezy import JSON_API, KEY, FakeLemonSqueezy
+
+from usage_service import domain, plans
+from usage_service.providers import outcome
+from usage_service.providers.config import Endpoint
+from usage_service.providers.lemon_squeezy import LemonSqueezy
+from usage_service.providers.outcome import Outcome, Report
+
+LEMON = domain.Provider.LEMON_SQUEEZY
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLemonSqueezy]:
+    server = FakeLemonSqueezy({"si_1": 10, "si_2": 0}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def adapter(fake: FakeLemonSqueezy, plans: plans.Plans) -> LemonSqueezy:
+    a = LemonSqueezy(Endpoint(KEY, fake.url), plans.meters, timeout=0.5)
+    yield a
+    await a.aclose()
+
+
+async def send(adapter: LemonSqueezy, r: Report) -> tuple[Outcome, Report]:
+    """As the drain does: store each checkpoint with the report, then send again."""
+    for _ in range(4):
+        answer = await adapter.send(r)
+        if not isinstance(answer, outcome.Checkpoint):
+            return answer, r
+        r = dataclasses.replace(r, checkpoint=answer.state)
+    raise AssertionError("too many checkpoints")
+
+
+async def test_increment_reads_a_baseline_then_posts_one_record(fake, adapter) -> None:
+    r = report(LEMON, event(quantity=3, subscription_item="si_1"), value=3)
+    first = await adapter.send(r)
+    assert first == outcome.Checkpoint({"baseline": 10, "period": fake.period_start})
+    assert fake.records == []  # nothing is sent before the baseline is stored
+    answer = await adapter.send(dataclasses.replace(r, checkpoint=first.state))
+    assert answer == outcome.Delivered()
+    (post,) = fake.writes()
+    assert post.headers["content-type"] == JSON_API and post.headers["accept"] == JSON_API
+    assert post.headers["authorization"] == f"Bearer {KEY}"
+    assert json.loads(post.body) == {
+        "data": {
+            "type": "usage-records",
+            "attributes": {"quantity": 3, "action": "increment"},
+            "relationships": {
+                "subscription-item": {"data": {"type": "subscription-items", "id": "si_1"}}
+            },
+        }
+    }
+    assert fake.usage["si_1"] == 13
+    assert fake.violations == []
+
+
+@pytest.mark.parametrize("kind", ["drop", "hang", "status"])
+async def test_an_unknown_outcome_is_reconciled_not_resent_blindly(fake, adapter, kind) -> None:
+    fake.inject(Fault(kind, 500))
+    r = report(LEMON, event(quantity=4, subscription_item="si_1"), value=4)
+    answer, r = await send(adapter, r)
+    assert isinstance(answer, outcome.Retry)
+    answer, r = await send(adapter, r)  # a later attempt, as after a restart
+    assert answer in (outcome.Delivered(), outcome.Delivered(duplicate=True))
+    assert fake.usage["si_1"] == 14  # landed exactly once
+    posted = len(fake.writes())
+    assert posted == (1 if kind == "drop" else 2)  # a dropped answer is never re-sent
+    assert fake.violations == []
+
+
+async def test_a_fresh_adapter_reconciles_a_stored_baseline(fake, adapter, plans) -> None:
+    fake.inject(Fault("drop"))
+    r = report(LEMON, event(quantity=2, subscription_item="si_1"), value=2)
+    answer, r = await send(adapter, r)
+    assert isinstance(answer, outcome.Retry)
+    other = LemonSqueezy(Endpoint(KEY, fake.url), plans.meters, timeout=0.5)  # another replica
+    try:
+        assert await other.send(r) == outcome.Delivered(duplicate=True)
+    finally:
+        await other.aclose()
+    assert fake.usage["si_1"] == 12 and len(fake.writes()) == 1
+
+
+async def test_set_meters_send_set_and_may_repeat(fake, adapter) -> None:
+    r = report(LEMON, event(meter="seats", quantity=5, subscription_item="si_2"), value=5)
+    fake.inject(Fault("drop"))
+    assert isinstance(await adapter.send(r), outcome.Retry)
+    assert await adapter.send(r) == outcome.Delivered()
+    assert fake.records == [("si_2", "set", 5), ("si_2", "set", 5)]
+    assert fake.usage["si_2"] == 5
+
+
+async def test_429_honours_retry_after(fake, adapter) -> None:
+    fake.inject(Fault("status", 429, {"Retry-After": "3"}, {"errors": [{"detail": "slow down"}]}))
+    r = report(LEMON, event(meter="seats", quantity=1, subscription_item="si_2"), value=1)
+    assert await adapter.send(r) == outcome.Retry("lemon squeezy 429: slow down", 3.0)
+
+
+async def test_unknown_items_and_missing_items_are_permanent(fake, adapter) -> None:
+    gone = report(LEMON, event(meter="seats", subscription_item="si_404"), value=1)
+    answer = await adapter.send(gone)
+    assert isinstance(answer, outcome.Failed) and "404" in answer.reason
+    missing = report(LEMON, event(subscription_item=""), value=1)
+    answer = await adapter.send(missing)
+    assert isinstance(answer, outcome.Failed) and "subscription item" in answer.reason
+
+
+async def test_a_period_change_during_an_unknown_outcome_is_parked(fake, adapter) -> None:
+    fake.inject(Fault("drop"))
+    r = report(LEMON, event(quantity=2, subscription_item="si_1"), value=2)
+    answer, r = await send(adapter, r)
+    fake.period_start = "2026-02-01T00:00:00.000000Z"
+    answer, r = await send(adapter, r)
+    assert isinstance(answer, outcome.Failed) and "period changed" in answer.reason
