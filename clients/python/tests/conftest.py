@@ -13,6 +13,7 @@ from support import new_customer
 
 import usage_client
 
+
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("usage-service")
@@ -81,5 +82,3 @@ def retries() -> Iterator[RetryLog]:
         yield handler
     finally:
         logger.removeHandler(handler)
-
-

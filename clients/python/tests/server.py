@@ -143,8 +143,9 @@ class Server:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"usage-service exited with {self.proc.returncode}:\n"
-                                       + self.output())
+                    raise RuntimeError(
+                        f"usage-service exited with {self.proc.returncode}:\n" + self.output()
+                    )
                 try:
                     answer = health.Check(
                         health_pb2.HealthCheckRequest(), timeout=HEALTH_PROBE, wait_for_ready=True

@@ -33,9 +33,7 @@ def rich(code: grpc.StatusCode, message: str, *details: Any) -> tuple[tuple[str,
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=message, details=packed
-    )
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=packed)
     return (("other-bin", b"\x00"), (STATUS_DETAILS_KEY, status.SerializeToString()))
 
 

@@ -27,7 +27,7 @@ class Flaky(usage_pb2_grpc.UsageServiceServicer):  # type: ignore[misc]
         self.deadlines: list[float | None] = []
         self.lock = threading.Lock()
 
-    def RecordUsage(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def RecordUsage(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self.lock:
             self.requests.append(request.SerializeToString(deterministic=True))
             self.deadlines.append(context.time_remaining())

@@ -9,6 +9,7 @@ import pathlib
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,9 @@ def test_committed_stubs_are_what_the_protos_generate(tmp_path: pathlib.Path) ->
         p.relative_to(GEN) for p in GEN.rglob("*") if p.is_file() and "__pycache__" not in p.parts
     }
     assert generated == committed, "regenerate: python clients/python/tools/genstubs.py"
-    stale = [str(p) for p in sorted(generated) if (fresh / p).read_bytes() != (GEN / p).read_bytes()]
+    stale = [
+        str(p) for p in sorted(generated) if (fresh / p).read_bytes() != (GEN / p).read_bytes()
+    ]
     assert not stale, f"stale stubs {stale}; regenerate: python clients/python/tools/genstubs.py"
 
 
@@ -65,7 +68,7 @@ def test_python_enums_match_the_contract(
 
 def test_records_cover_every_response_field() -> None:
     """A field added to a response must reach the typed result too."""
-    expected = {
+    expected: dict[Any, Any] = {
         usage_client.RecordResult: usage_pb2.RecordUsageResponse,
         usage_client.Entitlement: usage_pb2.CheckEntitlementResponse,
         usage_client.MeterUsage: usage_pb2.MeterUsage,
