@@ -8,7 +8,7 @@ import logging
 import sys
 
 from usage_service import plans as plans_mod
-from usage_service import server
+from usage_service import drain_commands, server
 from usage_service.config import ConfigError, Settings
 
 
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="run the gRPC server (and the drain)")
     commands.add_parser("migrate", help="apply database migrations, then exit")
     commands.add_parser("check-plans", help="validate the plans file, then exit")
+    drain_commands.add_commands(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(server.serve(settings))
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
+        elif args.command in drain_commands.COMMANDS:
+            loaded = plans_mod.load(settings.plans_file or None)
+            return asyncio.run(drain_commands.run(args, settings, loaded))
         elif args.command == "check-plans":
             loaded = plans_mod.load(settings.plans_file or None)
             print(f"{loaded.source}: {len(loaded.meters)} meters, {len(loaded.plans)} plans")

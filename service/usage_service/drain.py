@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping
 
 from usage_service import domain
+from usage_service.config import ConfigError
 from usage_service.plans import Aggregation, Meter
 from usage_service.providers import Adapter, outcome
 from usage_service.providers.outcome import Outcome, Report
@@ -61,9 +62,12 @@ class DrainSettings:
 
         def number(name: str, default: float) -> float:
             text = env.get(name, "")
-            value = float(text) if text else default
+            try:
+                value = float(text) if text else default
+            except ValueError:
+                raise ConfigError(f"{name}: {text!r} is not a number") from None
             if value <= 0:
-                raise ValueError(f"{name}: must be > 0, not {text}")
+                raise ConfigError(f"{name}: must be > 0, not {text}")
             return value
 
         return cls(

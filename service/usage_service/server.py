@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
-from usage_service import embedded
+from usage_service import drain_commands, embedded
 from usage_service import plans as plans_mod
 from usage_service.api.customer_api import CustomerService
 from usage_service.api.usage_api import UsageService
@@ -84,6 +84,7 @@ async def serve(settings: Settings) -> None:
     plans = plans_mod.load(settings.plans_file or None)
     async with database(settings) as st:
         running = await start_server(st, plans, settings.grpc_address)
+        drainer = drain_commands.Background.start(st, plans, settings.environ)
         host = settings.grpc_address.rsplit(":", 1)[0]
         print(f"usage-service listening on {host}:{running.port}", flush=True)
         stop = asyncio.Event()
@@ -93,4 +94,5 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         log.info("shutting down", extra={"action": "shutdown"})
         await running.stop(settings.shutdown_grace)
+        await drainer.stop()
     log.info("stopped", extra={"action": "shutdown"})

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 
 from usage_service import domain
+from usage_service.config import ConfigError
 
 STRIPE_API = "https://api.stripe.com"
 STRIPE_METER_EVENTS = "https://meter-events.stripe.com"
@@ -58,7 +59,7 @@ class ProviderSettings:
                 "DODO_PAYMENTS_API_KEY", "DODO_PAYMENTS_API_BASE", DODO_PAYMENTS_API
             ),
             creem=endpoint("CREEM_API_KEY", "CREEM_API_BASE", CREEM_API),
-            http_timeout=float(timeout_text) if timeout_text else DEFAULT_HTTP_TIMEOUT,
+            http_timeout=_seconds(timeout_text) if timeout_text else DEFAULT_HTTP_TIMEOUT,
         )
 
     def endpoint(self, provider: domain.Provider) -> Endpoint:
@@ -68,3 +69,13 @@ class ProviderSettings:
     def configured(self) -> tuple[domain.Provider, ...]:
         """The providers that have a key, in a fixed order."""
         return tuple(p for p in ALL if self.endpoint(p).api_key)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"USAGE_PROVIDER_TIMEOUT_SECONDS: {text!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"USAGE_PROVIDER_TIMEOUT_SECONDS: must be > 0, not {text}")
+    return value
