@@ -132,3 +132,20 @@ async def test_async_errors_carry_the_same_details(
         await aclient.get_customer(f"cus_{uuid.uuid4().hex}")
     assert missing.value.reason == "CUSTOMER_NOT_FOUND"
     assert isinstance(missing.value, usage_client.UsageError)
+
+
+def test_contract_limits(client: usage_client.UsageClient, customer: usage_client.Customer) -> None:
+    cid = customer.customer_id
+    now = dt.datetime.now(dt.UTC)
+    assert not client.record_usage(cid, "tokens", 0, idempotency_key="k" * 255).duplicate
+    assert not client.record_usage(
+        cid, "tokens", 1, idempotency_key=key(), event_time=now + dt.timedelta(minutes=4)
+    ).duplicate
+    with pytest.raises(usage_client.InvalidArgument) as long_key:
+        client.record_usage(cid, "tokens", 1, idempotency_key="k" * 256)
+    assert fields(long_key.value) == {"idempotency_key"}
+    for size in (0, 1001):
+        with pytest.raises(usage_client.InvalidArgument) as batch:
+            client.batch_record_usage([UsageEvent(cid, "tokens", 1, key()) for _ in range(size)])
+        assert fields(batch.value) == {"requests"}
+    assert client.get_usage_summary(cid).meter("tokens").used == 1
