@@ -25,12 +25,14 @@ class Flaky(usage_pb2_grpc.UsageServiceServicer):  # type: ignore[misc]
         self.code = grpc.StatusCode.UNAVAILABLE
         self.requests: list[bytes] = []
         self.deadlines: list[float | None] = []
+        self.metadata: list[dict[str, str | bytes]] = []
         self.lock = threading.Lock()
 
     def RecordUsage(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self.lock:
             self.requests.append(request.SerializeToString(deterministic=True))
             self.deadlines.append(context.time_remaining())
+            self.metadata.append(dict(context.invocation_metadata()))
             failing = len(self.requests) <= self.failures
         if failing:
             context.abort(self.code, "try again")
@@ -137,3 +139,12 @@ def test_naive_datetimes_are_refused_before_sending(
             "c", "tokens", 1, idempotency_key="k-6", event_time=dt.datetime(2026, 1, 1)
         )
     assert fake[0].requests == []
+
+
+def test_client_metadata_goes_with_every_attempt(fake: tuple[Flaky, str]) -> None:
+    servicer, address = fake
+    servicer.failures = 1
+    auth = [("authorization", "Bearer t0ken")]
+    with usage_client.UsageClient(address, retry=QUICK, metadata=auth) as c:
+        c.record_usage("c", "tokens", 1, idempotency_key="k-7")
+    assert [m.get("authorization") for m in servicer.metadata] == ["Bearer t0ken"] * 2
