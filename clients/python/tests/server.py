@@ -1,8 +1,8 @@
 """Run `usage-service serve` as a real process for the client's live tests.
 
 The server is the executable in USAGE_SERVICE_BIN (default: `usage-service` on PATH, or beside
-this Python). It gets a fresh database on the PostgreSQL at USAGE_TEST_PG (default
-postgresql://postgres@127.0.0.1:5432/test) when that server is reachable, and otherwise starts its
+this Python). It gets a fresh database on the PostgreSQL at USAGE_TEST_PG, else DATABASE_URL, else
+postgresql://postgres@127.0.0.1:5432/test, when that server is reachable, and otherwise starts its
 own embedded PostgreSQL under a temporary USAGE_DATA_DIR.
 """
 
@@ -25,7 +25,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
-ADMIN_DSN = os.environ.get("USAGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+# A PostgreSQL on which the tests may CREATE DATABASE.
+ADMIN_DSN = (
+    os.environ.get("USAGE_TEST_PG")
+    or os.environ.get("DATABASE_URL")
+    or "postgresql://postgres@127.0.0.1:5432/test"
+)
 START_TIMEOUT = 90.0  # seconds; an embedded PostgreSQL's first start runs initdb
 STOP_TIMEOUT = 30.0  # seconds for a graceful stop before the process is killed
 HEALTH_PROBE = 1.0  # seconds each health probe may wait for the channel
