@@ -1,0 +1,395 @@
+"""The drain on a real PostgreSQL against five fake providers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+
+import asyncpg
+import pytest
+from conftest import Service
+from fakes.base import Fault
+from fakes.world import CUSTOMERS, LEMON_ITEMS, Fakes
+from helpers import record
+
+from usage.v1 import customer_pb2, usage_pb2
+from usage_service import domain, drain_commands, plans, providers
+from usage_service.drain import STRIPE_TOO_OLD, Drain, DrainSettings, build_reports
+from usage_service.providers import dodo_payments
+from usage_service.providers.config import ProviderSettings
+from usage_service.storage import drain_store, store
+
+FAST = DrainSettings(
+    interval=0.05, lease=10, claim=1000, backoff_base=0.02, backoff_cap=0.2, concurrency=8
+)
+SETTLE_TIMEOUT = 60.0  # seconds
+MakeDrain = Callable[..., Awaitable[Drain]]
+
+
+@pytest.fixture
+def fakes() -> Iterator[Fakes]:
+    started = Fakes.start()
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+async def make_drain(dsn: str, plans: plans.Plans, fakes: Fakes) -> AsyncIterator[MakeDrain]:
+    made: list[tuple[Drain, asyncpg.Pool]] = []
+
+    async def make(
+        without: Sequence[str] = (), settings: DrainSettings = FAST, owner: str = ""
+    ) -> Drain:
+        env = {k: v for k, v in fakes.env().items() if not any(k.startswith(w) for w in without)}
+        pool = await store.create_pool(dsn, 10)
+        adapters = providers.adapters(ProviderSettings.from_env(env), plans.meters)
+        d = Drain(drain_store.DrainStore(pool), adapters, plans.meters, settings, owner)
+        made.append((d, pool))
+        return d
+
+    yield make
+    for d, pool in made:
+        await drain_commands.close(d)
+        await pool.close()
+
+
+async def add_customers(service: Service, names: Sequence[str] = tuple(CUSTOMERS)) -> None:
+    for name in names:
+        c = CUSTOMERS[name]
+        await service.add_customer(
+            c.customer_id,
+            plan_id="basic",
+            provider=c.provider,
+            provider_customer_id=c.provider_customer_id,
+            subscription_items=c.subscription_items,
+        )
+
+
+async def record_many(
+    service: Service,
+    customer_id: str,
+    meter: str,
+    quantities: Sequence[int],
+    start: dt.datetime | None = None,
+) -> list[str]:
+    """Records one event per quantity, a millisecond apart (so `last` is well defined)."""
+    start = start or dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    ids: list[str] = []
+    for i in range(0, len(quantities), 1000):
+        chunk = [
+            record(
+                customer_id, meter, q, uuid.uuid4().hex, start + dt.timedelta(milliseconds=i + j)
+            )
+            for j, q in enumerate(quantities[i : i + 1000])
+        ]
+        answer = await service.usage.BatchRecordUsage(
+            usage_pb2.BatchRecordUsageRequest(requests=chunk)
+        )
+        ids += [r.event_id for r in answer.responses]
+    return ids
+
+
+async def drain_until_quiet(drains: Sequence[Drain], db: asyncpg.Pool) -> None:
+    """Cycles until no event of a customer with a configured provider is pending. Reports in
+    backoff become due on their own time, so between cycles this polls, up to a deadline."""
+    configured = sorted({p.value for d in drains for p in d.adapters})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_TIMEOUT
+    while loop.time() < deadline:
+        await asyncio.gather(*(d.cycle() for d in drains))
+        left = await db.fetchval(
+            """SELECT count(*) FROM usage_events e JOIN customers c USING (customer_id)
+               WHERE e.report_state = 'pending' AND c.provider = ANY($1::text[])""",
+            configured,
+        )
+        if left == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{left} events still pending after {SETTLE_TIMEOUT}s")
+
+
+async def states(db: asyncpg.Pool, customer_id: str) -> dict[str, int]:
+    rows = await db.fetch(
+        "SELECT report_state, count(*) AS n FROM usage_events WHERE customer_id = $1 GROUP BY 1",
+        customer_id,
+    )
+    return {r["report_state"]: r["n"] for r in rows}
+
+
+async def summary(service: Service, customer_id: str) -> dict[str, usage_pb2.MeterUsage]:
+    answer = await service.usage.GetUsageSummary(
+        usage_pb2.GetUsageSummaryRequest(customer_id=customer_id)
+    )
+    return {m.meter: m for m in answer.meters}
+
+
+def transient_faults(route: str = "") -> list[Fault]:
+    return [
+        Fault("status", 500, body={"error": {"type": "api_error", "message": "boom"}}, route=route),
+        Fault("status", 429, {"Retry-After": "1"}, {"error": {"message": "slow"}}, route=route),
+        Fault("hang", route=route),
+        Fault("drop", route=route),
+        Fault("status", 503, body=None, route=route),
+        Fault("status", 408, body=None, route=route),
+    ]
+
+
+async def test_every_provider_ends_with_exactly_the_recorded_usage_through_every_fault(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    await add_customers(service)
+    await service.add_customer(  # Polar refuses this customer id: its events are set aside
+        "c_polar_bad", provider=customer_pb2.PROVIDER_POLAR, provider_customer_id="pol_unknown"
+    )
+    d = await make_drain()
+    recorded: dict[tuple[str, str], list[int]] = {}
+    t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    for round_ in range(2):
+        for name, c in CUSTOMERS.items():
+            for meter, qs in {
+                "tokens": [5, 7, 11 + round_],
+                "calls": [1, 1],
+                "seats": [3 + round_, 2 + round_ * 4],
+                "storage": [100 * (round_ + 1), 50],
+            }.items():
+                start = t0 + dt.timedelta(minutes=round_)
+                await record_many(service, c.customer_id, meter, qs, start)
+                recorded.setdefault((name, meter), []).extend(qs)
+        await record_many(service, "c_polar_bad", "tokens", [9])
+        for fake in fakes.all():
+            fake.inject(*transient_faults())
+        fakes.lemon_squeezy.inject(*transient_faults("GET /v1/subscription-items/"))
+        await drain_until_quiet([d], service.db)
+
+    assert fakes.violations() == []
+    # Stripe: one summed event per report for sum meters, each event for count meters, the latest
+    # value for last meters, the period's peak (as a last value) for max meters.
+    stripe = fakes.stripe
+    assert stripe.totals()[("cus_s", "llm_tokens")] == sum(recorded[("stripe", "tokens")])
+    assert stripe.counts()[("cus_s", "calls")] == len(recorded[("stripe", "calls")])
+    assert stripe.last("cus_s", "seats") == recorded[("stripe", "seats")][-1]
+    assert stripe.last("cus_s", "storage") == max(recorded[("stripe", "storage")])
+    lemon = fakes.lemon_squeezy.usage
+    assert lemon[LEMON_ITEMS["tokens"]] == sum(recorded[("lemon_squeezy", "tokens")])
+    assert lemon[LEMON_ITEMS["calls"]] == len(recorded[("lemon_squeezy", "calls")])
+    assert lemon[LEMON_ITEMS["seats"]] == recorded[("lemon_squeezy", "seats")][-1]
+    assert lemon[LEMON_ITEMS["storage"]] == max(recorded[("lemon_squeezy", "storage")])
+    for name in ("polar", "dodo_payments", "creem"):
+        fake = getattr(fakes, name)
+        c = CUSTOMERS[name]
+        expected = {
+            (c.provider_customer_id, meter): sum(recorded[(name, meter)])
+            for meter in ("tokens", "calls", "seats", "storage")
+        }
+        assert fake.totals() == expected, name
+        assert len(fake.accepted) == sum(
+            len(recorded[(name, m)]) for m in ("tokens", "calls", "seats", "storage")
+        )
+    for name, c in CUSTOMERS.items():
+        assert await states(service.db, c.customer_id) == {"reported": 18}, name
+        meters = await summary(service, c.customer_id)
+        assert meters["tokens"].reported == sum(recorded[(name, "tokens")])
+        assert meters["calls"].reported == 4
+        assert all(m.pending == 0 for m in meters.values())
+    assert await states(service.db, "c_polar_bad") == {"failed": 2}
+    reason = await service.db.fetchval(
+        "SELECT DISTINCT last_error FROM usage_events WHERE customer_id = 'c_polar_bad'"
+    )
+    assert "pol_unknown does not exist" in reason
+
+
+async def test_a_thousand_stripe_sum_events_cost_a_handful_of_calls(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    await add_customers(service, ["stripe"])
+    await record_many(service, "c_stripe", "tokens", list(range(1, 1001)))
+    d = await make_drain()
+    assert await d.cycle() == 1  # one report
+    assert len(fakes.stripe.writes()) == 1
+    assert fakes.stripe.totals() == {("cus_s", "llm_tokens"): 500500}
+    assert await states(service.db, "c_stripe") == {"reported": 1000}
+    (meter,) = [m for m in (await summary(service, "c_stripe")).values() if m.meter == "tokens"]
+    assert (meter.reported, meter.pending) == (500500, 0)
+
+
+async def test_summary_counts_pending_reported_and_parked(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    await add_customers(service, ["stripe"])
+    await service.add_customer(  # no Stripe customer id: every report is refused
+        "c_nostripe", provider=customer_pb2.PROVIDER_STRIPE
+    )
+    await record_many(service, "c_stripe", "tokens", [10, 20])
+    await record_many(service, "c_nostripe", "tokens", [4, 5])
+    before = (await summary(service, "c_stripe"))["tokens"]
+    assert (before.reported, before.pending) == (0, 30)
+    d = await make_drain()
+    await drain_until_quiet([d], service.db)
+    after = (await summary(service, "c_stripe"))["tokens"]
+    assert (after.reported, after.pending) == (30, 0)
+    parked = (await summary(service, "c_nostripe"))["tokens"]
+    assert (parked.reported, parked.pending) == (0, 0)  # parked is neither
+    totals = await service.db.fetchrow(
+        "SELECT failed_count, failed_sum FROM usage_totals WHERE customer_id = 'c_nostripe'"
+    )
+    assert tuple(totals) == (2, 9)
+
+    status = await drain_store.DrainStore(service.db).status()
+    (row,) = [s for s in status if s.provider == "stripe"]
+    assert row.failed == 2 and row.pending == 0
+    assert row.failed_reasons == (
+        ("the customer has no Stripe customer id (provider_customer_id)", 2),
+    )
+    out = io.StringIO()
+    drain_commands.write_status(status, fakes.env(), out)
+    assert "stripe: pending 0 (oldest -), parked 2" in out.getvalue()
+    assert "parked 2: the customer has no Stripe customer id" in out.getvalue()
+
+    # The operator fixes the customer and requeues: the events go out under a new report.
+    await service.add_customer(
+        "c_nostripe", provider=customer_pb2.PROVIDER_STRIPE, provider_customer_id="cus_n"
+    )
+    assert await drain_store.DrainStore(service.db).requeue("stripe") == 2
+    requeued = (await summary(service, "c_nostripe"))["tokens"]
+    assert (requeued.reported, requeued.pending) == (0, 9)
+    await drain_until_quiet([d], service.db)
+    assert fakes.stripe.totals()[("cus_n", "llm_tokens")] == 9
+    totals = await service.db.fetchrow(
+        "SELECT failed_count, failed_sum, reported_sum FROM usage_totals "
+        "WHERE customer_id = 'c_nostripe'"
+    )
+    assert tuple(totals) == (0, 0, 9)
+
+
+async def test_a_provider_without_credentials_keeps_its_events_pending(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    await add_customers(service, ["stripe", "polar"])
+    await record_many(service, "c_polar", "tokens", [1, 2, 3])
+    await record_many(service, "c_stripe", "tokens", [4])
+    off = await make_drain(without=["POLAR_"])
+    await drain_until_quiet([off], service.db)
+    await off.cycle()
+    assert await states(service.db, "c_polar") == {"pending": 3}
+    assert fakes.polar.calls == []
+    status = await drain_store.DrainStore(service.db).status()
+    out = io.StringIO()
+    drain_commands.write_status(
+        status, {k: v for k, v in fakes.env().items() if "POLAR" not in k}, out
+    )
+    assert "polar (no credentials: waiting): pending 3" in out.getvalue()
+    on = await make_drain()
+    await drain_until_quiet([on], service.db)
+    assert fakes.polar.totals() == {("pol_1", "tokens"): 6}
+
+
+async def test_dodo_events_older_than_an_hour_are_parked_with_that_reason(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    await add_customers(service, ["dodo_payments"])
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    await record_many(service, "c_dodo", "tokens", [5], start=old)
+    await record_many(service, "c_dodo", "tokens", [6])
+    d = await make_drain()
+    await drain_until_quiet([d], service.db)
+    assert await states(service.db, "c_dodo") == {"failed": 1, "reported": 1}
+    reason = await service.db.fetchval(
+        "SELECT last_error FROM usage_events WHERE report_state = 'failed'"
+    )
+    assert reason == f"dodo_payments: {dodo_payments.TOO_OLD}"
+    assert fakes.dodo_payments.totals() == {("dodo_1", "tokens"): 6}
+    assert fakes.violations() == []
+
+
+async def test_stripe_reports_first_sent_over_23_hours_ago_are_not_resent(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    await add_customers(service, ["stripe"])
+    await record_many(service, "c_stripe", "tokens", [5, 6])
+    fakes.stripe.inject(Fault("status", 500, body={"error": {"message": "boom"}}))
+    d = await make_drain()
+    await d.cycle()
+    assert len(fakes.stripe.writes()) == 1
+    await service.db.execute(
+        "UPDATE reports SET first_sent_at = now() - interval '24 hours', next_attempt_at = now()"
+    )
+    await d.cycle()
+    assert len(fakes.stripe.writes()) == 1  # not re-sent
+    assert await states(service.db, "c_stripe") == {"failed": 2}
+    assert (
+        await service.db.fetchval("SELECT DISTINCT last_error FROM usage_events") == STRIPE_TOO_OLD
+    )
+
+
+async def test_a_dead_workers_report_is_resent_under_the_same_identifier(
+    service: Service, fakes: Fakes, make_drain: MakeDrain, dsn: str, plans: plans.Plans
+) -> None:
+    await add_customers(service, ["stripe"])
+    await record_many(service, "c_stripe", "tokens", [5, 6])
+    # A worker claims and commits a report, then dies before sending it.
+    dead = await make_drain(settings=FAST, owner="dead")
+    stripe = domain.Provider.STRIPE
+    (claimed,) = await dead.store.claim_new(
+        stripe, "dead", 0.3, 100, lambda c: build_reports(stripe, plans.meters, c)
+    )
+    live = await make_drain(owner="live")
+    assert await live.cycle() == 0  # the lease holds: nothing to do yet, nothing sent
+    assert fakes.stripe.calls == []
+    await drain_until_quiet([live], service.db)
+    (event,) = fakes.stripe.events.values()
+    assert event.identifier == claimed.report_id and event.value == 11
+
+
+async def test_replicas_on_one_database_send_each_report_once(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    await add_customers(service)
+    expected: dict[str, int] = {}
+    for name, c in CUSTOMERS.items():
+        await record_many(service, c.customer_id, "tokens", [1] * 300)
+        await record_many(service, c.customer_id, "calls", [1] * 50)
+        expected[name] = 300
+    replicas = [await make_drain(owner=f"r{i}") for i in range(3)]
+    await drain_until_quiet(replicas, service.db)
+    assert fakes.violations() == []  # includes "two calls in flight" for Stripe and LS
+    assert fakes.stripe.totals()[("cus_s", "llm_tokens")] == 300
+    assert fakes.stripe.counts()[("cus_s", "calls")] == 50
+    assert fakes.lemon_squeezy.usage["si_tokens"] == 300
+    assert fakes.lemon_squeezy.usage["si_calls"] == 50
+    for name in ("polar", "dodo_payments", "creem"):
+        assert len(getattr(fakes, name).accepted) == 350
+    delivered = await service.db.fetchval("SELECT count(*) FROM reports WHERE state = 'delivered'")
+    sent = len(fakes.stripe.writes()) + len(fakes.lemon_squeezy.writes())
+    assert sent <= delivered + 50  # Stripe count events are one call each; nothing sent twice
+
+
+async def test_stop_lets_the_current_cycle_finish(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    await add_customers(service, ["stripe"])
+    await record_many(service, "c_stripe", "tokens", [3])
+    fakes.stripe.inject(Fault("block"))
+    d = await make_drain()
+    task = asyncio.create_task(d.run())
+    assert await asyncio.to_thread(fakes.stripe.blocked.wait, 10)  # a send is in flight
+    d.stop()
+    fakes.stripe.release()  # the connection drops: the cycle settles a retry, then stops
+    await asyncio.wait_for(task, 10)
+    row = await service.db.fetchrow("SELECT state, attempts, lease_until FROM reports")
+    assert (row["state"], row["attempts"], row["lease_until"]) == ("open", 1, None)
+
+
+def test_claim_uses_its_index(dsn: str) -> None:
+    async def plan() -> str:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("SET enable_seqscan = off")
+            rows = await conn.fetch("EXPLAIN " + drain_store.CLAIM_EVENTS, "stripe", 10)
+        finally:
+            await conn.close()
+        return "\n".join(r[0] for r in rows)
+
+    assert "usage_events_unclaimed" in asyncio.run(plan())
