@@ -35,7 +35,7 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
         event = validation.usage_event(v, "", request, self.plans, _now())
         v.check()
         assert event is not None
-        (answer,) = await self.store.record([event])
+        (answer,) = await self.store.submit([event])
         return usage_pb2.RecordUsageResponse(event_id=answer.event_id, duplicate=answer.duplicate)
 
     @rpc
@@ -53,7 +53,7 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             for i, item in enumerate(request.requests)
         ]
         v.check()
-        answers = await self.store.record([e for e in events if e is not None])
+        answers = await self.store.submit([e for e in events if e is not None])
         return usage_pb2.BatchRecordUsageResponse(
             responses=[
                 usage_pb2.RecordUsageResponse(event_id=a.event_id, duplicate=a.duplicate)
@@ -90,11 +90,11 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             return domain.decide(metered, meter.aggregation, totals, request.quantity)
 
         if not request.consume:
-            customer = await self.store.get_customer(request.customer_id)
+            customer, totals = await self.store.check_read(request.customer_id, feature)
             decision = gate(customer)
             if decision is None:
                 assert customer is not None
-                decision = decide(customer, await self.store.meter_totals(customer, feature))
+                decision = decide(customer, totals)
             return convert.decision_to_proto(decision, customer)
 
         now = _now()

@@ -128,3 +128,17 @@ WHERE customer_id = $1 AND meter = $2 AND period_start = $3"""
 # $1 customer_id, $2 idempotency_key
 EVENT_BY_KEY = """
 SELECT event_id, payload_hash FROM usage_events WHERE customer_id = $1 AND idempotency_key = $2"""
+
+# Checks without consume, many at once: each (customer, meter) pair with the customer and its
+# current period's totals row, both by primary key. Pairs of unknown customers have no row.
+# $1 customer_id[], $2 meter[]; i is the pair's 1-based position
+CHECK_READS = """
+SELECT u.i, c.customer_id, c.plan_id, c.subscription_status, c.period_start, c.period_end,
+    c.provider, c.provider_customer_id, c.subscription_items,
+    t.customer_id IS NOT NULL AS has_totals, t.event_count, t.quantity_sum, t.quantity_max,
+    t.last_quantity, t.last_event_time, t.reported_count, t.reported_sum, t.failed_count,
+    t.failed_sum
+FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(customer_id, meter, i)
+JOIN customers c ON c.customer_id = u.customer_id
+LEFT JOIN usage_totals t
+    ON t.customer_id = c.customer_id AND t.meter = u.meter AND t.period_start = c.period_start"""

@@ -12,9 +12,19 @@ from typing import TypeAlias
 import asyncpg
 
 from usage_service import domain
-from usage_service.storage import queries
+from usage_service.storage import coalesce, queries
 
 DEFAULT_POOL_SIZE = 10  # connections
+MAX_RECORD_ROUNDS = 10  # transactions tried for one group before answering CONCURRENCY_CONFLICT
+Key: TypeAlias = tuple[str, str]  # (customer_id, idempotency_key)
+# Failures of the database as a whole: a group that meets one fails whole, never retried item
+# by item (every caller retries with its own key).
+_DATABASE_DOWN = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+)
 Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 
@@ -84,11 +94,61 @@ def totals_from_row(row: asyncpg.Record) -> domain.Totals:
     )
 
 
+class _Replan(Exception):
+    """A key turned out to be taken by another payload: roll back and judge the group again."""
+
+
+def _resolve(
+    requests: Sequence[Sequence[domain.UsageEvent]], known: Mapping[Key, tuple[str, bytes]]
+) -> tuple[list[list[Recorded] | KeyConflict], list[domain.UsageEvent]]:
+    """Judges requests in order, as if each ran alone after the ones before it: `known` holds
+    stored events (key -> event_id, payload hash). Returns each request's answers (or its key
+    conflict: the request stores nothing) and the events to insert, in key order."""
+    winners = dict(known)
+    answers: list[list[Recorded] | KeyConflict] = []
+    fresh: list[domain.UsageEvent] = []
+    for events in requests:
+        mine: dict[Key, tuple[str, bytes]] = {}
+        out: list[Recorded] = []
+        new: list[domain.UsageEvent] = []
+        conflict: KeyConflict | None = None
+        for i, e in enumerate(events):
+            key = (e.customer_id, e.idempotency_key)
+            seen = mine.get(key) or winners.get(key)
+            if seen is None:
+                mine[key] = (e.event_id, e.payload_hash)
+                new.append(e)
+                out.append(Recorded(e.event_id, duplicate=False))
+            elif seen[1] != e.payload_hash:
+                conflict = KeyConflict(i, seen[0])
+                break
+            else:
+                out.append(Recorded(seen[0], duplicate=True))
+        if conflict is not None:
+            answers.append(conflict)
+            continue
+        winners.update(mine)
+        fresh.extend(new)
+        answers.append(out)
+    # Rows go in key order, so concurrent writers take unique-index locks in one order.
+    fresh.sort(key=lambda e: (e.customer_id, e.idempotency_key))
+    return answers, fresh
+
+
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, group_commit: bool = True) -> None:
         self.pool = pool
+        self.group_commit = group_commit
+        self._writes: coalesce.Coalescer[
+            Sequence[domain.UsageEvent], list[Recorded] | KeyConflict
+        ] = coalesce.Coalescer(self.record_isolated, weight=len)
+        self._reads: coalesce.Coalescer[
+            tuple[str, str], tuple[domain.Customer | None, domain.Totals]
+        ] = coalesce.Coalescer(self.check_read_many, max_items=1000)
 
     async def close(self) -> None:
+        await self._writes.close()
+        await self._reads.close()
         await self.pool.close()
 
     # --- customers ---
@@ -126,20 +186,70 @@ class Store:
 
     # --- usage ---
 
+    async def submit(self, events: Sequence[domain.UsageEvent]) -> list[Recorded]:
+        """`record`, coalesced with concurrent callers into one transaction (group commit):
+        answered only after the commit that holds these events; a key conflict or a failing
+        total fails only this call."""
+        if not self.group_commit:
+            return await self.record(events)
+        answer = await self._writes.submit(events)
+        if isinstance(answer, KeyConflict):
+            raise answer
+        return answer
+
     async def record(self, events: Sequence[domain.UsageEvent]) -> list[Recorded]:
         """Stores events in one transaction, answering per event in order. A key seen before
         (in this call or earlier) with the same payload is a duplicate; with another payload it
         raises KeyConflict and nothing is stored."""
-        first: dict[tuple[str, str], int] = {}
-        for i, e in enumerate(events):
-            key = (e.customer_id, e.idempotency_key)
-            j = first.setdefault(key, i)
-            if j != i and events[j].payload_hash != e.payload_hash:
-                raise KeyConflict(i, events[j].event_id)
-        # Rows go in key order, so concurrent writers take unique-index locks in one order.
-        fresh = sorted(
-            (events[i] for i in first.values()), key=lambda e: (e.customer_id, e.idempotency_key)
-        )
+        (answer,) = await self.record_many([events])
+        if isinstance(answer, KeyConflict):
+            raise answer
+        return answer
+
+    async def record_isolated(
+        self, requests: Sequence[Sequence[domain.UsageEvent]]
+    ) -> list[list[Recorded] | KeyConflict | BaseException]:
+        """`record_many`; when the group fails for a reason that belongs to one request (a total
+        out of range, a deadlock), each request is retried alone so only its own caller fails."""
+        try:
+            return list(await self.record_many(requests))
+        except _DATABASE_DOWN:
+            raise
+        except Exception:
+            if len(requests) == 1:
+                raise
+        out: list[list[Recorded] | KeyConflict | BaseException] = []
+        for events in requests:
+            try:
+                out.extend(await self.record_many([events]))
+            except _DATABASE_DOWN:
+                raise
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    async def record_many(
+        self, requests: Sequence[Sequence[domain.UsageEvent]]
+    ) -> list[list[Recorded] | KeyConflict]:
+        """Stores several requests' events in one transaction and one commit. Each request is
+        all-or-nothing on its own and is judged as if it ran alone after the ones before it: a
+        key conflict (against a stored event or an earlier request) fails only that request."""
+        known: dict[Key, tuple[str, bytes]] = {}
+        for _ in range(MAX_RECORD_ROUNDS):
+            try:
+                return await self._record_round(requests, known)
+            except _Replan:
+                continue
+        raise asyncpg.exceptions.SerializationError("idempotency keys kept changing; retry")
+
+    async def _record_round(
+        self,
+        requests: Sequence[Sequence[domain.UsageEvent]],
+        known: dict[Key, tuple[str, bytes]],
+    ) -> list[list[Recorded] | KeyConflict]:
+        answers, fresh = _resolve(requests, known)
+        if not fresh:
+            return answers
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(queries.LOCK_CUSTOMERS, sorted({e.customer_id for e in fresh}))
             customers = {r["customer_id"]: customer_from_row(r) for r in rows}
@@ -155,26 +265,22 @@ class Store:
                 [e.payload_hash for e in fresh],
             )
             inserted = {str(r["event_id"]) for r in inserted_rows}
-            original: dict[tuple[str, str], tuple[str, bytes]] = {
-                (e.customer_id, e.idempotency_key): (e.event_id, e.payload_hash)
-                for e in fresh
-                if e.event_id in inserted
-            }
             missing = [e for e in fresh if e.event_id not in inserted]
-            if missing:
+            if missing:  # keys stored by earlier calls: duplicates, or conflicts to replan
                 for r in await conn.fetch(
                     queries.EXISTING_EVENTS,
                     [e.customer_id for e in missing],
                     [e.idempotency_key for e in missing],
                 ):
-                    key = (r["customer_id"], r["idempotency_key"])
-                    original[key] = (str(r["event_id"]), bytes(r["payload_hash"]))
-            answers = []
-            for i, e in enumerate(events):
-                event_id, digest = original[(e.customer_id, e.idempotency_key)]
-                if digest != e.payload_hash:
-                    raise KeyConflict(i, event_id)
-                answers.append(Recorded(event_id, duplicate=event_id != e.event_id))
+                    known[(r["customer_id"], r["idempotency_key"])] = (
+                        str(r["event_id"]),
+                        bytes(r["payload_hash"]),
+                    )
+                for e in missing:
+                    seen = known.get((e.customer_id, e.idempotency_key))
+                    if seen is None or seen[1] != e.payload_hash:
+                        raise _Replan
+                answers, _ = _resolve(requests, known)
             await self._add_totals(conn, customers, [e for e in fresh if e.event_id in inserted])
         return answers
 
@@ -212,6 +318,29 @@ class Store:
             queries.PERIOD_TOTALS, customer.customer_id, customer.period_start
         )
         return {r["meter"]: totals_from_row(r) for r in rows}
+
+    async def check_read(
+        self, customer_id: str, meter: str
+    ) -> tuple[domain.Customer | None, domain.Totals]:
+        """A customer and its current period's totals for one meter, read fresh in one
+        statement that concurrent callers share (one round trip for a whole group)."""
+        return await self._reads.submit((customer_id, meter))
+
+    async def check_read_many(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> list[tuple[domain.Customer | None, domain.Totals]]:
+        rows = await self.pool.fetch(
+            queries.CHECK_READS, [c for c, _ in keys], [m for _, m in keys]
+        )
+        found = {
+            r["i"]: (
+                customer_from_row(r),
+                totals_from_row(r) if r["has_totals"] else domain.Totals(),
+            )
+            for r in rows
+        }
+        none: tuple[domain.Customer | None, domain.Totals] = (None, domain.Totals())
+        return [found.get(i, none) for i in range(1, len(keys) + 1)]
 
     async def meter_totals(self, customer: domain.Customer, meter: str) -> domain.Totals:
         row = await self.pool.fetchrow(

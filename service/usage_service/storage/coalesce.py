@@ -1,0 +1,98 @@
+"""Coalescing of concurrent requests into one database round trip (group commit, group read).
+
+Callers `submit` an item and wait; a flush takes every item queued so far (up to `max_items`)
+and runs them through one `run` call, which answers each item with a result or an exception
+of its own. A flush starts as soon as an item arrives and fewer than `max_flushes` are running,
+so a lone caller waits for nothing but its own statement; under load, items queue while earlier
+flushes run and the next flush takes them all. For writes, `run` commits before it returns, so
+every caller is answered only after the commit that holds its item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+DEFAULT_MAX_ITEMS = 2000  # weight units (rows) per flush
+DEFAULT_MAX_FLUSHES = 2  # flushes running at once, each on its own connection
+
+
+class Coalescer(Generic[Item, Result]):
+    def __init__(
+        self,
+        run: Callable[[Sequence[Item]], Awaitable[Sequence[Result | BaseException]]],
+        weight: Callable[[Item], int] = lambda _: 1,
+        max_items: int = DEFAULT_MAX_ITEMS,
+        max_flushes: int = DEFAULT_MAX_FLUSHES,
+    ) -> None:
+        self._run = run
+        self._weight = weight
+        self._max_items = max_items
+        self._max_flushes = max_flushes
+        self._queue: collections.deque[tuple[Item, asyncio.Future[Result]]] = collections.deque()
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: Item) -> Result:
+        """Queues `item` and waits for its own answer (raised when it is an exception)."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._start_flushes()
+        return await future
+
+    async def close(self) -> None:
+        """Waits until every queued item has been flushed."""
+        while self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
+    def _start_flushes(self) -> None:
+        while self._queue and len(self._flushes) < self._max_flushes:
+            task = asyncio.get_running_loop().create_task(self._flush(self._take()))
+            self._flushes.add(task)
+            task.add_done_callback(self._flush_done)
+
+    def _take(self) -> list[tuple[Item, asyncio.Future[Result]]]:
+        taken: list[tuple[Item, asyncio.Future[Result]]] = []
+        total = 0
+        while self._queue:
+            item, future = self._queue[0]
+            if future.done():  # the caller went away before its turn: nothing to do for it
+                self._queue.popleft()
+                continue
+            w = self._weight(item)
+            if taken and total + w > self._max_items:
+                break
+            self._queue.popleft()
+            taken.append((item, future))
+            total += w
+        return taken
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._start_flushes()
+
+    async def _flush(self, taken: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        if not taken:
+            return
+        try:
+            results: Sequence[Result | BaseException] = await self._run([i for i, _ in taken])
+        except asyncio.CancelledError:
+            for _, future in taken:
+                future.cancel()
+            raise
+        except Exception as exc:  # every caller of this flush gets the failure
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(taken, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
