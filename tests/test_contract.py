@@ -24,3 +24,24 @@ def test_committed_stubs_match_the_protos(tmp_path: pathlib.Path) -> None:
     assert sorted(fresh) == sorted(committed), "stub files differ: run python tools/genproto.py"
     stale = [str(name) for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale stubs {stale}: run python tools/genproto.py"
+
+
+def test_buf_breaking_catches_a_renamed_field(tmp_path: pathlib.Path) -> None:
+    """CI runs `buf breaking` against the last release's image; it must catch a rename."""
+    import shutil
+    import subprocess
+
+    buf = ROOT / "node_modules" / ".bin" / "buf"
+    assert buf.exists(), "run `npm install` first (scripts/test does)"
+    shutil.copytree(ROOT / "protos", tmp_path / "protos")
+    shutil.copy(ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    image = str(ROOT / "protos-release" / "usage-v1.binpb")
+    same = subprocess.run([buf, "breaking", "--against", image], cwd=tmp_path, capture_output=True)
+    assert same.returncode == 0, same.stdout
+    proto = tmp_path / "protos" / "usage" / "v1" / "usage.proto"
+    proto.write_text(proto.read_text().replace("  string meter = 2;", "  string meter_name = 2;"))
+    renamed = subprocess.run(
+        [buf, "breaking", "--against", image], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert renamed.returncode != 0
+    assert 'changed name from "meter" to "meter_name"' in renamed.stdout
