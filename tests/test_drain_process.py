@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -12,10 +13,11 @@ from collections.abc import Iterator, Mapping, Sequence
 import asyncpg
 import grpc
 import pytest
+from conftest import Service
 from fakes.base import Fault
 from fakes.world import CUSTOMERS, LEMON_ITEMS, Fakes
 from helpers import record
-from process import ServiceProcess
+from process import PLANS_FILE, ServiceProcess, executable
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
 
@@ -225,3 +227,40 @@ async def _count(dsn: str, sql: str) -> int:
         return int(await conn.fetchval(sql))
     finally:
         await conn.close()
+
+
+async def test_operator_commands_drain_once_status_and_requeue(
+    service: Service, dsn: str, fakes: Fakes
+) -> None:
+    for name in ("stripe", "polar"):
+        c = CUSTOMERS[name]
+        await service.add_customer(
+            c.customer_id, provider=c.provider, provider_customer_id=c.provider_customer_id
+        )
+    await service.add_customer("c_nostripe", provider=customer_pb2.PROVIDER_STRIPE)
+    for customer_id, key in (("c_stripe", "a"), ("c_polar", "b"), ("c_nostripe", "c")):
+        await service.usage.RecordUsage(record(customer_id, "tokens", 5, key))
+    env = {k: v for k, v in service_env(dsn, fakes, lease=10).items() if "POLAR" not in k}
+
+    out = await cli(env, "drain", "--once")
+    assert "drain: 2 reports handled; no credentials: polar" in out
+    assert fakes.stripe.totals() == {("cus_s", "llm_tokens"): 5}
+    out = await cli(env, "status")
+    assert "polar (no credentials: waiting): pending 1 (oldest 0m" in out
+    assert "stripe: pending 0 (oldest -), parked 1" in out
+    assert "parked 1: the customer has no Stripe customer id" in out
+    assert "requeued 1 events" in await cli(env, "requeue", "--provider", "stripe")
+    assert "stripe: pending 1" in await cli(env, "status")
+
+
+async def cli(env: Mapping[str, str], *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *executable(),
+        *args,
+        env={**os.environ, "USAGE_PLANS_FILE": str(PLANS_FILE), **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()

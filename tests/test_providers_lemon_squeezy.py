@@ -47,7 +47,8 @@ async def send(adapter: LemonSqueezy, r: Report) -> tuple[Outcome, Report]:
 async def test_increment_reads_a_baseline_then_posts_one_record(fake, adapter) -> None:
     r = report(LEMON, event(quantity=3, subscription_item="si_1"), value=3)
     first = await adapter.send(r)
-    assert first == outcome.Checkpoint({"baseline": 10, "period": fake.period_start})
+    assert isinstance(first, outcome.Checkpoint)
+    assert first.state["baseline"] == 10 and first.state["period"] == fake.period_start
     assert fake.records == []  # nothing is sent before the baseline is stored
     answer = await adapter.send(dataclasses.replace(r, checkpoint=first.state))
     assert answer == outcome.Delivered()
@@ -92,6 +93,17 @@ async def test_a_fresh_adapter_reconciles_a_stored_baseline(fake, adapter, plans
     finally:
         await other.aclose()
     assert fake.usage["si_1"] == 12 and len(fake.writes()) == 1
+
+
+async def test_a_checkpoint_that_was_not_stored_never_skips_reconciling(fake, adapter) -> None:
+    r = report(LEMON, event(quantity=2, subscription_item="si_1"), value=2)
+    mine = await adapter.send(r)  # the drain fails to store this one (its lease ran out) ...
+    assert isinstance(mine, outcome.Checkpoint)
+    theirs = {"baseline": 10, "period": fake.period_start, "nonce": "another worker's"}
+    fake.usage["si_1"] = 12  # ... while another worker stored its own and posted
+    answer = await adapter.send(dataclasses.replace(r, checkpoint=theirs))
+    assert answer == outcome.Delivered(duplicate=True)
+    assert fake.writes() == []
 
 
 async def test_set_meters_send_set_and_may_repeat(fake, adapter) -> None:

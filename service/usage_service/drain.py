@@ -183,10 +183,22 @@ class Drain:
 
     async def cycle(self) -> int:
         """One pass over every provider with credentials; returns the reports handled."""
-        counts = await asyncio.gather(
-            *(self._provider_cycle(p, a) for p, a in self.adapters.items())
+        results = await asyncio.gather(
+            *(self._provider_cycle(p, a) for p, a in self.adapters.items()),
+            return_exceptions=True,
         )
-        return sum(counts)
+        handled = 0
+        for provider, result in zip(self.adapters, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error(
+                    "%s: drain cycle failed",
+                    provider.value,
+                    exc_info=result,
+                    extra={"action": "drain_cycle", "provider": provider.value},
+                )
+            else:
+                handled += result
+        return handled
 
     async def _provider_cycle(self, provider: domain.Provider, adapter: Adapter) -> int:
         s = self.settings
@@ -202,7 +214,14 @@ class Drain:
 
         async def one(report: Report) -> None:
             async with gate:
-                await self._handle(adapter, report)
+                try:
+                    await self._handle(adapter, report)
+                except Exception:  # its lease runs out and it is sent again
+                    log.exception(
+                        "settling report %s failed",
+                        report.report_id,
+                        extra={"action": "drain_settle", "provider": provider.value},
+                    )
 
         await asyncio.gather(*(one(r) for r in reports))
         return len(reports)

@@ -9,6 +9,7 @@ A `set` carries the period's value, so sending it again is harmless.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,9 @@ class LemonSqueezy:
             timeout=timeout,
         )
         self._meters = meters
-        self._fresh: set[str] = set()  # reports whose baseline this process has just read
+        # report id -> nonce of the checkpoint this process has just asked to store: only a send
+        # with that very checkpoint may post without reconciling first.
+        self._fresh: dict[str, str] = {}
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -54,11 +57,13 @@ class LemonSqueezy:
             usage = await self._current_usage(item)
             if not isinstance(usage, dict):
                 return usage
-            self._fresh.add(report.report_id)
-            return outcome.Checkpoint({"baseline": usage["quantity"], "period": usage["period"]})
-        if report.report_id in self._fresh:  # baseline just stored; nothing sent since
-            self._fresh.discard(report.report_id)
-            return await self._record(item, report.value, "increment")
+            nonce = uuid.uuid4().hex
+            self._fresh[report.report_id] = nonce
+            return outcome.Checkpoint(
+                {"baseline": usage["quantity"], "period": usage["period"], "nonce": nonce}
+            )
+        if self._fresh.pop(report.report_id, None) == report.checkpoint.get("nonce"):
+            return await self._record(item, report.value, "increment")  # nothing sent since
         return await self._reconcile(item, report)
 
     async def _reconcile(self, item: str, report: Report) -> Outcome:
