@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import asyncpg
+import prometheus_client
 import pytest
 from conftest import Service
 from fakes.base import Fault
@@ -206,9 +207,13 @@ async def test_a_thousand_stripe_sum_events_cost_a_handful_of_calls(
 ) -> None:
     await add_customers(service, ["stripe"])
     await record_many(service, "c_stripe", "tokens", list(range(1, 1001)))
+    labels = {"provider": "stripe", "outcome": "delivered"}
+    before = prometheus_client.REGISTRY.get_sample_value("usage_events_reported_total", labels)
     d = await make_drain()
     assert await d.cycle() == 1  # one report
     assert len(fakes.stripe.writes()) == 1
+    after = prometheus_client.REGISTRY.get_sample_value("usage_events_reported_total", labels)
+    assert (after or 0) - (before or 0) == 1000
     assert fakes.stripe.totals() == {("cus_s", "llm_tokens"): 500500}
     assert await states(service.db, "c_stripe") == {"reported": 1000}
     (meter,) = [m for m in (await summary(service, "c_stripe")).values() if m.meter == "tokens"]

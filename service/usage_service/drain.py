@@ -16,10 +16,11 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 
-from usage_service import domain
+from usage_service import domain, metrics
 from usage_service.config import ConfigError
 from usage_service.plans import Aggregation, Meter
 from usage_service.providers import Adapter, outcome
@@ -134,6 +135,19 @@ def _value(aggregation: Aggregation, items: list[Claimed]) -> int:
     return max(items, key=lambda c: (c.event.event_time, c.event.event_id)).event.quantity
 
 
+def _label(answer: Outcome) -> str:
+    """A provider call's outcome as a metrics label (a small fixed set)."""
+    if isinstance(answer, outcome.Delivered):
+        return "duplicate" if answer.duplicate else "delivered"
+    if isinstance(answer, outcome.Retry):
+        return "retry_after"
+    if isinstance(answer, outcome.Failed):
+        return "permanent_failure"
+    if isinstance(answer, outcome.Rejected):
+        return "rejected"
+    return "checkpoint"
+
+
 def _chunks(items: list[Claimed], size: int) -> list[list[Claimed]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -238,7 +252,10 @@ class Drain:
         answer: Outcome = outcome.Retry("too many checkpoints")
         try:
             for _ in range(MAX_CHECKPOINTS + 1):
+                started = time.monotonic()
                 answer = await adapter.send(report)
+                seconds = time.monotonic() - started
+                metrics.provider_call(report.provider.value, _label(answer), seconds)
                 if not isinstance(answer, outcome.Checkpoint):
                     break
                 if not await self.store.save_checkpoint(rid, self.owner, answer.state):
@@ -253,13 +270,19 @@ class Drain:
     async def _settle(self, report: Report, answer: Outcome) -> None:
         rid, provider = report.report_id, report.provider.value
         extra = {"action": "drain_settle", "provider": provider, "report_id": rid}
+        count = len(report.events)
         if isinstance(answer, outcome.Delivered):
-            await self.store.delivered(rid)
+            if await self.store.delivered(rid):
+                metrics.events_reported(provider, "delivered", count)
         elif isinstance(answer, outcome.Rejected):
-            await self.store.delivered(rid, answer.reasons)
-            log.warning("%s: %d events refused", provider, len(answer.reasons), extra=extra)
+            refused = len(answer.reasons)
+            if await self.store.delivered(rid, answer.reasons):
+                metrics.events_reported(provider, "delivered", count - refused)
+                metrics.events_reported(provider, "failed", refused)
+            log.warning("%s: %d events refused", provider, refused, extra=extra)
         elif isinstance(answer, outcome.Failed):
-            await self.store.failed(rid, answer.reason)
+            if await self.store.failed(rid, answer.reason):
+                metrics.events_reported(provider, "failed", count)
             log.warning("%s: report parked: %s", provider, answer.reason, extra=extra)
         elif isinstance(answer, outcome.Retry):
             delay = answer.after
