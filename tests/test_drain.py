@@ -12,6 +12,7 @@ import asyncpg
 import prometheus_client
 import pytest
 from conftest import Service
+from fakes import event as fake_event
 from fakes.base import Fault
 from fakes.world import CUSTOMERS, LEMON_ITEMS, Fakes
 from helpers import record
@@ -398,3 +399,45 @@ def test_claim_uses_its_index(dsn: str) -> None:
         return "\n".join(r[0] for r in rows)
 
     assert "usage_events_unclaimed" in asyncio.run(plan())
+
+
+def claimed(
+    customer_id: str, meter: str, quantity: int, period: dt.datetime | None, **totals: int
+) -> drain_store.Claimed:
+    e = fake_event(customer_id=customer_id, meter=meter, quantity=quantity)
+    return drain_store.Claimed(e, period, totals.get("peak"), totals.get("last"))
+
+
+def test_reports_collapse_per_customer_meter_and_period(plans: plans.Plans) -> None:
+    p1 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    p2 = dt.datetime(2026, 2, 1, tzinfo=dt.UTC)
+    items = [
+        claimed("a", "tokens", 2, p1),
+        claimed("a", "tokens", 3, p1),
+        claimed("a", "tokens", 4, p2),  # next period: waits for the first report to settle
+        claimed("b", "tokens", 5, p1),
+        claimed("a", "storage", 10, p1, peak=70, last=10),
+        claimed("a", "seats", 4, p1, peak=9, last=4),
+    ]
+    stripe = domain.Provider.STRIPE
+    built = {r.lane: r for r in build_reports(stripe, plans.meters, items)}
+    assert {lane: (len(r.events), r.value) for lane, r in built.items()} == {
+        drain_store.lane(stripe, "a", "tokens"): (2, 5),
+        drain_store.lane(stripe, "b", "tokens"): (1, 5),
+        drain_store.lane(stripe, "a", "storage"): (1, 70),  # the period's peak, never lower
+        drain_store.lane(stripe, "a", "seats"): (1, 4),
+    }
+    calls = [claimed("a", "calls", 1, p1) for _ in range(450)]
+    (only,) = build_reports(stripe, plans.meters, calls)
+    assert len(only.events) == 200  # one call each: a bounded report
+    polar = build_reports(domain.Provider.POLAR, plans.meters, calls)
+    assert [len(r.events) for r in polar] == [100, 100, 100, 100, 50]
+    assert all(r.lane is None for r in polar)
+
+
+def test_backoff_is_capped_exponential_with_jitter() -> None:
+    s = DrainSettings(backoff_base=1.0, backoff_cap=60.0)
+    for attempts, step in ((0, 1.0), (1, 2.0), (3, 8.0), (10, 60.0), (500, 60.0)):
+        delays = {s.backoff(attempts) for _ in range(50)}
+        assert all(step / 2 <= d <= step for d in delays)
+        assert len(delays) > 1
