@@ -55,8 +55,7 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(
 ) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        for table in ("usage_totals", "usage_events", "customers", "schema_migrations"):
-            await conn.execute(f"DROP TABLE {table} CASCADE")
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     finally:
         await conn.close()
     results = await asyncio.gather(*(migrate.migrate_dsn(dsn) for _ in range(4)))
