@@ -11,7 +11,6 @@ from usage_service.tls import TlsFiles
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = ".data"  # embedded PostgreSQL lives in DATA_DIR/postgres
-DEFAULT_DRAIN_INTERVAL = 2.0  # seconds
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds for in-flight calls to finish on SIGTERM
 DEFAULT_POOL_SIZE = 10  # database connections per process
 DEFAULT_MAX_IN_FLIGHT = 512  # usage.v1 calls served at once per process; more: RESOURCE_EXHAUSTED
@@ -30,7 +29,6 @@ class Settings:
     data_dir: pathlib.Path
     grpc_address: str
     plans_file: str  # empty: the packaged default_plans.toml
-    drain_interval: float
     shutdown_grace: float
     pool_size: int
     environ: Mapping[str, str] = dataclasses.field(repr=False)  # provider settings (and keys)
@@ -53,9 +51,10 @@ class Settings:
             data_dir=pathlib.Path(env.get("USAGE_DATA_DIR") or DEFAULT_DATA_DIR),
             grpc_address=env.get("USAGE_GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS,
             plans_file=env.get("USAGE_PLANS_FILE", ""),
-            drain_interval=_number(env, "USAGE_DRAIN_INTERVAL_SECONDS", DEFAULT_DRAIN_INTERVAL),
-            shutdown_grace=_number(env, "USAGE_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE),
-            pool_size=int(_number(env, "USAGE_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
+            shutdown_grace=positive_number(
+                env, "USAGE_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE
+            ),
+            pool_size=int(positive_number(env, "USAGE_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
             environ=env,
             metrics_address=env.get("USAGE_METRICS_ADDRESS", ""),
             tls=TlsFiles(
@@ -66,9 +65,9 @@ class Settings:
             auth_tokens_file=env.get("USAGE_AUTH_TOKENS_FILE", ""),
             auth_tokens_json=env.get("USAGE_AUTH_TOKENS", ""),
             allow_unauthenticated=env.get("USAGE_ALLOW_UNAUTHENTICATED", "").lower() in TRUE,
-            max_in_flight=int(_number(env, "USAGE_MAX_IN_FLIGHT", DEFAULT_MAX_IN_FLIGHT)),
+            max_in_flight=int(positive_number(env, "USAGE_MAX_IN_FLIGHT", DEFAULT_MAX_IN_FLIGHT)),
             max_message_bytes=int(
-                _number(env, "USAGE_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
+                positive_number(env, "USAGE_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
             ),
             log_format=_choice(env, "USAGE_LOG_FORMAT", LOG_FORMATS),
             log_level=_choice(env, "USAGE_LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
@@ -86,7 +85,8 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
     raise ConfigError(f"{name}: {text!r} is not one of {', '.join(a for a in allowed if a)}")
 
 
-def _number(env: Mapping[str, str], name: str, default: float) -> float:
+def positive_number(env: Mapping[str, str], name: str, default: float) -> float:
+    """A number > 0 from the environment, or `default` when the variable is unset or empty."""
     text = env.get(name, "")
     if not text:
         return default

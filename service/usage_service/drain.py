@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping
 
 from usage_service import domain, metrics
-from usage_service.config import ConfigError
+from usage_service.config import positive_number
 from usage_service.plans import Aggregation, Meter
 from usage_service.providers import Adapter, outcome
 from usage_service.providers.outcome import Outcome, Report
@@ -62,14 +62,7 @@ class DrainSettings:
         env = os.environ if environ is None else environ
 
         def number(name: str, default: float) -> float:
-            text = env.get(name, "")
-            try:
-                value = float(text) if text else default
-            except ValueError:
-                raise ConfigError(f"{name}: {text!r} is not a number") from None
-            if value <= 0:
-                raise ConfigError(f"{name}: must be > 0, not {text}")
-            return value
+            return positive_number(env, name, default)
 
         return cls(
             interval=number("USAGE_DRAIN_INTERVAL_SECONDS", DEFAULT_INTERVAL),

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 
 from usage_service import domain
-from usage_service.config import ConfigError
+from usage_service.config import positive_number
 
 STRIPE_API = "https://api.stripe.com"
 STRIPE_METER_EVENTS = "https://meter-events.stripe.com"
@@ -47,7 +47,6 @@ class ProviderSettings:
             return Endpoint(env.get(key, "").strip(), (env.get(base) or default).rstrip("/"))
 
         stripe_base = env.get("STRIPE_API_BASE", "").rstrip("/")
-        timeout_text = env.get("USAGE_PROVIDER_TIMEOUT_SECONDS", "")
         return cls(
             stripe=endpoint("STRIPE_API_KEY", "STRIPE_API_BASE", STRIPE_API),
             stripe_meter_events_base=stripe_base or STRIPE_METER_EVENTS,
@@ -59,7 +58,9 @@ class ProviderSettings:
                 "DODO_PAYMENTS_API_KEY", "DODO_PAYMENTS_API_BASE", DODO_PAYMENTS_API
             ),
             creem=endpoint("CREEM_API_KEY", "CREEM_API_BASE", CREEM_API),
-            http_timeout=_seconds(timeout_text) if timeout_text else DEFAULT_HTTP_TIMEOUT,
+            http_timeout=positive_number(
+                env, "USAGE_PROVIDER_TIMEOUT_SECONDS", DEFAULT_HTTP_TIMEOUT
+            ),
         )
 
     def endpoint(self, provider: domain.Provider) -> Endpoint:
@@ -69,13 +70,3 @@ class ProviderSettings:
     def configured(self) -> tuple[domain.Provider, ...]:
         """The providers that have a key, in a fixed order."""
         return tuple(p for p in ALL if self.endpoint(p).api_key)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"USAGE_PROVIDER_TIMEOUT_SECONDS: {text!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"USAGE_PROVIDER_TIMEOUT_SECONDS: must be > 0, not {text}")
-    return value
