@@ -2,10 +2,11 @@
 
 Callers `submit` an item and wait; a flush takes every item queued so far (up to `max_items`)
 and runs them through one `run` call, which answers each item with a result or an exception
-of its own. A flush starts as soon as an item arrives and fewer than `max_flushes` are running,
-so a lone caller waits for nothing but its own statement; under load, items queue while earlier
-flushes run and the next flush takes them all. For writes, `run` commits before it returns, so
-every caller is answered only after the commit that holds its item.
+of its own. A flush starts as soon as an item arrives and none is running, so a lone caller
+waits for nothing but its own statement; under load, items queue while the running flush works
+and the next flush takes them all (a second flush runs beside it only for a heavy backlog).
+For writes, `run` commits before it returns, so every caller is answered only after the commit
+that holds its item.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ Result = TypeVar("Result")
 
 DEFAULT_MAX_ITEMS = 2000  # weight units (rows) per flush
 DEFAULT_MAX_FLUSHES = 2  # flushes running at once, each on its own connection
+# A second flush starts beside a running one only for a backlog this heavy (weight units):
+# small items wait for the running flush, so groups grow with the load and the per-statement
+# cost is shared by more callers; big batches still keep two connections busy.
+DEFAULT_PARALLEL_WEIGHT = 500
 
 
 class Coalescer(Generic[Item, Result]):
@@ -29,18 +34,22 @@ class Coalescer(Generic[Item, Result]):
         weight: Callable[[Item], int] = lambda _: 1,
         max_items: int = DEFAULT_MAX_ITEMS,
         max_flushes: int = DEFAULT_MAX_FLUSHES,
+        parallel_weight: int = DEFAULT_PARALLEL_WEIGHT,
     ) -> None:
         self._run = run
         self._weight = weight
         self._max_items = max_items
         self._max_flushes = max_flushes
+        self._parallel_weight = parallel_weight
         self._queue: collections.deque[tuple[Item, asyncio.Future[Result]]] = collections.deque()
+        self._queued_weight = 0
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: Item) -> Result:
         """Queues `item` and waits for its own answer (raised when it is an exception)."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        self._queued_weight += self._weight(item)
         self._start_flushes()
         return await future
 
@@ -50,7 +59,13 @@ class Coalescer(Generic[Item, Result]):
             await asyncio.gather(*self._flushes, return_exceptions=True)
 
     def _start_flushes(self) -> None:
-        while self._queue and len(self._flushes) < self._max_flushes:
+        while self._queue and (
+            not self._flushes
+            or (
+                len(self._flushes) < self._max_flushes
+                and self._queued_weight >= self._parallel_weight
+            )
+        ):
             task = asyncio.get_running_loop().create_task(self._flush(self._take()))
             self._flushes.add(task)
             task.add_done_callback(self._flush_done)
@@ -60,13 +75,15 @@ class Coalescer(Generic[Item, Result]):
         total = 0
         while self._queue:
             item, future = self._queue[0]
+            w = self._weight(item)
             if future.done():  # the caller went away before its turn: nothing to do for it
                 self._queue.popleft()
+                self._queued_weight -= w
                 continue
-            w = self._weight(item)
             if taken and total + w > self._max_items:
                 break
             self._queue.popleft()
+            self._queued_weight -= w
             taken.append((item, future))
             total += w
         return taken
