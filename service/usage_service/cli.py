@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from usage_service import drain_commands, logs, ops_commands, server
+from usage_service import drain_commands, logs, ops_commands, server, workers
 from usage_service import plans as plans_mod
 from usage_service.config import ConfigError, Settings
 
@@ -14,7 +14,13 @@ from usage_service.config import ConfigError, Settings
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="usage-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the gRPC server (and the drain)")
+    serve = commands.add_parser("serve", help="run the gRPC server (and the drain)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port with SO_REUSEPORT (needs DATABASE_URL)",
+    )
     commands.add_parser("migrate", help="apply database migrations, then exit")
     commands.add_parser("check-plans", help="validate the plans file, then exit")
     drain_commands.add_commands(commands)
@@ -23,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         logs.configure(settings.log_format, settings.log_level)
+        if args.command == "serve" and args.workers > 1:
+            return workers.serve(settings, args.workers)
         if args.command == "serve":
             asyncio.run(server.serve(settings))
         elif args.command == "migrate":

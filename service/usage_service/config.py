@@ -42,6 +42,7 @@ class Settings:
     log_format: str = "json"
     log_level: str = "INFO"
     tracing: str = ""  # "otlp": OpenTelemetry traces (needs the `otel` extra)
+    reuse_port: bool = False  # SO_REUSEPORT: set by `serve --workers` for its workers only
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -72,6 +73,7 @@ class Settings:
             log_format=_choice(env, "USAGE_LOG_FORMAT", LOG_FORMATS),
             log_level=_choice(env, "USAGE_LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
             tracing=_choice(env, "USAGE_TRACING", ("", "otlp")),
+            reuse_port=env.get("USAGE_REUSE_PORT", "") == "1",
         )
 
 

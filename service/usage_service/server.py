@@ -56,6 +56,7 @@ async def start_server(
     tls: TlsFiles | None = None,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    reuse_port: bool = False,
 ) -> Running:
     interceptor = Interceptor(tokens or auth.Tokens(), max_in_flight)
     server = grpc.aio.server(
@@ -63,7 +64,8 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Off unless `serve --workers` shares the port: a second server would steal calls.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
         maximum_concurrent_rpcs=max_in_flight + EXTRA_CONCURRENT_RPCS,
     )
@@ -137,6 +139,7 @@ async def serve(settings: Settings) -> None:
                 tls=settings.tls,
                 max_in_flight=settings.max_in_flight,
                 max_message_bytes=settings.max_message_bytes,
+                reuse_port=settings.reuse_port,
             )
         except TlsConfigError as exc:
             raise ConfigError(str(exc)) from None
