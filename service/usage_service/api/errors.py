@@ -96,6 +96,9 @@ _UNAVAILABLE = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.InterfaceError,
+    # A connection cut mid-transaction (pg_terminate_backend, a restart) can leave asyncpg's
+    # protocol in a state it reports this way; the transaction did not commit, so: retry.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
