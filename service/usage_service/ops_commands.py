@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import sys
 from typing import Any
 
 import grpc
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "health":
         return health(settings, args.address, args.service, args.timeout)
     if args.older_than < MIN_PRUNE_DAYS or args.batch_size < 1:
-        print("usage-service: --older-than and --batch-size must be >= 1")
+        print("usage-service: --older-than and --batch-size must be >= 1", file=sys.stderr)
         return 2
     deleted = asyncio.run(_prune(settings, args.older_than, args.batch_size))
     print(f"pruned {deleted} reported events older than {args.older_than} days")
