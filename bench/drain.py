@@ -1,0 +1,131 @@
+"""Drain throughput: events/s from recorded to settled against a local fake provider.
+
+Records `--events` events for Polar customers (a per-event provider that takes batches), then
+runs the service's drain in this process against the fake Polar from tests/fakes on 127.0.0.1
+and times until every event is settled as reported.
+
+    .venv/bin/python bench/drain.py --database-url postgresql://postgres@127.0.0.1:5432/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import pathlib
+import sys
+import time
+import urllib.parse
+import uuid
+
+import asyncpg
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fakes.ingest import POLAR_KEY, FakePolar  # noqa: E402
+
+from usage_service import domain, plans, providers  # noqa: E402
+from usage_service.drain import Drain, DrainSettings  # noqa: E402
+from usage_service.providers.config import ProviderSettings  # noqa: E402
+from usage_service.storage import drain_store, migrate, store  # noqa: E402
+
+CUSTOMERS = 100
+TIMEOUT = 600.0  # seconds
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def run(server_dsn: str, events: int, replicas: int) -> dict[str, float]:
+    name = f"usage_bench_drain_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(server_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = with_database(server_dsn, name)
+    fake = FakePolar().start()
+    try:
+        await migrate.migrate_dsn(dsn)
+        loaded = plans.load(ROOT / "bench" / "plans.toml")
+        st = store.Store(await store.create_pool(dsn, 10))
+        now = dt.datetime.now(dt.UTC)
+        for c in range(CUSTOMERS):
+            await st.upsert_customer(
+                domain.Customer(
+                    f"bench-{c}",
+                    "bench",
+                    domain.SubscriptionStatus.ACTIVE,
+                    now - dt.timedelta(days=1),
+                    now + dt.timedelta(days=29),
+                    provider=domain.Provider.POLAR,
+                )
+            )
+        for start in range(0, events, 1000):
+            await st.record(
+                [
+                    domain.UsageEvent(
+                        event_id=store.new_event_id(),
+                        customer_id=f"bench-{i % CUSTOMERS}",
+                        meter="tokens",
+                        quantity=1 + i % 100,
+                        idempotency_key=f"d{i}",
+                        event_time=now,
+                        properties={},
+                        payload_hash=domain.payload_hash("tokens", 1 + i % 100, None, {}),
+                    )
+                    for i in range(start, min(start + 1000, events))
+                ]
+            )
+        env = {"POLAR_ACCESS_TOKEN": POLAR_KEY, "POLAR_API_BASE": fake.url}
+        adapters = providers.adapters(ProviderSettings.from_env(env), loaded.meters)
+        settings = DrainSettings(interval=0.05, lease=60)
+        drains = [
+            Drain(drain_store.DrainStore(st.pool), adapters, loaded.meters, settings, f"b{r}")
+            for r in range(replicas)
+        ]
+        started = time.monotonic()
+        deadline = started + TIMEOUT
+        reported = 0
+        while reported < events and time.monotonic() < deadline:
+            await asyncio.gather(*(d.drain_due() for d in drains))
+            reported = int(
+                await st.pool.fetchval(
+                    "SELECT count(*) FROM usage_events WHERE report_state = 'reported'"
+                )
+            )
+        seconds = time.monotonic() - started
+        await st.close()
+        return {
+            "events": events,
+            "reported": reported,
+            "seconds": seconds,
+            "events_per_s": reported / seconds,
+            "accepted_by_fake": len(fake.accepted),
+        }
+    finally:
+        fake.stop()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
+    p.add_argument("--events", type=int, default=50_000)
+    p.add_argument("--replicas", type=int, default=1, help="drains in this process")
+    args = p.parse_args()
+    if not args.database_url:
+        p.error("--database-url (or DATABASE_URL) is required")
+    result = asyncio.run(run(args.database_url, args.events, args.replicas))
+    print(
+        f"drain: {result['reported']:,.0f}/{result['events']:,} events reported in "
+        f"{result['seconds']:.2f} s = {result['events_per_s']:,.0f} events/s "
+        f"(fake Polar accepted {result['accepted_by_fake']:,.0f})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

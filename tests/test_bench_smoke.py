@@ -1,0 +1,42 @@
+"""The benchmark command runs end to end (tiny durations; the figures are not checked)."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench" / "run.py"
+
+
+def test_bench_prints_the_table(server_dsn: str) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--database-url",
+            server_dsn,
+            "--scenarios",
+            "noop,record,batch,check,consume",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--repeats",
+            "1",
+            "--procs",
+            "1",
+            "--batch-concurrency",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    for scenario in ("noop", "record", "batch", "check", "consume"):
+        rows = [line for line in lines if line.startswith(f"| {scenario} |")]
+        assert len(rows) == 2, (scenario, out.stdout)  # closed loop and open loop
+    assert any(line.startswith("| raw asyncpg unnest") for line in lines)
+    assert "Goals:" in out.stdout
