@@ -112,3 +112,31 @@ def test_metrics_and_logs(dsn: str) -> None:
     for secret in (TOKEN, WRONG, STRIPE_KEY):
         assert secret not in everything
     assert not re.search(r"Bearer \S", everything)
+
+
+def test_tracing_without_the_otel_extra_is_a_clear_start_up_error(dsn: str) -> None:
+    import importlib.util
+    import os
+    import subprocess
+
+    from process import PLANS_FILE, executable
+
+    if importlib.util.find_spec("opentelemetry") is not None:
+        import pytest
+
+        pytest.skip("the otel extra is installed")
+    run = subprocess.run(
+        [*executable(), "serve"],
+        env={
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "USAGE_PLANS_FILE": str(PLANS_FILE),
+            "USAGE_GRPC_ADDRESS": "127.0.0.1:0",
+            "USAGE_TRACING": "otlp",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "usage-service[otel]" in run.stderr
