@@ -1,8 +1,9 @@
 """Drain throughput: events/s from recorded to settled against a local fake provider.
 
 Records `--events` events for Polar customers (a per-event provider that takes batches), then
-runs the service's drain in this process against the fake Polar from tests/fakes on 127.0.0.1
-and times until every event is settled as reported.
+runs the service's drain in this process against the fake Polar from tests/fakes, served on
+127.0.0.1 by a child process (so it does not share this process's GIL), and times until every
+event is settled as reported.
 
     .venv/bin/python bench/drain.py --database-url postgresql://postgres@127.0.0.1:5432/test
 """
@@ -14,6 +15,7 @@ import asyncio
 import datetime as dt
 import os
 import pathlib
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -24,7 +26,7 @@ import asyncpg
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fakes.ingest import POLAR_KEY, FakePolar  # noqa: E402
+from fakes.ingest import POLAR_KEY  # noqa: E402
 
 from usage_service import domain, plans, providers  # noqa: E402
 from usage_service.drain import Drain, DrainSettings  # noqa: E402
@@ -33,6 +35,37 @@ from usage_service.storage import drain_store, migrate, store  # noqa: E402
 
 CUSTOMERS = 100
 TIMEOUT = 600.0  # seconds
+
+
+FAKE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from fakes.ingest import FakePolar
+fake = FakePolar().start()
+print(fake.url, flush=True)
+sys.stdin.readline()
+print(len(fake.accepted), len(fake.violations), flush=True)
+fake.stop()
+"""
+
+
+def start_fake() -> tuple[subprocess.Popen[str], str]:
+    """The fake Polar in a child process; returns it and its URL."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", FAKE, str(ROOT / "tests")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    return child, child.stdout.readline().strip()
+
+
+def stop_fake(child: subprocess.Popen[str]) -> tuple[int, int]:
+    """Stops the fake; returns the events it accepted and the protocol violations it saw."""
+    out, _ = child.communicate("stop\n", timeout=30)
+    accepted, violations = out.split()
+    return int(accepted), int(violations)
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -45,7 +78,8 @@ async def run(server_dsn: str, events: int, replicas: int) -> dict[str, float]:
     admin = await asyncpg.connect(server_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     dsn = with_database(server_dsn, name)
-    fake = FakePolar().start()
+    fake, fake_url = start_fake()
+    accepted = violations = -1
     try:
         await migrate.migrate_dsn(dsn)
         loaded = plans.load(ROOT / "bench" / "plans.toml")
@@ -78,7 +112,7 @@ async def run(server_dsn: str, events: int, replicas: int) -> dict[str, float]:
                     for i in range(start, min(start + 1000, events))
                 ]
             )
-        env = {"POLAR_ACCESS_TOKEN": POLAR_KEY, "POLAR_API_BASE": fake.url}
+        env = {"POLAR_ACCESS_TOKEN": POLAR_KEY, "POLAR_API_BASE": fake_url}
         adapters = providers.adapters(ProviderSettings.from_env(env), loaded.meters)
         settings = DrainSettings(interval=0.05, lease=60)
         drains = [
@@ -97,15 +131,18 @@ async def run(server_dsn: str, events: int, replicas: int) -> dict[str, float]:
             )
         seconds = time.monotonic() - started
         await st.close()
+        accepted, violations = stop_fake(fake)
         return {
             "events": events,
             "reported": reported,
             "seconds": seconds,
             "events_per_s": reported / seconds,
-            "accepted_by_fake": len(fake.accepted),
+            "accepted_by_fake": accepted,
+            "violations": violations,
         }
     finally:
-        fake.stop()
+        if fake.poll() is None:
+            fake.kill()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
 
@@ -122,7 +159,8 @@ def main() -> int:
     print(
         f"drain: {result['reported']:,.0f}/{result['events']:,} events reported in "
         f"{result['seconds']:.2f} s = {result['events_per_s']:,.0f} events/s "
-        f"(fake Polar accepted {result['accepted_by_fake']:,.0f})"
+        f"(fake Polar accepted {result['accepted_by_fake']:,.0f}, "
+        f"{result['violations']:.0f} protocol violations)"
     )
     return 0
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from usage_service import domain, metrics
 from usage_service.config import positive_number
 from usage_service.plans import Aggregation, Meter
-from usage_service.providers import Adapter, outcome
+from usage_service.providers import Adapter, creem, dodo_payments, outcome, polar
 from usage_service.providers.outcome import Outcome, Report
 from usage_service.storage import drain_store
 from usage_service.storage.drain_store import Claimed, DrainStore, NewReport
@@ -36,7 +36,12 @@ DEFAULT_CLAIM = 1000  # events claimed per provider per cycle
 DEFAULT_BACKOFF_BASE = 1.0  # seconds, doubled per attempt
 DEFAULT_BACKOFF_CAP = 300.0  # seconds
 DEFAULT_CONCURRENCY = 8  # reports in flight per provider in one process
-BATCH_REPORT = 100  # events per report for the per-event providers (Polar, Dodo, Creem)
+# Events per report for the per-event providers: one provider call each.
+BATCH_REPORT = {
+    domain.Provider.POLAR: polar.BATCH,
+    domain.Provider.DODO_PAYMENTS: dodo_payments.BATCH,
+    domain.Provider.CREEM: creem.BATCH,
+}
 STRIPE_COUNT_REPORT = 200  # events per report for Stripe count meters (one call each)
 STRIPE_RESEND_WINDOW = dt.timedelta(hours=23)  # Stripe dedupes identifiers for at least 24 h
 MAX_CYCLES_PER_WAKE = 100  # cycles run back to back while there is work, before sleeping
@@ -84,11 +89,11 @@ def build_reports(
 ) -> list[NewReport]:
     """Groups claimed events (oldest first) into reports. Stripe and Lemon Squeezy: one report
     per customer and meter, of one period only (the rest waits for that report to settle).
-    Polar, Dodo and Creem: batches, one provider event per usage event."""
+    Polar, Dodo and Creem: batches of one provider call, one provider event per usage event."""
     if provider not in LANE_PROVIDERS:
         return [
             NewReport(drain_store.new_report_id(), None, tuple(c.event for c in batch))
-            for batch in _chunks(claimed, BATCH_REPORT)
+            for batch in _chunks(claimed, BATCH_REPORT.get(provider, 100))
         ]
     lanes: dict[tuple[str, str], list[Claimed]] = {}
     for c in claimed:
@@ -219,29 +224,54 @@ class Drain:
         )
         gate = asyncio.Semaphore(s.concurrency)
 
-        async def one(report: Report) -> None:
+        async def send(report: Report) -> tuple[Report, Outcome | None]:
             async with gate:
                 try:
-                    await self._handle(adapter, report)
+                    return await self._send(adapter, report)
                 except Exception:  # its lease runs out and it is sent again
                     log.exception(
-                        "settling report %s failed",
+                        "sending report %s failed",
                         report.report_id,
-                        extra={"action": "drain_settle", "provider": provider.value},
+                        extra={"action": "drain_send", "provider": provider.value},
                     )
+                    return report, None
 
-        await asyncio.gather(*(one(r) for r in reports))
+        sent = [(r, a) for r, a in await asyncio.gather(*(send(r) for r in reports)) if a]
+        # Reports delivered in full are settled together, in one transaction.
+        whole = {r.report_id: r for r, a in sent if isinstance(a, outcome.Delivered)}
+        try:
+            for rid in await self.store.delivered_all(list(whole)):
+                metrics.events_reported(provider.value, "delivered", len(whole[rid].events))
+        except Exception:  # their leases run out and they are sent again
+            log.exception(
+                "settling %d reports failed",
+                len(whole),
+                extra={"action": "drain_settle", "provider": provider.value},
+            )
+
+        async def settle(report: Report, answer: Outcome) -> None:
+            try:
+                await self._settle(report, answer)
+            except Exception:  # its lease runs out and it is sent again
+                log.exception(
+                    "settling report %s failed",
+                    report.report_id,
+                    extra={"action": "drain_settle", "provider": provider.value},
+                )
+
+        await asyncio.gather(*(settle(r, a) for r, a in sent if r.report_id not in whole))
         return len(reports)
 
-    async def _handle(self, adapter: Adapter, report: Report) -> None:
+    async def _send(self, adapter: Adapter, report: Report) -> tuple[Report, Outcome | None]:
+        """Sends a report (saving checkpoints as asked); the answer to settle, or None when
+        there is nothing to settle."""
         rid = report.report_id
         if (
             report.provider is domain.Provider.STRIPE
             and report.first_sent_at is not None
             and dt.datetime.now(dt.UTC) - report.first_sent_at > STRIPE_RESEND_WINDOW
         ):
-            await self.store.failed(rid, STRIPE_TOO_OLD)
-            return
+            return report, outcome.Failed(STRIPE_TOO_OLD)
         answer: Outcome = outcome.Retry("too many checkpoints")
         try:
             for _ in range(MAX_CHECKPOINTS + 1):
@@ -253,12 +283,12 @@ class Drain:
                     break
                 if not await self.store.save_checkpoint(rid, self.owner, answer.state):
                     log.warning("lease lost before sending %s", rid, extra={"action": "lease"})
-                    return
+                    return report, None
                 report = dataclasses.replace(report, checkpoint=answer.state)
         except Exception as exc:  # an adapter bug must not stop the drain
             log.exception("sending report %s failed", rid, extra={"action": "drain_send"})
             answer = outcome.Retry(f"internal error: {exc!r}")
-        await self._settle(report, answer)
+        return report, answer
 
     async def _settle(self, report: Report, answer: Outcome) -> None:
         rid, provider = report.report_id, report.provider.value

@@ -117,6 +117,7 @@ class FakeProvider:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no delayed-ACK stall
     server: http.server.ThreadingHTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet

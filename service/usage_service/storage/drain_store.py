@@ -100,11 +100,24 @@ UPDATE reports SET state = $2, last_error = $3, settled_at = now(), lease_until 
 WHERE report_id = $1 AND state = 'open'
 RETURNING report_id"""
 
-# $1 report_id
+# Several delivered reports at once; report rows are locked in id order.
+# $1 report_id[]
+CLOSE_DELIVERED = """
+UPDATE reports r SET state = 'delivered', last_error = '', settled_at = now(), lease_until = NULL
+FROM (
+    SELECT report_id FROM reports WHERE report_id = ANY($1::uuid[]) AND state = 'open'
+    ORDER BY report_id
+    FOR UPDATE
+) due
+WHERE r.report_id = due.report_id
+RETURNING r.report_id"""
+
+# $1 report_id[]
 LOCK_REPORT_CUSTOMERS = """
 SELECT customer_id FROM customers
 WHERE customer_id IN (
-    SELECT customer_id FROM usage_events WHERE report_id = $1 AND report_state = 'pending')
+    SELECT customer_id FROM usage_events
+    WHERE report_id = ANY($1::uuid[]) AND report_state = 'pending')
 ORDER BY customer_id
 FOR SHARE"""
 
@@ -123,10 +136,10 @@ UPDATE usage_events e SET report_state = 'failed', last_error = $2
 WHERE e.report_id = $1 AND e.report_state = 'pending'
 {_MOVED}"""
 
-# $1 report_id
+# $1 report_id[]
 MARK_REPORTED = f"""
 UPDATE usage_events e SET report_state = 'reported', reported_at = now(), last_error = ''
-WHERE e.report_id = $1 AND e.report_state = 'pending'
+WHERE e.report_id = ANY($1::uuid[]) AND e.report_state = 'pending'
 {_MOVED}"""
 
 _PARKED = """e.report_state = 'failed'
@@ -344,20 +357,33 @@ class DrainStore:
         async with self.pool.acquire() as conn, conn.transaction():
             if await conn.fetchval(CLOSE_REPORT, report_id, "delivered", "") is None:
                 return False
-            await conn.execute(LOCK_REPORT_CUSTOMERS, report_id)
+            await conn.execute(LOCK_REPORT_CUSTOMERS, [report_id])
             if rejected:
                 ids = list(rejected)
                 parked = await conn.fetch(PARK_EVENTS, report_id, ids, [rejected[i] for i in ids])
                 await _adjust(conn, parked, reported=0, failed=1)
-            await _adjust(conn, await conn.fetch(MARK_REPORTED, report_id), reported=1, failed=0)
+            await _adjust(conn, await conn.fetch(MARK_REPORTED, [report_id]), reported=1, failed=0)
         return True
+
+    async def delivered_all(self, report_ids: Sequence[str]) -> set[str]:
+        """Settles reports the provider holds in full, in one transaction; returns the ids it
+        settled (another worker may have settled some first)."""
+        if not report_ids:
+            return set()
+        async with self.pool.acquire() as conn, conn.transaction():
+            closed = [r["report_id"] for r in await conn.fetch(CLOSE_DELIVERED, list(report_ids))]
+            if closed:
+                await conn.execute(LOCK_REPORT_CUSTOMERS, closed)
+                moved = await conn.fetch(MARK_REPORTED, closed)
+                await _adjust(conn, moved, reported=1, failed=0)
+        return {str(r) for r in closed}
 
     async def failed(self, report_id: str, reason: str) -> bool:
         """Parks every event of the report with the provider's reason."""
         async with self.pool.acquire() as conn, conn.transaction():
             if await conn.fetchval(CLOSE_REPORT, report_id, "failed", reason) is None:
                 return False
-            await conn.execute(LOCK_REPORT_CUSTOMERS, report_id)
+            await conn.execute(LOCK_REPORT_CUSTOMERS, [report_id])
             parked = await conn.fetch(PARK_REPORT_EVENTS, report_id, reason)
             await _adjust(conn, parked, reported=0, failed=1)
         return True
