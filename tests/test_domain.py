@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import uuid
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from usage_service import domain
 from usage_service.plans import Aggregation, Enforcement, MeteredFeature
+from usage_service.storage import store
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -53,3 +60,46 @@ def test_payload_hash_ignores_a_defaulted_time_but_not_a_given_one() -> None:
     assert base != domain.payload_hash("m", 1, T0, {"a": "1"})
     assert base != domain.payload_hash("m", 2, None, {"a": "1"})
     assert base != domain.payload_hash("m", 1, None, {"a": "2"})
+
+
+def _reference_hash(
+    meter: str, quantity: int, event_time: dt.datetime | None, properties: dict[str, str]
+) -> bytes:
+    """The fingerprint as first stored: keys recorded then must still match their retries."""
+    stamp = event_time.astimezone(dt.UTC).isoformat() if event_time else ""
+    text = json.dumps([meter, quantity, stamp, sorted(properties.items())], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).digest()
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    meter=st.text(max_size=20),
+    quantity=st.integers(min_value=0, max_value=2**63 - 1),
+    event_time=st.none() | st.datetimes(timezones=st.just(dt.UTC)),
+    properties=st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=5),
+)
+def test_payload_hash_bytes_never_change(
+    meter: str,
+    quantity: int,
+    event_time: dt.datetime | None,
+    properties: dict[str, str],
+) -> None:
+    want = _reference_hash(meter, quantity, event_time, properties)
+    assert domain.payload_hash(meter, quantity, event_time, properties) == want
+
+
+def test_payload_hash_is_pinned() -> None:
+    got = domain.payload_hash("tokens", 7, T0, {"model": "é", "a": '"'})
+    assert got.hex() == _reference_hash("tokens", 7, T0, {"model": "é", "a": '"'}).hex()
+    assert domain.payload_hash("m", 1, None, {}).hex() == (
+        hashlib.sha256(b'["m",1,"",[]]').hexdigest()
+    )
+
+
+def test_event_ids_are_random_version_4_uuids() -> None:
+    ids = {store.new_event_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122

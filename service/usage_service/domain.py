@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -144,10 +145,23 @@ def payload_hash(
     meter: str, quantity: int, event_time: dt.datetime | None, properties: Mapping[str, str]
 ) -> bytes:
     """A fingerprint of what the caller sent. A caller-supplied time is part of it; a defaulted
-    one is not, so a retry that leaves the time out still matches."""
+    one is not, so a retry that leaves the time out still matches.
+
+    Stored fingerprints are compared with new ones for ever, so the bytes hashed never change:
+    they are `json.dumps([meter, quantity, stamp, sorted(properties.items())])` with compact
+    separators, built here without a general encoder pass (the stamp needs no escaping)."""
     stamp = event_time.astimezone(dt.UTC).isoformat() if event_time else ""
-    text = json.dumps([meter, quantity, stamp, sorted(properties.items())], separators=(",", ":"))
+    props = json.dumps(sorted(properties.items()), separators=_COMPACT) if properties else "[]"
+    text = f'[{_json_text(meter)},{quantity},"{stamp}",{props}]'
     return hashlib.sha256(text.encode()).digest()
+
+
+_COMPACT = (",", ":")
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_text(value: str) -> str:
+    return json.dumps(value)
 
 
 def gate(customer: Customer | None, plans: Plans, feature: str) -> Decision | None:

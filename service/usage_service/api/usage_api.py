@@ -54,12 +54,14 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
         ]
         v.check()
         answers = await self.store.submit([e for e in events if e is not None])
-        return usage_pb2.BatchRecordUsageResponse(
-            responses=[
-                usage_pb2.RecordUsageResponse(event_id=a.event_id, duplicate=a.duplicate)
-                for a in answers
-            ]
-        )
+        response = usage_pb2.BatchRecordUsageResponse()
+        add = response.responses.add
+        for a in answers:
+            if a.duplicate:
+                add(event_id=a.event_id, duplicate=True)
+            else:
+                add(event_id=a.event_id)
+        return response
 
     @rpc
     async def CheckEntitlement(
