@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import grpc
 import pytest
@@ -10,6 +11,7 @@ from conftest import Service
 from helpers import details, record
 
 from usage.v1 import customer_pb2, usage_pb2
+from usage_service import domain
 
 R = usage_pb2
 
@@ -168,3 +170,64 @@ async def test_concurrent_consumes_of_one_key_record_once(service: Service) -> N
     assert len({a.event_id for a in answers}) == 1
     assert sum(not a.duplicate for a in answers) == 1
     assert await service.count_events() == 1
+
+
+async def test_retries_of_a_consume_that_took_the_last_units_are_replays(service: Service) -> None:
+    """Copies of one consume race for the last 10 units: the one that wins records them, and the
+    copies that waited for its lock are answered as replays, not as LIMIT_EXCEEDED."""
+    await service.add_customer()
+    await service.usage.RecordUsage(record(quantity=990, key="base"))
+    answers = await asyncio.gather(
+        *(
+            service.usage.CheckEntitlement(check(quantity=10, consume=True, key="last"))
+            for _ in range(20)
+        )
+    )
+    assert all(a.allowed for a in answers)
+    assert len({a.event_id for a in answers}) == 1
+    assert sum(not a.duplicate for a in answers) == 1
+    assert all(a.used == 1000 for a in answers)
+    assert await service.count_events() == 2
+
+
+async def test_a_consume_that_waited_for_its_own_original_is_a_replay(service: Service) -> None:
+    """The original holds the totals row's lock when the retry arrives, and then commits the
+    last units: the retry, which read the key before the lock was granted, is still a replay."""
+    await service.add_customer()
+    await service.usage.RecordUsage(record(quantity=990, key="base"))
+    event_id = str(uuid.uuid4())
+    async with service.db.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute(
+            "UPDATE usage_totals SET quantity_sum = quantity_sum + 10,"
+            " event_count = event_count + 1 WHERE customer_id = 'cus_1' AND meter = 'tokens'"
+        )
+        await conn.execute(
+            "INSERT INTO usage_events (event_id, customer_id, idempotency_key, meter, quantity,"
+            " event_time, properties, payload_hash)"
+            " VALUES ($1, 'cus_1', 'last', 'tokens', 10, now(), '{}', $2)",
+            event_id,
+            domain.payload_hash("tokens", 10, None, {}),
+        )
+        retry = asyncio.ensure_future(
+            service.usage.CheckEntitlement(check(quantity=10, consume=True, key="last"))
+        )
+        await asyncio.sleep(0.5)  # the retry now waits for the totals row
+        assert not retry.done()
+        await tx.commit()
+    answer = await retry
+    assert answer.allowed and answer.duplicate and answer.event_id == event_id
+    assert answer.used == 1000
+
+
+async def test_denied_consumes_leave_no_totals_behind(service: Service) -> None:
+    await service.add_customer(status=customer_pb2.SUBSCRIPTION_STATUS_CANCELED)
+    await service.add_customer("cus_2", plan_id="metered")
+    for customer_id, feature in (("cus_1", "tokens"), ("cus_2", "calls"), ("ghost", "tokens")):
+        answer = await service.usage.CheckEntitlement(
+            check(feature=feature, quantity=1, consume=True, key="k", customer_id=customer_id)
+        )
+        assert not answer.allowed and not answer.event_id
+    assert await service.count_events() == 0
+    assert await service.db.fetchval("SELECT count(*) FROM usage_totals") == 0

@@ -26,6 +26,15 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
     def __init__(self, store: Store, plans: Plans) -> None:
         self.store = store
         self.plans = plans
+        # meter -> the plans that meter it (where a consume locks the totals row)
+        self._metering = {
+            meter: tuple(
+                pid
+                for pid, p in plans.plans.items()
+                if meter in p.metered and meter not in p.enabled
+            )
+            for meter in plans.meters
+        }
 
     @rpc
     async def RecordUsage(
@@ -110,7 +119,7 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             properties=dict(request.properties),
             payload_hash=domain.payload_hash(feature, request.quantity, None, request.properties),
         )
-        result = await self.store.consume(event, gate, decide)
+        result = await self.store.consume(event, gate, decide, self._metering.get(feature, ()))
         customer = result.customer
         if result.decision is not None and not result.decision.allowed:
             return convert.decision_to_proto(result.decision, customer)

@@ -116,6 +116,54 @@ VALUES ($1, $2, $3, $4)
 ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET period_end = excluded.period_end
 RETURNING {_TOTALS_COLUMNS}"""
 
+# The consume path's first statement: the customer (shared lock), its current period's totals row
+# created if need be and locked, when its plan meters the feature and its status allows usage,
+# and the event already stored under the key, if any (read before the totals lock was granted).
+# $1 customer_id, $2 meter, $3 plan ids that meter $2, $4 allowed statuses, $5 idempotency_key
+CONSUME_LOCK = f"""
+WITH c AS (
+    SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1 FOR SHARE
+), locked AS (
+    INSERT INTO usage_totals AS t (customer_id, meter, period_start, period_end)
+    SELECT customer_id, $2, period_start, period_end FROM c
+    WHERE plan_id = ANY($3::text[]) AND subscription_status = ANY($4::text[])
+    ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET period_end = excluded.period_end
+    RETURNING {_TOTALS_COLUMNS}
+)
+SELECT c.*, locked.meter IS NOT NULL AS locked, locked.*,
+    k.event_id AS seen_event_id, k.payload_hash AS seen_payload_hash
+FROM c
+LEFT JOIN locked ON true
+LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $5"""
+
+# One consumed event and, when it is in the customer's current period, its totals row (created
+# and locked by CONSUME_LOCK or LOCK_TOTALS) in the same statement. No row: the key was taken.
+# $1 event_id, $2 customer_id, $3 idempotency_key, $4 meter, $5 quantity, $6 event_time,
+# $7 properties (JSON text), $8 payload_hash, $9 counts in the period, $10 period_start
+CONSUME_INSERT = """
+WITH ins AS (
+    INSERT INTO usage_events (
+        event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
+        payload_hash)
+    VALUES ($1::uuid, $2, $3, $4, $5, $6, $7::text::jsonb, $8)
+    ON CONFLICT (customer_id, idempotency_key) DO NOTHING
+    RETURNING event_id, customer_id, meter, quantity, event_time
+), added AS (
+    UPDATE usage_totals t SET
+        event_count = t.event_count + 1,
+        quantity_sum = t.quantity_sum + ins.quantity,
+        quantity_max = greatest(t.quantity_max, ins.quantity),
+        last_quantity = CASE
+            WHEN t.last_event_time IS NULL OR ins.event_time >= t.last_event_time
+            THEN ins.quantity ELSE t.last_quantity END,
+        last_event_time = greatest(t.last_event_time, ins.event_time)
+    FROM ins
+    WHERE $9::boolean AND t.customer_id = ins.customer_id AND t.meter = ins.meter
+        AND t.period_start = $10
+    RETURNING t.customer_id
+)
+SELECT event_id FROM ins"""
+
 # $1 customer_id, $2 period_start
 PERIOD_TOTALS = f"""
 SELECT {_TOTALS_COLUMNS} FROM usage_totals WHERE customer_id = $1 AND period_start = $2"""

@@ -364,62 +364,106 @@ class Store:
         event: domain.UsageEvent,
         gate: Callable[[domain.Customer | None], domain.Decision | None],
         decide: Callable[[domain.Customer, domain.Totals], domain.Decision],
+        metering_plans: Sequence[str] = (),
     ) -> Consumed:
         """Check-and-consume in one transaction holding the totals row's lock, so no two
         callers can both take the last units. `gate` may deny before any lock on usage;
-        `decide` judges the locked totals. A key consumed before answers as a duplicate."""
+        `decide` judges the locked totals. A key consumed before answers as a duplicate.
+
+        `metering_plans` (the plans that meter the feature) lets the first statement take the
+        totals row's lock with the customer; otherwise it is taken by a second statement. Either
+        way `decide` only ever sees the locked row."""
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(queries.GET_CUSTOMER_FOR_SHARE, event.customer_id)
+            row = await conn.fetchrow(
+                queries.CONSUME_LOCK,
+                event.customer_id,
+                event.meter,
+                list(metering_plans),
+                [s.value for s in domain.ALLOWED_STATUSES],
+                event.idempotency_key,
+            )
             customer = customer_from_row(row) if row else None
             denial = gate(customer)
             if denial is not None or customer is None:
                 return Consumed(customer, denial)
-            locked = await conn.fetchrow(
-                queries.LOCK_TOTALS,
-                customer.customer_id,
-                event.meter,
-                customer.period_start,
-                customer.period_end,
-            )
-            assert locked is not None
-            totals = totals_from_row(locked)
-            seen = await conn.fetchrow(
-                queries.EVENT_BY_KEY, event.customer_id, event.idempotency_key
-            )
+            assert row is not None
+            if row["locked"]:
+                totals = totals_from_row(row)
+                seen = _key_owner(row["seen_event_id"], row["seen_payload_hash"])
+            else:
+                locked = await conn.fetchrow(
+                    queries.LOCK_TOTALS,
+                    customer.customer_id,
+                    event.meter,
+                    customer.period_start,
+                    customer.period_end,
+                )
+                assert locked is not None
+                totals = totals_from_row(locked)
+                seen = await self._seen(conn, event)
             if seen is not None:
-                if bytes(seen["payload_hash"]) != event.payload_hash:
-                    raise KeyConflict(0, str(seen["event_id"]))
-                return Consumed(customer, None, totals, str(seen["event_id"]), duplicate=True)
+                return self._replay(customer, totals, event, seen)
             decision = decide(customer, totals)
             if not decision.allowed:
+                # The key was read before the lock was granted: a consume of the same key that
+                # committed meanwhile is a replay, not a denial.
+                seen = await self._seen(conn, event)
+                if seen is not None:
+                    return self._replay(customer, totals, event, seen)
                 return Consumed(customer, decision, totals)
-            result = await self._insert_one(conn, customer, event)
+            result = await self._insert_consumed(conn, customer, event)
             if result.duplicate:
                 return Consumed(customer, None, totals, result.event_id, duplicate=True)
             return Consumed(customer, decision, totals, result.event_id)
 
-    async def _insert_one(
+    @staticmethod
+    async def _seen(conn: Conn, e: domain.UsageEvent) -> tuple[str, bytes] | None:
+        row = await conn.fetchrow(queries.EVENT_BY_KEY, e.customer_id, e.idempotency_key)
+        return _key_owner(row["event_id"], row["payload_hash"]) if row else None
+
+    @staticmethod
+    def _replay(
+        customer: domain.Customer,
+        totals: domain.Totals,
+        e: domain.UsageEvent,
+        seen: tuple[str, bytes],
+    ) -> Consumed:
+        """The key names a stored event: a replay when the payload matches, else a conflict."""
+        event_id, payload = seen
+        if payload != e.payload_hash:
+            raise KeyConflict(0, event_id)
+        return Consumed(customer, None, totals, event_id, duplicate=True)
+
+    async def _insert_consumed(
         self, conn: Conn, customer: domain.Customer, e: domain.UsageEvent
     ) -> Recorded:
-        rows = await conn.fetch(
-            queries.INSERT_EVENTS,
-            [e.event_id],
-            [e.customer_id],
-            [e.idempotency_key],
-            [e.meter],
-            [e.quantity],
-            [e.event_time],
-            [properties_json(e.properties)],
-            [e.payload_hash],
+        inserted = await conn.fetchval(
+            queries.CONSUME_INSERT,
+            e.event_id,
+            e.customer_id,
+            e.idempotency_key,
+            e.meter,
+            e.quantity,
+            e.event_time,
+            properties_json(e.properties),
+            e.payload_hash,
+            customer.in_period(e.event_time),
+            customer.period_start,
         )
-        if not rows:  # a concurrent RecordUsage took the key between our check and insert
-            seen = await conn.fetchrow(queries.EVENT_BY_KEY, e.customer_id, e.idempotency_key)
+        if inserted is None:  # a concurrent RecordUsage took the key between our check and insert
+            seen = await self._seen(conn, e)
             assert seen is not None
-            if bytes(seen["payload_hash"]) != e.payload_hash:
-                raise KeyConflict(0, str(seen["event_id"]))
-            return Recorded(str(seen["event_id"]), duplicate=True)
-        await self._add_totals(conn, {customer.customer_id: customer}, [e])
+            if seen[1] != e.payload_hash:
+                raise KeyConflict(0, seen[0])
+            return Recorded(seen[0], duplicate=True)
         return Recorded(e.event_id, duplicate=False)
+
+
+def _key_owner(event_id: object, payload_hash: bytes | None) -> tuple[str, bytes] | None:
+    """(event_id, payload hash) of the event stored under a key, None when there is none."""
+    return (
+        None if event_id is None or payload_hash is None else (str(event_id), bytes(payload_hash))
+    )
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
