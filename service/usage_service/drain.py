@@ -165,6 +165,9 @@ class Drain:
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stopping = asyncio.Event()
+        # provider -> its previous cycle's settling, still running while the next cycle claims
+        # and sends (per-event providers only; a lane's next report waits for its settle anyway)
+        self._settling: dict[domain.Provider, asyncio.Task[None]] = {}
 
     def stop(self) -> None:
         """The running loop finishes its current cycle, then returns."""
@@ -174,9 +177,7 @@ class Drain:
         log.info("drain started", extra={"action": "drain_start", "owner": self.owner})
         while not self._stopping.is_set():
             try:
-                for _ in range(MAX_CYCLES_PER_WAKE):
-                    if not await self.cycle() or self._stopping.is_set():
-                        break
+                await self.drain_due()
             except Exception:
                 log.exception("drain cycle failed", extra={"action": "drain_cycle"})
             with contextlib.suppress(TimeoutError):
@@ -184,17 +185,33 @@ class Drain:
         log.info("drain stopped", extra={"action": "drain_stop", "owner": self.owner})
 
     async def drain_due(self, max_cycles: int = MAX_CYCLES_PER_WAKE) -> int:
-        """Cycles until nothing is due (or `max_cycles`); returns the reports handled."""
+        """Cycles until nothing is due (or `max_cycles`, or `stop`); returns the reports handled.
+        A cycle's settling overlaps the next cycle's claim and sends; all is settled on return."""
         total = 0
-        for _ in range(max_cycles):
-            handled = await self.cycle()
-            if not handled:
-                break
-            total += handled
+        try:
+            for _ in range(max_cycles):
+                handled = await self._cycle()
+                total += handled
+                if not handled or self._stopping.is_set():
+                    break
+        finally:
+            await self._settled()
         return total
 
     async def cycle(self) -> int:
-        """One pass over every provider with credentials; returns the reports handled."""
+        """One pass over every provider with credentials, settled before it returns; returns
+        the reports handled."""
+        try:
+            return await self._cycle()
+        finally:
+            await self._settled()
+
+    async def _settled(self) -> None:
+        """Waits for the settling still running (each logs its own failures)."""
+        running, self._settling = list(self._settling.values()), {}
+        await asyncio.gather(*running, return_exceptions=True)
+
+    async def _cycle(self) -> int:
         results = await asyncio.gather(
             *(self._provider_cycle(p, a) for p, a in self.adapters.items()),
             return_exceptions=True,
@@ -237,6 +254,19 @@ class Drain:
                     return report, None
 
         sent = [(r, a) for r, a in await asyncio.gather(*(send(r) for r in reports)) if a]
+        previous = self._settling.pop(provider, None)
+        if previous is not None:  # one settling per provider at a time
+            await asyncio.gather(previous, return_exceptions=True)
+        settling = self._settle_all(provider, sent)
+        if provider in LANE_PROVIDERS:
+            await settling
+        else:
+            self._settling[provider] = asyncio.create_task(settling)
+        return len(reports)
+
+    async def _settle_all(
+        self, provider: domain.Provider, sent: list[tuple[Report, Outcome]]
+    ) -> None:
         # Reports delivered in full are settled together, in one transaction.
         whole = {r.report_id: r for r, a in sent if isinstance(a, outcome.Delivered)}
         try:
@@ -260,7 +290,6 @@ class Drain:
                 )
 
         await asyncio.gather(*(settle(r, a) for r, a in sent if r.report_id not in whole))
-        return len(reports)
 
     async def _send(self, adapter: Adapter, report: Report) -> tuple[Report, Outcome | None]:
         """Sends a report (saving checkpoints as asked); the answer to settle, or None when
