@@ -242,15 +242,21 @@ def summarise(
 
 
 def fold(events: list[UsageEvent]) -> Totals:
-    """Totals of events (all of one customer, meter and period), in the order given."""
-    last = max(events, key=lambda e: e.event_time)  # max keeps the first of equal times
-    for e in events:
+    """Totals of events (all of one customer, meter and period), in the order given: the last
+    value is that of the latest time, the last given of equal times."""
+    last = events[0]
+    total = peak = last.quantity
+    for e in events[1:]:
+        q = e.quantity
+        total += q
+        if q > peak:
+            peak = q
         if e.event_time >= last.event_time:
             last = e
     return Totals(
         event_count=len(events),
-        quantity_sum=sum(e.quantity for e in events),
-        quantity_max=max(e.quantity for e in events),
+        quantity_sum=total,
+        quantity_max=peak,
         last_quantity=last.quantity,
         last_event_time=last.event_time,
     )

@@ -13,7 +13,7 @@ from usage_service.api import convert, validation
 from usage_service.api.errors import ApiError, rpc
 from usage_service.api.validation import Violations
 from usage_service.plans import Plans
-from usage_service.storage.store import Store, new_event_id
+from usage_service.storage.store import Store, new_event_id, new_event_ids
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -57,8 +57,9 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             v.add("requests", f"must hold 1..{validation.MAX_BATCH} requests, not {count}")
             v.check()
         now = _now()
+        ids = new_event_ids(count)
         events = [
-            validation.usage_event(v, f"requests[{i}].", item, self.plans, now)
+            validation.usage_event(v, f"requests[{i}].", item, self.plans, now, ids[i])
             for i, item in enumerate(request.requests)
         ]
         v.check()

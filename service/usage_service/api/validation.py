@@ -75,6 +75,7 @@ def usage_event(
     req: usage_pb2.RecordUsageRequest,
     plans: Plans,
     now: dt.datetime,
+    event_id: str = "",
 ) -> domain.UsageEvent | None:
     """Checks one RecordUsageRequest; returns the event to store, or None when invalid.
     Field names are only built for violations: a batch checks up to 1000 of these."""
@@ -101,7 +102,7 @@ def usage_event(
     if len(v) > before:
         return None
     return domain.UsageEvent(
-        event_id=new_event_id(),
+        event_id=event_id or new_event_id(),
         customer_id=customer_id,
         meter=meter,
         quantity=quantity,

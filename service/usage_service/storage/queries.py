@@ -29,9 +29,10 @@ GET_CUSTOMER_FOR_UPDATE = (
     f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1 FOR UPDATE"
 )
 
+# The current periods of customers, locked shared (recorders count on them).
 # $1 customer_id[] (sorted, so concurrent batches lock in one order)
-LOCK_CUSTOMERS = f"""
-SELECT {_CUSTOMER_COLUMNS} FROM customers
+LOCK_CUSTOMERS = """
+SELECT customer_id, period_start, period_end FROM customers
 WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR SHARE"""
 
 # $1 customer_id, $2 plan_id, $3 subscription_status, $4 period_start, $5 period_end,
