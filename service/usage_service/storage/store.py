@@ -8,7 +8,7 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 import asyncpg
 
@@ -38,8 +38,7 @@ class KeyConflict(Exception):
         self.event_id = event_id
 
 
-@dataclasses.dataclass(frozen=True)
-class Recorded:
+class Recorded(NamedTuple):  # a tuple: a batch makes one per event
     event_id: str
     duplicate: bool
 
