@@ -89,6 +89,14 @@ def invalid(violations: Sequence[tuple[str, str]]) -> ApiError:
     return ApiError("INVALID_REQUEST", f"invalid request: {summary}{more}", violations)
 
 
+def customer_not_found(customer_id: str) -> ApiError:
+    return ApiError(
+        "CUSTOMER_NOT_FOUND",
+        f"no customer {customer_id[:100]!r}",
+        metadata={"customer_id": customer_id},
+    )
+
+
 _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,

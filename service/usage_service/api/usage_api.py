@@ -10,7 +10,7 @@ import grpc
 from usage.v1 import usage_pb2, usage_pb2_grpc
 from usage_service import domain
 from usage_service.api import convert, validation
-from usage_service.api.errors import ApiError, rpc
+from usage_service.api.errors import customer_not_found, rpc
 from usage_service.api.validation import Violations
 from usage_service.plans import Plans
 from usage_service.storage.store import Store, new_event_id, new_event_ids
@@ -148,11 +148,7 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
         v.check()
         customer = await self.store.get_customer(request.customer_id)
         if customer is None:
-            raise ApiError(
-                "CUSTOMER_NOT_FOUND",
-                f"no customer {request.customer_id[:100]!r}",
-                metadata={"customer_id": request.customer_id},
-            )
+            raise customer_not_found(request.customer_id)
         totals = await self.store.period_totals(customer)
         meters = domain.summarise(self.plans, customer, totals, request.meter)
         return usage_pb2.GetUsageSummaryResponse(
