@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
+import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from usage.v1 import usage_pb2
+from usage.v1 import customer_pb2, usage_pb2
+from usage_service.storage import store
 
 
 @dataclasses.dataclass
@@ -59,3 +61,28 @@ def record(
     if when is not None:
         req.event_time.FromDatetime(when)
     return req
+
+
+async def logged_store(dsn: str, statements: list[str], size: int = 4) -> store.Store:
+    """A Store whose connections append every statement they run to `statements`."""
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await store.init_connection(conn)
+        conn.add_query_logger(lambda q: statements.append(q.query))
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, init=init)
+    assert pool is not None
+    return store.Store(pool)
+
+
+def active_customer(customer_id: str = "cus_1", plan_id: str = "basic") -> customer_pb2.Customer:
+    """An ACTIVE customer whose current period runs from a day ago to 29 days ahead."""
+    now = dt.datetime.now(dt.UTC)
+    customer = customer_pb2.Customer(
+        customer_id=customer_id,
+        plan_id=plan_id,
+        subscription_status=customer_pb2.SUBSCRIPTION_STATUS_ACTIVE,
+    )
+    customer.current_period_start_time.FromDatetime(now - dt.timedelta(days=1))
+    customer.current_period_end_time.FromDatetime(now + dt.timedelta(days=29))
+    return customer

@@ -4,12 +4,10 @@ answer is each caller's own, and no replica ever answers from a stale customer."
 from __future__ import annotations
 
 import asyncio
-import json
 
-import asyncpg
 import grpc
 from conftest import Service
-from helpers import record
+from helpers import logged_store, record
 
 from usage.v1 import customer_pb2, usage_pb2, usage_pb2_grpc
 from usage_service import plans as plans_mod
@@ -48,15 +46,7 @@ async def test_concurrent_checks_get_their_own_customer_and_totals(service: Serv
 async def test_concurrent_checks_are_read_by_few_statements(dsn: str) -> None:
     statements: list[str] = []
 
-    async def init(conn: asyncpg.Connection) -> None:
-        await conn.set_type_codec(
-            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
-        conn.add_query_logger(lambda q: statements.append(q.query))
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, init=init)
-    assert pool is not None
-    st = store.Store(pool)
+    st = await logged_store(dsn, statements)
     try:
         await st.check_read("warm-up", "tokens")
         statements.clear()

@@ -5,13 +5,13 @@ nothing in the database."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
+from helpers import active_customer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from process import ServiceProcess
@@ -147,14 +147,7 @@ def harness(server_dsn: str, template_db: str) -> Iterator[Harness]:
     dsn = with_database(server_dsn, name)
     service = ServiceProcess({"DATABASE_URL": dsn, "USAGE_LOG_LEVEL": "WARNING"})
     h = Harness(service, dsn)
-    now = dt.datetime.now(dt.UTC)
-    customer = customer_pb2.Customer(
-        customer_id="cus_1",
-        plan_id="basic",
-        subscription_status=customer_pb2.SUBSCRIPTION_STATUS_ACTIVE,
-    )
-    customer.current_period_start_time.FromDatetime(now - dt.timedelta(days=1))
-    customer.current_period_end_time.FromDatetime(now + dt.timedelta(days=29))
+    customer = active_customer()
     h.customers.UpsertCustomer(customer_pb2.UpsertCustomerRequest(customer=customer))
     yield h
     h.channel.close()

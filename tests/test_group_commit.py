@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 
 import asyncpg
 import grpc
 import pytest
 from conftest import Service
-from helpers import details, record
+from helpers import details, logged_store, record
 
 from usage.v1 import usage_pb2
 from usage_service import domain
@@ -35,21 +34,9 @@ def _event(
     )
 
 
-async def _logged_store(dsn: str, statements: list[str]) -> store.Store:
-    async def init(conn: asyncpg.Connection) -> None:
-        await conn.set_type_codec(
-            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
-        conn.add_query_logger(lambda q: statements.append(q.query))
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, init=init)
-    assert pool is not None
-    return store.Store(pool)
-
-
 async def test_concurrent_calls_share_statements_and_all_are_stored(dsn: str) -> None:
     statements: list[str] = []
-    st = await _logged_store(dsn, statements)
+    st = await logged_store(dsn, statements)
     try:
         await st.submit([_event("warm-up")])
         statements.clear()

@@ -4,14 +4,13 @@ work, message size and undecodable requests."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import grpc
 import pytest
-from helpers import details, record
+from helpers import active_customer, details, record
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
 from usage_service import plans as plans_mod
@@ -50,14 +49,7 @@ async def limited(dsn: str, plans: plans_mod.Plans) -> AsyncIterator[Running]:
 
 
 async def _add_customer(channel: grpc.aio.Channel) -> None:
-    now = dt.datetime.now(dt.UTC)
-    customer = customer_pb2.Customer(
-        customer_id="cus_1",
-        plan_id="basic",
-        subscription_status=customer_pb2.SUBSCRIPTION_STATUS_ACTIVE,
-    )
-    customer.current_period_start_time.FromDatetime(now - dt.timedelta(days=1))
-    customer.current_period_end_time.FromDatetime(now + dt.timedelta(days=29))
+    customer = active_customer()
     await customer_pb2_grpc.CustomerServiceStub(channel).UpsertCustomer(
         customer_pb2.UpsertCustomerRequest(customer=customer)
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 
 import asyncpg
+from helpers import logged_store
 
 from usage_service import domain
 from usage_service.storage import migrate, store
@@ -28,15 +28,7 @@ def _event(i: int, customer: str = "c") -> domain.UsageEvent:
 async def test_a_batch_is_written_by_a_fixed_number_of_statements(dsn: str) -> None:
     statements: list[str] = []
 
-    async def init(conn: asyncpg.Connection) -> None:
-        await conn.set_type_codec(
-            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
-        conn.add_query_logger(lambda q: statements.append(q.query))
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1, init=init)
-    assert pool is not None
-    st = store.Store(pool)
+    st = await logged_store(dsn, statements, size=1)
     try:
         await st.record([_event(0, "warm-up")])  # type introspection happens once
         statements.clear()
@@ -45,7 +37,7 @@ async def test_a_batch_is_written_by_a_fixed_number_of_statements(dsn: str) -> N
         statements.clear()
         await st.record([_event(i, "d") for i in range(2)])
         assert len(statements) == count_for_1000 <= 6
-        assert await pool.fetchval("SELECT count(*) FROM usage_events") == 1003
+        assert await st.pool.fetchval("SELECT count(*) FROM usage_events") == 1003
     finally:
         await st.close()
 

@@ -55,7 +55,7 @@ class Consumed:
     duplicate: bool = False
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
@@ -70,7 +70,7 @@ async def create_pool(dsn: str, size: int = DEFAULT_POOL_SIZE) -> asyncpg.Pool:
         dsn,
         min_size=1,
         max_size=size,
-        init=_init_connection,
+        init=init_connection,
         reset=_keep_session,
         command_timeout=30,
     )
