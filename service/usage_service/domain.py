@@ -8,9 +8,12 @@ import enum
 import functools
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from usage_service import periods
 from usage_service.plans import Aggregation, Enforcement, MeteredFeature, Plans
+
+MAX_TOTAL = 2**63 - 1  # the largest int64: no total may pass it
 
 
 class SubscriptionStatus(enum.StrEnum):
@@ -47,17 +50,29 @@ class Reason(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class Customer:
+    """A customer as its webhooks told it. `period_start`/`period_end`: its last confirmed
+    period; `cadence`: how periods follow it."""
+
     customer_id: str
     plan_id: str
     subscription_status: SubscriptionStatus
     period_start: dt.datetime
     period_end: dt.datetime
+    cadence: periods.Cadence
     provider: Provider = Provider.NONE
     provider_customer_id: str = ""
     subscription_items: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
-    def in_period(self, when: dt.datetime) -> bool:
-        return self.period_start <= when < self.period_end
+    @property
+    def last_confirmed(self) -> periods.Stored:
+        return periods.Stored(self.period_start, self.period_end, self.cadence)
+
+    def period_after_confirmed(self, when: dt.datetime) -> periods.Period | None:
+        """The period containing `when`, or None when `when` is before the last confirmed
+        period (then the customer's earlier periods are needed)."""
+        if when < self.period_start:
+            return None
+        return periods.period_at([self.last_confirmed], when)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +98,7 @@ class Totals:
     quantity_max: int = 0
     last_quantity: int = 0
     last_event_time: dt.datetime | None = None
+    last_seq: int = 0  # acceptance order of the `last` event: breaks ties of event_time
     reported_count: int = 0
     reported_sum: int = 0
     failed_count: int = 0
@@ -139,6 +155,7 @@ class MeterSummary:
     reported: int
     pending: int
     failed: int
+    unbilled: int
 
 
 def payload_hash(
@@ -223,6 +240,9 @@ def summarise(
         row = totals.get(name, Totals())
         used = row.used(meter.aggregation)
         reported, pending, failed = row.progress(meter.aggregation)
+        unbilled = 0
+        if customer.provider is Provider.NONE:  # never reported: not pending either
+            unbilled, pending = pending, 0
         out.append(
             MeterSummary(
                 meter=name,
@@ -236,37 +256,53 @@ def summarise(
                 reported=reported,
                 pending=pending,
                 failed=failed,
+                unbilled=unbilled,
             )
         )
     return out
 
 
-def fold(events: list[UsageEvent]) -> Totals:
-    """Totals of events (all of one customer, meter and period), in the order given: the last
-    value is that of the latest time, the last given of equal times."""
-    last = events[0]
+def fold(events: Sequence[tuple[UsageEvent, int]]) -> Totals:
+    """Totals of (event, acceptance order) pairs, all of one customer, meter and period: the
+    last value is that of the latest (event_time, acceptance order), as in every other path."""
+    last, last_seq = events[0]
     total = peak = last.quantity
-    for e in events[1:]:
+    for e, seq in events[1:]:
         q = e.quantity
         total += q
         if q > peak:
             peak = q
-        if e.event_time >= last.event_time:
-            last = e
+        if (e.event_time, seq) > (last.event_time, last_seq):
+            last, last_seq = e, seq
     return Totals(
         event_count=len(events),
         quantity_sum=total,
         quantity_max=peak,
         last_quantity=last.quantity,
         last_event_time=last.event_time,
+        last_seq=last_seq,
     )
 
 
-def replayed(feature: MeteredFeature, aggregation: Aggregation, totals: Totals) -> Decision:
-    """The answer to a consume whose key was consumed before: allowed, with today's figures."""
+def first_overflow(events: Sequence[UsageEvent], start: Mapping[tuple[str, str], int]) -> int:
+    """The index of the first event that takes its customer's and meter's total (from `start`,
+    default 0) past int64, or -1."""
+    running = dict(start)
+    for i, e in enumerate(events):
+        key = (e.customer_id, e.meter)
+        running[key] = running.get(key, 0) + e.quantity
+        if running[key] > MAX_TOTAL:
+            return i
+    return -1
+
+
+def replayed(feature: MeteredFeature | None, aggregation: Aggregation, totals: Totals) -> Decision:
+    """The answer to a consume whose key was consumed before: allowed, with today's figures,
+    whatever happened to the customer since (a plan without the feature: no limit shown)."""
     used = totals.used(aggregation)
-    limit = feature.limit
+    limit = feature.limit if feature else None
+    included = feature.included if feature else 0
     over = limit is not None and used > limit
     reason = Reason.SOFT_LIMIT_EXCEEDED if over else Reason.WITHIN_LIMIT
     remaining = None if limit is None else max(limit - used, 0)
-    return Decision(True, reason, used, feature.included, limit, remaining)
+    return Decision(True, reason, used, included, limit, remaining)

@@ -1,4 +1,5 @@
-"""Operator commands: `health` (the container's and probes' health check) and `prune`."""
+"""Operator commands: `health` (the container's and probes' health check), `prune` and
+`verify`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import datetime as dt
 import sys
+import time
 from typing import Any
 
 import grpc
@@ -13,9 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from usage_service import server
 from usage_service.config import Settings
-from usage_service.storage import ops
+from usage_service.storage import history, ops
 
-COMMANDS = ("health", "prune")
+COMMANDS = ("health", "prune", "verify")
+PROGRESS_EVERY = 2.0  # seconds between progress lines of a long verify
 HEALTH_TIMEOUT = 3.0  # seconds
 MIN_PRUNE_DAYS = 1
 
@@ -32,11 +35,22 @@ def add_commands(commands: Any) -> None:
     )
     prune.add_argument("--older-than", type=int, required=True, metavar="DAYS")
     prune.add_argument("--batch-size", type=int, default=ops.DEFAULT_PRUNE_BATCH)
+    verify = commands.add_parser(
+        "verify",
+        help="recompute every totals row from the events; print each difference, exit 1 if any",
+    )
+    verify.add_argument("--customer", action="append", default=[], help="only this customer")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "health":
         return health(settings, args.address, args.service, args.timeout)
+    if args.command == "verify":
+        differences = asyncio.run(_verify(settings, args.customer))
+        for d in differences:
+            print(d)
+        print(f"verify: {len(differences)} differences")
+        return 1 if differences else 0
     if args.older_than < MIN_PRUNE_DAYS or args.batch_size < 1:
         print("usage-service: --older-than and --batch-size must be >= 1", file=sys.stderr)
         return 2
@@ -75,6 +89,19 @@ def health(settings: Settings, address: str | None, service: str, timeout: float
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
     print(f"{target}: {status}")
     return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+async def _verify(settings: Settings, customers: list[str]) -> list[history.Difference]:
+    last = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= PROGRESS_EVERY or done == total:
+            last = time.monotonic()
+            print(f"verify: {done}/{total} customers", file=sys.stderr, flush=True)
+
+    async with server.database(settings) as st:
+        return await history.verify(st.pool, customers, progress)
 
 
 async def _prune(settings: Settings, days: int, batch: int) -> int:

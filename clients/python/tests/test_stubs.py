@@ -56,6 +56,8 @@ def test_stubs_import_only_the_clients_own_copy() -> None:
     [
         (usage_client.SubscriptionStatus, customer_pb2.SubscriptionStatus, "SUBSCRIPTION_STATUS_"),
         (usage_client.Provider, customer_pb2.Provider, "PROVIDER_"),
+        (usage_client.BillingInterval, customer_pb2.BillingInterval, "BILLING_INTERVAL_"),
+        (usage_client.PeriodSource, customer_pb2.PeriodSource, "PERIOD_SOURCE_"),
         (usage_client.EntitlementReason, usage_pb2.EntitlementReason, "ENTITLEMENT_REASON_"),
     ],
 )

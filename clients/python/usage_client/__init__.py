@@ -36,10 +36,12 @@ from usage_client._keys import idempotency_key
 from usage_client._retry import RETRYABLE_CODES, RetryPolicy
 from usage_client._sync import UsageClient
 from usage_client._types import (
+    BillingInterval,
     Customer,
     Entitlement,
     EntitlementReason,
     MeterUsage,
+    PeriodSource,
     Provider,
     RecordResult,
     SubscriptionStatus,
@@ -56,6 +58,7 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "AsyncUsageClient",
+    "BillingInterval",
     "Cancelled",
     "Customer",
     "DeadlineExceeded",
@@ -66,6 +69,7 @@ __all__ = [
     "InvalidArgument",
     "MeterUsage",
     "NotFound",
+    "PeriodSource",
     "PermissionDenied",
     "Provider",
     "RecordResult",

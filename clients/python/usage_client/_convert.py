@@ -119,6 +119,7 @@ def entitlement(response: usage_pb2.CheckEntitlementResponse) -> types.Entitleme
         ),
         event_id=response.event_id or None,
         duplicate=response.duplicate,
+        period_source=_enum(types.PeriodSource, response.period_source),
     )
 
 
@@ -139,6 +140,7 @@ def meter_usage(message: usage_pb2.MeterUsage) -> types.MeterUsage:
         failed=message.failed,
         aggregation=message.aggregation,
         unit=message.unit,
+        unbilled=message.unbilled,
     )
 
 
@@ -156,11 +158,12 @@ def summary(response: usage_pb2.GetUsageSummaryResponse) -> types.UsageSummary:
             _datetime(response.period_end_time) if response.HasField("period_end_time") else None
         ),
         meters=tuple(meter_usage(m) for m in response.meters),
+        period_source=_enum(types.PeriodSource, response.period_source),
     )
 
 
 def customer_message(customer: types.Customer) -> customer_pb2.Customer:
-    return customer_pb2.Customer(
+    message = customer_pb2.Customer(
         customer_id=customer.customer_id,
         plan_id=customer.plan_id,
         subscription_status=f"SUBSCRIPTION_STATUS_{customer.subscription_status.name}",
@@ -173,7 +176,14 @@ def customer_message(customer: types.Customer) -> customer_pb2.Customer:
         provider=f"PROVIDER_{customer.provider.name}",
         provider_customer_id=customer.provider_customer_id,
         subscription_items=dict(customer.subscription_items),
+        billing_interval=f"BILLING_INTERVAL_{customer.billing_interval.name}",
+        billing_interval_count=customer.billing_interval_count,
     )
+    if customer.billing_cycle_anchor_time is not None:
+        message.billing_cycle_anchor_time.CopyFrom(
+            _timestamp(customer.billing_cycle_anchor_time, "customer.billing_cycle_anchor_time")
+        )
+    return message
 
 
 def customer(message: customer_pb2.Customer) -> types.Customer:
@@ -186,6 +196,14 @@ def customer(message: customer_pb2.Customer) -> types.Customer:
         provider=_enum(types.Provider, message.provider),
         provider_customer_id=message.provider_customer_id,
         subscription_items=dict(message.subscription_items),
+        billing_interval=_enum(types.BillingInterval, message.billing_interval),
+        billing_interval_count=message.billing_interval_count,
+        billing_cycle_anchor_time=(
+            _datetime(message.billing_cycle_anchor_time)
+            if message.HasField("billing_cycle_anchor_time")
+            else None
+        ),
+        current_period_source=_enum(types.PeriodSource, message.current_period_source),
     )
 
 

@@ -35,6 +35,24 @@ class Provider(enum.Enum):
     CREEM = 5
 
 
+class BillingInterval(enum.Enum):
+    """The unit of a billing cadence (UTC). UNSPECIFIED in an upsert: inferred from the period."""
+
+    UNSPECIFIED = 0
+    DAY = 1
+    WEEK = 2
+    MONTH = 3
+    YEAR = 4
+
+
+class PeriodSource(enum.Enum):
+    """Where a billing period comes from: a webhook (CONFIRMED) or the cadence (PROJECTED)."""
+
+    UNSPECIFIED = 0
+    CONFIRMED = 1
+    PROJECTED = 2
+
+
 class EntitlementReason(enum.Enum):
     UNSPECIFIED = 0
     WITHIN_LIMIT = 1  # metered feature with room left (or no limit)
@@ -60,6 +78,13 @@ class Customer:
     provider_customer_id: str = ""
     # Meter -> Lemon Squeezy subscription item id.
     subscription_items: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # The cadence: periods are billing_interval_count billing_intervals long (count 0 means 1).
+    billing_interval: BillingInterval = BillingInterval.UNSPECIFIED
+    billing_interval_count: int = 0
+    # A boundary of the cadence whose day of month periods keep; None: taken from the period.
+    billing_cycle_anchor_time: dt.datetime | None = None
+    # Output only (not sent): whether the current period was confirmed or projected.
+    current_period_source: PeriodSource = PeriodSource.UNSPECIFIED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +121,7 @@ class Entitlement:
     period_end_time: dt.datetime | None
     event_id: str | None  # the consumed event, when consume was set and allowed
     duplicate: bool  # the idempotency key had already been consumed: nothing new was recorded
+    period_source: PeriodSource = PeriodSource.UNSPECIFIED  # confirmed by a webhook or projected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +137,7 @@ class MeterUsage:
     failed: int  # rejected by the provider for good, waiting for an operator
     aggregation: str  # "sum", "count", "max" or "last"
     unit: str
+    unbilled: int = 0  # recorded for a customer with no payment provider: never reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +148,7 @@ class UsageSummary:
     period_start_time: dt.datetime | None
     period_end_time: dt.datetime | None
     meters: tuple[MeterUsage, ...]
+    period_source: PeriodSource = PeriodSource.UNSPECIFIED  # confirmed by a webhook or projected
 
     def meter(self, name: str) -> MeterUsage:
         """The usage of one meter; KeyError when the summary has no such meter."""

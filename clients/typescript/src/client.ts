@@ -10,8 +10,10 @@ import {
   HealthCheckResponse_ServingStatus,
 } from "./gen/grpc/health/v1/health_pb.js";
 import {
+  BillingInterval,
   CustomerSchema,
   CustomerService,
+  PeriodSource,
   Provider,
   SubscriptionStatus,
   type Customer as CustomerMessage,
@@ -21,6 +23,7 @@ import {
   RecordUsageRequestSchema,
   UsageService,
   type CheckEntitlementResponse,
+  type GetUsageSummaryResponse,
   type MeterUsage as MeterUsageMessage,
   type RecordUsageRequest,
   type RecordUsageResponse,
@@ -36,6 +39,8 @@ export type Quantity = number | bigint;
 export type EntitlementReasonName = keyof typeof EntitlementReason;
 export type SubscriptionStatusName = keyof typeof SubscriptionStatus;
 export type ProviderName = keyof typeof Provider;
+export type BillingIntervalName = keyof typeof BillingInterval;
+export type PeriodSourceName = keyof typeof PeriodSource;
 export type ServingStatusName = keyof typeof HealthCheckResponse_ServingStatus;
 
 export interface UsageClientOptions {
@@ -108,6 +113,8 @@ export interface Entitlement {
   readonly eventId: string;
   /** True when the idempotency key had already been consumed: nothing new was recorded. */
   readonly duplicate: boolean;
+  /** Whether the period was confirmed by a webhook (CONFIRMED) or projected from the cadence. */
+  readonly periodSource: PeriodSourceName;
 }
 
 export interface MeterUsage {
@@ -122,6 +129,8 @@ export interface MeterUsage {
   readonly failed: bigint;
   readonly aggregation: string;
   readonly unit: string;
+  /** Recorded for a customer with no payment provider: never reported. */
+  readonly unbilled: bigint;
 }
 
 export interface UsageSummary {
@@ -131,6 +140,8 @@ export interface UsageSummary {
   readonly periodStartTime: Date | undefined;
   readonly periodEndTime: Date | undefined;
   readonly meters: readonly MeterUsage[];
+  /** Whether the period was confirmed by a webhook (CONFIRMED) or projected from the cadence. */
+  readonly periodSource: PeriodSourceName;
 }
 
 export interface Customer {
@@ -143,6 +154,13 @@ export interface Customer {
   readonly providerCustomerId: string;
   /** Meter -> Lemon Squeezy subscription item id. */
   readonly subscriptionItems: Readonly<Record<string, string>>;
+  /** The cadence: periods are billingIntervalCount billingIntervals long (count 0 means 1). */
+  readonly billingInterval: BillingIntervalName;
+  readonly billingIntervalCount: number;
+  /** A boundary of the cadence whose day of month periods keep. */
+  readonly billingCycleAnchorTime: Date | undefined;
+  /** Whether currentPeriod* was confirmed by a webhook (CONFIRMED) or projected from the cadence. */
+  readonly currentPeriodSource: PeriodSourceName;
 }
 
 export interface CustomerInput {
@@ -155,6 +173,12 @@ export interface CustomerInput {
   readonly provider?: ProviderName;
   readonly providerCustomerId?: string;
   readonly subscriptionItems?: Readonly<Record<string, string>>;
+  /** Default UNSPECIFIED: the service infers the cadence from the period sent. */
+  readonly billingInterval?: BillingIntervalName;
+  /** Default 0, which means 1. */
+  readonly billingIntervalCount?: number;
+  /** Default: taken from the period sent. */
+  readonly billingCycleAnchorTime?: Date;
 }
 
 function toBigInt(quantity: Quantity | undefined): bigint {
@@ -196,7 +220,7 @@ function recordResult(response: RecordUsageResponse): RecordUsageResult {
   return { eventId: response.eventId, duplicate: response.duplicate };
 }
 
-function entitlement(response: CheckEntitlementResponse): Entitlement {
+export function entitlement(response: CheckEntitlementResponse): Entitlement {
   return {
     allowed: response.allowed,
     reason: enumName<EntitlementReasonName>(EntitlementReason, response.reason),
@@ -208,6 +232,7 @@ function entitlement(response: CheckEntitlementResponse): Entitlement {
     periodEndTime: toDate(response.periodEndTime),
     eventId: response.eventId,
     duplicate: response.duplicate,
+    periodSource: enumName<PeriodSourceName>(PeriodSource, response.periodSource),
   };
 }
 
@@ -224,10 +249,40 @@ function meterUsage(meter: MeterUsageMessage): MeterUsage {
     failed: meter.failed,
     aggregation: meter.aggregation,
     unit: meter.unit,
+    unbilled: meter.unbilled,
   };
 }
 
-function customer(message: CustomerMessage | undefined): Customer {
+export function usageSummary(response: GetUsageSummaryResponse): UsageSummary {
+  return {
+    customerId: response.customerId,
+    planId: response.planId,
+    subscriptionStatus: enumName<SubscriptionStatusName>(SubscriptionStatus, response.subscriptionStatus),
+    periodStartTime: toDate(response.periodStartTime),
+    periodEndTime: toDate(response.periodEndTime),
+    meters: response.meters.map(meterUsage),
+    periodSource: enumName<PeriodSourceName>(PeriodSource, response.periodSource),
+  };
+}
+
+export function customerMessage(input: CustomerInput): CustomerMessage {
+  return create(CustomerSchema, {
+    customerId: input.customerId,
+    planId: input.planId,
+    subscriptionStatus: enumValue(SubscriptionStatus, input.subscriptionStatus, "subscription status"),
+    currentPeriodStartTime: timestampFromDate(input.currentPeriodStartTime),
+    currentPeriodEndTime: timestampFromDate(input.currentPeriodEndTime),
+    provider: enumValue(Provider, input.provider ?? "UNSPECIFIED", "provider"),
+    providerCustomerId: input.providerCustomerId ?? "",
+    subscriptionItems: { ...(input.subscriptionItems ?? {}) },
+    billingInterval: enumValue(BillingInterval, input.billingInterval ?? "UNSPECIFIED", "billing interval"),
+    billingIntervalCount: input.billingIntervalCount ?? 0,
+    billingCycleAnchorTime:
+      input.billingCycleAnchorTime === undefined ? undefined : timestampFromDate(input.billingCycleAnchorTime),
+  });
+}
+
+export function customer(message: CustomerMessage | undefined): Customer {
   if (message === undefined) {
     throw new TypeError("the service answered without a customer");
   }
@@ -240,6 +295,10 @@ function customer(message: CustomerMessage | undefined): Customer {
     provider: enumName<ProviderName>(Provider, message.provider),
     providerCustomerId: message.providerCustomerId,
     subscriptionItems: { ...message.subscriptionItems },
+    billingInterval: enumName<BillingIntervalName>(BillingInterval, message.billingInterval),
+    billingIntervalCount: message.billingIntervalCount,
+    billingCycleAnchorTime: toDate(message.billingCycleAnchorTime),
+    currentPeriodSource: enumName<PeriodSourceName>(PeriodSource, message.currentPeriodSource),
   };
 }
 
@@ -336,29 +395,12 @@ export class UsageClient {
     options?: CallOptions,
   ): Promise<UsageSummary> {
     const request = { customerId, meter: filter.meter ?? "" };
-    const response = await this.call(options, (o) => this.usage.getUsageSummary(request, o));
-    return {
-      customerId: response.customerId,
-      planId: response.planId,
-      subscriptionStatus: enumName<SubscriptionStatusName>(SubscriptionStatus, response.subscriptionStatus),
-      periodStartTime: toDate(response.periodStartTime),
-      periodEndTime: toDate(response.periodEndTime),
-      meters: response.meters.map(meterUsage),
-    };
+    return usageSummary(await this.call(options, (o) => this.usage.getUsageSummary(request, o)));
   }
 
-  /** Creates or replaces a customer (plan, subscription status, billing period, provider). */
+  /** Creates or replaces a customer (plan, subscription status, billing period and cadence, provider). */
   async upsertCustomer(input: CustomerInput, options?: CallOptions): Promise<Customer> {
-    const message = create(CustomerSchema, {
-      customerId: input.customerId,
-      planId: input.planId,
-      subscriptionStatus: enumValue(SubscriptionStatus, input.subscriptionStatus, "subscription status"),
-      currentPeriodStartTime: timestampFromDate(input.currentPeriodStartTime),
-      currentPeriodEndTime: timestampFromDate(input.currentPeriodEndTime),
-      provider: enumValue(Provider, input.provider ?? "UNSPECIFIED", "provider"),
-      providerCustomerId: input.providerCustomerId ?? "",
-      subscriptionItems: { ...(input.subscriptionItems ?? {}) },
-    });
+    const message = customerMessage(input);
     const response = await this.call(options, (o) =>
       this.customers.upsertCustomer({ customer: message }, o),
     );

@@ -8,6 +8,7 @@
 export {
   DEFAULT_TIMEOUT_MS,
   UsageClient,
+  type BillingIntervalName,
   type CallOptions,
   type CheckEntitlementInput,
   type Customer,
@@ -15,6 +16,7 @@ export {
   type Entitlement,
   type EntitlementReasonName,
   type MeterUsage,
+  type PeriodSourceName,
   type ProviderName,
   type Quantity,
   type RecordUsageInput,

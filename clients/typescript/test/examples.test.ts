@@ -79,7 +79,15 @@ test("show-summary: one line per meter with used, included, overage and limit", 
   assert.ok(lines.includes("api_calls: 0 of 5 calls included, limit 10"), lines.join("\n"));
   assert.equal(lines.length, 4);
   assert.deepEqual(
-    formatSummary({ customerId, planId: "p", subscriptionStatus: "ACTIVE", periodStartTime: undefined, periodEndTime: undefined, meters: [] }),
+    formatSummary({
+      customerId,
+      planId: "p",
+      subscriptionStatus: "ACTIVE",
+      periodStartTime: undefined,
+      periodEndTime: undefined,
+      meters: [],
+      periodSource: "UNSPECIFIED",
+    }),
     ["Plan p (active), no current period"],
   );
 });

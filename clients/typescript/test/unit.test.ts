@@ -5,7 +5,13 @@ import { describe, test } from "node:test";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { ConnectError } from "@connectrpc/connect";
 
+import { customer, customerMessage, entitlement, usageSummary } from "../src/client.js";
 import { BadRequestSchema, ErrorInfoSchema } from "../src/gen/google/rpc/error_details_pb.js";
+import { BillingInterval, PeriodSource } from "../src/gen/usage/v1/customer_pb.js";
+import {
+  CheckEntitlementResponseSchema,
+  GetUsageSummaryResponseSchema,
+} from "../src/gen/usage/v1/usage_pb.js";
 import { toUsageServiceError } from "../src/errors.js";
 import { withRetry } from "../src/retry.js";
 import { backoffMs, Code, idempotencyKey, retryPolicy, UsageServiceError } from "../src/index.js";
@@ -140,5 +146,83 @@ describe("toUsageServiceError", () => {
     assert.equal(error.codeName, "UNKNOWN");
     assert.equal(error.reason, undefined);
     assert.deepEqual(error.fieldViolations, []);
+  });
+});
+
+describe("conversions", () => {
+  const base = {
+    customerId: "cus_1",
+    planId: "starter",
+    subscriptionStatus: "ACTIVE" as const,
+    currentPeriodStartTime: new Date("2026-01-31T09:00:00Z"),
+    currentPeriodEndTime: new Date("2026-02-28T09:00:00Z"),
+  };
+
+  test("the cadence and anchor are sent", () => {
+    const anchor = new Date("2025-10-31T09:00:00Z");
+    const message = customerMessage({
+      ...base,
+      billingInterval: "MONTH",
+      billingIntervalCount: 3,
+      billingCycleAnchorTime: anchor,
+    });
+    assert.equal(message.billingInterval, BillingInterval.MONTH);
+    assert.equal(message.billingIntervalCount, 3);
+    assert.equal(customer(message).billingCycleAnchorTime?.getTime(), anchor.getTime());
+  });
+
+  test("left out, the cadence is UNSPECIFIED and there is no anchor", () => {
+    const message = customerMessage(base);
+    assert.equal(message.billingInterval, BillingInterval.UNSPECIFIED);
+    assert.equal(message.billingIntervalCount, 0);
+    assert.equal(message.billingCycleAnchorTime, undefined);
+    assert.equal(message.currentPeriodSource, PeriodSource.UNSPECIFIED);
+  });
+
+  test("an unknown billing interval name is refused", () => {
+    assert.throws(
+      () => customerMessage({ ...base, billingInterval: "FORTNIGHT" as "DAY" }),
+      /unknown billing interval "FORTNIGHT"/,
+    );
+  });
+
+  test("a stored customer reads its cadence and period source", () => {
+    const message = customerMessage({ ...base, billingInterval: "YEAR" });
+    message.currentPeriodSource = PeriodSource.PROJECTED;
+    const read = customer(message);
+    assert.equal(read.billingInterval, "YEAR");
+    assert.equal(read.billingIntervalCount, 0);
+    assert.equal(read.billingCycleAnchorTime, undefined);
+    assert.equal(read.currentPeriodSource, "PROJECTED");
+  });
+
+  test("unknown enum values read as UNSPECIFIED", () => {
+    const message = customerMessage(base);
+    message.billingInterval = 99 as BillingInterval;
+    message.currentPeriodSource = 99 as PeriodSource;
+    const read = customer(message);
+    assert.equal(read.billingInterval, "UNSPECIFIED");
+    assert.equal(read.currentPeriodSource, "UNSPECIFIED");
+  });
+
+  test("an entitlement carries its period source", () => {
+    const response = create(CheckEntitlementResponseSchema, {
+      allowed: true,
+      periodSource: PeriodSource.CONFIRMED,
+    });
+    assert.equal(entitlement(response).periodSource, "CONFIRMED");
+    assert.equal(entitlement(create(CheckEntitlementResponseSchema)).periodSource, "UNSPECIFIED");
+  });
+
+  test("a summary carries its period source and the unbilled usage", () => {
+    const response = create(GetUsageSummaryResponseSchema, {
+      customerId: "cus_1",
+      periodSource: PeriodSource.PROJECTED,
+      meters: [{ meter: "tokens", used: 120n, unbilled: 120n }],
+    });
+    const summary = usageSummary(response);
+    assert.equal(summary.periodSource, "PROJECTED");
+    assert.equal(summary.meters[0]?.unbilled, 120n);
+    assert.equal(summary.meters[0]?.pending, 0n);
   });
 });

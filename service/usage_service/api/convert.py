@@ -7,7 +7,7 @@ import datetime as dt
 from google.protobuf import timestamp_pb2
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service import domain
+from usage_service import domain, periods
 
 STATUS_TO_PROTO = {
     domain.SubscriptionStatus.ACTIVE: customer_pb2.SUBSCRIPTION_STATUS_ACTIVE,
@@ -41,28 +41,47 @@ REASON_TO_PROTO = {
 }
 
 
+INTERVAL_TO_PROTO = {
+    periods.Interval.DAY: customer_pb2.BILLING_INTERVAL_DAY,
+    periods.Interval.WEEK: customer_pb2.BILLING_INTERVAL_WEEK,
+    periods.Interval.MONTH: customer_pb2.BILLING_INTERVAL_MONTH,
+    periods.Interval.YEAR: customer_pb2.BILLING_INTERVAL_YEAR,
+}
+INTERVAL_FROM_PROTO = {v: k for k, v in INTERVAL_TO_PROTO.items()}
+
+SOURCE_TO_PROTO = {
+    periods.Source.CONFIRMED: customer_pb2.PERIOD_SOURCE_CONFIRMED,
+    periods.Source.PROJECTED: customer_pb2.PERIOD_SOURCE_PROJECTED,
+}
+
+
 def ts(when: dt.datetime) -> timestamp_pb2.Timestamp:
     out = timestamp_pb2.Timestamp()
     out.FromDatetime(when)
     return out
 
 
-def customer_to_proto(c: domain.Customer) -> customer_pb2.Customer:
+def customer_to_proto(c: domain.Customer, period: periods.Period) -> customer_pb2.Customer:
+    """A customer with the period containing now (`period`) as its current period."""
     return customer_pb2.Customer(
         customer_id=c.customer_id,
         plan_id=c.plan_id,
         subscription_status=STATUS_TO_PROTO[c.subscription_status],
-        current_period_start_time=ts(c.period_start),
-        current_period_end_time=ts(c.period_end),
+        current_period_start_time=ts(period.start),
+        current_period_end_time=ts(period.end),
         provider=PROVIDER_TO_PROTO[c.provider],
         provider_customer_id=c.provider_customer_id,
         subscription_items=dict(c.subscription_items),
+        billing_interval=INTERVAL_TO_PROTO[c.cadence.interval],
+        billing_interval_count=c.cadence.count,
+        billing_cycle_anchor_time=ts(c.cadence.anchor),
+        current_period_source=SOURCE_TO_PROTO[period.source],
     )
 
 
 def decision_to_proto(
     d: domain.Decision,
-    customer: domain.Customer | None,
+    period: periods.Period | None,
     event_id: str = "",
     duplicate: bool = False,
 ) -> usage_pb2.CheckEntitlementResponse:
@@ -78,9 +97,10 @@ def decision_to_proto(
         out.limit = d.limit
     if d.remaining is not None:
         out.remaining = d.remaining
-    if customer is not None:
-        out.period_start_time.CopyFrom(ts(customer.period_start))
-        out.period_end_time.CopyFrom(ts(customer.period_end))
+    if period is not None:
+        out.period_start_time.CopyFrom(ts(period.start))
+        out.period_end_time.CopyFrom(ts(period.end))
+        out.period_source = SOURCE_TO_PROTO[period.source]
     return out
 
 
@@ -93,6 +113,7 @@ def meter_to_proto(m: domain.MeterSummary) -> usage_pb2.MeterUsage:
         reported=m.reported,
         pending=m.pending,
         failed=m.failed,
+        unbilled=m.unbilled,
         aggregation=m.aggregation.value,
         unit=m.unit,
     )

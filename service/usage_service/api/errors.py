@@ -30,7 +30,7 @@ REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
     "CUSTOMER_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "no customer with this id"),
     "TOTAL_OUT_OF_RANGE": (
         grpc.StatusCode.INVALID_ARGUMENT,
-        "the period's total would exceed the largest int64",
+        "the customer's total for the meter would exceed the largest int64",
     ),
     "CONCURRENCY_CONFLICT": (grpc.StatusCode.ABORTED, "a concurrent write conflicted; retry"),
     "DATABASE_UNAVAILABLE": (grpc.StatusCode.UNAVAILABLE, "the database cannot be reached; retry"),
@@ -87,6 +87,14 @@ def invalid(violations: Sequence[tuple[str, str]]) -> ApiError:
     summary = "; ".join(f"{f}: {d}" for f, d in violations[:5])
     more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
     return ApiError("INVALID_REQUEST", f"invalid request: {summary}{more}", violations)
+
+
+def out_of_range(field: str) -> ApiError:
+    return ApiError(
+        "TOTAL_OUT_OF_RANGE",
+        f"{field}: would take the total of this customer and meter past the largest int64",
+        [(field, "would take the total of this customer and meter past the largest int64")],
+    )
 
 
 def customer_not_found(customer_id: str) -> ApiError:

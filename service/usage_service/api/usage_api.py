@@ -10,10 +10,10 @@ import grpc
 from usage.v1 import usage_pb2, usage_pb2_grpc
 from usage_service import domain
 from usage_service.api import convert, validation
-from usage_service.api.errors import customer_not_found, rpc
+from usage_service.api.errors import customer_not_found, out_of_range, rpc
 from usage_service.api.validation import Violations
 from usage_service.plans import Plans
-from usage_service.storage.store import Store, new_event_id, new_event_ids
+from usage_service.storage.store import Store, TotalOutOfRange, new_event_id, new_event_ids
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -44,7 +44,10 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
         event = validation.usage_event(v, "", request, self.plans, _now())
         v.check()
         assert event is not None
-        (answer,) = await self.store.submit([event])
+        try:
+            (answer,) = await self.store.submit([event])
+        except TotalOutOfRange:
+            raise out_of_range("quantity") from None
         return usage_pb2.RecordUsageResponse(event_id=answer.event_id, duplicate=answer.duplicate)
 
     @rpc
@@ -63,7 +66,14 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             for i, item in enumerate(request.requests)
         ]
         v.check()
-        answers = await self.store.submit([e for e in events if e is not None])
+        stored = [e for e in events if e is not None]
+        try:
+            first = domain.first_overflow(stored, {})
+            if first >= 0:
+                raise TotalOutOfRange(first)
+            answers = await self.store.submit(stored)
+        except TotalOutOfRange as exc:
+            raise out_of_range(f"requests[{exc.index}].quantity") from None
         response = usage_pb2.BatchRecordUsageResponse()
         add = response.responses.add
         for a in answers:
@@ -102,12 +112,12 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             return domain.decide(metered, meter.aggregation, totals, request.quantity)
 
         if not request.consume:
-            customer, totals = await self.store.check_read(request.customer_id, feature)
-            decision = gate(customer)
+            read = await self.store.check_read(request.customer_id, feature, _now())
+            decision = gate(read.customer)
             if decision is None:
-                assert customer is not None
-                decision = decide(customer, totals)
-            return convert.decision_to_proto(decision, customer)
+                assert read.customer is not None
+                decision = decide(read.customer, read.totals)
+            return convert.decision_to_proto(decision, read.period)
 
         now = _now()
         event = domain.UsageEvent(
@@ -122,20 +132,22 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
         )
         result = await self.store.consume(event, gate, decide, self._metering.get(feature, ()))
         customer = result.customer
-        if result.decision is not None and not result.decision.allowed:
-            return convert.decision_to_proto(result.decision, customer)
-        assert customer is not None and meter is not None
-        metered = self.plans.plans[customer.plan_id].metered[feature]
-        if result.duplicate:
+        if result.duplicate:  # a replay, whatever happened to the customer since
+            assert meter is not None
+            plan = self.plans.plans.get(customer.plan_id) if customer else None
+            metered = plan.metered.get(feature) if plan else None
             answer = domain.replayed(metered, meter.aggregation, result.totals)
-        else:
-            assert result.decision is not None
-            answer = result.decision
-            if customer.in_period(event.event_time):
-                answer = domain.after_consume(
-                    answer, meter.aggregation, result.totals, request.quantity
-                )
-        return convert.decision_to_proto(answer, customer, result.event_id, result.duplicate)
+            return convert.decision_to_proto(answer, result.period, result.event_id, True)
+        assert result.decision is not None
+        if not result.decision.allowed:
+            return convert.decision_to_proto(result.decision, result.period)
+        answer = result.decision
+        if result.event_id:
+            assert meter is not None
+            answer = domain.after_consume(
+                answer, meter.aggregation, result.totals, request.quantity
+            )
+        return convert.decision_to_proto(answer, result.period, result.event_id)
 
     @rpc
     async def GetUsageSummary(
@@ -146,16 +158,18 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
         if request.meter and request.meter not in self.plans.meters:
             v.add("meter", f"unknown meter {request.meter[:100]!r}")
         v.check()
-        customer = await self.store.get_customer(request.customer_id)
-        if customer is None:
+        found = await self.store.get_customer(request.customer_id, _now())
+        if found is None:
             raise customer_not_found(request.customer_id)
-        totals = await self.store.period_totals(customer)
+        customer, period = found
+        totals = await self.store.period_totals(customer, period)
         meters = domain.summarise(self.plans, customer, totals, request.meter)
         return usage_pb2.GetUsageSummaryResponse(
             customer_id=customer.customer_id,
             plan_id=customer.plan_id,
-            period_start_time=convert.ts(customer.period_start),
-            period_end_time=convert.ts(customer.period_end),
+            period_start_time=convert.ts(period.start),
+            period_end_time=convert.ts(period.end),
             subscription_status=convert.STATUS_TO_PROTO[customer.subscription_status],
             meters=[convert.meter_to_proto(m) for m in meters],
+            period_source=convert.SOURCE_TO_PROTO[period.source],
         )

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from google.protobuf import timestamp_pb2
 
 from usage.v1 import usage_pb2
-from usage_service import domain
+from usage_service import domain, periods
 from usage_service.api.errors import invalid
 from usage_service.plans import Plans
 from usage_service.storage.store import new_event_id
@@ -69,6 +69,19 @@ def timestamp(v: Violations, field: str, ts: timestamp_pb2.Timestamp) -> dt.date
         return None
 
 
+def bounded_time(v: Violations, field: str, ts: timestamp_pb2.Timestamp) -> dt.datetime | None:
+    """A timestamp within the times periods and events may take."""
+    when = timestamp(v, field, ts)
+    if when is not None and not periods.EARLIEST <= when < periods.LATEST:
+        v.add(
+            field,
+            f"must be from {periods.EARLIEST.date().isoformat()} "
+            f"to before {periods.LATEST.date().isoformat()}",
+        )
+        return None
+    return when
+
+
 def usage_event(
     v: Violations,
     prefix: str,
@@ -96,7 +109,7 @@ def usage_event(
         properties(v, prefix + "properties", props)
     given: dt.datetime | None = None
     if req.HasField("event_time"):
-        given = timestamp(v, prefix + "event_time", req.event_time)
+        given = bounded_time(v, prefix + "event_time", req.event_time)
         if given is not None and given > now + MAX_FUTURE:
             v.add(prefix + "event_time", "must not be more than 5 minutes in the future")
     if len(v) > before:

@@ -19,7 +19,7 @@ import asyncpg
 
 from usage_service import domain
 from usage_service.providers.outcome import Report, ReportEvent
-from usage_service.storage.store import Conn
+from usage_service.storage.rows import Conn
 
 LANE_SEPARATOR = "\x1f"  # chr(31) in SQL
 

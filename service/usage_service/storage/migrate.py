@@ -25,13 +25,32 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             if file.stem in done:
                 continue
             async with conn.transaction():
-                await conn.execute(file.read_text(encoding="utf-8"))
+                for statement in statements(file.read_text(encoding="utf-8")):
+                    await conn.execute(statement)
                 await conn.execute(queries.MIGRATION_DONE, file.stem)
             log.info("applied migration %s", file.stem, extra={"action": "migrate"})
             applied_now.append(file.stem)
     finally:
         await conn.execute(queries.MIGRATION_UNLOCK)
     return applied_now
+
+
+def statements(text: str) -> list[str]:
+    """A migration file's statements, one per call (a sharded database refuses several in one
+    string): each ends with a semicolon at the end of a line; `--` comments are dropped."""
+    out: list[str] = []
+    current: list[str] = []
+    for line in text.splitlines():
+        code = line.split("--", 1)[0].rstrip()
+        if not code:
+            continue
+        current.append(code)
+        if code.endswith(";"):
+            out.append("\n".join(current)[:-1])
+            current = []
+    if current:
+        out.append("\n".join(current))
+    return out
 
 
 async def migrate_dsn(dsn: str) -> list[str]:

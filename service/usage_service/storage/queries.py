@@ -14,72 +14,119 @@ MIGRATIONS_APPLIED = "SELECT version FROM schema_migrations"
 MIGRATION_DONE = "INSERT INTO schema_migrations (version) VALUES ($1)"
 
 _CUSTOMER_COLUMNS = """customer_id, plan_id, subscription_status, period_start, period_end,
-    provider, provider_customer_id, subscription_items"""
+    provider, provider_customer_id, subscription_items, billing_interval, billing_interval_count,
+    billing_anchor"""
+
+# A customer row with an empty plan_id is a placeholder: a customer known only by its usage.
 
 # $1 customer_id
 GET_CUSTOMER = f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1"
 
-# $1 customer_id. Shares the row with concurrent recorders; waits for an UpsertCustomer.
-GET_CUSTOMER_FOR_SHARE = (
-    f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1 FOR SHARE"
-)
-
-# $1 customer_id. Taken by UpsertCustomer: waits for recorders still counting on the old period.
+# $1 customer_id. Taken by UpsertCustomer: waits for recorders still counting on the old periods.
 GET_CUSTOMER_FOR_UPDATE = (
     f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1 FOR UPDATE"
 )
 
-# The current periods of customers, locked shared (recorders count on them).
+# Customers, locked shared: recorders count on their periods, which only UpsertCustomer changes.
 # $1 customer_id[] (sorted, so concurrent batches lock in one order)
-LOCK_CUSTOMERS = """
-SELECT customer_id, period_start, period_end FROM customers
+LOCK_CUSTOMERS = f"""
+SELECT {_CUSTOMER_COLUMNS} FROM customers
 WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR SHARE"""
 
+# Placeholders for customers not seen before, so that recorders have a row to lock (and the
+# first UpsertCustomer a row to wait on).
+# $1 customer_id[] (sorted)
+INSERT_PLACEHOLDERS = """
+INSERT INTO customers (customer_id, plan_id, subscription_status)
+SELECT unnest($1::text[]), '', ''
+ON CONFLICT (customer_id) DO NOTHING"""
+
+_PERIOD_COLUMNS = """customer_id, period_start, period_end, billing_interval,
+    billing_interval_count, billing_anchor"""
+
+# Confirmed periods of customers, oldest first. A read: callers hold the customers' rows.
+# $1 customer_id[]
+STORED_PERIODS = f"""
+SELECT {_PERIOD_COLUMNS} FROM billing_periods
+WHERE customer_id = ANY($1::text[]) ORDER BY customer_id, period_start"""
+
+# A webhook's period replaces the confirmed periods from its start on; one that holds its start
+# is cut there. $1 customer_id, $2 the new period's start
+DROP_PERIODS_FROM = "DELETE FROM billing_periods WHERE customer_id = $1 AND period_start >= $2"
+CUT_PERIOD_AT = """
+UPDATE billing_periods SET period_end = $2
+WHERE customer_id = $1 AND period_start < $2 AND period_end > $2"""
+
+# $1 customer_id, $2 period_start, $3 period_end, $4 billing_interval, $5 interval count,
+# $6 anchor, $7 confirmed at
+INSERT_PERIOD = f"""
+INSERT INTO billing_periods ({_PERIOD_COLUMNS}, confirmed_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)"""
+
 # $1 customer_id, $2 plan_id, $3 subscription_status, $4 period_start, $5 period_end,
-# $6 provider, $7 provider_customer_id, $8 subscription_items (jsonb)
-UPSERT_CUSTOMER = f"""
-INSERT INTO customers ({_CUSTOMER_COLUMNS})
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-ON CONFLICT (customer_id) DO UPDATE SET
-    plan_id = excluded.plan_id,
-    subscription_status = excluded.subscription_status,
-    period_start = excluded.period_start,
-    period_end = excluded.period_end,
-    provider = excluded.provider,
-    provider_customer_id = excluded.provider_customer_id,
-    subscription_items = excluded.subscription_items,
-    updated_at = now()
+# $6 provider, $7 provider_customer_id, $8 subscription_items (jsonb), $9 billing_interval,
+# $10 interval count, $11 anchor, $12 updated at. The row exists (placeholder or customer).
+UPDATE_CUSTOMER = f"""
+UPDATE customers SET plan_id = $2, subscription_status = $3, period_start = $4,
+    period_end = $5, provider = $6, provider_customer_id = $7, subscription_items = $8,
+    billing_interval = $9, billing_interval_count = $10, billing_anchor = $11, updated_at = $12
+WHERE customer_id = $1
 RETURNING {_CUSTOMER_COLUMNS}"""
 
-# $1 customer_id, $2 period_start
-CLEAR_PERIOD_TOTALS = "DELETE FROM usage_totals WHERE customer_id = $1 AND period_start = $2"
+# The bounds of a customer's totals rows. $1 customer_id
+TOTALS_BOUNDS = """
+SELECT DISTINCT period_start, period_end FROM usage_totals WHERE customer_id = $1"""
 
-# Rebuilds a customer's totals for a period from its events (when the period changes).
-# $1 customer_id, $2 period_start, $3 period_end
-RECOMPUTE_PERIOD_TOTALS = """
+# The time span of a customer's events. $1 customer_id
+EVENTS_SPAN = """
+SELECT min(event_time) AS first, max(event_time) AS last FROM usage_events
+WHERE customer_id = $1"""
+
+# $1 customer_id, $2 period_start[]
+DROP_TOTALS = """
+DELETE FROM usage_totals WHERE customer_id = $1 AND period_start = ANY($2::timestamptz[])"""
+
+# A customer's events aggregated per meter and period, for the periods given.
+# $1 customer_id, $2 period_start[], $3 period_end[]
+_EVENT_TOTALS = """
+SELECT e.meter, p.s AS period_start, p.e AS period_end, count(*) AS event_count,
+    sum(e.quantity) AS quantity_sum, max(e.quantity) AS quantity_max,
+    (array_agg(e.quantity ORDER BY e.event_time DESC, e.seq DESC))[1] AS last_quantity,
+    max(e.event_time) AS last_event_time,
+    (array_agg(e.seq ORDER BY e.event_time DESC, e.seq DESC))[1] AS last_seq,
+    count(*) FILTER (WHERE e.report_state = 'reported') AS reported_count,
+    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'reported'), 0) AS reported_sum,
+    count(*) FILTER (WHERE e.report_state = 'failed') AS failed_count,
+    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'failed'), 0) AS failed_sum
+FROM unnest($2::timestamptz[], $3::timestamptz[]) AS p(s, e)
+JOIN usage_events e ON e.customer_id = $1 AND e.event_time >= p.s AND e.event_time < p.e
+GROUP BY e.meter, p.s, p.e"""
+
+EVENT_TOTALS = _EVENT_TOTALS
+
+# Rebuilds a customer's totals for periods (whose rows were dropped) from their events.
+REBUILD_TOTALS = f"""
 INSERT INTO usage_totals (
     customer_id, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
-    last_quantity, last_event_time, reported_count, reported_sum, failed_count, failed_sum)
-SELECT customer_id, meter, $2, $3, count(*), sum(quantity), max(quantity),
-    (array_agg(quantity ORDER BY event_time DESC, recorded_at DESC))[1], max(event_time),
-    count(*) FILTER (WHERE report_state = 'reported'),
-    coalesce(sum(quantity) FILTER (WHERE report_state = 'reported'), 0),
-    count(*) FILTER (WHERE report_state = 'failed'),
-    coalesce(sum(quantity) FILTER (WHERE report_state = 'failed'), 0)
-FROM usage_events
-WHERE customer_id = $1 AND event_time >= $2 AND event_time < $3
-GROUP BY customer_id, meter"""
+    last_quantity, last_event_time, last_seq, reported_count, reported_sum, failed_count,
+    failed_sum)
+SELECT $1, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
+    last_quantity, last_event_time, last_seq, reported_count, reported_sum, failed_count,
+    failed_sum
+FROM ({_EVENT_TOTALS}) agg"""
 
 # $1 event_id[], $2 customer_id[], $3 idempotency_key[], $4 meter[], $5 quantity[],
-# $6 event_time[], $7 properties[] (JSON text), $8 payload_hash[]
+# $6 event_time[], $7 properties[] (JSON text), $8 payload_hash[], $9 acceptance order[] (the
+# event's place in the call, < 2^20): seq = one sequence value per statement, then that order
 INSERT_EVENTS = """
 INSERT INTO usage_events (
-    event_id, customer_id, idempotency_key, meter, quantity, event_time, properties, payload_hash)
-SELECT e, c, k, m, q, t, p::jsonb, h
+    event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
+    payload_hash, seq)
+SELECT e, c, k, m, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::timestamptz[],
-            $7::text[], $8::bytea[]) AS u(e, c, k, m, q, t, p, h)
+            $7::text[], $8::bytea[], $9::bigint[]) AS u(e, c, k, m, q, t, p, h, o)
 ON CONFLICT (customer_id, idempotency_key) DO NOTHING
-RETURNING event_id"""
+RETURNING event_id, seq"""
 
 # $1 customer_id[], $2 idempotency_key[]
 EXISTING_EVENTS = """
@@ -87,80 +134,114 @@ SELECT customer_id, idempotency_key, event_id, payload_hash FROM usage_events
 WHERE (customer_id, idempotency_key) IN (
     SELECT * FROM unnest($1::text[], $2::text[]))"""
 
-# Adds events to running totals. Rows come sorted by key so concurrent writers lock in one order.
+# $1 customer_id[], $2 meter[]
+LIFETIME_SUMS = """
+SELECT l.customer_id, l.meter, l.quantity_sum FROM usage_lifetime l
+JOIN unnest($1::text[], $2::text[]) AS u(c, m) ON l.customer_id = u.c AND l.meter = u.m"""
+
+# Adds events to the lifetime totals of their customers and meters (an overflow refuses them)
+# and to the running totals of their periods. Rows come sorted by key so concurrent writers lock
+# in one order.
 # $1 customer_id[], $2 meter[], $3 period_start[], $4 period_end[], $5 event_count[],
-# $6 quantity_sum[], $7 quantity_max[], $8 last_quantity[], $9 last_event_time[]
+# $6 quantity_sum[], $7 quantity_max[], $8 last_quantity[], $9 last_event_time[],
+# $10 last_seq[]; lifetime: $11 customer_id[], $12 meter[], $13 event_count[], $14 quantity_sum[]
 ADD_TOTALS = """
+WITH life AS (
+    INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
+    SELECT * FROM unnest($11::text[], $12::text[], $13::bigint[], $14::bigint[])
+    ON CONFLICT (customer_id, meter) DO UPDATE SET
+        event_count = l.event_count + excluded.event_count,
+        quantity_sum = l.quantity_sum + excluded.quantity_sum
+)
 INSERT INTO usage_totals AS t (
     customer_id, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
-    last_quantity, last_event_time)
+    last_quantity, last_event_time, last_seq)
 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
-                     $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[])
+                     $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[], $10::bigint[])
 ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET
-    period_end = excluded.period_end,
     event_count = t.event_count + excluded.event_count,
     quantity_sum = t.quantity_sum + excluded.quantity_sum,
     quantity_max = greatest(t.quantity_max, excluded.quantity_max),
     last_quantity = CASE
-        WHEN t.last_event_time IS NULL OR excluded.last_event_time >= t.last_event_time
+        WHEN t.last_event_time IS NULL
+            OR (excluded.last_event_time, excluded.last_seq) > (t.last_event_time, t.last_seq)
         THEN excluded.last_quantity ELSE t.last_quantity END,
+    last_seq = CASE
+        WHEN t.last_event_time IS NULL
+            OR (excluded.last_event_time, excluded.last_seq) > (t.last_event_time, t.last_seq)
+        THEN excluded.last_seq ELSE t.last_seq END,
     last_event_time = greatest(t.last_event_time, excluded.last_event_time)"""
 
 _TOTALS_COLUMNS = """meter, event_count, quantity_sum, quantity_max, last_quantity,
-    last_event_time, reported_count, reported_sum, failed_count, failed_sum"""
+    last_event_time, last_seq, reported_count, reported_sum, failed_count, failed_sum"""
 
 # Creates (if need be) and locks one totals row, returning it: the consume path's row lock.
 # $1 customer_id, $2 meter, $3 period_start, $4 period_end
 LOCK_TOTALS = f"""
 INSERT INTO usage_totals AS t (customer_id, meter, period_start, period_end)
 VALUES ($1, $2, $3, $4)
-ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET period_end = excluded.period_end
-RETURNING {_TOTALS_COLUMNS}"""
+ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET period_end = t.period_end
+RETURNING period_start, period_end, {_TOTALS_COLUMNS}"""
 
-# The consume path's first statement: the customer (shared lock), its current period's totals row
-# created if need be and locked, when its plan meters the feature and its status allows usage,
-# and the event already stored under the key, if any (read before the totals lock was granted).
-# $1 customer_id, $2 meter, $3 plan ids that meter $2, $4 allowed statuses, $5 idempotency_key
+# The consume path's first statement: the customer (shared lock); the totals row of the period
+# containing now, locked, when one exists and the customer's plan meters the feature and its
+# status allows usage; and the event already stored under the key, if any (read before the
+# totals lock was granted).
+# $1 customer_id, $2 meter, $3 plan ids that meter $2, $4 allowed statuses, $5 idempotency_key,
+# $6 now
 CONSUME_LOCK = f"""
 WITH c AS (
     SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1 FOR SHARE
 ), locked AS (
-    INSERT INTO usage_totals AS t (customer_id, meter, period_start, period_end)
-    SELECT customer_id, $2, period_start, period_end FROM c
-    WHERE plan_id = ANY($3::text[]) AND subscription_status = ANY($4::text[])
-    ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET period_end = excluded.period_end
-    RETURNING {_TOTALS_COLUMNS}
+    SELECT t.period_start AS t_start, t.period_end AS t_end, {_TOTALS_COLUMNS}
+    FROM usage_totals t
+    WHERE t.customer_id = $1 AND t.meter = $2 AND t.period_start <= $6 AND t.period_end > $6
+        AND EXISTS (
+            SELECT 1 FROM c WHERE plan_id = ANY($3::text[])
+                AND subscription_status = ANY($4::text[]))
+    ORDER BY t.period_start DESC LIMIT 1
+    FOR UPDATE
 )
-SELECT c.*, locked.meter IS NOT NULL AS locked, locked.*,
+SELECT c.*, locked.t_start IS NOT NULL AS locked, locked.*,
     k.event_id AS seen_event_id, k.payload_hash AS seen_payload_hash
 FROM c
 LEFT JOIN locked ON true
 LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $5"""
 
-# One consumed event and, when it is in the customer's current period, its totals row (created
-# and locked by CONSUME_LOCK or LOCK_TOTALS) in the same statement. No row: the key was taken.
+# One consumed event, its lifetime total and its period's totals row (created and locked by
+# CONSUME_LOCK or LOCK_TOTALS), in one statement. No row: the key was taken.
 # $1 event_id, $2 customer_id, $3 idempotency_key, $4 meter, $5 quantity, $6 event_time,
-# $7 properties (JSON text), $8 payload_hash, $9 counts in the period, $10 period_start
+# $7 properties (JSON text), $8 payload_hash, $9 period_start
 CONSUME_INSERT = """
 WITH ins AS (
     INSERT INTO usage_events (
         event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
-        payload_hash)
-    VALUES ($1::uuid, $2, $3, $4, $5, $6, $7::text::jsonb, $8)
+        payload_hash, seq)
+    VALUES ($1::uuid, $2, $3, $4, $5, $6, $7::text::jsonb, $8,
+        nextval('usage_events_seq') * 1048576)
     ON CONFLICT (customer_id, idempotency_key) DO NOTHING
-    RETURNING event_id, customer_id, meter, quantity, event_time
+    RETURNING event_id, customer_id, meter, quantity, event_time, seq
+), life AS (
+    INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
+    SELECT customer_id, meter, 1, quantity FROM ins
+    ON CONFLICT (customer_id, meter) DO UPDATE SET
+        event_count = l.event_count + 1, quantity_sum = l.quantity_sum + excluded.quantity_sum
 ), added AS (
     UPDATE usage_totals t SET
         event_count = t.event_count + 1,
         quantity_sum = t.quantity_sum + ins.quantity,
         quantity_max = greatest(t.quantity_max, ins.quantity),
         last_quantity = CASE
-            WHEN t.last_event_time IS NULL OR ins.event_time >= t.last_event_time
+            WHEN t.last_event_time IS NULL
+                OR (ins.event_time, ins.seq) > (t.last_event_time, t.last_seq)
             THEN ins.quantity ELSE t.last_quantity END,
+        last_seq = CASE
+            WHEN t.last_event_time IS NULL
+                OR (ins.event_time, ins.seq) > (t.last_event_time, t.last_seq)
+            THEN ins.seq ELSE t.last_seq END,
         last_event_time = greatest(t.last_event_time, ins.event_time)
     FROM ins
-    WHERE $9::boolean AND t.customer_id = ins.customer_id AND t.meter = ins.meter
-        AND t.period_start = $10
+    WHERE t.customer_id = $2 AND t.meter = ins.meter AND t.period_start = $9
     RETURNING t.customer_id
 )
 SELECT event_id FROM ins"""
@@ -174,20 +255,42 @@ METER_TOTALS = f"""
 SELECT {_TOTALS_COLUMNS} FROM usage_totals
 WHERE customer_id = $1 AND meter = $2 AND period_start = $3"""
 
+# Every totals row of a customer. $1 customer_id
+CUSTOMER_TOTALS = f"""
+SELECT period_start, period_end, {_TOTALS_COLUMNS} FROM usage_totals WHERE customer_id = $1"""
+
+# $1 customer_id
+CUSTOMER_LIFETIME = """
+SELECT meter, event_count, quantity_sum FROM usage_lifetime WHERE customer_id = $1"""
+
+# $1 customer_id
+EVENT_LIFETIME = """
+SELECT meter, count(*) AS event_count, sum(quantity) AS quantity_sum FROM usage_events
+WHERE customer_id = $1 GROUP BY meter"""
+
+# Every customer id that has a row or events, in order. A read.
+ALL_CUSTOMER_IDS = """
+SELECT customer_id FROM customers
+UNION
+SELECT DISTINCT customer_id FROM usage_events
+ORDER BY 1"""
+
 # $1 customer_id, $2 idempotency_key
 EVENT_BY_KEY = """
 SELECT event_id, payload_hash FROM usage_events WHERE customer_id = $1 AND idempotency_key = $2"""
 
-# Checks without consume, many at once: each (customer, meter) pair with the customer and its
-# current period's totals row, both by primary key. Pairs of unknown customers have no row.
-# $1 customer_id[], $2 meter[]; i is the pair's 1-based position
-CHECK_READS = """
-SELECT u.i, c.customer_id, c.plan_id, c.subscription_status, c.period_start, c.period_end,
-    c.provider, c.provider_customer_id, c.subscription_items,
-    t.customer_id IS NOT NULL AS has_totals, t.event_count, t.quantity_sum, t.quantity_max,
-    t.last_quantity, t.last_event_time, t.reported_count, t.reported_sum, t.failed_count,
-    t.failed_sum
+# Checks without consume, many at once: each (customer, meter) pair with the customer and the
+# latest totals row starting at or before now (the caller keeps it only when it is the period
+# containing now). Pairs of unknown customers have no row.
+# $1 customer_id[], $2 meter[], $3 now; i is the pair's 1-based position
+CHECK_READS = f"""
+SELECT u.i, c.*, t.period_start AS t_start, t.period_end AS t_end, t.event_count,
+    t.quantity_sum, t.quantity_max, t.last_quantity, t.last_event_time, t.last_seq,
+    t.reported_count, t.reported_sum, t.failed_count, t.failed_sum
 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(customer_id, meter, i)
-JOIN customers c ON c.customer_id = u.customer_id
-LEFT JOIN usage_totals t
-    ON t.customer_id = c.customer_id AND t.meter = u.meter AND t.period_start = c.period_start"""
+JOIN LATERAL (
+    SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = u.customer_id) c ON true
+LEFT JOIN LATERAL (
+    SELECT * FROM usage_totals
+    WHERE customer_id = c.customer_id AND meter = u.meter AND period_start <= $3
+    ORDER BY period_start DESC LIMIT 1) t ON true"""

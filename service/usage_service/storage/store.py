@@ -12,8 +12,14 @@ from typing import NamedTuple, TypeAlias
 
 import asyncpg
 
-from usage_service import domain
-from usage_service.storage import coalesce, queries
+from usage_service import domain, periods
+from usage_service.storage import coalesce, history, queries
+from usage_service.storage.rows import (
+    Conn,
+    customer_from_row,
+    stored_periods,
+    totals_from_row,
+)
 
 DEFAULT_POOL_SIZE = 10  # connections
 MAX_RECORD_ROUNDS = 10  # transactions tried for one group before answering CONCURRENCY_CONFLICT
@@ -26,7 +32,6 @@ _DATABASE_DOWN = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
 )
-Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 
 class KeyConflict(Exception):
@@ -38,6 +43,14 @@ class KeyConflict(Exception):
         self.event_id = event_id
 
 
+class TotalOutOfRange(Exception):
+    """An event would take its customer's and meter's total past int64: nothing is stored."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"item {index}: the total would exceed the largest int64")
+        self.index = index
+
+
 class Recorded(NamedTuple):  # a tuple: a batch makes one per event
     event_id: str
     duplicate: bool
@@ -46,13 +59,24 @@ class Recorded(NamedTuple):  # a tuple: a batch makes one per event
 @dataclasses.dataclass(frozen=True)
 class Consumed:
     """The outcome of a check-and-consume. For a replayed key, `decision` is None and `totals`
-    already hold the earlier consumption."""
+    already hold the earlier consumption. `period`: the one containing the event."""
 
     customer: domain.Customer | None
     decision: domain.Decision | None
     totals: domain.Totals = dataclasses.field(default_factory=domain.Totals)
     event_id: str = ""
     duplicate: bool = False
+    period: periods.Period | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """A read for a check: the customer (None when unknown), the period containing now and the
+    customer's totals for the meter in it."""
+
+    customer: domain.Customer | None = None
+    period: periods.Period | None = None
+    totals: domain.Totals = dataclasses.field(default_factory=domain.Totals)
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -76,33 +100,6 @@ async def create_pool(dsn: str, size: int = DEFAULT_POOL_SIZE) -> asyncpg.Pool:
     )
     assert pool is not None
     return pool
-
-
-def customer_from_row(row: asyncpg.Record) -> domain.Customer:
-    return domain.Customer(
-        customer_id=row["customer_id"],
-        plan_id=row["plan_id"],
-        subscription_status=domain.SubscriptionStatus(row["subscription_status"]),
-        period_start=row["period_start"],
-        period_end=row["period_end"],
-        provider=domain.Provider(row["provider"]),
-        provider_customer_id=row["provider_customer_id"],
-        subscription_items=dict(row["subscription_items"]),
-    )
-
-
-def totals_from_row(row: asyncpg.Record) -> domain.Totals:
-    return domain.Totals(
-        event_count=row["event_count"],
-        quantity_sum=row["quantity_sum"],
-        quantity_max=row["quantity_max"],
-        last_quantity=row["last_quantity"],
-        last_event_time=row["last_event_time"],
-        reported_count=row["reported_count"],
-        reported_sum=row["reported_sum"],
-        failed_count=row["failed_count"],
-        failed_sum=row["failed_sum"],
-    )
 
 
 class _Replan(Exception):
@@ -153,9 +150,9 @@ class Store:
         self._writes: coalesce.Coalescer[
             Sequence[domain.UsageEvent], list[Recorded] | KeyConflict
         ] = coalesce.Coalescer(self.record_isolated, weight=len)
-        self._reads: coalesce.Coalescer[
-            tuple[str, str], tuple[domain.Customer | None, domain.Totals]
-        ] = coalesce.Coalescer(self.check_read_many, max_items=1000)
+        self._reads: coalesce.Coalescer[tuple[str, str, dt.datetime], Checked] = coalesce.Coalescer(
+            self.check_read_many, max_items=1000
+        )
 
     async def close(self) -> None:
         await self._writes.close()
@@ -164,36 +161,33 @@ class Store:
 
     # --- customers ---
 
-    async def get_customer(self, customer_id: str) -> domain.Customer | None:
+    async def get_customer(
+        self, customer_id: str, now: dt.datetime
+    ) -> tuple[domain.Customer, periods.Period] | None:
+        """A customer and the period containing `now`; None when unknown."""
         row = await self.pool.fetchrow(queries.GET_CUSTOMER, customer_id)
-        return customer_from_row(row) if row else None
+        customer = customer_from_row(row) if row else None
+        if customer is None:
+            return None
+        return customer, await self.period_now(customer, now)
 
-    async def upsert_customer(self, c: domain.Customer) -> domain.Customer:
-        """Writes the customer; when its period is new or changed, rebuilds that period's totals
-        from the events already recorded in it (usage may arrive before the webhook)."""
+    async def period_now(self, customer: domain.Customer, now: dt.datetime) -> periods.Period:
+        """The period containing `now`: from the customer's row alone, unless `now` is before
+        its last confirmed period."""
+        period = customer.period_after_confirmed(now)
+        if period is None:
+            stored = await stored_periods(self.pool, [customer.customer_id])
+            period = periods.period_at(stored[customer.customer_id], now)
+        return period
+
+    async def upsert_customer(
+        self, c: domain.Customer, cadence: history.CadenceRequest, now: dt.datetime
+    ) -> tuple[domain.Customer, periods.Period]:
+        """Writes the customer and confirms its period, rewriting the periods from that period's
+        start on and rebuilding exactly the totals whose periods changed, in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
-            before = await conn.fetchrow(queries.GET_CUSTOMER_FOR_UPDATE, c.customer_id)
-            row = await conn.fetchrow(
-                queries.UPSERT_CUSTOMER,
-                c.customer_id,
-                c.plan_id,
-                c.subscription_status.value,
-                c.period_start,
-                c.period_end,
-                c.provider.value,
-                c.provider_customer_id,
-                dict(c.subscription_items),
-            )
-            if before is None or (before["period_start"], before["period_end"]) != (
-                c.period_start,
-                c.period_end,
-            ):
-                await conn.execute(queries.CLEAR_PERIOD_TOTALS, c.customer_id, c.period_start)
-                await conn.execute(
-                    queries.RECOMPUTE_PERIOD_TOTALS, c.customer_id, c.period_start, c.period_end
-                )
-        assert row is not None
-        return customer_from_row(row)
+            saved = await history.confirm(conn, c, cadence, now)
+        return saved, await self.period_now(saved, now)
 
     # --- usage ---
 
@@ -211,11 +205,38 @@ class Store:
     async def record(self, events: Sequence[domain.UsageEvent]) -> list[Recorded]:
         """Stores events in one transaction, answering per event in order. A key seen before
         (in this call or earlier) with the same payload is a duplicate; with another payload it
-        raises KeyConflict and nothing is stored."""
-        (answer,) = await self.record_many([events])
+        raises KeyConflict and nothing is stored. An event that would take its lifetime total
+        past int64 raises TotalOutOfRange."""
+        try:
+            (answer,) = await self.record_many([events])
+        except asyncpg.exceptions.NumericValueOutOfRangeError:
+            raise await self._overflowing(events) from None
         if isinstance(answer, KeyConflict):
             raise answer
         return answer
+
+    async def _overflowing(self, events: Sequence[domain.UsageEvent]) -> TotalOutOfRange:
+        """Which of `events` (refused as a whole for an out-of-range total) takes its total past
+        int64, counting the keys not already stored."""
+        keys = sorted({(e.customer_id, e.meter) for e in events})
+        async with self.pool.acquire() as conn:
+            sums = {
+                (r["customer_id"], r["meter"]): r["quantity_sum"]
+                for r in await conn.fetch(
+                    queries.LIFETIME_SUMS, [k[0] for k in keys], [k[1] for k in keys]
+                )
+            }
+            stored = {
+                (r["customer_id"], r["idempotency_key"])
+                for r in await conn.fetch(
+                    queries.EXISTING_EVENTS,
+                    [e.customer_id for e in events],
+                    [e.idempotency_key for e in events],
+                )
+            }
+        fresh = [e for e in events if (e.customer_id, e.idempotency_key) not in stored]
+        index = domain.first_overflow(fresh, sums)
+        return TotalOutOfRange(events.index(fresh[index]) if index >= 0 else 0)
 
     async def record_isolated(
         self, requests: Sequence[Sequence[domain.UsageEvent]]
@@ -228,16 +249,18 @@ class Store:
             raise
         except Exception:
             if len(requests) == 1:
-                raise
-        out: list[list[Recorded] | KeyConflict | BaseException] = []
-        for events in requests:
-            try:
-                out.extend(await self.record_many([events]))
-            except _DATABASE_DOWN:
-                raise
-            except Exception as exc:
-                out.append(exc)
-        return out
+                return [await self._record_one(requests[0])]
+        return [await self._record_one(events) for events in requests]
+
+    async def _record_one(
+        self, events: Sequence[domain.UsageEvent]
+    ) -> list[Recorded] | KeyConflict | BaseException:
+        try:
+            return await self.record(events)
+        except _DATABASE_DOWN:
+            raise
+        except Exception as exc:
+            return exc
 
     async def record_many(
         self, requests: Sequence[Sequence[domain.UsageEvent]]
@@ -261,9 +284,9 @@ class Store:
         answers, fresh = _resolve(requests, known)
         if not fresh:
             return answers
+        order = {id(e): i for i, e in enumerate(e for events in requests for e in events)}
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(queries.LOCK_CUSTOMERS, sorted({e.customer_id for e in fresh}))
-            periods = {r["customer_id"]: (r["period_start"], r["period_end"]) for r in rows}
+            schedules = await self._lock_customers(conn, fresh)
             inserted_rows = await conn.fetch(
                 queries.INSERT_EVENTS,
                 [e.event_id for e in fresh],
@@ -274,9 +297,10 @@ class Store:
                 [e.event_time for e in fresh],
                 [properties_json(e.properties) for e in fresh],
                 [e.payload_hash for e in fresh],
+                [order[id(e)] for e in fresh],
             )
-            inserted = {str(r["event_id"]) for r in inserted_rows}
-            missing = [e for e in fresh if e.event_id not in inserted]
+            seqs = {str(r["event_id"]): r["seq"] for r in inserted_rows}
+            missing = [e for e in fresh if e.event_id not in seqs]
             if missing:  # keys stored by earlier calls: duplicates, or conflicts to replan
                 for r in await conn.fetch(
                     queries.EXISTING_EVENTS,
@@ -292,74 +316,108 @@ class Store:
                     if seen is None or seen[1] != e.payload_hash:
                         raise _Replan
                 answers, _ = _resolve(requests, known)
-            await self._add_totals(conn, periods, [e for e in fresh if e.event_id in inserted])
+            added = [(e, seqs[e.event_id]) for e in fresh if e.event_id in seqs]
+            await self._add_totals(conn, schedules, added)
         return answers
+
+    async def _lock_customers(
+        self, conn: Conn, events: Sequence[domain.UsageEvent]
+    ) -> dict[str, list[periods.Stored]]:
+        """Locks the events' customers (shared), creating placeholders for unknown ones, and
+        returns the confirmed periods each event needs: the last one, or all of them for a
+        customer with events before its last confirmed period. Placeholders have none."""
+        ids = sorted({e.customer_id for e in events})
+        rows = await conn.fetch(queries.LOCK_CUSTOMERS, ids)
+        if len(rows) < len(ids):
+            found = {r["customer_id"] for r in rows}
+            new = [c for c in ids if c not in found]
+            await conn.execute(queries.INSERT_PLACEHOLDERS, new)
+            rows = [*rows, *await conn.fetch(queries.LOCK_CUSTOMERS, new)]
+        schedules: dict[str, list[periods.Stored]] = {}
+        for row in rows:
+            customer = customer_from_row(row)
+            schedules[row["customer_id"]] = [customer.last_confirmed] if customer else []
+        early = sorted(
+            {
+                e.customer_id
+                for e in events
+                if schedules[e.customer_id] and e.event_time < schedules[e.customer_id][0].start
+            }
+        )
+        if early:
+            schedules.update(await stored_periods(conn, early))
+        return schedules
 
     async def _add_totals(
         self,
         conn: Conn,
-        periods: Mapping[str, tuple[dt.datetime, dt.datetime]],
-        events: Sequence[domain.UsageEvent],
+        schedules: Mapping[str, Sequence[periods.Stored]],
+        events: Sequence[tuple[domain.UsageEvent, int]],
     ) -> None:
-        """Adds events to their customers' current-period totals (`periods`: customer_id ->
-        (start, end)); events outside it, or of unknown customers, count in none."""
-        groups: dict[tuple[str, str], list[domain.UsageEvent]] = defaultdict(list)
-        for e in events:
-            period = periods.get(e.customer_id)
-            if period is not None and period[0] <= e.event_time < period[1]:
-                groups[(e.customer_id, e.meter)].append(e)
-        if not groups:
+        """Adds (event, seq) pairs to their customers' and meters' lifetime totals and to the
+        totals of the periods containing them (`schedules`: customer_id -> confirmed periods;
+        a placeholder's events count in its lifetime totals only)."""
+        if not events:
             return
-        keys = sorted(groups)
+        groups: dict[tuple[str, str, periods.Period], list[tuple[domain.UsageEvent, int]]] = (
+            defaultdict(list)
+        )
+        life: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for e, seq in events:
+            counts = life[(e.customer_id, e.meter)]
+            counts[0] += 1
+            counts[1] += e.quantity
+            stored = schedules[e.customer_id]
+            if stored:
+                period = periods.period_at(stored, e.event_time)
+                groups[(e.customer_id, e.meter, period)].append((e, seq))
+        keys = sorted(groups, key=lambda k: (k[0], k[1], k[2].start))
         folded = [domain.fold(groups[k]) for k in keys]
-        bounds = [periods[c] for c, _ in keys]
+        life_keys = sorted(life)
         await conn.execute(
             queries.ADD_TOTALS,
-            [c for c, _ in keys],
-            [m for _, m in keys],
-            [b[0] for b in bounds],
-            [b[1] for b in bounds],
+            [c for c, _, _ in keys],
+            [m for _, m, _ in keys],
+            [p.start for _, _, p in keys],
+            [p.end for _, _, p in keys],
             [t.event_count for t in folded],
             [t.quantity_sum for t in folded],
             [t.quantity_max for t in folded],
             [t.last_quantity for t in folded],
             [t.last_event_time for t in folded],
+            [t.last_seq for t in folded],
+            [c for c, _ in life_keys],
+            [m for _, m in life_keys],
+            [life[k][0] for k in life_keys],
+            [life[k][1] for k in life_keys],
         )
 
-    async def period_totals(self, customer: domain.Customer) -> dict[str, domain.Totals]:
-        rows = await self.pool.fetch(
-            queries.PERIOD_TOTALS, customer.customer_id, customer.period_start
-        )
+    async def period_totals(
+        self, customer: domain.Customer, period: periods.Period
+    ) -> dict[str, domain.Totals]:
+        rows = await self.pool.fetch(queries.PERIOD_TOTALS, customer.customer_id, period.start)
         return {r["meter"]: totals_from_row(r) for r in rows}
 
-    async def check_read(
-        self, customer_id: str, meter: str
-    ) -> tuple[domain.Customer | None, domain.Totals]:
-        """A customer and its current period's totals for one meter, read fresh in one
-        statement that concurrent callers share (one round trip for a whole group)."""
-        return await self._reads.submit((customer_id, meter))
+    async def check_read(self, customer_id: str, meter: str, now: dt.datetime) -> Checked:
+        """A customer, the period containing `now` and its totals for one meter, read fresh in
+        one statement that concurrent callers share (one round trip for a whole group)."""
+        return await self._reads.submit((customer_id, meter, now))
 
-    async def check_read_many(
-        self, keys: Sequence[tuple[str, str]]
-    ) -> list[tuple[domain.Customer | None, domain.Totals]]:
+    async def check_read_many(self, keys: Sequence[tuple[str, str, dt.datetime]]) -> list[Checked]:
+        now = max(k[2] for k in keys)  # the group's reads all happen after each caller's now
         rows = await self.pool.fetch(
-            queries.CHECK_READS, [c for c, _ in keys], [m for _, m in keys]
+            queries.CHECK_READS, [c for c, _, _ in keys], [m for _, m, _ in keys], now
         )
-        found = {
-            r["i"]: (
-                customer_from_row(r),
-                totals_from_row(r) if r["has_totals"] else domain.Totals(),
-            )
-            for r in rows
-        }
-        none: tuple[domain.Customer | None, domain.Totals] = (None, domain.Totals())
-        return [found.get(i, none) for i in range(1, len(keys) + 1)]
-
-    async def meter_totals(self, customer: domain.Customer, meter: str) -> domain.Totals:
-        row = await self.pool.fetchrow(
-            queries.METER_TOTALS, customer.customer_id, meter, customer.period_start
-        )
-        return totals_from_row(row) if row else domain.Totals()
+        found: dict[int, Checked] = {}
+        for r in rows:
+            customer = customer_from_row(r)
+            if customer is None:
+                continue
+            period = customer.period_after_confirmed(now) or await self.period_now(customer, now)
+            same = (r["t_start"], r["t_end"]) == period.bounds
+            totals = totals_from_row(r) if same else domain.Totals()
+            found[r["i"]] = Checked(customer, period, totals)
+        return [found.get(i, Checked()) for i in range(1, len(keys) + 1)]
 
     async def consume(
         self,
@@ -368,13 +426,15 @@ class Store:
         decide: Callable[[domain.Customer, domain.Totals], domain.Decision],
         metering_plans: Sequence[str] = (),
     ) -> Consumed:
-        """Check-and-consume in one transaction holding the totals row's lock, so no two
-        callers can both take the last units. `gate` may deny before any lock on usage;
-        `decide` judges the locked totals. A key consumed before answers as a duplicate.
+        """Check-and-consume in one transaction holding the lock of the totals row of the period
+        containing the event's time (now), so no two callers can both take the last units. A
+        key consumed before answers as a replay whatever happened to the customer since; else
+        `gate` may deny before any lock on usage, and `decide` judges the locked totals.
 
-        `metering_plans` (the plans that meter the feature) lets the first statement take the
-        totals row's lock with the customer; otherwise it is taken by a second statement. Either
-        way `decide` only ever sees the locked row."""
+        `metering_plans` (the plans that meter the feature) lets the first statement lock an
+        existing totals row with the customer; otherwise a second statement creates and locks
+        it. Either way `decide` only ever sees the locked row."""
+        now = event.event_time
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 queries.CONSUME_LOCK,
@@ -383,40 +443,63 @@ class Store:
                 list(metering_plans),
                 [s.value for s in domain.ALLOWED_STATUSES],
                 event.idempotency_key,
+                now,
             )
             customer = customer_from_row(row) if row else None
+            seen = _key_owner(row["seen_event_id"], row["seen_payload_hash"]) if row else None
+            if seen is not None:
+                period = await self._period_in(conn, customer, now)
+                totals = await self._totals_in(conn, customer, event.meter, period)
+                return self._replay(customer, period, totals, event, seen)
             denial = gate(customer)
             if denial is not None or customer is None:
                 return Consumed(customer, denial)
             assert row is not None
-            if row["locked"]:
+            period = await self._period_in(conn, customer, now)
+            assert period is not None
+            if row["locked"] and (row["t_start"], row["t_end"]) == period.bounds:
                 totals = totals_from_row(row)
-                seen = _key_owner(row["seen_event_id"], row["seen_payload_hash"])
             else:
                 locked = await conn.fetchrow(
-                    queries.LOCK_TOTALS,
-                    customer.customer_id,
-                    event.meter,
-                    customer.period_start,
-                    customer.period_end,
+                    queries.LOCK_TOTALS, customer.customer_id, event.meter, *period.bounds
                 )
-                assert locked is not None
+                assert locked is not None and locked["period_end"] == period.end
                 totals = totals_from_row(locked)
                 seen = await self._seen(conn, event)
-            if seen is not None:
-                return self._replay(customer, totals, event, seen)
+                if seen is not None:
+                    return self._replay(customer, period, totals, event, seen)
             decision = decide(customer, totals)
             if not decision.allowed:
                 # The key was read before the lock was granted: a consume of the same key that
                 # committed meanwhile is a replay, not a denial.
                 seen = await self._seen(conn, event)
                 if seen is not None:
-                    return self._replay(customer, totals, event, seen)
-                return Consumed(customer, decision, totals)
-            result = await self._insert_consumed(conn, customer, event)
+                    return self._replay(customer, period, totals, event, seen)
+                return Consumed(customer, decision, totals, period=period)
+            result = await self._insert_consumed(conn, event, period)
             if result.duplicate:
-                return Consumed(customer, None, totals, result.event_id, duplicate=True)
-            return Consumed(customer, decision, totals, result.event_id)
+                return Consumed(customer, None, totals, result.event_id, True, period)
+            return Consumed(customer, decision, totals, result.event_id, period=period)
+
+    async def _period_in(
+        self, conn: Conn, customer: domain.Customer | None, now: dt.datetime
+    ) -> periods.Period | None:
+        if customer is None:
+            return None
+        period = customer.period_after_confirmed(now)
+        if period is None:
+            stored = await stored_periods(conn, [customer.customer_id])
+            period = periods.period_at(stored[customer.customer_id], now)
+        return period
+
+    @staticmethod
+    async def _totals_in(
+        conn: Conn, customer: domain.Customer | None, meter: str, period: periods.Period | None
+    ) -> domain.Totals:
+        if customer is None or period is None:
+            return domain.Totals()
+        row = await conn.fetchrow(queries.METER_TOTALS, customer.customer_id, meter, period.start)
+        return totals_from_row(row) if row else domain.Totals()
 
     @staticmethod
     async def _seen(conn: Conn, e: domain.UsageEvent) -> tuple[str, bytes] | None:
@@ -425,7 +508,8 @@ class Store:
 
     @staticmethod
     def _replay(
-        customer: domain.Customer,
+        customer: domain.Customer | None,
+        period: periods.Period | None,
         totals: domain.Totals,
         e: domain.UsageEvent,
         seen: tuple[str, bytes],
@@ -434,10 +518,10 @@ class Store:
         event_id, payload = seen
         if payload != e.payload_hash:
             raise KeyConflict(0, event_id)
-        return Consumed(customer, None, totals, event_id, duplicate=True)
+        return Consumed(customer, None, totals, event_id, True, period)
 
     async def _insert_consumed(
-        self, conn: Conn, customer: domain.Customer, e: domain.UsageEvent
+        self, conn: Conn, e: domain.UsageEvent, period: periods.Period
     ) -> Recorded:
         inserted = await conn.fetchval(
             queries.CONSUME_INSERT,
@@ -449,8 +533,7 @@ class Store:
             e.event_time,
             properties_json(e.properties),
             e.payload_hash,
-            customer.in_period(e.event_time),
-            customer.period_start,
+            period.start,
         )
         if inserted is None:  # a concurrent RecordUsage took the key between our check and insert
             seen = await self._seen(conn, e)

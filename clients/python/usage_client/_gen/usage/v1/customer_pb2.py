@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17usage/v1/customer.proto\x12\x08usage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x03\n\x08\x43ustomer\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x39\n\x13subscription_status\x18\x03 \x01(\x0e\x32\x1c.usage.v1.SubscriptionStatus\x12=\n\x19\x63urrent_period_start_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x17\x63urrent_period_end_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x08provider\x18\x06 \x01(\x0e\x32\x12.usage.v1.Provider\x12\x1c\n\x14provider_customer_id\x18\x07 \x01(\t\x12\x45\n\x12subscription_items\x18\x08 \x03(\x0b\x32).usage.v1.Customer.SubscriptionItemsEntry\x1a\x38\n\x16SubscriptionItemsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x15UpsertCustomerRequest\x12$\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x12.usage.v1.Customer\">\n\x16UpsertCustomerResponse\x12$\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x12.usage.v1.Customer\")\n\x12GetCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\";\n\x13GetCustomerResponse\x12$\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x12.usage.v1.Customer*\xa3\x02\n\x12SubscriptionStatus\x12#\n\x1fSUBSCRIPTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSUBSCRIPTION_STATUS_ACTIVE\x10\x01\x12 \n\x1cSUBSCRIPTION_STATUS_TRIALING\x10\x02\x12 \n\x1cSUBSCRIPTION_STATUS_PAST_DUE\x10\x03\x12 \n\x1cSUBSCRIPTION_STATUS_CANCELED\x10\x04\x12\x1e\n\x1aSUBSCRIPTION_STATUS_UNPAID\x10\x05\x12\"\n\x1eSUBSCRIPTION_STATUS_INCOMPLETE\x10\x06\x12\x1e\n\x1aSUBSCRIPTION_STATUS_PAUSED\x10\x07*\x99\x01\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROVIDER_STRIPE\x10\x01\x12\x1a\n\x16PROVIDER_LEMON_SQUEEZY\x10\x02\x12\x12\n\x0ePROVIDER_POLAR\x10\x03\x12\x1a\n\x16PROVIDER_DODO_PAYMENTS\x10\x04\x12\x12\n\x0ePROVIDER_CREEM\x10\x05\x32\xb2\x01\n\x0f\x43ustomerService\x12S\n\x0eUpsertCustomer\x12\x1f.usage.v1.UpsertCustomerRequest\x1a .usage.v1.UpsertCustomerResponse\x12J\n\x0bGetCustomer\x12\x1c.usage.v1.GetCustomerRequest\x1a\x1d.usage.v1.GetCustomerResponseB\"\n\x0c\x63om.usage.v1P\x01Z\x10usage/v1;usagev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17usage/v1/customer.proto\x12\x08usage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf7\x04\n\x08\x43ustomer\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x39\n\x13subscription_status\x18\x03 \x01(\x0e\x32\x1c.usage.v1.SubscriptionStatus\x12=\n\x19\x63urrent_period_start_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x17\x63urrent_period_end_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x08provider\x18\x06 \x01(\x0e\x32\x12.usage.v1.Provider\x12\x1c\n\x14provider_customer_id\x18\x07 \x01(\t\x12\x45\n\x12subscription_items\x18\x08 \x03(\x0b\x32).usage.v1.Customer.SubscriptionItemsEntry\x12\x33\n\x10\x62illing_interval\x18\t \x01(\x0e\x32\x19.usage.v1.BillingInterval\x12\x1e\n\x16\x62illing_interval_count\x18\n \x01(\x05\x12=\n\x19\x62illing_cycle_anchor_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x15\x63urrent_period_source\x18\x0c \x01(\x0e\x32\x16.usage.v1.PeriodSource\x1a\x38\n\x16SubscriptionItemsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x15UpsertCustomerRequest\x12$\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x12.usage.v1.Customer\">\n\x16UpsertCustomerResponse\x12$\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x12.usage.v1.Customer\")\n\x12GetCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\";\n\x13GetCustomerResponse\x12$\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x12.usage.v1.Customer*\xa3\x02\n\x12SubscriptionStatus\x12#\n\x1fSUBSCRIPTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSUBSCRIPTION_STATUS_ACTIVE\x10\x01\x12 \n\x1cSUBSCRIPTION_STATUS_TRIALING\x10\x02\x12 \n\x1cSUBSCRIPTION_STATUS_PAST_DUE\x10\x03\x12 \n\x1cSUBSCRIPTION_STATUS_CANCELED\x10\x04\x12\x1e\n\x1aSUBSCRIPTION_STATUS_UNPAID\x10\x05\x12\"\n\x1eSUBSCRIPTION_STATUS_INCOMPLETE\x10\x06\x12\x1e\n\x1aSUBSCRIPTION_STATUS_PAUSED\x10\x07*\x99\x01\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROVIDER_STRIPE\x10\x01\x12\x1a\n\x16PROVIDER_LEMON_SQUEEZY\x10\x02\x12\x12\n\x0ePROVIDER_POLAR\x10\x03\x12\x1a\n\x16PROVIDER_DODO_PAYMENTS\x10\x04\x12\x12\n\x0ePROVIDER_CREEM\x10\x05*\x9f\x01\n\x0f\x42illingInterval\x12 \n\x1c\x42ILLING_INTERVAL_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42ILLING_INTERVAL_DAY\x10\x01\x12\x19\n\x15\x42ILLING_INTERVAL_WEEK\x10\x02\x12\x1a\n\x16\x42ILLING_INTERVAL_MONTH\x10\x03\x12\x19\n\x15\x42ILLING_INTERVAL_YEAR\x10\x04*g\n\x0cPeriodSource\x12\x1d\n\x19PERIOD_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PERIOD_SOURCE_CONFIRMED\x10\x01\x12\x1b\n\x17PERIOD_SOURCE_PROJECTED\x10\x02\x32\xb2\x01\n\x0f\x43ustomerService\x12S\n\x0eUpsertCustomer\x12\x1f.usage.v1.UpsertCustomerRequest\x1a .usage.v1.UpsertCustomerResponse\x12J\n\x0bGetCustomer\x12\x1c.usage.v1.GetCustomerRequest\x1a\x1d.usage.v1.GetCustomerResponseB\"\n\x0c\x63om.usage.v1P\x01Z\x10usage/v1;usagev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\014com.usage.v1P\001Z\020usage/v1;usagev1'
   _globals['_CUSTOMER_SUBSCRIPTIONITEMSENTRY']._loaded_options = None
   _globals['_CUSTOMER_SUBSCRIPTIONITEMSENTRY']._serialized_options = b'8\001'
-  _globals['_SUBSCRIPTIONSTATUS']._serialized_start=733
-  _globals['_SUBSCRIPTIONSTATUS']._serialized_end=1024
-  _globals['_PROVIDER']._serialized_start=1027
-  _globals['_PROVIDER']._serialized_end=1180
+  _globals['_SUBSCRIPTIONSTATUS']._serialized_start=936
+  _globals['_SUBSCRIPTIONSTATUS']._serialized_end=1227
+  _globals['_PROVIDER']._serialized_start=1230
+  _globals['_PROVIDER']._serialized_end=1383
+  _globals['_BILLINGINTERVAL']._serialized_start=1386
+  _globals['_BILLINGINTERVAL']._serialized_end=1545
+  _globals['_PERIODSOURCE']._serialized_start=1547
+  _globals['_PERIODSOURCE']._serialized_end=1650
   _globals['_CUSTOMER']._serialized_start=71
-  _globals['_CUSTOMER']._serialized_end=499
-  _globals['_CUSTOMER_SUBSCRIPTIONITEMSENTRY']._serialized_start=443
-  _globals['_CUSTOMER_SUBSCRIPTIONITEMSENTRY']._serialized_end=499
-  _globals['_UPSERTCUSTOMERREQUEST']._serialized_start=501
-  _globals['_UPSERTCUSTOMERREQUEST']._serialized_end=562
-  _globals['_UPSERTCUSTOMERRESPONSE']._serialized_start=564
-  _globals['_UPSERTCUSTOMERRESPONSE']._serialized_end=626
-  _globals['_GETCUSTOMERREQUEST']._serialized_start=628
-  _globals['_GETCUSTOMERREQUEST']._serialized_end=669
-  _globals['_GETCUSTOMERRESPONSE']._serialized_start=671
-  _globals['_GETCUSTOMERRESPONSE']._serialized_end=730
-  _globals['_CUSTOMERSERVICE']._serialized_start=1183
-  _globals['_CUSTOMERSERVICE']._serialized_end=1361
+  _globals['_CUSTOMER']._serialized_end=702
+  _globals['_CUSTOMER_SUBSCRIPTIONITEMSENTRY']._serialized_start=646
+  _globals['_CUSTOMER_SUBSCRIPTIONITEMSENTRY']._serialized_end=702
+  _globals['_UPSERTCUSTOMERREQUEST']._serialized_start=704
+  _globals['_UPSERTCUSTOMERREQUEST']._serialized_end=765
+  _globals['_UPSERTCUSTOMERRESPONSE']._serialized_start=767
+  _globals['_UPSERTCUSTOMERRESPONSE']._serialized_end=829
+  _globals['_GETCUSTOMERREQUEST']._serialized_start=831
+  _globals['_GETCUSTOMERREQUEST']._serialized_end=872
+  _globals['_GETCUSTOMERRESPONSE']._serialized_start=874
+  _globals['_GETCUSTOMERRESPONSE']._serialized_end=933
+  _globals['_CUSTOMERSERVICE']._serialized_start=1653
+  _globals['_CUSTOMERSERVICE']._serialized_end=1831
 # @@protoc_insertion_point(module_scope)

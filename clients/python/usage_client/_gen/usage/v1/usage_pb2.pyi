@@ -98,7 +98,7 @@ class CheckEntitlementRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., feature: _Optional[str] = ..., quantity: _Optional[int] = ..., consume: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CheckEntitlementResponse(_message.Message):
-    __slots__ = ("allowed", "reason", "used", "included", "limit", "remaining", "period_start_time", "period_end_time", "event_id", "duplicate")
+    __slots__ = ("allowed", "reason", "used", "included", "limit", "remaining", "period_start_time", "period_end_time", "event_id", "duplicate", "period_source")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class CheckEntitlementResponse(_message.Message):
     PERIOD_END_TIME_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_SOURCE_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reason: EntitlementReason
     used: int
@@ -119,7 +120,8 @@ class CheckEntitlementResponse(_message.Message):
     period_end_time: _timestamp_pb2.Timestamp
     event_id: str
     duplicate: bool
-    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[EntitlementReason, str]] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    period_source: _customer_pb2.PeriodSource
+    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[EntitlementReason, str]] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., period_source: _Optional[_Union[_customer_pb2.PeriodSource, str]] = ...) -> None: ...
 
 class GetUsageSummaryRequest(_message.Message):
     __slots__ = ("customer_id", "meter")
@@ -130,7 +132,7 @@ class GetUsageSummaryRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ...) -> None: ...
 
 class MeterUsage(_message.Message):
-    __slots__ = ("meter", "used", "included", "limit", "remaining", "overage", "reported", "pending", "failed", "aggregation", "unit")
+    __slots__ = ("meter", "used", "included", "limit", "remaining", "overage", "reported", "pending", "failed", "aggregation", "unit", "unbilled")
     METER_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
     INCLUDED_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +144,7 @@ class MeterUsage(_message.Message):
     FAILED_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
+    UNBILLED_FIELD_NUMBER: _ClassVar[int]
     meter: str
     used: int
     included: int
@@ -153,20 +156,23 @@ class MeterUsage(_message.Message):
     failed: int
     aggregation: str
     unit: str
-    def __init__(self, meter: _Optional[str] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., overage: _Optional[int] = ..., reported: _Optional[int] = ..., pending: _Optional[int] = ..., failed: _Optional[int] = ..., aggregation: _Optional[str] = ..., unit: _Optional[str] = ...) -> None: ...
+    unbilled: int
+    def __init__(self, meter: _Optional[str] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., overage: _Optional[int] = ..., reported: _Optional[int] = ..., pending: _Optional[int] = ..., failed: _Optional[int] = ..., aggregation: _Optional[str] = ..., unit: _Optional[str] = ..., unbilled: _Optional[int] = ...) -> None: ...
 
 class GetUsageSummaryResponse(_message.Message):
-    __slots__ = ("customer_id", "plan_id", "period_start_time", "period_end_time", "meters", "subscription_status")
+    __slots__ = ("customer_id", "plan_id", "period_start_time", "period_end_time", "meters", "subscription_status", "period_source")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_TIME_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_TIME_FIELD_NUMBER: _ClassVar[int]
     METERS_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIPTION_STATUS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_SOURCE_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     plan_id: str
     period_start_time: _timestamp_pb2.Timestamp
     period_end_time: _timestamp_pb2.Timestamp
     meters: _containers.RepeatedCompositeFieldContainer[MeterUsage]
     subscription_status: _customer_pb2.SubscriptionStatus
-    def __init__(self, customer_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., meters: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., subscription_status: _Optional[_Union[_customer_pb2.SubscriptionStatus, str]] = ...) -> None: ...
+    period_source: _customer_pb2.PeriodSource
+    def __init__(self, customer_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., meters: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., subscription_status: _Optional[_Union[_customer_pb2.SubscriptionStatus, str]] = ..., period_source: _Optional[_Union[_customer_pb2.PeriodSource, str]] = ...) -> None: ...

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file usage/v1/customer.proto.
  */
 export const file_usage_v1_customer: GenFile = /*@__PURE__*/
-  fileDesc("Chd1c2FnZS92MS9jdXN0b21lci5wcm90bxIIdXNhZ2UudjEirAMKCEN1c3RvbWVyEhMKC2N1c3RvbWVyX2lkGAEgASgJEg8KB3BsYW5faWQYAiABKAkSOQoTc3Vic2NyaXB0aW9uX3N0YXR1cxgDIAEoDjIcLnVzYWdlLnYxLlN1YnNjcmlwdGlvblN0YXR1cxI9ChljdXJyZW50X3BlcmlvZF9zdGFydF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI7ChdjdXJyZW50X3BlcmlvZF9lbmRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoIcHJvdmlkZXIYBiABKA4yEi51c2FnZS52MS5Qcm92aWRlchIcChRwcm92aWRlcl9jdXN0b21lcl9pZBgHIAEoCRJFChJzdWJzY3JpcHRpb25faXRlbXMYCCADKAsyKS51c2FnZS52MS5DdXN0b21lci5TdWJzY3JpcHRpb25JdGVtc0VudHJ5GjgKFlN1YnNjcmlwdGlvbkl0ZW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI9ChVVcHNlcnRDdXN0b21lclJlcXVlc3QSJAoIY3VzdG9tZXIYASABKAsyEi51c2FnZS52MS5DdXN0b21lciI+ChZVcHNlcnRDdXN0b21lclJlc3BvbnNlEiQKCGN1c3RvbWVyGAEgASgLMhIudXNhZ2UudjEuQ3VzdG9tZXIiKQoSR2V0Q3VzdG9tZXJSZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgJIjsKE0dldEN1c3RvbWVyUmVzcG9uc2USJAoIY3VzdG9tZXIYASABKAsyEi51c2FnZS52MS5DdXN0b21lciqjAgoSU3Vic2NyaXB0aW9uU3RhdHVzEiMKH1NVQlNDUklQVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIeChpTVUJTQ1JJUFRJT05fU1RBVFVTX0FDVElWRRABEiAKHFNVQlNDUklQVElPTl9TVEFUVVNfVFJJQUxJTkcQAhIgChxTVUJTQ1JJUFRJT05fU1RBVFVTX1BBU1RfRFVFEAMSIAocU1VCU0NSSVBUSU9OX1NUQVRVU19DQU5DRUxFRBAEEh4KGlNVQlNDUklQVElPTl9TVEFUVVNfVU5QQUlEEAUSIgoeU1VCU0NSSVBUSU9OX1NUQVRVU19JTkNPTVBMRVRFEAYSHgoaU1VCU0NSSVBUSU9OX1NUQVRVU19QQVVTRUQQByqZAQoIUHJvdmlkZXISGAoUUFJPVklERVJfVU5TUEVDSUZJRUQQABITCg9QUk9WSURFUl9TVFJJUEUQARIaChZQUk9WSURFUl9MRU1PTl9TUVVFRVpZEAISEgoOUFJPVklERVJfUE9MQVIQAxIaChZQUk9WSURFUl9ET0RPX1BBWU1FTlRTEAQSEgoOUFJPVklERVJfQ1JFRU0QBTKyAQoPQ3VzdG9tZXJTZXJ2aWNlElMKDlVwc2VydEN1c3RvbWVyEh8udXNhZ2UudjEuVXBzZXJ0Q3VzdG9tZXJSZXF1ZXN0GiAudXNhZ2UudjEuVXBzZXJ0Q3VzdG9tZXJSZXNwb25zZRJKCgtHZXRDdXN0b21lchIcLnVzYWdlLnYxLkdldEN1c3RvbWVyUmVxdWVzdBodLnVzYWdlLnYxLkdldEN1c3RvbWVyUmVzcG9uc2VCIgoMY29tLnVzYWdlLnYxUAFaEHVzYWdlL3YxO3VzYWdldjFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("Chd1c2FnZS92MS9jdXN0b21lci5wcm90bxIIdXNhZ2UudjEi9wQKCEN1c3RvbWVyEhMKC2N1c3RvbWVyX2lkGAEgASgJEg8KB3BsYW5faWQYAiABKAkSOQoTc3Vic2NyaXB0aW9uX3N0YXR1cxgDIAEoDjIcLnVzYWdlLnYxLlN1YnNjcmlwdGlvblN0YXR1cxI9ChljdXJyZW50X3BlcmlvZF9zdGFydF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI7ChdjdXJyZW50X3BlcmlvZF9lbmRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoIcHJvdmlkZXIYBiABKA4yEi51c2FnZS52MS5Qcm92aWRlchIcChRwcm92aWRlcl9jdXN0b21lcl9pZBgHIAEoCRJFChJzdWJzY3JpcHRpb25faXRlbXMYCCADKAsyKS51c2FnZS52MS5DdXN0b21lci5TdWJzY3JpcHRpb25JdGVtc0VudHJ5EjMKEGJpbGxpbmdfaW50ZXJ2YWwYCSABKA4yGS51c2FnZS52MS5CaWxsaW5nSW50ZXJ2YWwSHgoWYmlsbGluZ19pbnRlcnZhbF9jb3VudBgKIAEoBRI9ChliaWxsaW5nX2N5Y2xlX2FuY2hvcl90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI1ChVjdXJyZW50X3BlcmlvZF9zb3VyY2UYDCABKA4yFi51c2FnZS52MS5QZXJpb2RTb3VyY2UaOAoWU3Vic2NyaXB0aW9uSXRlbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIj0KFVVwc2VydEN1c3RvbWVyUmVxdWVzdBIkCghjdXN0b21lchgBIAEoCzISLnVzYWdlLnYxLkN1c3RvbWVyIj4KFlVwc2VydEN1c3RvbWVyUmVzcG9uc2USJAoIY3VzdG9tZXIYASABKAsyEi51c2FnZS52MS5DdXN0b21lciIpChJHZXRDdXN0b21lclJlcXVlc3QSEwoLY3VzdG9tZXJfaWQYASABKAkiOwoTR2V0Q3VzdG9tZXJSZXNwb25zZRIkCghjdXN0b21lchgBIAEoCzISLnVzYWdlLnYxLkN1c3RvbWVyKqMCChJTdWJzY3JpcHRpb25TdGF0dXMSIwofU1VCU0NSSVBUSU9OX1NUQVRVU19VTlNQRUNJRklFRBAAEh4KGlNVQlNDUklQVElPTl9TVEFUVVNfQUNUSVZFEAESIAocU1VCU0NSSVBUSU9OX1NUQVRVU19UUklBTElORxACEiAKHFNVQlNDUklQVElPTl9TVEFUVVNfUEFTVF9EVUUQAxIgChxTVUJTQ1JJUFRJT05fU1RBVFVTX0NBTkNFTEVEEAQSHgoaU1VCU0NSSVBUSU9OX1NUQVRVU19VTlBBSUQQBRIiCh5TVUJTQ1JJUFRJT05fU1RBVFVTX0lOQ09NUExFVEUQBhIeChpTVUJTQ1JJUFRJT05fU1RBVFVTX1BBVVNFRBAHKpkBCghQcm92aWRlchIYChRQUk9WSURFUl9VTlNQRUNJRklFRBAAEhMKD1BST1ZJREVSX1NUUklQRRABEhoKFlBST1ZJREVSX0xFTU9OX1NRVUVFWlkQAhISCg5QUk9WSURFUl9QT0xBUhADEhoKFlBST1ZJREVSX0RPRE9fUEFZTUVOVFMQBBISCg5QUk9WSURFUl9DUkVFTRAFKp8BCg9CaWxsaW5nSW50ZXJ2YWwSIAocQklMTElOR19JTlRFUlZBTF9VTlNQRUNJRklFRBAAEhgKFEJJTExJTkdfSU5URVJWQUxfREFZEAESGQoVQklMTElOR19JTlRFUlZBTF9XRUVLEAISGgoWQklMTElOR19JTlRFUlZBTF9NT05USBADEhkKFUJJTExJTkdfSU5URVJWQUxfWUVBUhAEKmcKDFBlcmlvZFNvdXJjZRIdChlQRVJJT0RfU09VUkNFX1VOU1BFQ0lGSUVEEAASGwoXUEVSSU9EX1NPVVJDRV9DT05GSVJNRUQQARIbChdQRVJJT0RfU09VUkNFX1BST0pFQ1RFRBACMrIBCg9DdXN0b21lclNlcnZpY2USUwoOVXBzZXJ0Q3VzdG9tZXISHy51c2FnZS52MS5VcHNlcnRDdXN0b21lclJlcXVlc3QaIC51c2FnZS52MS5VcHNlcnRDdXN0b21lclJlc3BvbnNlEkoKC0dldEN1c3RvbWVyEhwudXNhZ2UudjEuR2V0Q3VzdG9tZXJSZXF1ZXN0Gh0udXNhZ2UudjEuR2V0Q3VzdG9tZXJSZXNwb25zZUIiCgxjb20udXNhZ2UudjFQAVoQdXNhZ2UvdjE7dXNhZ2V2MWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message usage.v1.Customer
@@ -38,7 +38,9 @@ export type Customer = Message<"usage.v1.Customer"> & {
   subscriptionStatus: SubscriptionStatus;
 
   /**
-   * The current billing period, [start, end).
+   * The billing period, [start, end). In UpsertCustomer: the period the payment provider
+   * confirms (the subscription's current period). In answers: the period that contains now,
+   * confirmed by a webhook or projected from the cadence (see current_period_source).
    *
    * @generated from field: google.protobuf.Timestamp current_period_start_time = 4;
    */
@@ -68,6 +70,36 @@ export type Customer = Message<"usage.v1.Customer"> & {
    * @generated from field: map<string, string> subscription_items = 8;
    */
   subscriptionItems: { [key: string]: string };
+
+  /**
+   * The billing cadence: periods are billing_interval_count billing_intervals long. Left
+   * UNSPECIFIED in UpsertCustomer, it is inferred from the period sent (see the README).
+   *
+   * @generated from field: usage.v1.BillingInterval billing_interval = 9;
+   */
+  billingInterval: BillingInterval;
+
+  /**
+   * 1 when left 0.
+   *
+   * @generated from field: int32 billing_interval_count = 10;
+   */
+  billingIntervalCount: number;
+
+  /**
+   * A boundary of the cadence (Stripe's billing_cycle_anchor): its day of month is the one
+   * periods keep, clamped in shorter months. Left out, it is taken from the period sent.
+   *
+   * @generated from field: google.protobuf.Timestamp billing_cycle_anchor_time = 11;
+   */
+  billingCycleAnchorTime?: Timestamp | undefined;
+
+  /**
+   * Output only: whether current_period_* was confirmed by a webhook or projected.
+   *
+   * @generated from field: usage.v1.PeriodSource current_period_source = 12;
+   */
+  currentPeriodSource: PeriodSource;
 };
 
 /**
@@ -238,6 +270,76 @@ export enum Provider {
  */
 export const ProviderSchema: GenEnum<Provider> = /*@__PURE__*/
   enumDesc(file_usage_v1_customer, 1);
+
+/**
+ * The unit of a billing cadence. Boundaries are computed in UTC.
+ *
+ * @generated from enum usage.v1.BillingInterval
+ */
+export enum BillingInterval {
+  /**
+   * @generated from enum value: BILLING_INTERVAL_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: BILLING_INTERVAL_DAY = 1;
+   */
+  DAY = 1,
+
+  /**
+   * @generated from enum value: BILLING_INTERVAL_WEEK = 2;
+   */
+  WEEK = 2,
+
+  /**
+   * @generated from enum value: BILLING_INTERVAL_MONTH = 3;
+   */
+  MONTH = 3,
+
+  /**
+   * @generated from enum value: BILLING_INTERVAL_YEAR = 4;
+   */
+  YEAR = 4,
+}
+
+/**
+ * Describes the enum usage.v1.BillingInterval.
+ */
+export const BillingIntervalSchema: GenEnum<BillingInterval> = /*@__PURE__*/
+  enumDesc(file_usage_v1_customer, 2);
+
+/**
+ * Where a billing period comes from.
+ *
+ * @generated from enum usage.v1.PeriodSource
+ */
+export enum PeriodSource {
+  /**
+   * @generated from enum value: PERIOD_SOURCE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A webhook (UpsertCustomer) gave this period.
+   *
+   * @generated from enum value: PERIOD_SOURCE_CONFIRMED = 1;
+   */
+  CONFIRMED = 1,
+
+  /**
+   * Past (or before) the confirmed periods: computed from the customer's cadence.
+   *
+   * @generated from enum value: PERIOD_SOURCE_PROJECTED = 2;
+   */
+  PROJECTED = 2,
+}
+
+/**
+ * Describes the enum usage.v1.PeriodSource.
+ */
+export const PeriodSourceSchema: GenEnum<PeriodSource> = /*@__PURE__*/
+  enumDesc(file_usage_v1_customer, 3);
 
 /**
  * CustomerService keeps each customer's plan, subscription status, billing period and

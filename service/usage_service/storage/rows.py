@@ -1,0 +1,73 @@
+"""Rows to domain records, and reads shared by the store and the period history."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TypeAlias
+
+import asyncpg
+
+from usage_service import domain, periods
+from usage_service.storage import queries
+
+Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+
+
+def customer_from_row(row: asyncpg.Record) -> domain.Customer | None:
+    """The customer of a row; None for a placeholder (a customer known only by its usage)."""
+    if not row["plan_id"]:
+        return None
+    start, end = row["period_start"], row["period_end"]
+    return domain.Customer(
+        customer_id=row["customer_id"],
+        plan_id=row["plan_id"],
+        subscription_status=domain.SubscriptionStatus(row["subscription_status"]),
+        period_start=start,
+        period_end=end,
+        cadence=periods.Cadence(
+            periods.Interval(row["billing_interval"]),
+            row["billing_interval_count"],
+            row["billing_anchor"] or end,
+        ),
+        provider=domain.Provider(row["provider"]),
+        provider_customer_id=row["provider_customer_id"],
+        subscription_items=dict(row["subscription_items"]),
+    )
+
+
+def stored_from_row(row: asyncpg.Record) -> periods.Stored:
+    return periods.Stored(
+        row["period_start"],
+        row["period_end"],
+        periods.Cadence(
+            periods.Interval(row["billing_interval"]),
+            row["billing_interval_count"],
+            row["billing_anchor"],
+        ),
+    )
+
+
+def totals_from_row(row: asyncpg.Record) -> domain.Totals:
+    return domain.Totals(
+        event_count=row["event_count"],
+        quantity_sum=row["quantity_sum"],
+        quantity_max=row["quantity_max"],
+        last_quantity=row["last_quantity"],
+        last_event_time=row["last_event_time"],
+        last_seq=row["last_seq"],
+        reported_count=row["reported_count"],
+        reported_sum=row["reported_sum"],
+        failed_count=row["failed_count"],
+        failed_sum=row["failed_sum"],
+    )
+
+
+async def stored_periods(
+    conn: Conn | asyncpg.Pool, customer_ids: Sequence[str]
+) -> dict[str, list[periods.Stored]]:
+    """Customers' confirmed periods, oldest first."""
+    out: dict[str, list[periods.Stored]] = defaultdict(list)
+    for row in await conn.fetch(queries.STORED_PERIODS, list(customer_ids)):
+        out[row["customer_id"]].append(stored_from_row(row))
+    return out
