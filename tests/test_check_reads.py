@@ -4,6 +4,7 @@ answer is each caller's own, and no replica ever answers from a stale customer."
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import grpc
 from conftest import Service
@@ -48,10 +49,11 @@ async def test_concurrent_checks_are_read_by_few_statements(dsn: str) -> None:
 
     st = await logged_store(dsn, statements)
     try:
-        await st.check_read("warm-up", "tokens")
+        now = dt.datetime.now(dt.UTC)
+        await st.check_read("warm-up", "tokens", now)
         statements.clear()
-        found = await asyncio.gather(*(st.check_read(f"c{i}", "tokens") for i in range(200)))
-        assert all(customer is None for customer, _ in found)
+        found = await asyncio.gather(*(st.check_read(f"c{i}", "tokens", now) for i in range(200)))
+        assert all(read.customer is None for read in found)
         reads = [s for s in statements if "FROM unnest" in s]
         assert 1 <= len(reads) <= 4, len(reads)
     finally:

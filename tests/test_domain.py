@@ -22,9 +22,11 @@ def event(q: int, minutes: int) -> domain.UsageEvent:
 
 
 def test_fold_keeps_every_aggregation_and_the_last_of_equal_times() -> None:
-    totals = domain.fold([event(5, 2), event(9, 1), event(3, 2)])
+    totals = domain.fold([(event(5, 2), 7), (event(9, 1), 8), (event(3, 2), 6)])
     assert (totals.event_count, totals.quantity_sum, totals.quantity_max) == (3, 17, 9)
-    assert (totals.last_quantity, totals.last_event_time) == (3, T0 + dt.timedelta(minutes=2))
+    # equal times: the one the service accepted last (highest acceptance order) wins
+    assert (totals.last_quantity, totals.last_event_time) == (5, T0 + dt.timedelta(minutes=2))
+    assert totals.last_seq == 7
 
 
 def test_decide_hard_soft_and_is_any_left() -> None:

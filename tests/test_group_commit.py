@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-import asyncpg
 import grpc
 import pytest
 from conftest import Service
 from helpers import details, logged_store, record
 
 from usage.v1 import usage_pb2
-from usage_service import domain
-from usage_service.storage import store
+from usage_service import domain, periods
+from usage_service.storage import history, store
 
 INT64_MAX = 2**63 - 1
 
@@ -90,21 +89,25 @@ async def test_a_total_out_of_range_fails_only_its_own_caller(dsn: str) -> None:
     st = store.Store(await store.create_pool(dsn))
     try:
         now = dt.datetime.now(dt.UTC)
+        start, end = now - dt.timedelta(days=1), now + dt.timedelta(days=1)
         await st.upsert_customer(
             domain.Customer(
                 "c",
                 "basic",
                 domain.SubscriptionStatus.ACTIVE,
-                now - dt.timedelta(days=1),
-                now + dt.timedelta(days=1),
-            )
+                start,
+                end,
+                periods.Cadence(periods.Interval.DAY, 2, end),
+            ),
+            history.CadenceRequest(),
+            now,
         )
         await st.record([_event("big", INT64_MAX)])
         ok = [_event("ok", 1, customer="other")]
         overflow = [_event("over", 1)]
         answers = await st.record_isolated([ok, overflow])
         assert answers[0] == [store.Recorded(ok[0].event_id, duplicate=False)]
-        assert isinstance(answers[1], asyncpg.exceptions.NumericValueOutOfRangeError)
+        assert isinstance(answers[1], store.TotalOutOfRange) and answers[1].index == 0
         keys = {r[0] for r in await st.pool.fetch("SELECT idempotency_key FROM usage_events")}
         assert keys == {"big", "ok"}
     finally:

@@ -19,8 +19,8 @@ from collections.abc import Iterator, Sequence
 
 # Times a customer's periods and events may take: far from datetime's own limits, so that
 # stepping a cadence from any of them never leaves the calendar.
-EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-LATEST = dt.datetime(2200, 1, 1, tzinfo=dt.UTC)
+EARLIEST = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+LATEST = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
 MAX_INTERVAL_COUNT = {  # at most about ten years a period
     "day": 3660,
     "week": 520,
