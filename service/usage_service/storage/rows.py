@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 
@@ -32,8 +33,13 @@ def customer_from_row(row: asyncpg.Record) -> domain.Customer | None:
         ),
         provider=domain.Provider(row["provider"]),
         provider_customer_id=row["provider_customer_id"],
-        subscription_items=dict(row["subscription_items"]),
+        subscription_items=dict(_json(row["subscription_items"])),
     )
+
+
+def _json(value: Any) -> Any:
+    """A jsonb value: decoded by the pool's codec, or text from a connection without it."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def stored_from_row(row: asyncpg.Record) -> periods.Stored:
