@@ -22,7 +22,7 @@ import pytest
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2_grpc
 from usage_service import plans as plans_mod
 from usage_service.server import start_server
-from usage_service.storage import migrate, store
+from usage_service.storage import history, migrate, store
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
 # Where the machine's own PostgreSQL normally runs; without it the tests start an embedded one.
@@ -81,13 +81,29 @@ def template_db(server_dsn: str) -> Iterator[str]:
     asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+async def differences(dsn: str) -> list[str]:
+    """What `usage-service verify` finds in a database: totals that differ from the events."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        return [str(d) for d in await history.verify(pool)]
+    finally:
+        await pool.close()
+
+
 @pytest.fixture
-def dsn(server_dsn: str, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for one test."""
+def dsn(server_dsn: str, template_db: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, migrated database for one test; once the test is done, `verify` must find its
+    totals equal to its events (unless the test is marked `tampers`)."""
     name = f"usage_t_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
-    yield with_database(server_dsn, name)
-    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    url = with_database(server_dsn, name)
+    yield url
+    try:
+        if request.node.get_closest_marker("tampers") is None:
+            assert asyncio.run(differences(url)) == []
+    finally:
+        asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")

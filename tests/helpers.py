@@ -75,6 +75,24 @@ async def logged_store(dsn: str, statements: list[str], size: int = 4) -> store.
     return store.Store(pool)
 
 
+# The drain counters of every totals row, recomputed from its events' report states: what the
+# drain keeps when it settles, for tests that set report states by hand.
+RECOUNT_DRAIN_COUNTERS = """
+UPDATE usage_totals t SET reported_count = a.rc, reported_sum = a.rs,
+    failed_count = a.fc, failed_sum = a.fs
+FROM (
+    SELECT t2.customer_id, t2.meter, t2.period_start,
+        count(*) FILTER (WHERE e.report_state = 'reported') AS rc,
+        coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'reported'), 0) AS rs,
+        count(*) FILTER (WHERE e.report_state = 'failed') AS fc,
+        coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'failed'), 0) AS fs
+    FROM usage_totals t2 JOIN usage_events e ON e.customer_id = t2.customer_id
+        AND e.meter = t2.meter AND e.event_time >= t2.period_start
+        AND e.event_time < t2.period_end
+    GROUP BY 1, 2, 3) a
+WHERE t.customer_id = a.customer_id AND t.meter = a.meter AND t.period_start = a.period_start"""
+
+
 def active_customer(customer_id: str = "cus_1", plan_id: str = "basic") -> customer_pb2.Customer:
     """An ACTIVE customer whose current period runs from a day ago to 29 days ahead."""
     now = dt.datetime.now(dt.UTC)

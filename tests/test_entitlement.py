@@ -190,6 +190,7 @@ async def test_retries_of_a_consume_that_took_the_last_units_are_replays(service
     assert await service.count_events() == 2
 
 
+@pytest.mark.tampers  # writes the original consume by hand, without its lifetime and `last` figures
 async def test_a_consume_that_waited_for_its_own_original_is_a_replay(service: Service) -> None:
     """The original holds the totals row's lock when the retry arrives, and then commits the
     last units: the retry, which read the key before the lock was granted, is still a replay."""

@@ -8,8 +8,10 @@ import datetime as dt
 import os
 import subprocess
 
+import grpc
+import pytest
 from conftest import Service
-from helpers import record
+from helpers import RECOUNT_DRAIN_COUNTERS, details, record
 from process import PLANS_FILE, executable
 
 from usage.v1 import usage_pb2
@@ -38,6 +40,7 @@ async def test_prune_deletes_only_old_reported_events_and_keeps_totals(
         "WHERE idempotency_key = 'old6'",
         now - dt.timedelta(days=40),
     )
+    await service.db.execute(RECOUNT_DRAIN_COUNTERS)
     summary = usage_pb2.GetUsageSummaryRequest(customer_id="cus_1")
     before = await service.usage.GetUsageSummary(summary)
     totals_before = await service.db.fetch("SELECT * FROM usage_totals ORDER BY period_start")
@@ -63,6 +66,14 @@ async def test_prune_deletes_only_old_reported_events_and_keeps_totals(
     await service.add_customer("cus_1", start=start, end=now + dt.timedelta(days=30))
     after = await service.usage.GetUsageSummary(summary)
     assert [m.used for m in after.meters] == [m.used for m in before.meters]
+    # The pruned periods are closed: no webhook may move their boundaries.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.add_customer("cus_1", start=old, end=now + dt.timedelta(days=30))
+    d = details(caught.value)
+    assert (d.code, d.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PERIODS_PRUNED")
+    assert await service.db.fetch("SELECT * FROM usage_totals ORDER BY period_start") != []
+    lifetime = await service.db.fetchrow("SELECT * FROM usage_lifetime WHERE meter = 'tokens'")
+    assert (lifetime["pruned_count"], lifetime["pruned_sum"]) == (6, 12)
 
     refused = await asyncio.to_thread(
         subprocess.run,

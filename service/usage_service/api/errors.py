@@ -15,6 +15,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from usage_service.storage import history
 from usage_service.storage.store import KeyConflict
 
 DOMAIN = "usage.v1"
@@ -31,6 +32,10 @@ REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
     "TOTAL_OUT_OF_RANGE": (
         grpc.StatusCode.INVALID_ARGUMENT,
         "the customer's total for the meter would exceed the largest int64",
+    ),
+    "PERIODS_PRUNED": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the period starts before the customer's pruned history, whose boundaries are closed",
     ),
     "CONCURRENCY_CONFLICT": (grpc.StatusCode.ABORTED, "a concurrent write conflicted; retry"),
     "DATABASE_UNAVAILABLE": (grpc.StatusCode.UNAVAILABLE, "the database cannot be reached; retry"),
@@ -127,6 +132,18 @@ def to_api_error(exc: BaseException, method: str) -> ApiError:
             f"idempotency key already used with another payload (item {exc.index}); "
             "the first event stays",
             metadata={"event_id": exc.event_id, "index": str(exc.index)},
+        )
+    if isinstance(exc, history.PeriodsPruned):
+        return ApiError(
+            "PERIODS_PRUNED",
+            f"events before {exc.horizon.isoformat()} were pruned: no period may start before it",
+            [
+                (
+                    "customer.current_period_start_time",
+                    f"must not be before {exc.horizon.isoformat()}",
+                )
+            ],
+            metadata={"pruned_before": exc.horizon.isoformat()},
         )
     if isinstance(exc, asyncpg.exceptions.NumericValueOutOfRangeError):
         return ApiError("TOTAL_OUT_OF_RANGE", "quantity would overflow the period's total")

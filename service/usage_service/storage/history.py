@@ -29,6 +29,14 @@ _FIGURES = (
 )
 
 
+class PeriodsPruned(Exception):
+    """A webhook would move boundaries before the horizon `prune` closed."""
+
+    def __init__(self, horizon: dt.datetime) -> None:
+        super().__init__(f"periods before {horizon.isoformat()} were pruned and are closed")
+        self.horizon = horizon
+
+
 @dataclasses.dataclass(frozen=True)
 class CadenceRequest:
     """The cadence a webhook gave: interval None means infer it from the period."""
@@ -57,6 +65,9 @@ async def confirm(
         before.cadence if before else None,
     )
     confirmed = periods.Stored(c.period_start, c.period_end, cadence)
+    pruned_before = before_row["pruned_before"]
+    if pruned_before is not None and confirmed.start < pruned_before:
+        raise PeriodsPruned(pruned_before)
     new = periods.rewrite(old, confirmed)
     if new != old:
         await conn.execute(queries.DROP_PERIODS_FROM, c.customer_id, confirmed.start)
@@ -169,6 +180,7 @@ async def verify_customer(conn: Conn, customer_id: str) -> list[Difference]:
             )
         return out
     stored = (await stored_periods(conn, [customer_id]))[customer_id]
+    pruned_before = await conn.fetchval(queries.PRUNED_BEFORE, customer_id)
     expected: dict[tuple[str, dt.datetime], asyncpg.Record] = {}
     span = await conn.fetchrow(queries.EVENTS_SPAN, customer_id)
     if span is not None and span["first"] is not None:
@@ -182,6 +194,8 @@ async def verify_customer(conn: Conn, customer_id: str) -> list[Difference]:
         if periods.period_at(stored, bounds[0]).bounds != bounds:
             out.append(Difference(customer_id, r["meter"], bounds, "totals row is not a period"))
         want = expected.pop((r["meter"], bounds[0]), None)
+        if pruned_before is not None and bounds[1] <= pruned_before:
+            continue  # some of its events were pruned: its totals outlive them
         for name in _FIGURES:
             have = r[name]
             should = want[name] if want is not None else (None if name == "last_event_time" else 0)
@@ -191,6 +205,8 @@ async def verify_customer(conn: Conn, customer_id: str) -> list[Difference]:
                 what = f"{name} {have}, events say {should}"
                 out.append(Difference(customer_id, r["meter"], bounds, what))
     for (meter, _), want in expected.items():
+        if pruned_before is not None and want["period_end"] <= pruned_before:
+            continue
         out.append(
             Difference(
                 customer_id,

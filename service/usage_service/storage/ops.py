@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections import defaultdict
 
 import asyncpg
 
@@ -39,13 +40,43 @@ def pool_use(pool: asyncpg.Pool) -> PoolUse:
 async def prune_reported(
     pool: asyncpg.Pool, older_than: dt.timedelta, batch: int = DEFAULT_PRUNE_BATCH
 ) -> int:
-    """Deletes reported events older than `older_than`, `batch` per transaction, until none is
-    left; returns how many were deleted. Totals live in usage_totals and are unchanged."""
+    """Deletes reported events recorded more than `older_than` ago that belong to a period
+    before their customer's last confirmed one, customer by customer in order, `batch` per
+    transaction; returns how many were deleted. Each transaction records what it deleted in the
+    lifetime totals and closes the customer's periods before that horizon for good: their
+    totals stay as they are, and no webhook may move their boundaries."""
     cutoff = dt.datetime.now(dt.UTC) - older_than
     deleted = 0
-    while True:
-        status = await pool.execute(ops_queries.PRUNE_REPORTED, cutoff, batch)
-        count = int(status.split()[-1])
-        deleted += count
-        if count < batch:
-            return deleted
+    for row in await pool.fetch(ops_queries.PRUNABLE_CUSTOMERS, cutoff):
+        while True:
+            count = await _prune_batch(pool, row["customer_id"], cutoff, batch)
+            deleted += count
+            if count < batch:
+                break
+    return deleted
+
+
+async def _prune_batch(
+    pool: asyncpg.Pool, customer_id: str, cutoff: dt.datetime, batch: int
+) -> int:
+    async with pool.acquire() as conn, conn.transaction():
+        horizon = await conn.fetchval(ops_queries.LOCK_CUSTOMER, customer_id)
+        if horizon is None:
+            return 0
+        gone = await conn.fetch(ops_queries.PRUNE_REPORTED, customer_id, cutoff, horizon, batch)
+        if not gone:
+            return 0
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for r in gone:
+            counts[r["meter"]][0] += 1
+            counts[r["meter"]][1] += r["quantity"]
+        meters = sorted(counts)
+        await conn.execute(
+            ops_queries.COUNT_PRUNED,
+            customer_id,
+            meters,
+            [counts[m][0] for m in meters],
+            [counts[m][1] for m in meters],
+        )
+        await conn.execute(ops_queries.MARK_PRUNED, customer_id, horizon)
+    return len(gone)

@@ -11,17 +11,34 @@ FROM usage_events e JOIN customers c ON c.customer_id = e.customer_id
 WHERE e.report_state = 'pending' AND c.provider <> ''
 GROUP BY c.provider"""
 
-# Deletes up to $2 reported events recorded before $1 whose event_time is before their
-# customer's current period: the current period's totals may be rebuilt from its events (by
-# UpsertCustomer), older periods' totals are kept in usage_totals and never rebuilt.
-# SKIP LOCKED: a batch never waits for, or blocks, the drain or writers.
-# $1 recorded before (timestamptz), $2 batch size
+# Customers with reported events recorded before $1 in a period before their last confirmed
+# one, in order. A read.
+PRUNABLE_CUSTOMERS = """
+SELECT DISTINCT e.customer_id FROM usage_events e
+JOIN customers c ON c.customer_id = e.customer_id
+WHERE e.report_state = 'reported' AND e.recorded_at < $1 AND e.event_time < c.period_start
+ORDER BY 1"""
+
+# $1 customer_id. Prune waits for recorders and webhooks of the customer, and they for it.
+LOCK_CUSTOMER = "SELECT period_start FROM customers WHERE customer_id = $1 FOR UPDATE"
+
+# Deletes up to $4 of a customer's reported events recorded before $2 whose event_time is
+# before $3 (the customer's last confirmed period start), returning what they counted.
+# $1 customer_id, $2 recorded before, $3 horizon, $4 batch size
 PRUNE_REPORTED = """
-WITH doomed AS (
-    SELECT e.event_id FROM usage_events e
-    JOIN customers c ON c.customer_id = e.customer_id
-    WHERE e.report_state = 'reported' AND e.recorded_at < $1 AND e.event_time < c.period_start
-    LIMIT $2
-    FOR UPDATE OF e SKIP LOCKED
-)
-DELETE FROM usage_events u USING doomed WHERE u.event_id = doomed.event_id"""
+DELETE FROM usage_events WHERE customer_id = $1 AND event_id IN (
+    SELECT event_id FROM usage_events
+    WHERE customer_id = $1 AND report_state = 'reported' AND recorded_at < $2
+        AND event_time < $3
+    LIMIT $4)
+RETURNING meter, quantity"""
+
+# $1 customer_id, $2 meter[], $3 pruned events[], $4 pruned quantity[]
+COUNT_PRUNED = """
+UPDATE usage_lifetime l SET pruned_count = l.pruned_count + u.n, pruned_sum = l.pruned_sum + u.s
+FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS u(m, n, s)
+WHERE l.customer_id = $1 AND l.meter = u.m"""
+
+# $1 customer_id, $2 horizon
+MARK_PRUNED = """
+UPDATE customers SET pruned_before = greatest(pruned_before, $2) WHERE customer_id = $1"""

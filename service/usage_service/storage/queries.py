@@ -23,9 +23,8 @@ _CUSTOMER_COLUMNS = """customer_id, plan_id, subscription_status, period_start, 
 GET_CUSTOMER = f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1"
 
 # $1 customer_id. Taken by UpsertCustomer: waits for recorders still counting on the old periods.
-GET_CUSTOMER_FOR_UPDATE = (
-    f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1 FOR UPDATE"
-)
+GET_CUSTOMER_FOR_UPDATE = f"""
+SELECT {_CUSTOMER_COLUMNS}, pruned_before FROM customers WHERE customer_id = $1 FOR UPDATE"""
 
 # Customers, locked shared: recorders count on their periods, which only UpsertCustomer changes.
 # $1 customer_id[] (sorted, so concurrent batches lock in one order)
@@ -261,7 +260,11 @@ SELECT period_start, period_end, {_TOTALS_COLUMNS} FROM usage_totals WHERE custo
 
 # $1 customer_id
 CUSTOMER_LIFETIME = """
-SELECT meter, event_count, quantity_sum FROM usage_lifetime WHERE customer_id = $1"""
+SELECT meter, event_count - pruned_count AS event_count, quantity_sum - pruned_sum AS quantity_sum
+FROM usage_lifetime WHERE customer_id = $1"""
+
+# $1 customer_id
+PRUNED_BEFORE = "SELECT pruned_before FROM customers WHERE customer_id = $1"
 
 # $1 customer_id
 EVENT_LIFETIME = """

@@ -52,8 +52,15 @@ CREATE TABLE usage_lifetime (
     meter        text NOT NULL,
     event_count  bigint NOT NULL DEFAULT 0,
     quantity_sum bigint NOT NULL DEFAULT 0,
+    -- of which pruned: events deleted by `usage-service prune`
+    pruned_count bigint NOT NULL DEFAULT 0,
+    pruned_sum   bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (customer_id, meter)
 );
+
+-- Periods before this are closed for good: `prune` deleted reported events in them, so their
+-- totals can no longer be rebuilt, and no webhook may move their boundaries.
+ALTER TABLE customers ADD COLUMN pruned_before timestamptz;
 INSERT INTO usage_lifetime (customer_id, meter, event_count, quantity_sum)
 SELECT customer_id, meter, count(*), least(sum(quantity), 9223372036854775807)::bigint
 FROM usage_events GROUP BY customer_id, meter;
