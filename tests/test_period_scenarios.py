@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import calendar
 import datetime as dt
+import os
+import subprocess
 
-import asyncpg
 import grpc
 import pytest
 from conftest import Service
 from google.protobuf import timestamp_pb2
 from helpers import details, record
+from process import PLANS_FILE, executable
 
 from usage.v1 import customer_pb2, usage_pb2
 from usage_service.storage import drain_store, history
@@ -388,13 +390,29 @@ async def test_verify_reports_a_tampered_total(service: Service, dsn: str) -> No
     await service.usage.RecordUsage(record(quantity=4, key="a"))
     await verified(service)
     await service.db.execute("UPDATE usage_totals SET quantity_sum = quantity_sum + 1")
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
-    assert pool is not None
-    try:
-        found = await history.verify(pool)
-    finally:
-        await pool.close()
-    assert [d.what for d in found] == ["quantity_sum 5, events say 4"]
+    # events counted nowhere, as an earlier release left events outside the stored period
+    await service.db.execute("DELETE FROM usage_totals WHERE meter = 'calls'")
+    await service.usage.RecordUsage(record(meter="calls", key="c", when=now - hours(3)))
+    await service.db.execute("DELETE FROM usage_totals WHERE meter = 'calls'")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "DATABASE_URL": dsn, "USAGE_PLANS_FILE": str(PLANS_FILE)}
+        return subprocess.run(
+            [*executable(), "verify", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    found = await asyncio.to_thread(cli)
+    assert found.returncode == 1, found.stderr
+    lines = found.stdout.splitlines()
+    assert len(lines) == 3 and lines[-1] == "verify: 2 differences"
+    assert "tokens" in lines[0] and "quantity_sum 5, events say 4" in lines[0]
+    assert "calls" in lines[1] and "1 events counted in no totals row" in lines[1]
+    assert found.stderr.splitlines()[-1] == "verify: 1/1 customers"
+    repaired = await asyncio.to_thread(cli, "--repair")
+    assert repaired.returncode == 0 and "1 customers repaired" in repaired.stdout
+    clean = await asyncio.to_thread(cli, "--customer", "cus_1")
+    assert (clean.returncode, clean.stdout) == (0, "verify: 0 differences\n")
+    assert (await used(service))[0] == 4
 
 
 def _ts(when: dt.datetime) -> timestamp_pb2.Timestamp:

@@ -40,15 +40,24 @@ def add_commands(commands: Any) -> None:
         help="recompute every totals row from the events; print each difference, exit 1 if any",
     )
     verify.add_argument("--customer", action="append", default=[], help="only this customer")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild the totals of each customer with a difference from its events",
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "health":
         return health(settings, args.address, args.service, args.timeout)
     if args.command == "verify":
-        differences = asyncio.run(_verify(settings, args.customer))
+        differences = asyncio.run(_verify(settings, args.customer, args.repair))
         for d in differences:
             print(d)
+        if args.repair:
+            repaired = len({d.customer_id for d in differences})
+            print(f"verify: {len(differences)} differences, {repaired} customers repaired")
+            return 0
         print(f"verify: {len(differences)} differences")
         return 1 if differences else 0
     if args.older_than < MIN_PRUNE_DAYS or args.batch_size < 1:
@@ -91,7 +100,7 @@ def health(settings: Settings, address: str | None, service: str, timeout: float
     return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-async def _verify(settings: Settings, customers: list[str]) -> list[history.Difference]:
+async def _verify(settings: Settings, customers: list[str], fix: bool) -> list[history.Difference]:
     last = time.monotonic()
 
     def progress(done: int, total: int) -> None:
@@ -101,7 +110,7 @@ async def _verify(settings: Settings, customers: list[str]) -> list[history.Diff
             print(f"verify: {done}/{total} customers", file=sys.stderr, flush=True)
 
     async with server.database(settings) as st:
-        return await history.verify(st.pool, customers, progress)
+        return await history.verify(st.pool, customers, progress, fix)
 
 
 async def _prune(settings: Settings, days: int, batch: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 
@@ -17,31 +18,67 @@ def key() -> str:
 
 
 def test_upsert_and_get_customer_round_trip(client: usage_client.UsageClient) -> None:
-    start = dt.datetime(2026, 1, 1, 12, 30, 15, 123456, tzinfo=dt.UTC)
+    start = dt.datetime.now(dt.UTC).replace(microsecond=123456) - dt.timedelta(days=3)
+    end = start + dt.timedelta(weeks=1)
     sent = usage_client.Customer(
         customer_id=f"cus_{uuid.uuid4().hex}",
         plan_id="starter",
         subscription_status=SubscriptionStatus.TRIALING,
         current_period_start_time=start,
-        current_period_end_time=start + dt.timedelta(days=31),
+        current_period_end_time=end,
         provider=usage_client.Provider.LEMON_SQUEEZY,
         provider_customer_id="ls_123",
         subscription_items={"tokens": "si_1", "calls": "si_2"},
     )
-    assert client.upsert_customer(sent) == sent
-    assert client.get_customer(sent.customer_id) == sent
+    # The answer adds the cadence inferred from the period (a week) and says it is confirmed.
+    answered = dataclasses.replace(
+        sent,
+        billing_interval=usage_client.BillingInterval.WEEK,
+        billing_interval_count=1,
+        billing_cycle_anchor_time=end,
+        current_period_source=usage_client.PeriodSource.CONFIRMED,
+    )
+    assert client.upsert_customer(sent) == answered
+    assert client.get_customer(sent.customer_id) == answered
     # Upsert replaces.
     changed = usage_client.Customer(
         customer_id=sent.customer_id,
         plan_id="unlimited",
         subscription_status=SubscriptionStatus.CANCELED,
         current_period_start_time=start,
-        current_period_end_time=start + dt.timedelta(days=31),
+        current_period_end_time=end,
     )
-    assert client.upsert_customer(changed) == changed
+    changed_answer = dataclasses.replace(
+        answered,
+        plan_id="unlimited",
+        subscription_status=SubscriptionStatus.CANCELED,
+        provider=usage_client.Provider.UNSPECIFIED,
+        provider_customer_id="",
+        subscription_items={},
+    )
+    assert client.upsert_customer(changed) == changed_answer
     fetched = client.get_customer(sent.customer_id)
-    assert fetched == changed
+    assert fetched == changed_answer
     assert fetched.current_period_start_time.tzinfo is not None
+
+
+def test_a_period_past_its_end_is_projected(client: usage_client.UsageClient) -> None:
+    """The answer names the period containing now: past the confirmed one, projected."""
+    end = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+    sent = usage_client.Customer(
+        customer_id=f"cus_{uuid.uuid4().hex}",
+        plan_id="starter",
+        subscription_status=SubscriptionStatus.ACTIVE,
+        current_period_start_time=end - dt.timedelta(days=1),
+        current_period_end_time=end,
+        billing_interval=usage_client.BillingInterval.DAY,
+    )
+    got = client.upsert_customer(sent)
+    assert got.current_period_source is usage_client.PeriodSource.PROJECTED
+    assert (got.current_period_start_time, got.current_period_end_time) == (
+        end,
+        end + dt.timedelta(days=1),
+    )
 
 
 def test_record_usage_once_per_key(

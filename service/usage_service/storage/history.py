@@ -218,13 +218,39 @@ async def verify_customer(conn: Conn, customer_id: str) -> list[Difference]:
     return out
 
 
+async def repair(conn: Conn, customer_id: str) -> None:
+    """Inside a transaction: rebuilds all of a customer's totals (those after its pruned
+    history) and its lifetime totals from its events, under the customer's row lock."""
+    row = await conn.fetchrow(queries.GET_CUSTOMER_FOR_UPDATE, customer_id)
+    customer = customer_from_row(row) if row else None
+    pruned_before = row["pruned_before"] if row else None
+    await conn.execute(queries.RECOUNT_LIFETIME, customer_id)
+    await conn.execute(queries.DROP_TOTALS_AFTER, customer_id, pruned_before)
+    if customer is None:
+        return
+    stored = (await stored_periods(conn, [customer_id]))[customer_id]
+    span = await conn.fetchrow(queries.EVENTS_SPAN, customer_id)
+    if span is None or span["first"] is None:
+        return
+    first = max(span["first"], pruned_before) if pruned_before else span["first"]
+    over = list(periods.periods_over(stored, first, span["last"] + _TICK))
+    if pruned_before is not None:
+        over = [p for p in over if p.end > pruned_before]
+    await conn.execute(
+        queries.REBUILD_TOTALS, customer_id, [p.start for p in over], [p.end for p in over]
+    )
+
+
 async def verify(
     pool: asyncpg.Pool,
     customer_ids: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
+    fix: bool = False,
 ) -> list[Difference]:
     """`verify_customer` for the customers given, else for every customer with a row or
-    events, in order; `progress(done, total)` after each."""
+    events, in order; `progress(done, total)` after each. With `fix`, a customer with
+    differences is repaired (`repair`) and verified again; the differences found first are
+    returned."""
     ids = list(customer_ids)
     if not ids:
         ids = [r["customer_id"] for r in await pool.fetch(queries.ALL_CUSTOMER_IDS)]
@@ -234,7 +260,11 @@ async def verify(
             pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            out.extend(await verify_customer(conn, customer_id))
+            found = await verify_customer(conn, customer_id)
+        out.extend(found)
+        if found and fix:
+            async with pool.acquire() as conn, conn.transaction():
+                await repair(conn, customer_id)
         if progress is not None:
             progress(done, len(ids))
     return out

@@ -263,6 +263,20 @@ CUSTOMER_LIFETIME = """
 SELECT meter, event_count - pruned_count AS event_count, quantity_sum - pruned_sum AS quantity_sum
 FROM usage_lifetime WHERE customer_id = $1"""
 
+# Sets a customer's lifetime totals to what its events and prune say. $1 customer_id
+RECOUNT_LIFETIME = """
+INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
+SELECT $1, meter, count(*), least(sum(quantity), 9223372036854775807)::bigint
+FROM usage_events WHERE customer_id = $1 GROUP BY meter
+ON CONFLICT (customer_id, meter) DO UPDATE SET
+    event_count = excluded.event_count + l.pruned_count,
+    quantity_sum = least(
+        excluded.quantity_sum::numeric + l.pruned_sum, 9223372036854775807)::bigint"""
+
+# $1 customer_id, $2 drop rows ending after this (NULL: all)
+DROP_TOTALS_AFTER = """
+DELETE FROM usage_totals WHERE customer_id = $1 AND ($2::timestamptz IS NULL OR period_end > $2)"""
+
 # $1 customer_id
 PRUNED_BEFORE = "SELECT pruned_before FROM customers WHERE customer_id = $1"
 
