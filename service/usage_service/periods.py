@@ -142,7 +142,6 @@ _GUESSES = (
     (Interval.DAY, 1),
     (Interval.MONTH, 3),
     (Interval.MONTH, 6),
-    (Interval.WEEK, 2),
 )
 
 
@@ -150,9 +149,9 @@ def infer(
     start: dt.datetime, end: dt.datetime, previous: Cadence | None = None
 ) -> tuple[Interval, int]:
     """The cadence of a period given without one: the customer's own cadence when the period is
-    one whole period of it; else the first of month, year, week, day, quarter, half-year and
-    fortnight that fits; else (a short or long first period, a trial) the customer's cadence,
-    or monthly for a new customer."""
+    one whole period of it; else the first of month, year, week, day, quarter and half-year
+    that fits; else (a short or long first period, a trial) the customer's cadence, or monthly
+    for a new customer."""
     guesses = list(_GUESSES)
     if previous is not None:
         guesses.insert(0, (previous.interval, previous.count))
@@ -238,7 +237,10 @@ def cadence_for(
     previous: Cadence | None,
 ) -> Cadence:
     """The cadence a webhook's period [start, end) sets: the one given, else inferred (`infer`);
-    anchored where given, else on the period's end."""
+    anchored where given, else on the period's end. A period given without a cadence that is a
+    whole period of the customer's keeps it, anchor included."""
+    if interval is None and previous is not None and previous.period_at(start) == (start, end):
+        return previous
     if interval is None:
         interval, count = infer(start, end, previous)
     return Cadence(interval, count, anchor or anchor_from_end(interval, count, start, end))

@@ -38,6 +38,20 @@ INSERT INTO billing_periods (
 SELECT customer_id, period_start, period_end, billing_interval, billing_interval_count,
     billing_anchor
 FROM customers;
+-- Earlier periods, as their totals rows show them (those that overlap another are left out).
+INSERT INTO billing_periods (
+    customer_id, period_start, period_end, billing_interval, billing_interval_count,
+    billing_anchor)
+SELECT DISTINCT t.customer_id, t.period_start, t.period_end, c.billing_interval,
+    c.billing_interval_count, t.period_end
+FROM usage_totals t JOIN customers c ON c.customer_id = t.customer_id
+WHERE t.period_end <= c.period_start
+    AND NOT EXISTS (
+        SELECT 1 FROM usage_totals o
+        WHERE o.customer_id = t.customer_id AND o.period_start < t.period_end
+            AND t.period_start < o.period_end
+            AND (o.period_start, o.period_end) <> (t.period_start, t.period_end))
+ON CONFLICT (customer_id, period_start) DO NOTHING;
 
 -- The order in which the service accepted events: `last` breaks ties of event_time with it.
 CREATE SEQUENCE usage_events_seq;
