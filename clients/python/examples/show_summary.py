@@ -1,6 +1,9 @@
 """Show a customer's usage in the current billing period.
 
 python show_summary.py CUSTOMER_ID [--meter NAME] [--target HOST:PORT]
+
+`pending` is usage waiting to be reported to the customer's payment provider; `unbilled` is
+usage of a customer with no provider, which is never reported.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ def render(summary: usage_client.UsageSummary) -> str:
         f"{summary.customer_id}: plan {summary.plan_id} "
         f"({summary.subscription_status.name.lower()}), period {start} .. {end}",
         f"{'meter':<12}{'used':>10}{'included':>10}{'limit':>10}{'left':>10}"
-        f"{'overage':>10}{'pending':>10}  unit",
+        f"{'overage':>10}{'pending':>10}{'unbilled':>10}  unit",
     ]
     for m in summary.meters:
         limit = "-" if m.limit is None else str(m.limit)
         left = "-" if m.remaining is None else str(m.remaining)
         lines.append(
             f"{m.meter:<12}{m.used:>10}{m.included:>10}{limit:>10}{left:>10}"
-            f"{m.overage:>10}{m.pending:>10}  {m.unit}"
+            f"{m.overage:>10}{m.pending:>10}{m.unbilled:>10}  {m.unit}"
         )
     return "\n".join(lines)
 

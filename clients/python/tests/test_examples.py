@@ -69,10 +69,11 @@ def test_show_summary_prints_the_period(target: str, client: usage_client.UsageC
         f"{c.current_period_start_time.date()} .. {c.current_period_end_time.date()}"
     )
     assert lines[1].split() == [
-        "meter", "used", "included", "limit", "left", "overage", "pending", "unit"
+        "meter", "used", "included", "limit", "left", "overage", "pending", "unbilled", "unit"
     ]  # fmt: skip
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
-    assert rows["tokens"] == ["1500", "1000", "5000", "3500", "500", "1500", "tokens"]
-    assert rows["calls"] == ["0", "10", "20", "20", "0", "0", "calls"]
+    # No provider: the usage is unbilled, none of it pending.
+    assert rows["tokens"] == ["1500", "1000", "5000", "3500", "500", "0", "1500", "tokens"]
+    assert rows["calls"] == ["0", "10", "20", "20", "0", "0", "0", "calls"]
     missing = run(target, "show_summary.py", f"cus_{uuid.uuid4().hex}")
     assert missing.returncode == 1 and "no customer" in missing.stderr

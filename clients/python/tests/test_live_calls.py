@@ -91,7 +91,8 @@ def test_record_usage_once_per_key(
     assert again == usage_client.RecordResult(first.event_id, True)
     tokens = client.get_usage_summary(customer.customer_id).meter("tokens")
     assert tokens.used == 120
-    assert tokens.pending == 120  # no provider: recorded, never reported
+    # No provider: the usage is unbilled (never reported), not pending.
+    assert (tokens.unbilled, tokens.pending, tokens.reported, tokens.failed) == (120, 0, 0, 0)
 
 
 def test_record_usage_with_time_and_properties(
@@ -144,6 +145,7 @@ def test_check_without_consume_changes_nothing(
     assert check.event_id is None and check.duplicate is False
     assert check.period_start_time == customer.current_period_start_time
     assert check.period_end_time == customer.current_period_end_time
+    assert check.period_source is usage_client.PeriodSource.CONFIRMED
     assert client.get_usage_summary(cid).meter("tokens").used == 900
 
 
@@ -195,6 +197,7 @@ def test_summary_of_an_unlimited_plan(client: usage_client.UsageClient) -> None:
     assert summary.subscription_status is SubscriptionStatus.ACTIVE
     assert summary.period_start_time == c.current_period_start_time
     assert summary.period_end_time == c.current_period_end_time
+    assert summary.period_source is usage_client.PeriodSource.CONFIRMED
     tokens = summary.meter("tokens")
     assert (tokens.used, tokens.included, tokens.limit, tokens.remaining) == (250, 100, None, None)
     assert (tokens.overage, tokens.aggregation, tokens.unit) == (150, "sum", "tokens")
@@ -214,8 +217,17 @@ async def test_async_facade_covers_every_rpc(aclient: usage_client.AsyncUsageCli
         provider=usage_client.Provider.STRIPE,
         provider_customer_id="cus_stripe_1",
     )
-    assert await aclient.upsert_customer(c) == c
-    assert await aclient.get_customer(c.customer_id) == c
+    # 30 days and an hour is no whole period of any cadence: a new customer is monthly, anchored
+    # on the period's end; now lies inside the period sent, so it is confirmed.
+    answered = dataclasses.replace(
+        c,
+        billing_interval=usage_client.BillingInterval.MONTH,
+        billing_interval_count=1,
+        billing_cycle_anchor_time=c.current_period_end_time,
+        current_period_source=usage_client.PeriodSource.CONFIRMED,
+    )
+    assert await aclient.upsert_customer(c) == answered
+    assert await aclient.get_customer(c.customer_id) == answered
     k = key()
     recorded = await aclient.record_usage(c.customer_id, "tokens", 50, idempotency_key=k)
     assert not recorded.duplicate
@@ -228,6 +240,11 @@ async def test_async_facade_covers_every_rpc(aclient: usage_client.AsyncUsageCli
         c.customer_id, "tokens", 3, consume=True, idempotency_key=key()
     )
     assert check.allowed and check.used == 60 and check.event_id
+    assert check.period_source is usage_client.PeriodSource.CONFIRMED
     summary = await aclient.get_usage_summary(c.customer_id)
-    assert summary.meter("tokens").used == 60
-    assert summary.meter("tokens").pending + summary.meter("tokens").reported == 60
+    assert summary.period_source is usage_client.PeriodSource.CONFIRMED
+    tokens = summary.meter("tokens")
+    assert tokens.used == 60
+    # A provider: the usage is pending or reported (the drain may have run), never unbilled.
+    assert tokens.pending + tokens.reported == 60
+    assert (tokens.unbilled, tokens.failed) == (0, 0)

@@ -2,8 +2,17 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
-import { idempotencyKey, UsageServiceError, type UsageClient } from "../src/index.js";
+import {
+  idempotencyKey,
+  UsageServiceError,
+  type Customer,
+  type CustomerInput,
+  type MeterUsage,
+  type UsageClient,
+} from "../src/index.js";
 import { activeCustomer, Fixture, uniqueId } from "./harness.js";
+
+const DAY_MS = 24 * 60 * 60 * 1000;
 
 const fixture = new Fixture();
 let client: UsageClient;
@@ -47,24 +56,36 @@ describe("health", () => {
 
 describe("CustomerService", () => {
   test("UpsertCustomer then GetCustomer round-trips every field", async () => {
-    const input = {
-      ...activeCustomer(uniqueId("cus")),
-      provider: "LEMON_SQUEEZY" as const,
+    const start = new Date(Date.now() - 3 * DAY_MS);
+    const end = new Date(start.getTime() + 7 * DAY_MS);
+    const input: CustomerInput = {
+      customerId: uniqueId("cus"),
+      planId: "starter",
+      subscriptionStatus: "ACTIVE",
+      currentPeriodStartTime: start,
+      currentPeriodEndTime: end,
+      provider: "LEMON_SQUEEZY",
       providerCustomerId: "ls-123",
       subscriptionItems: { llm_tokens: "item-1" },
     };
-    const stored = await client.upsertCustomer(input);
-    const read = await client.getCustomer(input.customerId);
-    for (const answer of [stored, read]) {
-      assert.equal(answer.customerId, input.customerId);
-      assert.equal(answer.planId, "starter");
-      assert.equal(answer.subscriptionStatus, "ACTIVE");
-      assert.equal(answer.provider, "LEMON_SQUEEZY");
-      assert.equal(answer.providerCustomerId, "ls-123");
-      assert.deepEqual(answer.subscriptionItems, { llm_tokens: "item-1" });
-      assert.equal(answer.currentPeriodStartTime?.getTime(), input.currentPeriodStartTime.getTime());
-      assert.equal(answer.currentPeriodEndTime?.getTime(), input.currentPeriodEndTime.getTime());
-    }
+    // The answer adds the cadence inferred from the period (a week, anchored on its end) and says
+    // the period is confirmed (now lies inside it).
+    const expected: Customer = {
+      customerId: input.customerId,
+      planId: "starter",
+      subscriptionStatus: "ACTIVE",
+      currentPeriodStartTime: start,
+      currentPeriodEndTime: end,
+      provider: "LEMON_SQUEEZY",
+      providerCustomerId: "ls-123",
+      subscriptionItems: { llm_tokens: "item-1" },
+      billingInterval: "WEEK",
+      billingIntervalCount: 1,
+      billingCycleAnchorTime: end,
+      currentPeriodSource: "CONFIRMED",
+    };
+    assert.deepEqual(await client.upsertCustomer(input), expected);
+    assert.deepEqual(await client.getCustomer(input.customerId), expected);
   });
 
   test("UpsertCustomer replaces the customer", async () => {
@@ -215,6 +236,7 @@ describe("CheckEntitlement", () => {
     assert.equal(answer.eventId, "", "a check without consume records nothing");
     assert.equal(answer.periodStartTime?.getTime(), input.currentPeriodStartTime.getTime());
     assert.equal(answer.periodEndTime?.getTime(), input.currentPeriodEndTime.getTime());
+    assert.equal(answer.periodSource, "CONFIRMED");
     assert.equal(await used(customerId, "llm_tokens"), 0n);
   });
 
@@ -297,7 +319,7 @@ describe("CheckEntitlement", () => {
 });
 
 describe("GetUsageSummary", () => {
-  test("per meter: used, included, limit, remaining, overage, pending, aggregation, unit", async () => {
+  test("per meter: used, included, limit, remaining, overage, pending, unbilled, aggregation, unit", async () => {
     const customerId = await newCustomer();
     await client.batchRecordUsage([
       { customerId, meter: "llm_tokens", quantity: 70, idempotencyKey: idempotencyKey("sum", customerId, 1) },
@@ -309,18 +331,25 @@ describe("GetUsageSummary", () => {
     assert.equal(summary.planId, "starter");
     assert.equal(summary.subscriptionStatus, "ACTIVE");
     assert.ok(summary.periodStartTime && summary.periodEndTime);
+    assert.equal(summary.periodSource, "CONFIRMED");
     const byMeter = new Map(summary.meters.map((m) => [m.meter, m]));
     assert.deepEqual([...byMeter.keys()].sort(), ["api_calls", "llm_tokens", "seats"]);
-    const tokens = byMeter.get("llm_tokens")!;
-    assert.equal(tokens.used, 150n);
-    assert.equal(tokens.included, 100n);
-    assert.equal(tokens.limit, 1000n);
-    assert.equal(tokens.remaining, 850n);
-    assert.equal(tokens.overage, 50n);
-    assert.equal(tokens.pending, 150n, "no provider: nothing is reported");
-    assert.equal(tokens.reported, 0n);
-    assert.equal(tokens.aggregation, "sum");
-    assert.equal(tokens.unit, "tokens");
+    // No provider: the usage is unbilled (never reported), none of it pending.
+    const tokens: MeterUsage = {
+      meter: "llm_tokens",
+      used: 150n,
+      included: 100n,
+      limit: 1000n,
+      remaining: 850n,
+      overage: 50n,
+      reported: 0n,
+      pending: 0n,
+      failed: 0n,
+      aggregation: "sum",
+      unit: "tokens",
+      unbilled: 150n,
+    };
+    assert.deepEqual(byMeter.get("llm_tokens"), tokens);
     const seats = byMeter.get("seats")!;
     assert.equal(seats.used, 2n);
     assert.equal(seats.overage, 1n);
