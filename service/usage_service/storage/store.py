@@ -171,12 +171,15 @@ class Store:
             return None
         return customer, await self.period_now(customer, now)
 
-    async def period_now(self, customer: domain.Customer, now: dt.datetime) -> periods.Period:
+    async def period_now(
+        self, customer: domain.Customer, now: dt.datetime, conn: Conn | None = None
+    ) -> periods.Period:
         """The period containing `now`: from the customer's row alone, unless `now` is before
-        its last confirmed period."""
+        its last confirmed period (then its confirmed periods are read, through `conn` when
+        given)."""
         period = customer.period_after_confirmed(now)
         if period is None:
-            stored = await stored_periods(self.pool, [customer.customer_id])
+            stored = await stored_periods(conn or self.pool, [customer.customer_id])
             period = periods.period_at(stored[customer.customer_id], now)
         return period
 
@@ -413,7 +416,7 @@ class Store:
             customer = customer_from_row(r)
             if customer is None:
                 continue
-            period = customer.period_after_confirmed(now) or await self.period_now(customer, now)
+            period = await self.period_now(customer, now)
             same = (r["t_start"], r["t_end"]) == period.bounds
             totals = totals_from_row(r) if same else domain.Totals()
             found[r["i"]] = Checked(customer, period, totals)
@@ -447,16 +450,14 @@ class Store:
             )
             customer = customer_from_row(row) if row else None
             seen = _key_owner(row["seen_event_id"], row["seen_payload_hash"]) if row else None
+            period = await self.period_now(customer, now, conn) if customer else None
             if seen is not None:
-                period = await self._period_in(conn, customer, now)
                 totals = await self._totals_in(conn, customer, event.meter, period)
                 return self._replay(customer, period, totals, event, seen)
             denial = gate(customer)
             if denial is not None or customer is None:
-                return Consumed(customer, denial)
-            assert row is not None
-            period = await self._period_in(conn, customer, now)
-            assert period is not None
+                return Consumed(customer, denial, period=period)
+            assert row is not None and period is not None
             if row["locked"] and (row["t_start"], row["t_end"]) == period.bounds:
                 totals = totals_from_row(row)
             else:
@@ -480,17 +481,6 @@ class Store:
             if result.duplicate:
                 return Consumed(customer, None, totals, result.event_id, True, period)
             return Consumed(customer, decision, totals, result.event_id, period=period)
-
-    async def _period_in(
-        self, conn: Conn, customer: domain.Customer | None, now: dt.datetime
-    ) -> periods.Period | None:
-        if customer is None:
-            return None
-        period = customer.period_after_confirmed(now)
-        if period is None:
-            stored = await stored_periods(conn, [customer.customer_id])
-            period = periods.period_at(stored[customer.customer_id], now)
-        return period
 
     @staticmethod
     async def _totals_in(
