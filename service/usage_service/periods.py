@@ -237,9 +237,16 @@ def cadence_for(
     previous: Cadence | None,
 ) -> Cadence:
     """The cadence a webhook's period [start, end) sets: the one given, else inferred (`infer`);
-    anchored where given, else on the period's end. A period given without a cadence that is a
-    whole period of the customer's keeps it, anchor included."""
-    if interval is None and previous is not None and previous.period_at(start) == (start, end):
+    anchored where given, else on the period's end. A period that is a whole period of the
+    customer's cadence keeps it, anchor included, unless the webhook names another cadence or
+    an anchor."""
+    if (
+        previous is not None
+        and anchor is None
+        and interval in (None, previous.interval)
+        and (interval is None or count == previous.count)
+        and previous.period_at(start) == (start, end)
+    ):
         return previous
     if interval is None:
         interval, count = infer(start, end, previous)
