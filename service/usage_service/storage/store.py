@@ -362,27 +362,32 @@ class Store:
         a placeholder's events count in its lifetime totals only)."""
         if not events:
             return
-        groups: dict[tuple[str, str, periods.Period], list[tuple[domain.UsageEvent, int]]] = (
+        groups: dict[tuple[str, str, dt.datetime], list[tuple[domain.UsageEvent, int]]] = (
             defaultdict(list)
         )
+        ends: dict[tuple[str, dt.datetime], dt.datetime] = {}
         life: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        latest: dict[str, periods.Period] = {}  # most events of a customer share one period
         for e, seq in events:
             counts = life[(e.customer_id, e.meter)]
             counts[0] += 1
             counts[1] += e.quantity
             stored = schedules[e.customer_id]
             if stored:
-                period = periods.period_at(stored, e.event_time)
-                groups[(e.customer_id, e.meter, period)].append((e, seq))
-        keys = sorted(groups, key=lambda k: (k[0], k[1], k[2].start))
+                period = latest.get(e.customer_id)
+                if period is None or not period.start <= e.event_time < period.end:
+                    period = latest[e.customer_id] = periods.period_at(stored, e.event_time)
+                    ends[(e.customer_id, period.start)] = period.end
+                groups[(e.customer_id, e.meter, period.start)].append((e, seq))
+        keys = sorted(groups)
         folded = [domain.fold(groups[k]) for k in keys]
         life_keys = sorted(life)
         await conn.execute(
             queries.ADD_TOTALS,
             [c for c, _, _ in keys],
             [m for _, m, _ in keys],
-            [p.start for _, _, p in keys],
-            [p.end for _, _, p in keys],
+            [s for _, _, s in keys],
+            [ends[(c, s)] for c, _, s in keys],
             [t.event_count for t in folded],
             [t.quantity_sum for t in folded],
             [t.quantity_max for t in folded],
