@@ -72,6 +72,8 @@ class Customer:
         period (then the customer's earlier periods are needed)."""
         if when < self.period_start:
             return None
+        if when < self.period_end:
+            return periods.Period(self.period_start, self.period_end)
         return periods.period_at([self.last_confirmed], when)
 
 

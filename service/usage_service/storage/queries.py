@@ -28,8 +28,10 @@ SELECT {_CUSTOMER_COLUMNS}, pruned_before FROM customers WHERE customer_id = $1 
 
 # Customers, locked shared: recorders count on their periods, which only UpsertCustomer changes.
 # $1 customer_id[] (sorted, so concurrent batches lock in one order)
-LOCK_CUSTOMERS = f"""
-SELECT {_CUSTOMER_COLUMNS} FROM customers
+LOCK_CUSTOMERS = """
+SELECT customer_id, plan_id, period_start, period_end, billing_interval, billing_interval_count,
+    billing_anchor
+FROM customers
 WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR SHARE"""
 
 # Placeholders for customers not seen before, so that recorders have a row to lock (and the
@@ -125,7 +127,7 @@ SELECT e, c, k, m, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 104
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::timestamptz[],
             $7::text[], $8::bytea[], $9::bigint[]) AS u(e, c, k, m, q, t, p, h, o)
 ON CONFLICT (customer_id, idempotency_key) DO NOTHING
-RETURNING event_id, seq"""
+RETURNING seq"""
 
 # $1 customer_id[], $2 idempotency_key[]
 EXISTING_EVENTS = """
@@ -138,16 +140,22 @@ LIFETIME_SUMS = """
 SELECT l.customer_id, l.meter, l.quantity_sum FROM usage_lifetime l
 JOIN unnest($1::text[], $2::text[]) AS u(c, m) ON l.customer_id = u.c AND l.meter = u.m"""
 
-# Adds events to the lifetime totals of their customers and meters (an overflow refuses them)
-# and to the running totals of their periods. Rows come sorted by key so concurrent writers lock
-# in one order.
-# $1 customer_id[], $2 meter[], $3 period_start[], $4 period_end[], $5 event_count[],
-# $6 quantity_sum[], $7 quantity_max[], $8 last_quantity[], $9 last_event_time[],
-# $10 last_seq[]; lifetime: $11 customer_id[], $12 meter[], $13 event_count[], $14 quantity_sum[]
+# Adds events, folded per customer, meter and period, to the lifetime totals of their customers
+# and meters (an overflow there refuses them) and to the running totals of their periods (rows
+# without a period, of placeholders, count in the lifetime totals only). Rows come sorted by
+# key so concurrent writers lock in one order.
+# $1 customer_id[], $2 meter[], $3 period_start[] (NULL: no period), $4 period_end[],
+# $5 event_count[], $6 quantity_sum[], $7 quantity_max[], $8 last_quantity[],
+# $9 last_event_time[], $10 last_seq[]
 ADD_TOTALS = """
-WITH life AS (
+WITH folded AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[],
+                         $9::timestamptz[], $10::bigint[])
+        AS u(c, m, ps, pe, n, s, mx, lq, lt, ls)
+), life AS (
     INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
-    SELECT * FROM unnest($11::text[], $12::text[], $13::bigint[], $14::bigint[])
+    SELECT c, m, sum(n), sum(s) FROM folded GROUP BY c, m ORDER BY c, m
     ON CONFLICT (customer_id, meter) DO UPDATE SET
         event_count = l.event_count + excluded.event_count,
         quantity_sum = l.quantity_sum + excluded.quantity_sum
@@ -155,8 +163,7 @@ WITH life AS (
 INSERT INTO usage_totals AS t (
     customer_id, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
     last_quantity, last_event_time, last_seq)
-SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
-                     $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[], $10::bigint[])
+SELECT c, m, ps, pe, n, s, mx, lq, lt, ls FROM folded WHERE ps IS NOT NULL
 ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET
     event_count = t.event_count + excluded.event_count,
     quantity_sum = t.quantity_sum + excluded.quantity_sum,

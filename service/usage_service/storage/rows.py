@@ -42,6 +42,20 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+def last_confirmed_from_row(row: asyncpg.Record) -> list[periods.Stored]:
+    """A customer's last confirmed period with its cadence, as a one-period history; none for a
+    placeholder."""
+    if not row["plan_id"]:
+        return []
+    end = row["period_end"]
+    cadence = periods.Cadence(
+        periods.Interval(row["billing_interval"]),
+        row["billing_interval_count"],
+        row["billing_anchor"] or end,
+    )
+    return [periods.Stored(row["period_start"], end, cadence)]
+
+
 def stored_from_row(row: asyncpg.Record) -> periods.Stored:
     return periods.Stored(
         row["period_start"],

@@ -17,11 +17,13 @@ from usage_service.storage import coalesce, history, queries
 from usage_service.storage.rows import (
     Conn,
     customer_from_row,
+    last_confirmed_from_row,
     stored_periods,
     totals_from_row,
 )
 
 DEFAULT_POOL_SIZE = 10  # connections
+ORDER_MASK = 2**20 - 1  # the acceptance-order bits of an event's seq (see INSERT_EVENTS)
 MAX_RECORD_ROUNDS = 10  # transactions tried for one group before answering CONCURRENCY_CONFLICT
 Key: TypeAlias = tuple[str, str]  # (customer_id, idempotency_key)
 # Failures of the database as a whole: a group that meets one fails whole, never retried item
@@ -108,10 +110,11 @@ class _Replan(Exception):
 
 def _resolve(
     requests: Sequence[Sequence[domain.UsageEvent]], known: Mapping[Key, tuple[str, bytes]]
-) -> tuple[list[list[Recorded] | KeyConflict], list[domain.UsageEvent]]:
+) -> tuple[list[list[Recorded] | KeyConflict], list[tuple[domain.UsageEvent, int]]]:
     """Judges requests in order, as if each ran alone after the ones before it: `known` holds
     stored events (key -> event_id, payload hash). Returns each request's answers (or its key
-    conflict: the request stores nothing) and the events to insert, in key order."""
+    conflict: the request stores nothing) and the events to insert with their acceptance order
+    (their place among the events to insert, in request order), sorted by key."""
     winners = dict(known)
     answers: list[list[Recorded] | KeyConflict] = []
     fresh: list[domain.UsageEvent] = []
@@ -139,8 +142,43 @@ def _resolve(
         fresh.extend(new)
         answers.append(out)
     # Rows go in key order, so concurrent writers take unique-index locks in one order.
-    fresh.sort(key=lambda e: (e.customer_id, e.idempotency_key))
-    return answers, fresh
+    ordered = sorted(((e, i) for i, e in enumerate(fresh)), key=_by_key)
+    return answers, ordered
+
+
+_NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
+_EVER = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def _group_order(key: tuple[str, str, dt.datetime | None]) -> tuple[str, str, dt.datetime]:
+    return key[0], key[1], key[2] or _NEVER
+
+
+class _Locked(NamedTuple):
+    """Customers locked by a recorder: their rows (LOCK_CUSTOMERS), and all the confirmed
+    periods of those with events before their last confirmed one."""
+
+    rows: Mapping[str, asyncpg.Record]
+    history: Mapping[str, Sequence[periods.Stored]]
+
+    def bounds(
+        self, customer_id: str, when: dt.datetime
+    ) -> tuple[dt.datetime, dt.datetime, dt.datetime | None]:
+        """(start, end, start) of the customer's period containing `when`; for a placeholder
+        (no periods), all of time and no start."""
+        row = self.rows[customer_id]
+        if not row["plan_id"]:
+            return _NEVER, _EVER, None
+        start, end = row["period_start"], row["period_end"]
+        if start <= when < end:
+            return start, end, start
+        stored = self.history.get(customer_id) or last_confirmed_from_row(row)
+        p = periods.period_at(stored, when)
+        return p.start, p.end, p.start
+
+
+def _by_key(pair: tuple[domain.UsageEvent, int]) -> Key:
+    return pair[0].customer_id, pair[0].idempotency_key
 
 
 class Store:
@@ -284,12 +322,12 @@ class Store:
         requests: Sequence[Sequence[domain.UsageEvent]],
         known: dict[Key, tuple[str, bytes]],
     ) -> list[list[Recorded] | KeyConflict]:
-        answers, fresh = _resolve(requests, known)
-        if not fresh:
+        answers, ordered = _resolve(requests, known)
+        if not ordered:
             return answers
-        order = {id(e): i for i, e in enumerate(e for events in requests for e in events)}
+        fresh = [e for e, _ in ordered]
         async with self.pool.acquire() as conn, conn.transaction():
-            schedules = await self._lock_customers(conn, fresh)
+            locked = await self._lock_customers(conn, fresh)
             inserted_rows = await conn.fetch(
                 queries.INSERT_EVENTS,
                 [e.event_id for e in fresh],
@@ -300,10 +338,12 @@ class Store:
                 [e.event_time for e in fresh],
                 [properties_json(e.properties) for e in fresh],
                 [e.payload_hash for e in fresh],
-                [order[id(e)] for e in fresh],
+                [o for _, o in ordered],
             )
-            seqs = {str(r["event_id"]): r["seq"] for r in inserted_rows}
-            missing = [e for e in fresh if e.event_id not in seqs]
+            # seq = one value per statement, shifted, plus the event's acceptance order
+            seqs = {r["seq"] & ORDER_MASK: r["seq"] for r in inserted_rows}
+            added = [(e, seqs[o]) for e, o in ordered if o in seqs]
+            missing = [e for e, o in ordered if o not in seqs]
             if missing:  # keys stored by earlier calls: duplicates, or conflicts to replan
                 for r in await conn.fetch(
                     queries.EXISTING_EVENTS,
@@ -319,42 +359,30 @@ class Store:
                     if seen is None or seen[1] != e.payload_hash:
                         raise _Replan
                 answers, _ = _resolve(requests, known)
-            added = [(e, seqs[e.event_id]) for e in fresh if e.event_id in seqs]
-            await self._add_totals(conn, schedules, added)
+            await self._add_totals(conn, locked, added)
         return answers
 
-    async def _lock_customers(
-        self, conn: Conn, events: Sequence[domain.UsageEvent]
-    ) -> dict[str, list[periods.Stored]]:
+    async def _lock_customers(self, conn: Conn, events: Sequence[domain.UsageEvent]) -> _Locked:
         """Locks the events' customers (shared), creating placeholders for unknown ones, and
-        returns the confirmed periods each event needs: the last one, or all of them for a
-        customer with events before its last confirmed period. Placeholders have none."""
+        reads all the confirmed periods of those with events before their last one."""
         ids = sorted({e.customer_id for e in events})
-        rows = await conn.fetch(queries.LOCK_CUSTOMERS, ids)
-        if len(rows) < len(ids):
-            found = {r["customer_id"] for r in rows}
-            new = [c for c in ids if c not in found]
+        found = await conn.fetch(queries.LOCK_CUSTOMERS, ids)
+        if len(found) < len(ids):
+            seen = {r["customer_id"] for r in found}
+            new = [c for c in ids if c not in seen]
             await conn.execute(queries.INSERT_PLACEHOLDERS, new)
-            rows = [*rows, *await conn.fetch(queries.LOCK_CUSTOMERS, new)]
-        schedules: dict[str, list[periods.Stored]] = {}
-        for row in rows:
-            customer = customer_from_row(row)
-            schedules[row["customer_id"]] = [customer.last_confirmed] if customer else []
+            found = [*found, *await conn.fetch(queries.LOCK_CUSTOMERS, new)]
+        rows = {row["customer_id"]: row for row in found}
+        starts = {c: r["period_start"] for c, r in rows.items() if r["plan_id"]}
         early = sorted(
-            {
-                e.customer_id
-                for e in events
-                if schedules[e.customer_id] and e.event_time < schedules[e.customer_id][0].start
-            }
+            {e.customer_id for e in events if e.event_time < starts.get(e.customer_id, _NEVER)}
         )
-        if early:
-            schedules.update(await stored_periods(conn, early))
-        return schedules
+        return _Locked(rows, await stored_periods(conn, early) if early else {})
 
     async def _add_totals(
         self,
         conn: Conn,
-        schedules: Mapping[str, Sequence[periods.Stored]],
+        locked: _Locked,
         events: Sequence[tuple[domain.UsageEvent, int]],
     ) -> None:
         """Adds (event, seq) pairs to their customers' and meters' lifetime totals and to the
@@ -362,26 +390,22 @@ class Store:
         a placeholder's events count in its lifetime totals only)."""
         if not events:
             return
-        groups: dict[tuple[str, str, dt.datetime], list[tuple[domain.UsageEvent, int]]] = (
+        # (customer, meter, period start or None for a placeholder) -> (event, seq) pairs
+        groups: dict[tuple[str, str, dt.datetime | None], list[tuple[domain.UsageEvent, int]]] = (
             defaultdict(list)
         )
-        ends: dict[tuple[str, dt.datetime], dt.datetime] = {}
-        life: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        latest: dict[str, periods.Period] = {}  # most events of a customer share one period
-        for e, seq in events:
-            counts = life[(e.customer_id, e.meter)]
-            counts[0] += 1
-            counts[1] += e.quantity
-            stored = schedules[e.customer_id]
-            if stored:
-                period = latest.get(e.customer_id)
-                if period is None or not period.start <= e.event_time < period.end:
-                    period = latest[e.customer_id] = periods.period_at(stored, e.event_time)
-                    ends[(e.customer_id, period.start)] = period.end
-                groups[(e.customer_id, e.meter, period.start)].append((e, seq))
-        keys = sorted(groups)
+        ends: dict[tuple[str, dt.datetime | None], dt.datetime] = {}
+        latest: dict[str, tuple[dt.datetime, dt.datetime, dt.datetime | None]] = {}
+        for pair in events:
+            e = pair[0]
+            customer_id, when = e.customer_id, e.event_time
+            bounds = latest.get(customer_id)  # most events of a customer share a period
+            if bounds is None or not bounds[0] <= when < bounds[1]:
+                bounds = latest[customer_id] = locked.bounds(customer_id, when)
+                ends[(customer_id, bounds[2])] = bounds[1]
+            groups[(customer_id, e.meter, bounds[2])].append(pair)
+        keys = sorted(groups, key=_group_order)
         folded = [domain.fold(groups[k]) for k in keys]
-        life_keys = sorted(life)
         await conn.execute(
             queries.ADD_TOTALS,
             [c for c, _, _ in keys],
@@ -394,10 +418,6 @@ class Store:
             [t.last_quantity for t in folded],
             [t.last_event_time for t in folded],
             [t.last_seq for t in folded],
-            [c for c, _ in life_keys],
-            [m for _, m in life_keys],
-            [life[k][0] for k in life_keys],
-            [life[k][1] for k in life_keys],
         )
 
     async def period_totals(
