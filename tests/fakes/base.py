@@ -133,6 +133,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fake: FakeProvider = self.server.fake  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if len(body) < length:  # the sender died mid-request: a real server drops it unread
+            self.close_connection = True
+            return
         headers = {k.lower(): v for k, v in self.headers.items()}
         path = self.path.split("?", 1)[0]
         call = Call(method, path, headers, body)
