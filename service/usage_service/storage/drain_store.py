@@ -184,8 +184,11 @@ FROM (
 ) a
 WHERE t.customer_id = a.customer_id AND t.meter = a.meter AND t.period_start = a.period_start"""
 
-STATUS_EVENTS = """
-SELECT coalesce(c.provider, '?') AS provider,
+# A customer known only by its usage (a placeholder) or by nothing shows as '?'.
+_PROVIDER = "CASE WHEN c.plan_id <> '' THEN c.provider ELSE '?' END"
+
+STATUS_EVENTS = f"""
+SELECT {_PROVIDER} AS provider,
     count(*) FILTER (WHERE e.report_state = 'pending') AS pending,
     min(e.recorded_at) FILTER (WHERE e.report_state = 'pending') AS oldest_pending,
     count(*) FILTER (WHERE e.report_state = 'failed') AS failed,
@@ -194,8 +197,8 @@ FROM usage_events e LEFT JOIN customers c ON c.customer_id = e.customer_id
 WHERE e.report_state IN ('pending', 'failed')
 GROUP BY 1 ORDER BY 1"""
 
-STATUS_REASONS = """
-SELECT coalesce(c.provider, '?') AS provider, e.last_error, count(*) AS events
+STATUS_REASONS = f"""
+SELECT {_PROVIDER} AS provider, e.last_error, count(*) AS events
 FROM usage_events e LEFT JOIN customers c ON c.customer_id = e.customer_id
 WHERE e.report_state = 'failed'
 GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"""
