@@ -308,7 +308,7 @@ SELECT event_id, payload_hash FROM usage_events WHERE customer_id = $1 AND idemp
 # containing now). Pairs of unknown customers have no row.
 # $1 customer_id[], $2 meter[], $3 now; i is the pair's 1-based position
 CHECK_READS = f"""
-SELECT u.i, c.*, t.period_start AS t_start, t.period_end AS t_end, t.event_count,
+SELECT u.i, c.*, t.period_start AS t_start, t.event_count,
     t.quantity_sum, t.quantity_max, t.last_quantity, t.last_event_time, t.last_seq,
     t.reported_count, t.reported_sum, t.failed_count, t.failed_sum
 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(customer_id, meter, i)

@@ -15,6 +15,13 @@ from usage_service.storage import queries
 Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 
+# Enum members by stored value: a dict lookup per row instead of an enum call (the check path
+# builds a customer per call).
+_STATUSES = {s.value: s for s in domain.SubscriptionStatus}
+_INTERVALS = {i.value: i for i in periods.Interval}
+_PROVIDERS = {p.value: p for p in domain.Provider}
+
+
 def customer_from_row(row: asyncpg.Record) -> domain.Customer | None:
     """The customer of a row; None for a placeholder (a customer known only by its usage)."""
     if not row["plan_id"]:
@@ -23,15 +30,15 @@ def customer_from_row(row: asyncpg.Record) -> domain.Customer | None:
     return domain.Customer(
         customer_id=row["customer_id"],
         plan_id=row["plan_id"],
-        subscription_status=domain.SubscriptionStatus(row["subscription_status"]),
+        subscription_status=_STATUSES[row["subscription_status"]],
         period_start=start,
         period_end=end,
         cadence=periods.Cadence(
-            periods.Interval(row["billing_interval"]),
+            _INTERVALS[row["billing_interval"]],
             row["billing_interval_count"],
             row["billing_anchor"] or end,
         ),
-        provider=domain.Provider(row["provider"]),
+        provider=_PROVIDERS[row["provider"]],
         provider_customer_id=row["provider_customer_id"],
         subscription_items=dict(_json(row["subscription_items"])),
     )
@@ -49,7 +56,7 @@ def last_confirmed_from_row(row: asyncpg.Record) -> list[periods.Stored]:
         return []
     end = row["period_end"]
     cadence = periods.Cadence(
-        periods.Interval(row["billing_interval"]),
+        _INTERVALS[row["billing_interval"]],
         row["billing_interval_count"],
         row["billing_anchor"] or end,
     )

@@ -71,14 +71,13 @@ class Consumed:
     period: periods.Period | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Checked:
+class Checked(NamedTuple):
     """A read for a check: the customer (None when unknown), the period containing now and the
     customer's totals for the meter in it."""
 
     customer: domain.Customer | None = None
     period: periods.Period | None = None
-    totals: domain.Totals = dataclasses.field(default_factory=domain.Totals)
+    totals: domain.Totals = domain.Totals()
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -146,6 +145,7 @@ def _resolve(
     return answers, ordered
 
 
+_NO_TOTALS = domain.Totals()
 _NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
 _EVER = dt.datetime.max.replace(tzinfo=dt.UTC)
 
@@ -441,11 +441,12 @@ class Store:
             customer = customer_from_row(r)
             if customer is None:
                 continue
-            period = await self.period_now(customer, now)
-            same = (r["t_start"], r["t_end"]) == period.bounds
-            totals = totals_from_row(r) if same else domain.Totals()
+            period = customer.period_after_confirmed(now) or await self.period_now(customer, now)
+            # totals rows are periods: one that starts where the period does is that period's
+            totals = totals_from_row(r) if r["t_start"] == period.start else _NO_TOTALS
             found[r["i"]] = Checked(customer, period, totals)
-        return [found.get(i, Checked()) for i in range(1, len(keys) + 1)]
+        unknown = Checked()
+        return [found.get(i, unknown) for i in range(1, len(keys) + 1)]
 
     async def consume(
         self,
