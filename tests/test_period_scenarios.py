@@ -193,6 +193,21 @@ async def test_acknowledged_usage_can_never_wedge_a_webhook(service: Service) ->
         await service.usage.RecordUsage(record(customer_id="new", quantity=BIG, key="b"))
     assert details(caught.value).reason == "TOTAL_OUT_OF_RANGE"
     await upsert(service, now - hours(1), now + hours(1), customer_id="new")
+    # a consume (storage has no hard limit) is refused the same way, naming its quantity
+    at_max = R.CheckEntitlementRequest(
+        customer_id="new", feature="storage", quantity=BIG, consume=True, idempotency_key="s1"
+    )
+    assert (await service.usage.CheckEntitlement(at_max)).allowed
+    at_max.idempotency_key = "s2"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.usage.CheckEntitlement(at_max)
+    d = details(caught.value)
+    assert (d.code, d.reason, list(d.fields)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TOTAL_OUT_OF_RANGE",
+        ["quantity"],
+    )
+    assert await service.count_events("new") == 2
     await verified(service)
 
 

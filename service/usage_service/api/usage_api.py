@@ -130,7 +130,10 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             properties=dict(request.properties),
             payload_hash=domain.payload_hash(feature, request.quantity, None, request.properties),
         )
-        result = await self.store.consume(event, gate, decide, self._metering.get(feature, ()))
+        try:
+            result = await self.store.consume(event, gate, decide, self._metering.get(feature, ()))
+        except TotalOutOfRange:
+            raise out_of_range("quantity") from None
         customer = result.customer
         if result.duplicate:  # a replay, whatever happened to the customer since
             assert meter is not None

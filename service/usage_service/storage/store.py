@@ -539,18 +539,21 @@ class Store:
     async def _insert_consumed(
         self, conn: Conn, e: domain.UsageEvent, period: periods.Period
     ) -> Recorded:
-        inserted = await conn.fetchval(
-            queries.CONSUME_INSERT,
-            e.event_id,
-            e.customer_id,
-            e.idempotency_key,
-            e.meter,
-            e.quantity,
-            e.event_time,
-            properties_json(e.properties),
-            e.payload_hash,
-            period.start,
-        )
+        try:
+            inserted = await conn.fetchval(
+                queries.CONSUME_INSERT,
+                e.event_id,
+                e.customer_id,
+                e.idempotency_key,
+                e.meter,
+                e.quantity,
+                e.event_time,
+                properties_json(e.properties),
+                e.payload_hash,
+                period.start,
+            )
+        except asyncpg.exceptions.NumericValueOutOfRangeError:  # the lifetime total: refused
+            raise TotalOutOfRange(0) from None
         if inserted is None:  # a concurrent RecordUsage took the key between our check and insert
             seen = await self._seen(conn, e)
             assert seen is not None
