@@ -51,9 +51,11 @@ def test_progress_is_in_quantities_for_sum_and_events_otherwise() -> None:
         reported_sum=15,
         failed_count=1,
         failed_sum=5,
+        unbilled_count=1,
+        unbilled_sum=7,
     )
-    assert t.progress(Aggregation.SUM) == (15, 20, 5)
-    assert t.progress(Aggregation.LAST) == (1, 2, 1)
+    assert t.progress(Aggregation.SUM) == (15, 13, 5, 7)
+    assert t.progress(Aggregation.LAST) == (1, 1, 1, 1)
 
 
 def test_payload_hash_ignores_a_defaulted_time_but_not_a_given_one() -> None:

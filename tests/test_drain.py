@@ -95,7 +95,7 @@ async def record_many(
 
 
 async def drain_until_quiet(drains: Sequence[Drain], db: asyncpg.Pool) -> None:
-    """Cycles until no event of a customer with a configured provider is pending. Reports in
+    """Cycles until no event attributed to a configured provider is pending. Reports in
     backoff become due on their own time, so between cycles this polls, up to a deadline."""
     configured = sorted({p.value for d in drains for p in d.adapters})
     loop = asyncio.get_running_loop()
@@ -103,8 +103,8 @@ async def drain_until_quiet(drains: Sequence[Drain], db: asyncpg.Pool) -> None:
     while loop.time() < deadline:
         await asyncio.gather(*(d.cycle() for d in drains))
         left = await db.fetchval(
-            """SELECT count(*) FROM usage_events e JOIN customers c USING (customer_id)
-               WHERE e.report_state = 'pending' AND c.provider = ANY($1::text[])""",
+            """SELECT count(*) FROM usage_events
+               WHERE report_state = 'pending' AND provider = ANY($1::text[])""",
             configured,
         )
         if left == 0:

@@ -99,7 +99,7 @@ async def test_the_periods_migration_keeps_history_and_verify_repairs_the_rest(d
             )
     finally:
         await conn.close()
-    assert await migrate.migrate_dsn(dsn) == ["0003_periods"]
+    assert await migrate.migrate_dsn(dsn) == ["0003_periods", "0004_attribution"]
     pool = await store.create_pool(dsn, size=2)
     try:
         rows = await pool.fetch(

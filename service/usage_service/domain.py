@@ -105,6 +105,8 @@ class Totals:
     reported_sum: int = 0
     failed_count: int = 0
     failed_sum: int = 0
+    unbilled_count: int = 0  # counted while the customer had no provider: never reported
+    unbilled_sum: int = 0
 
     def used(self, aggregation: Aggregation) -> int:
         if aggregation is Aggregation.SUM:
@@ -125,13 +127,16 @@ class Totals:
             return max(self.quantity_max, quantity)
         return quantity
 
-    def progress(self, aggregation: Aggregation) -> tuple[int, int, int]:
-        """(reported, pending, failed): summed quantities for sum meters, events otherwise."""
+    def progress(self, aggregation: Aggregation) -> tuple[int, int, int, int]:
+        """(reported, pending, failed, unbilled): summed quantities for sum meters, events
+        otherwise."""
         if aggregation is Aggregation.SUM:
             recorded, reported, failed = self.quantity_sum, self.reported_sum, self.failed_sum
+            unbilled = self.unbilled_sum
         else:
             recorded, reported, failed = self.event_count, self.reported_count, self.failed_count
-        return reported, max(recorded - reported - failed, 0), failed
+            unbilled = self.unbilled_count
+        return reported, max(recorded - reported - failed - unbilled, 0), failed, unbilled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,10 +246,7 @@ def summarise(
         limit = feature.limit if feature else None
         row = totals.get(name, Totals())
         used = row.used(meter.aggregation)
-        reported, pending, failed = row.progress(meter.aggregation)
-        unbilled = 0
-        if customer.provider is Provider.NONE:  # never reported: not pending either
-            unbilled, pending = pending, 0
+        reported, pending, failed, unbilled = row.progress(meter.aggregation)
         out.append(
             MeterSummary(
                 meter=name,

@@ -16,9 +16,16 @@ from usage_service.config import Settings
 from usage_service.plans import Meter, Plans
 from usage_service.providers.config import ALL, ProviderSettings
 from usage_service.storage import store
-from usage_service.storage.drain_store import DrainStore, ProviderStatus
+from usage_service.storage.drain_store import DrainStore, Moved, ProviderStatus
 
 COMMANDS = ("drain", "requeue", "status")
+_KEYS = {
+    "stripe": "STRIPE_API_KEY",
+    "lemon_squeezy": "LEMONSQUEEZY_API_KEY",
+    "polar": "POLAR_ACCESS_TOKEN",
+    "dodo_payments": "DODO_PAYMENTS_API_KEY",
+    "creem": "CREEM_API_KEY",
+}
 STOP_GRACE = 30.0  # seconds the current cycle gets to finish on shutdown
 
 
@@ -65,6 +72,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     d.add_argument("--once", action="store_true", required=True, help="one pass, then exit")
     r = commands.add_parser("requeue", help="put parked (failed) events back in the queue")
     r.add_argument("--provider", default="", choices=["", *ALL], help="only this provider's")
+    r.add_argument(
+        "--move-to-current-provider",
+        action="store_true",
+        help="instead: re-attribute the events an earlier provider of their customer never "
+        "accepted (waiting or parked) to the customer's current provider",
+    )
+    r.add_argument(
+        "--customer", action="append", default=[], help="with --move-...: only this customer's"
+    )
     r.add_argument("event_ids", nargs="*", help="only these events (default: every parked one)")
     commands.add_parser("status", help="per provider: pending, oldest pending, parked failures")
 
@@ -85,6 +101,12 @@ async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int
                 + (f"; no credentials: {', '.join(off)}" if off else "")
             )
             write_status(await DrainStore(st.pool).status(), settings.environ, sys.stdout)
+        elif args.command == "requeue" and args.move_to_current_provider:
+            if args.event_ids:
+                print("requeue: --move-to-current-provider takes --customer, not event ids")
+                return 2
+            moved = await DrainStore(st.pool).move_to_current_provider(args.provider, args.customer)
+            write_moved(moved, sys.stdout)
         elif args.command == "requeue":
             count = await DrainStore(st.pool).requeue(args.provider, args.event_ids)
             print(f"requeued {count} events")
@@ -93,18 +115,47 @@ async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int
     return 0
 
 
+def write_moved(moved: Moved, out: TextIO) -> None:
+    print(f"moved {moved.events} events", file=out)
+    for old, new, count in moved.by_route:
+        print(f"  {old} -> {new or '(no provider: unbilled)'}: {count}", file=out)
+    if moved.sent_before:
+        print(
+            f"  {moved.sent_before} of them were in reports already handed to their old "
+            "provider: check that it holds none of them",
+            file=out,
+        )
+    if moved.in_flight:
+        print(
+            f"  {moved.in_flight} events left in place: a worker is sending their report now; "
+            "run this again once it is settled",
+            file=out,
+        )
+
+
 def write_status(rows: list[ProviderStatus], environ: Mapping[str, str], out: TextIO) -> None:
     configured = set(ProviderSettings.from_env(environ).configured())
     if not rows:
         print("nothing pending, nothing parked", file=out)
     for row in rows:
         name = row.provider or "(no provider: never reported)"
+        why = ""
         if row.provider == "?":
-            name = "(unknown customer)"
+            name = "(customer not known yet: not attributed to a provider)"
         elif row.provider and row.provider not in configured:
             name += " (no credentials: waiting)"
+            why = f"{_KEYS[row.provider]} is not set"
         age = _age(row.oldest_pending_age)
         print(f"{name}: pending {row.pending} (oldest {age}), parked {row.failed}", file=out)
+        if why and row.pending:
+            print(f"  waiting {row.pending}: {why}", file=out)
+        if row.moved:
+            print(
+                f"  {row.moved} of them belong to customers now billed by another provider; "
+                f"`usage-service requeue --move-to-current-provider --provider {row.provider}` "
+                "moves them",
+                file=out,
+            )
         if row.retrying_reports:
             print(f"  retrying {row.retrying_reports} reports: {row.retrying_error}", file=out)
         for reason, count in row.failed_reasons:

@@ -24,19 +24,20 @@ from usage_service.storage.rows import Conn
 LANE_SEPARATOR = "\x1f"  # chr(31) in SQL
 
 _EVENT_FIELDS = """e.event_id, e.customer_id, e.meter, e.quantity, e.event_time, e.properties,
-    c.provider_customer_id, coalesce(c.subscription_items ->> e.meter, '') AS subscription_item"""
+    p.provider_customer_id, coalesce(p.subscription_items ->> e.meter, '') AS subscription_item"""
 
-# Pending events of one provider's customers, not yet in a report, oldest first, skipping rows
-# other workers hold and lanes that have a report in flight. Each comes with the totals row of
-# its period (NULL when the event is outside every known period).
+# Pending events attributed to one provider, not yet in a report, oldest first, skipping rows
+# other workers hold and lanes that have a report in flight; each with the customer's ids at that
+# provider (kept after a switch) and the totals row of its period (NULL when the event is outside
+# every known period).
 # $1 provider, $2 limit
 CLAIM_EVENTS = f"""
 SELECT {_EVENT_FIELDS}, t.period_start, t.quantity_max, t.last_quantity
 FROM usage_events e
-JOIN customers c ON c.customer_id = e.customer_id
+JOIN customer_providers p ON p.customer_id = e.customer_id AND p.provider = e.provider
 LEFT JOIN usage_totals t ON t.customer_id = e.customer_id AND t.meter = e.meter
     AND t.period_start <= e.event_time AND e.event_time < t.period_end
-WHERE e.report_state = 'pending' AND e.report_id IS NULL AND c.provider = $1
+WHERE e.report_state = 'pending' AND e.report_id IS NULL AND e.provider = $1
     AND NOT EXISTS (
         SELECT 1 FROM reports r
         WHERE r.state = 'open' AND r.lane = concat_ws(chr(31), $1::text, e.customer_id, e.meter))
@@ -142,8 +143,7 @@ UPDATE usage_events e SET report_state = 'reported', reported_at = now(), last_e
 WHERE e.report_id = ANY($1::uuid[]) AND e.report_state = 'pending'
 {_MOVED}"""
 
-_PARKED = """e.report_state = 'failed'
-    AND ($1::text = '' OR e.customer_id IN (SELECT customer_id FROM customers WHERE provider = $1))
+_PARKED = """e.report_state = 'failed' AND ($1::text = '' OR e.provider = $1)
     AND (cardinality($2::uuid[]) = 0 OR e.event_id = ANY($2::uuid[]))"""
 
 # $1 provider ('' for all), $2 event_id[] (empty for all)
@@ -172,11 +172,12 @@ ORDER BY t.customer_id, t.meter, t.period_start
 FOR UPDATE OF t"""
 
 # Moves events between the drain counters of their periods' totals rows.
-# $1..$4 as LOCK_TOTALS, $5 reported delta per event (-1, 0, 1), $6 failed delta per event
+# $1..$4 as LOCK_TOTALS, $5 reported delta per event (-1, 0, 1), $6 failed delta, $7 unbilled
 ADJUST_TOTALS = f"""
 UPDATE usage_totals t SET
     reported_count = t.reported_count + $5 * a.n, reported_sum = t.reported_sum + $5 * a.s,
-    failed_count = t.failed_count + $6 * a.n, failed_sum = t.failed_sum + $6 * a.s
+    failed_count = t.failed_count + $6 * a.n, failed_sum = t.failed_sum + $6 * a.s,
+    unbilled_count = t.unbilled_count + $7 * a.n, unbilled_sum = t.unbilled_sum + $7 * a.s
 FROM (
     SELECT t.customer_id, t.meter, t.period_start, count(*) AS n, sum(ev.q) AS s
     {_EVENTS_IN_TOTALS}
@@ -184,14 +185,17 @@ FROM (
 ) a
 WHERE t.customer_id = a.customer_id AND t.meter = a.meter AND t.period_start = a.period_start"""
 
-# A customer known only by its usage (a placeholder) or by nothing shows as '?'.
-_PROVIDER = "CASE WHEN c.plan_id <> '' THEN c.provider ELSE '?' END"
+# Events of a customer known only by its usage (a placeholder) are not attributed yet: '?'.
+_PROVIDER = "coalesce(e.provider, '?')"
 
+# Per provider the events are attributed to; `moved`: those whose customer is billed by another
+# provider now.
 STATUS_EVENTS = f"""
 SELECT {_PROVIDER} AS provider,
     count(*) FILTER (WHERE e.report_state = 'pending') AS pending,
     min(e.recorded_at) FILTER (WHERE e.report_state = 'pending') AS oldest_pending,
     count(*) FILTER (WHERE e.report_state = 'failed') AS failed,
+    count(*) FILTER (WHERE c.plan_id <> '' AND c.provider <> e.provider) AS moved,
     now() AS now
 FROM usage_events e LEFT JOIN customers c ON c.customer_id = e.customer_id
 WHERE e.report_state IN ('pending', 'failed')
@@ -199,7 +203,7 @@ GROUP BY 1 ORDER BY 1"""
 
 STATUS_REASONS = f"""
 SELECT {_PROVIDER} AS provider, e.last_error, count(*) AS events
-FROM usage_events e LEFT JOIN customers c ON c.customer_id = e.customer_id
+FROM usage_events e
 WHERE e.report_state = 'failed'
 GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"""
 
@@ -208,6 +212,78 @@ SELECT provider, count(*) AS reports, max(attempts) AS attempts,
     (array_agg(last_error ORDER BY next_attempt_at DESC))[1] AS last_error
 FROM reports WHERE state = 'open' AND attempts > 0
 GROUP BY provider ORDER BY provider"""
+
+
+# Events attributed to a provider other than their customer's current one, that it never
+# accepted (pending or parked). $1 from provider ('' any), $2 customer_id[] (empty: all)
+_MOVABLE = """e.provider IS NOT NULL AND e.provider <> c.provider AND c.plan_id <> ''
+    AND e.report_state IN ('pending', 'failed') AND ($1::text = '' OR e.provider = $1)
+    AND (cardinality($2::text[]) = 0 OR e.customer_id = ANY($2::text[]))"""
+
+# $1, $2 as _MOVABLE
+LOCK_MOVABLE_CUSTOMERS = f"""
+SELECT c.customer_id FROM customers c
+WHERE c.customer_id IN (
+    SELECT e.customer_id FROM usage_events e JOIN customers c ON c.customer_id = e.customer_id
+    WHERE {_MOVABLE})
+ORDER BY c.customer_id
+FOR SHARE"""
+
+# Open reports holding movable events and no worker's live lease; one a worker is sending is
+# left alone. $1, $2 as _MOVABLE
+LOCK_MOVABLE_REPORTS = f"""
+SELECT r.report_id, r.first_sent_at IS NOT NULL AS sent FROM reports r
+WHERE r.state = 'open' AND (r.lease_until IS NULL OR r.lease_until < now())
+    AND r.report_id IN (
+        SELECT e.report_id FROM usage_events e JOIN customers c ON c.customer_id = e.customer_id
+        WHERE {_MOVABLE} AND e.report_state = 'pending' AND e.report_id IS NOT NULL)
+ORDER BY r.report_id
+FOR UPDATE SKIP LOCKED"""
+
+# Re-attributes movable events to their customer's current provider ('' none: unbilled), out of
+# their reports; those in an open report not given in $3 stay.
+# $1, $2 as _MOVABLE, $3 abandoned report_id[]
+MOVE_EVENTS = f"""
+WITH moving AS (
+    SELECT e.event_id, e.report_state AS was, e.provider AS was_provider,
+        e.report_id AS was_report, c.provider AS target
+    FROM usage_events e JOIN customers c ON c.customer_id = e.customer_id
+    WHERE {_MOVABLE}
+        AND (e.report_state = 'failed' OR e.report_id IS NULL OR e.report_id = ANY($3::uuid[]))
+    FOR UPDATE OF e
+)
+UPDATE usage_events e SET provider = m.target, report_id = NULL, last_error = '',
+    report_state = CASE WHEN m.target = '' THEN 'unbilled' ELSE 'pending' END
+FROM moving m
+WHERE e.event_id = m.event_id
+RETURNING e.customer_id, e.meter, e.event_time, e.quantity, m.was, e.report_state,
+    m.was_provider, m.was_report, m.target"""
+
+# Movable events left in reports a worker is sending. $1, $2 as _MOVABLE
+COUNT_IN_FLIGHT = f"""
+SELECT count(*) FROM usage_events e JOIN customers c ON c.customer_id = e.customer_id
+WHERE {_MOVABLE} AND e.report_state = 'pending' AND e.report_id IS NOT NULL"""
+
+# The rest of an abandoned report's events go back to the queue: per-event providers dedupe them
+# by event id when they are sent again. $1 report_id[]
+RELEASE_EVENTS = """
+UPDATE usage_events SET report_id = NULL
+WHERE report_id = ANY($1::uuid[]) AND report_state = 'pending'"""
+
+# $1 report_id[], $2 reason
+ABANDON_REPORTS = """
+UPDATE reports SET state = 'failed', last_error = $2, settled_at = now(), lease_until = NULL
+WHERE report_id = ANY($1::uuid[]) AND state = 'open'"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Moved:
+    """What `requeue --move-to-current-provider` did."""
+
+    events: int  # re-attributed to their customer's current provider
+    by_route: tuple[tuple[str, str, int], ...]  # (from, to, events); to '' means unbilled
+    sent_before: int  # of them, in reports already handed at least once to the old provider
+    in_flight: int  # left alone: in a report a worker is sending now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +310,7 @@ class ProviderStatus:
     pending: int
     oldest_pending_age: dt.timedelta | None
     failed: int
+    moved: int  # pending or parked events whose customer is billed by another provider now
     failed_reasons: tuple[tuple[str, int], ...]  # (reason, events), most frequent first
     retrying_reports: int
     retrying_error: str
@@ -399,6 +476,47 @@ class DrainStore:
             await _adjust(conn, moved, reported=0, failed=-1)
         return len(moved)
 
+    async def move_to_current_provider(
+        self, provider: str = "", customer_ids: Sequence[str] = ()
+    ) -> Moved:
+        """Re-attributes events that a customer's earlier provider never accepted (pending, or
+        parked) to the customer's current provider: an operator's decision after a switch.
+        Open reports holding them are abandoned, except one a worker is sending right now."""
+        ids = list(customer_ids)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_MOVABLE_CUSTOMERS, provider, ids)
+            reports = await conn.fetch(LOCK_MOVABLE_REPORTS, provider, ids)
+            abandoned = [r["report_id"] for r in reports]
+            moved = await conn.fetch(MOVE_EVENTS, provider, ids, abandoned)
+            if abandoned:
+                await conn.execute(RELEASE_EVENTS, abandoned)
+                await conn.execute(
+                    ABANDON_REPORTS, abandoned, "abandoned: its events moved to another provider"
+                )
+            for was in ("pending", "failed"):
+                for now in ("pending", "unbilled"):
+                    part = [r for r in moved if r["was"] == was and r["report_state"] == now]
+                    await _adjust(
+                        conn,
+                        part,
+                        reported=0,
+                        failed=-1 if was == "failed" else 0,
+                        unbilled=1 if now == "unbilled" else 0,
+                    )
+            left = await conn.fetchval(COUNT_IN_FLIGHT, provider, ids)
+        routes: dict[tuple[str, str], int] = {}
+        for r in moved:
+            key = (r["was_provider"], r["target"])
+            routes[key] = routes.get(key, 0) + 1
+        was_sent = {r["report_id"] for r in reports if r["sent"]}
+        sent = sum(1 for r in moved if r["was_report"] in was_sent)
+        return Moved(
+            events=len(moved),
+            by_route=tuple((a, b, n) for (a, b), n in sorted(routes.items())),
+            sent_before=sent,
+            in_flight=int(left or 0),
+        )
+
     async def status(self) -> list[ProviderStatus]:
         async with self.pool.acquire() as conn:
             counts = await conn.fetch(STATUS_EVENTS)
@@ -418,6 +536,7 @@ class DrainStore:
                     pending=row["pending"],
                     oldest_pending_age=row["now"] - oldest if oldest else None,
                     failed=row["failed"],
+                    moved=row["moved"],
                     failed_reasons=tuple(by_provider.get(name, ())),
                     retrying_reports=retry["reports"] if retry else 0,
                     retrying_error=retry["last_error"] if retry else "",
@@ -426,7 +545,9 @@ class DrainStore:
         return out
 
 
-async def _adjust(conn: Conn, moved: Sequence[asyncpg.Record], reported: int, failed: int) -> None:
+async def _adjust(
+    conn: Conn, moved: Sequence[asyncpg.Record], reported: int, failed: int, unbilled: int = 0
+) -> None:
     if not moved:
         return
     args = (
@@ -436,4 +557,4 @@ async def _adjust(conn: Conn, moved: Sequence[asyncpg.Record], reported: int, fa
         [r["quantity"] for r in moved],
     )
     await conn.execute(LOCK_TOTALS, *args)
-    await conn.execute(ADJUST_TOTALS, *args, reported, failed)
+    await conn.execute(ADJUST_TOTALS, *args, reported, failed, unbilled)

@@ -26,6 +26,8 @@ _FIGURES = (
     "reported_sum",
     "failed_count",
     "failed_sum",
+    "unbilled_count",
+    "unbilled_sum",
 )
 
 
@@ -68,6 +70,17 @@ async def confirm(
     pruned_before = before_row["pruned_before"]
     if pruned_before is not None and confirmed.start < pruned_before:
         raise PeriodsPruned(pruned_before)
+    if before is None:  # its usage so far is billed to the provider it starts with
+        await conn.execute(queries.ATTRIBUTE_EVENTS, c.customer_id, c.provider.value)
+    if c.provider is not domain.Provider.NONE:
+        await conn.execute(
+            queries.SAVE_CUSTOMER_PROVIDER,
+            c.customer_id,
+            c.provider.value,
+            c.provider_customer_id,
+            dict(c.subscription_items),
+            now,
+        )
     new = periods.rewrite(old, confirmed)
     if new != old:
         await conn.execute(queries.DROP_PERIODS_FROM, c.customer_id, confirmed.start)

@@ -2,33 +2,36 @@
 
 from __future__ import annotations
 
-# Events waiting for a provider, per provider: how many and how long the oldest has waited.
-# Customers without a provider are left out (their events are never reported).
+# Events waiting for a provider, per provider they are attributed to: how many and how long the
+# oldest has waited. Events not attributed yet (of customers known only by their usage) are left
+# out; unbilled ones are never pending.
 DRAIN_BACKLOG = """
-SELECT c.provider, count(*) AS events,
+SELECT e.provider, count(*) AS events,
     extract(epoch FROM now() - min(e.recorded_at))::float8 AS oldest_age_seconds
-FROM usage_events e JOIN customers c ON c.customer_id = e.customer_id
-WHERE e.report_state = 'pending' AND c.provider <> ''
-GROUP BY c.provider"""
+FROM usage_events e
+WHERE e.report_state = 'pending' AND e.provider IS NOT NULL
+GROUP BY e.provider"""
 
-# Customers with reported events recorded before $1 in a period before their last confirmed
-# one, in order. A read.
+# Customers with reported (or unbilled) events recorded before $1 in a period before their last
+# confirmed one, in order. A read.
 PRUNABLE_CUSTOMERS = """
 SELECT DISTINCT e.customer_id FROM usage_events e
 JOIN customers c ON c.customer_id = e.customer_id
-WHERE e.report_state = 'reported' AND e.recorded_at < $1 AND e.event_time < c.period_start
+WHERE e.report_state IN ('reported', 'unbilled') AND e.recorded_at < $1
+    AND e.event_time < c.period_start
 ORDER BY 1"""
 
 # $1 customer_id. Prune waits for recorders and webhooks of the customer, and they for it.
 LOCK_CUSTOMER = "SELECT period_start FROM customers WHERE customer_id = $1 FOR UPDATE"
 
-# Deletes up to $4 of a customer's reported events recorded before $2 whose event_time is
-# before $3 (the customer's last confirmed period start), returning what they counted.
+# Deletes up to $4 of a customer's reported (or unbilled) events recorded before $2 whose
+# event_time is before $3 (the customer's last confirmed period start), returning what they
+# counted.
 # $1 customer_id, $2 recorded before, $3 horizon, $4 batch size
 PRUNE_REPORTED = """
 DELETE FROM usage_events WHERE customer_id = $1 AND event_id IN (
     SELECT event_id FROM usage_events
-    WHERE customer_id = $1 AND report_state = 'reported' AND recorded_at < $2
+    WHERE customer_id = $1 AND report_state IN ('reported', 'unbilled') AND recorded_at < $2
         AND event_time < $3
     LIMIT $4)
 RETURNING meter, quantity"""

@@ -30,7 +30,7 @@ SELECT {_CUSTOMER_COLUMNS}, pruned_before FROM customers WHERE customer_id = $1 
 # $1 customer_id[] (sorted, so concurrent batches lock in one order)
 LOCK_CUSTOMERS = """
 SELECT customer_id, plan_id, period_start, period_end, billing_interval, billing_interval_count,
-    billing_anchor
+    billing_anchor, provider
 FROM customers
 WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR SHARE"""
 
@@ -74,6 +74,26 @@ UPDATE customers SET plan_id = $2, subscription_status = $3, period_start = $4,
 WHERE customer_id = $1
 RETURNING {_CUSTOMER_COLUMNS}"""
 
+# The events of a customer known only by its usage are attributed to the provider of its first
+# UpsertCustomer: '' (none) makes them unbilled. $1 customer_id, $2 provider
+ATTRIBUTE_EVENTS = """
+UPDATE usage_events SET provider = $2,
+    report_state = CASE WHEN $2 = '' THEN 'unbilled' ELSE report_state END
+WHERE customer_id = $1 AND provider IS NULL"""
+
+# A customer's ids at a provider, kept after it moves on: events attributed to that provider
+# are still sent with them. $1 customer_id, $2 provider, $3 provider_customer_id,
+# $4 subscription_items (jsonb), $5 updated at
+SAVE_CUSTOMER_PROVIDER = """
+INSERT INTO customer_providers AS p (
+    customer_id, provider, provider_customer_id, subscription_items, updated_at)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (customer_id, provider) DO UPDATE SET
+    provider_customer_id = excluded.provider_customer_id,
+    subscription_items = excluded.subscription_items, updated_at = excluded.updated_at
+WHERE (p.provider_customer_id, p.subscription_items)
+    IS DISTINCT FROM (excluded.provider_customer_id, excluded.subscription_items)"""
+
 # The bounds of a customer's totals rows. $1 customer_id
 TOTALS_BOUNDS = """
 SELECT DISTINCT period_start, period_end FROM usage_totals WHERE customer_id = $1"""
@@ -98,7 +118,9 @@ SELECT e.meter, p.s AS period_start, p.e AS period_end, count(*) AS event_count,
     count(*) FILTER (WHERE e.report_state = 'reported') AS reported_count,
     coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'reported'), 0) AS reported_sum,
     count(*) FILTER (WHERE e.report_state = 'failed') AS failed_count,
-    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'failed'), 0) AS failed_sum
+    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'failed'), 0) AS failed_sum,
+    count(*) FILTER (WHERE e.report_state = 'unbilled') AS unbilled_count,
+    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'unbilled'), 0) AS unbilled_sum
 FROM unnest($2::timestamptz[], $3::timestamptz[]) AS p(s, e)
 JOIN usage_events e ON e.customer_id = $1 AND e.event_time >= p.s AND e.event_time < p.e
 GROUP BY e.meter, p.s, p.e"""
@@ -110,22 +132,24 @@ REBUILD_TOTALS = f"""
 INSERT INTO usage_totals (
     customer_id, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
     last_quantity, last_event_time, last_seq, reported_count, reported_sum, failed_count,
-    failed_sum)
+    failed_sum, unbilled_count, unbilled_sum)
 SELECT $1, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
     last_quantity, last_event_time, last_seq, reported_count, reported_sum, failed_count,
-    failed_sum
+    failed_sum, unbilled_count, unbilled_sum
 FROM ({_EVENT_TOTALS}) agg"""
 
 # $1 event_id[], $2 customer_id[], $3 idempotency_key[], $4 meter[], $5 quantity[],
 # $6 event_time[], $7 properties[] (JSON text), $8 payload_hash[], $9 acceptance order[] (the
-# event's place in the call, < 2^20): seq = one sequence value per statement, then that order
+# event's place in the call, < 2^20): seq = one sequence value per statement, then that order;
+# $10 provider[] (the customer's; '' none: the event is unbilled; NULL: not decided yet)
 INSERT_EVENTS = """
 INSERT INTO usage_events (
     event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
-    payload_hash, seq)
-SELECT e, c, k, m, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o
+    payload_hash, seq, provider, report_state)
+SELECT e, c, k, m, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o, pr,
+    CASE WHEN pr = '' THEN 'unbilled' ELSE 'pending' END
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::timestamptz[],
-            $7::text[], $8::bytea[], $9::bigint[]) AS u(e, c, k, m, q, t, p, h, o)
+            $7::text[], $8::bytea[], $9::bigint[], $10::text[]) AS u(e, c, k, m, q, t, p, h, o, pr)
 ON CONFLICT (customer_id, idempotency_key) DO NOTHING
 RETURNING seq"""
 
@@ -146,13 +170,13 @@ JOIN unnest($1::text[], $2::text[]) AS u(c, m) ON l.customer_id = u.c AND l.mete
 # key so concurrent writers lock in one order.
 # $1 customer_id[], $2 meter[], $3 period_start[] (NULL: no period), $4 period_end[],
 # $5 event_count[], $6 quantity_sum[], $7 quantity_max[], $8 last_quantity[],
-# $9 last_event_time[], $10 last_seq[]
+# $9 last_event_time[], $10 last_seq[], $11 unbilled[] (the customer has no provider)
 ADD_TOTALS = """
 WITH folded AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
                          $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[],
-                         $9::timestamptz[], $10::bigint[])
-        AS u(c, m, ps, pe, n, s, mx, lq, lt, ls)
+                         $9::timestamptz[], $10::bigint[], $11::boolean[])
+        AS u(c, m, ps, pe, n, s, mx, lq, lt, ls, ub)
 ), life AS (
     INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
     SELECT c, m, sum(n), sum(s) FROM folded GROUP BY c, m ORDER BY c, m
@@ -162,11 +186,15 @@ WITH folded AS (
 )
 INSERT INTO usage_totals AS t (
     customer_id, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
-    last_quantity, last_event_time, last_seq)
-SELECT c, m, ps, pe, n, s, mx, lq, lt, ls FROM folded WHERE ps IS NOT NULL
+    last_quantity, last_event_time, last_seq, unbilled_count, unbilled_sum)
+SELECT c, m, ps, pe, n, s, mx, lq, lt, ls, CASE WHEN ub THEN n ELSE 0 END,
+    CASE WHEN ub THEN s ELSE 0 END
+FROM folded WHERE ps IS NOT NULL
 ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET
     event_count = t.event_count + excluded.event_count,
     quantity_sum = t.quantity_sum + excluded.quantity_sum,
+    unbilled_count = t.unbilled_count + excluded.unbilled_count,
+    unbilled_sum = t.unbilled_sum + excluded.unbilled_sum,
     quantity_max = greatest(t.quantity_max, excluded.quantity_max),
     last_quantity = CASE
         WHEN t.last_event_time IS NULL
@@ -179,7 +207,8 @@ ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET
     last_event_time = greatest(t.last_event_time, excluded.last_event_time)"""
 
 _TOTALS_COLUMNS = """meter, event_count, quantity_sum, quantity_max, last_quantity,
-    last_event_time, last_seq, reported_count, reported_sum, failed_count, failed_sum"""
+    last_event_time, last_seq, reported_count, reported_sum, failed_count, failed_sum,
+    unbilled_count, unbilled_sum"""
 
 # Creates (if need be) and locks one totals row, returning it: the consume path's row lock.
 # $1 customer_id, $2 meter, $3 period_start, $4 period_end
@@ -217,14 +246,15 @@ LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $5"""
 # One consumed event, its lifetime total and its period's totals row (created and locked by
 # CONSUME_LOCK or LOCK_TOTALS), in one statement. No row: the key was taken.
 # $1 event_id, $2 customer_id, $3 idempotency_key, $4 meter, $5 quantity, $6 event_time,
-# $7 properties (JSON text), $8 payload_hash, $9 period_start
+# $7 properties (JSON text), $8 payload_hash, $9 period_start, $10 provider ('' none: unbilled)
 CONSUME_INSERT = """
 WITH ins AS (
     INSERT INTO usage_events (
         event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
-        payload_hash, seq)
+        payload_hash, seq, provider, report_state)
     VALUES ($1::uuid, $2, $3, $4, $5, $6, $7::text::jsonb, $8,
-        nextval('usage_events_seq') * 1048576)
+        nextval('usage_events_seq') * 1048576, $10::text,
+        CASE WHEN $10::text = '' THEN 'unbilled' ELSE 'pending' END)
     ON CONFLICT (customer_id, idempotency_key) DO NOTHING
     RETURNING event_id, customer_id, meter, quantity, event_time, seq
 ), life AS (
@@ -236,6 +266,8 @@ WITH ins AS (
     UPDATE usage_totals t SET
         event_count = t.event_count + 1,
         quantity_sum = t.quantity_sum + ins.quantity,
+        unbilled_count = t.unbilled_count + CASE WHEN $10::text = '' THEN 1 ELSE 0 END,
+        unbilled_sum = t.unbilled_sum + CASE WHEN $10::text = '' THEN ins.quantity ELSE 0 END,
         quantity_max = greatest(t.quantity_max, ins.quantity),
         last_quantity = CASE
             WHEN t.last_event_time IS NULL
@@ -310,7 +342,8 @@ SELECT event_id, payload_hash FROM usage_events WHERE customer_id = $1 AND idemp
 CHECK_READS = f"""
 SELECT u.i, c.*, t.period_start AS t_start, t.event_count,
     t.quantity_sum, t.quantity_max, t.last_quantity, t.last_event_time, t.last_seq,
-    t.reported_count, t.reported_sum, t.failed_count, t.failed_sum
+    t.reported_count, t.reported_sum, t.failed_count, t.failed_sum, t.unbilled_count,
+    t.unbilled_sum
 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(customer_id, meter, i)
 JOIN LATERAL (
     SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = u.customer_id) c ON true

@@ -87,6 +87,8 @@ def totals_from_row(row: asyncpg.Record) -> domain.Totals:
         reported_sum=row["reported_sum"],
         failed_count=row["failed_count"],
         failed_sum=row["failed_sum"],
+        unbilled_count=row["unbilled_count"],
+        unbilled_sum=row["unbilled_sum"],
     )
 
 

@@ -161,6 +161,12 @@ class _Locked(NamedTuple):
     rows: Mapping[str, asyncpg.Record]
     history: Mapping[str, Sequence[periods.Stored]]
 
+    def provider(self, customer_id: str) -> str | None:
+        """The provider the customer's events are billed to ('' none); None for a placeholder:
+        decided by its first UpsertCustomer."""
+        row = self.rows[customer_id]
+        return row["provider"] if row["plan_id"] else None
+
     def bounds(
         self, customer_id: str, when: dt.datetime
     ) -> tuple[dt.datetime, dt.datetime, dt.datetime | None]:
@@ -339,6 +345,7 @@ class Store:
                 [properties_json(e.properties) for e in fresh],
                 [e.payload_hash for e in fresh],
                 [o for _, o in ordered],
+                [locked.provider(e.customer_id) for e in fresh],
             )
             # seq = one value per statement, shifted, plus the event's acceptance order
             seqs = {r["seq"] & ORDER_MASK: r["seq"] for r in inserted_rows}
@@ -418,6 +425,7 @@ class Store:
             [t.last_quantity for t in folded],
             [t.last_event_time for t in folded],
             [t.last_seq for t in folded],
+            [locked.provider(c) == "" for c, _, _ in keys],
         )
 
     async def period_totals(
@@ -503,7 +511,7 @@ class Store:
                 if seen is not None:
                     return self._replay(customer, period, totals, event, seen)
                 return Consumed(customer, decision, totals, period=period)
-            result = await self._insert_consumed(conn, event, period)
+            result = await self._insert_consumed(conn, event, period, customer.provider.value)
             if result.duplicate:
                 return Consumed(customer, None, totals, result.event_id, True, period)
             return Consumed(customer, decision, totals, result.event_id, period=period)
@@ -537,7 +545,7 @@ class Store:
         return Consumed(customer, None, totals, event_id, True, period)
 
     async def _insert_consumed(
-        self, conn: Conn, e: domain.UsageEvent, period: periods.Period
+        self, conn: Conn, e: domain.UsageEvent, period: periods.Period, provider: str
     ) -> Recorded:
         try:
             inserted = await conn.fetchval(
@@ -551,6 +559,7 @@ class Store:
                 properties_json(e.properties),
                 e.payload_hash,
                 period.start,
+                provider,
             )
         except asyncpg.exceptions.NumericValueOutOfRangeError:  # the lifetime total: refused
             raise TotalOutOfRange(0) from None
