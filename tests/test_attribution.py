@@ -24,7 +24,7 @@ from test_drain import FAST, MakeDrain, drain_until_quiet, fakes, make_drain, su
 
 from usage.v1 import customer_pb2
 from usage_service import drain_commands
-from usage_service.storage import drain_store, migrate, ops_queries, queries
+from usage_service.storage import drain_store, history, migrate, ops_queries, queries
 
 __all__ = ["fakes", "make_drain"]  # fixtures
 
@@ -309,3 +309,16 @@ async def test_status_and_backlog_read_the_attributed_provider(service: Service)
         f"SELECT provider, events FROM ({ops_queries.DRAIN_BACKLOG}) b ORDER BY 1"
     )
     assert [tuple(r) for r in rows] == [("polar", 1), ("stripe", 1)]
+
+
+@pytest.mark.tampers
+async def test_verify_names_events_of_a_known_customer_without_a_decided_provider(
+    service: Service,
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    await add(service, "c_v", STRIPE, "cus_v")
+    await tokens(service, "c_v", 2, now)
+    assert await history.verify(service.db) == []
+    await service.db.execute("UPDATE usage_events SET provider = NULL")
+    (found,) = await history.verify(service.db)
+    assert str(found).endswith("1 events billed to no provider, neither decided nor unbilled")

@@ -338,8 +338,8 @@ async def test_a_dead_workers_report_is_resent_under_the_same_identifier(
     # A worker claims and commits a report, then dies before sending it.
     dead = await make_drain(settings=FAST, owner="dead")
     stripe = domain.Provider.STRIPE
-    (claimed,) = await dead.store.claim_new(
-        stripe, "dead", 0.3, 100, lambda c: build_reports(stripe, plans.meters, c)
+    (claimed,) = await dead.store.claim_new(  # a lease long enough for a loaded machine
+        stripe, "dead", 3.0, 100, lambda c: build_reports(stripe, plans.meters, c)
     )
     live = await make_drain(owner="live")
     assert await live.cycle() == 0  # the lease holds: nothing to do yet, nothing sent

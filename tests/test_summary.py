@@ -11,7 +11,9 @@ from helpers import details, record
 
 from usage.v1 import usage_pb2
 
-NOW = dt.datetime.now(dt.UTC)
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 async def summary(service: Service, customer_id: str = "cus_1") -> dict[str, usage_pb2.MeterUsage]:
@@ -23,7 +25,7 @@ async def summary(service: Service, customer_id: str = "cus_1") -> dict[str, usa
 
 async def test_each_aggregation(service: Service) -> None:
     await service.add_customer()
-    t = NOW - dt.timedelta(hours=3)
+    t = now() - dt.timedelta(hours=3)
     events = [
         record(meter="tokens", quantity=5, key="t1"),
         record(meter="tokens", quantity=7, key="t2"),
@@ -62,8 +64,8 @@ async def test_figures_for_a_metered_feature(service: Service) -> None:
 
 
 async def test_answer_names_the_customer_plan_and_period(service: Service) -> None:
-    start = NOW - dt.timedelta(days=3)
-    end = NOW + dt.timedelta(days=27)
+    start = now() - dt.timedelta(days=3)
+    end = now() + dt.timedelta(days=27)
     await service.add_customer(start=start, end=end)
     answer = await service.usage.GetUsageSummary(
         usage_pb2.GetUsageSummaryRequest(customer_id="cus_1", meter="seats")
@@ -77,7 +79,7 @@ async def test_answer_names_the_customer_plan_and_period(service: Service) -> No
 
 
 async def test_an_event_before_the_period_does_not_count(service: Service) -> None:
-    start = NOW - dt.timedelta(hours=1)
+    start = now() - dt.timedelta(hours=1)
     await service.add_customer(start=start)
     await service.usage.RecordUsage(
         record(quantity=50, key="old", when=start - dt.timedelta(seconds=1))
@@ -89,8 +91,8 @@ async def test_an_event_before_the_period_does_not_count(service: Service) -> No
 
 async def test_a_new_period_starts_from_the_events_inside_it(service: Service) -> None:
     """When the webhook moves the period on, the totals are those of the events in the new one."""
-    old_start = NOW - dt.timedelta(days=30)
-    boundary = NOW - dt.timedelta(minutes=10)
+    old_start = now() - dt.timedelta(days=30)
+    boundary = now() - dt.timedelta(minutes=10)
     await service.add_customer(start=old_start, end=boundary)
     await service.usage.RecordUsage(
         record(quantity=100, key="before", when=boundary - dt.timedelta(minutes=1))

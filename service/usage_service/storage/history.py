@@ -192,6 +192,10 @@ async def verify_customer(conn: Conn, customer_id: str) -> list[Difference]:
                 )
             )
         return out
+    unattributed = await conn.fetchval(queries.UNATTRIBUTED_EVENTS, customer_id)
+    if unattributed:
+        what = f"{unattributed} events billed to no provider, neither decided nor unbilled"
+        out.append(Difference(customer_id, "*", None, what))
     stored = (await stored_periods(conn, [customer_id]))[customer_id]
     pruned_before = await conn.fetchval(queries.PRUNED_BEFORE, customer_id)
     expected: dict[tuple[str, dt.datetime], asyncpg.Record] = {}

@@ -319,6 +319,11 @@ DELETE FROM usage_totals WHERE customer_id = $1 AND ($2::timestamptz IS NULL OR 
 # $1 customer_id
 PRUNED_BEFORE = "SELECT pruned_before FROM customers WHERE customer_id = $1"
 
+# Events of a customer whose provider is not decided: only a placeholder may have them.
+# $1 customer_id
+UNATTRIBUTED_EVENTS = """
+SELECT count(*) FROM usage_events WHERE customer_id = $1 AND provider IS NULL"""
+
 # $1 customer_id
 EVENT_LIFETIME = """
 SELECT meter, count(*) AS event_count, sum(quantity) AS quantity_sum FROM usage_events
