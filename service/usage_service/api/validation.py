@@ -87,7 +87,10 @@ def provider_customer_id(
     if problem:
         v.add(field, problem)
     elif value and provider is domain.Provider.POLAR and not polar.is_customer_id(value):
-        v.add(field, "must be a Polar customer id (a UUID), or empty to send customer_id")
+        v.add(
+            field,
+            "must be a Polar customer id (a UUID); empty sends customer_id as external_customer_id",
+        )
 
 
 def timestamp(v: Violations, field: str, ts: timestamp_pb2.Timestamp) -> dt.datetime | None:
