@@ -14,7 +14,7 @@ import pytest
 from conftest import Service
 from fakes import event as fake_event
 from fakes.base import Fault
-from fakes.world import CUSTOMERS, LEMON_ITEMS, Fakes
+from fakes.world import CUSTOMERS, LEMON_ITEMS, POLAR_CUSTOMER, Fakes
 from helpers import record
 
 from usage.v1 import customer_pb2, usage_pb2
@@ -28,6 +28,7 @@ FAST = DrainSettings(
     interval=0.05, lease=10, claim=1000, backoff_base=0.02, backoff_cap=0.2, concurrency=8
 )
 SETTLE_TIMEOUT = 60.0  # seconds
+POLAR_UNKNOWN = "0b9e7c1a-2d4f-4e6a-8c3b-5f7a9d1e2c4b"  # a UUID no Polar customer has
 MakeDrain = Callable[..., Awaitable[Drain]]
 
 
@@ -144,7 +145,7 @@ async def test_every_provider_ends_with_exactly_the_recorded_usage_through_every
 ) -> None:
     await add_customers(service)
     await service.add_customer(  # Polar refuses this customer id: its events are set aside
-        "c_polar_bad", provider=customer_pb2.PROVIDER_POLAR, provider_customer_id="pol_unknown"
+        "c_polar_bad", provider=customer_pb2.PROVIDER_POLAR, provider_customer_id=POLAR_UNKNOWN
     )
     d = await make_drain()
     recorded: dict[tuple[str, str], list[int]] = {}
@@ -200,7 +201,7 @@ async def test_every_provider_ends_with_exactly_the_recorded_usage_through_every
     reason = await service.db.fetchval(
         "SELECT DISTINCT last_error FROM usage_events WHERE customer_id = 'c_polar_bad'"
     )
-    assert "pol_unknown does not exist" in reason
+    assert f"{POLAR_UNKNOWN} does not exist" in reason
 
 
 async def test_a_thousand_stripe_sum_events_cost_a_handful_of_calls(
@@ -289,7 +290,7 @@ async def test_a_provider_without_credentials_keeps_its_events_pending(
     assert "polar (no credentials: waiting): pending 3" in out.getvalue()
     on = await make_drain()
     await drain_until_quiet([on], service.db)
-    assert fakes.polar.totals() == {("pol_1", "tokens"): 6}
+    assert fakes.polar.totals() == {(POLAR_CUSTOMER, "tokens"): 6}
 
 
 async def test_dodo_events_older_than_an_hour_are_parked_with_that_reason(

@@ -1,8 +1,9 @@
 """Prometheus metrics, served as text on USAGE_METRICS_ADDRESS.
 
 Counters are updated where things happen (the RPC interceptor; the drain through
-`provider_call` and `events_reported`). Gauges that describe the database (the drain backlog
-and the pool) are read at scrape time by `refresh`, so they are right even with many replicas.
+`provider_call` and `events_reported`; the ingestion adapters through `provider_duplicates`).
+Gauges that describe the database (the drain backlog and the pool) are read at scrape time by
+`refresh`, so they are right even with many replicas.
 Label values are bounded sets (methods, codes, providers, reasons): never ids, keys or tokens.
 """
 
@@ -57,6 +58,11 @@ PROVIDER_DURATION = prom.Histogram(
 EVENTS_REPORTED = prom.Counter(
     "usage_events_reported", "events settled with a provider, by outcome", ["provider", "outcome"]
 )
+PROVIDER_DUPLICATES = prom.Counter(
+    "usage_provider_duplicate_events",
+    "events a provider reported it already had (a re-send it deduplicated)",
+    ["provider"],
+)
 DB_POOL = prom.Gauge("usage_db_pool_connections", "database pool connections, by state", ["state"])
 
 PROVIDERS = tuple(p.value for p in domain.Provider if p is not domain.Provider.NONE)
@@ -76,6 +82,11 @@ def provider_call(provider: str, outcome: str, seconds: float | None = None) -> 
 def events_reported(provider: str, outcome: str, count: int = 1) -> None:
     """`count` events were settled: outcome `delivered` or `failed` (parked)."""
     EVENTS_REPORTED.labels(provider, outcome).inc(count)
+
+
+def provider_duplicates(provider: str, count: int) -> None:
+    """A provider answered that `count` events of a call were duplicates of earlier ones."""
+    PROVIDER_DUPLICATES.labels(provider).inc(count)
 
 
 # --- scrape time ---

@@ -1,11 +1,17 @@
-"""Event ingestion fakes: Polar, Dodo Payments and Creem. Each keeps accepted events by their
-dedupe id, rejects a whole call for one bad event (nothing stored), and checks its wire rules."""
+"""Event ingestion fakes: Polar, Dodo Payments and Creem. Each checks every request against the
+request schema of the provider's official SDK at a named version (path, headers, field names,
+types, required fields, limits), keeps accepted events by their dedupe id, rejects a whole call
+for one bad event (nothing stored) and answers with the SDK's documented success and error
+shapes. Anything our client must never send is recorded through `violation()`."""
 
 from __future__ import annotations
 
 import collections
 import datetime as dt
-from collections.abc import Mapping
+import itertools
+import re
+import uuid
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fakes.base import Answer, FakeProvider, bearer, parse_json
@@ -26,13 +32,38 @@ def _time(text: Any) -> dt.datetime | None:
     return when if when.tzinfo else None
 
 
+def _is_uuid(text: Any) -> bool:
+    try:
+        uuid.UUID(text)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def _attributes_problem(
+    bag: Any, what: str, keys: int, key_length: int, value_length: int, nested: bool = False
+) -> str | None:
+    """What is wrong with a metadata / properties object under a provider's limits."""
+    if not isinstance(bag, dict) or len(bag) > keys:
+        return f"{what} must be an object of at most {keys} keys"
+    for key, value in bag.items():
+        if len(key) > key_length:
+            return f"{what} key {key[:50]!r} is over {key_length} characters"
+        if isinstance(value, dict | list) and not nested:
+            return f"{what} {key!r}: objects and arrays are not accepted"
+        if value is None or (isinstance(value, str) and len(value) > value_length):
+            return f"{what} {key!r}: a value of at most {value_length} characters"
+    return None
+
+
 class FakeIngest(FakeProvider):
     id_field = ""  # the dedupe key's field
+    name_field = "name"
     customer_fields: tuple[str, ...] = ("customer_id",)
     value_field = "metadata"  # where the value lives
     max_events = 0  # per call; 0: no count cap
 
-    def __init__(self, customers: set[str] | None = None) -> None:
+    def __init__(self, customers: Iterable[str] | None = None) -> None:
         super().__init__()
         self.customers = set(customers or ())  # known provider customer ids
         self.accepted: dict[str, dict[str, Any]] = {}
@@ -41,148 +72,201 @@ class FakeIngest(FakeProvider):
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
         if f"{method} {path}" != self.write_route:
             self.violation(f"unexpected call {method} {path}")
-            return Answer(404, {"detail": "Not found"})
+            return self.not_found()
         if not self.authorised(headers):
             self.violation("missing or wrong credentials")
-            return Answer(401, {"detail": "unauthorised"})
+            return self.unauthorised()
         if not headers.get("content-type", "").startswith("application/json"):
             self.violation(f"content-type {headers.get('content-type')!r}")
-        too_big = self.too_big(body)
-        if too_big:
-            return too_big
+        refused = self.check_headers(headers) or self.too_big(body)
+        if refused:
+            return refused
         doc = parse_json(self, body)
         events = doc.get("events") if isinstance(doc, dict) else None
         if not isinstance(events, list) or set(doc) != {"events"}:
             self.violation(f"body shape: {str(doc)[:200]}")
-            return Answer(400, {"detail": "bad body"})
+            return self.invalid(None, 'body must be {"events": [...]}')
         if not events or (self.max_events and len(events) > self.max_events):
             self.violation(f"{len(events)} events in one call")
-            return self.invalid(None, f"1..{self.max_events} events per call")
+            return self.invalid(None, f"1..{self.max_events or 'any'} events per call")
         ids = [e.get(self.id_field) if isinstance(e, dict) else None for e in events]
-        if len(set(ids)) != len(ids):
+        if len(set(map(str, ids))) != len(ids):
             self.violation("the same event id twice in one call")
             return self.invalid(None, "duplicate event id in request")
         now = dt.datetime.now(dt.UTC)
         for i, event in enumerate(events):
+            if not isinstance(event, dict):
+                self.violation(f"event {i} is not an object")
+                return self.invalid(i, "must be an object")
             problem = self.check(event, now)
             if problem:
-                return problem if isinstance(problem, Answer) else self.invalid(i, problem)
+                field, message = problem
+                self.violation(f"{type(self).__name__} events[{i}].{field}: {message}")
+                return self.invalid(i, message, field)
         for i, event in enumerate(events):
-            customer = event.get("customer_id")
-            if customer is not None and customer not in self.customers:
-                return self.unknown_customer(i, customer)
+            unknown = self.unknown(event)
+            if unknown:
+                return self.unknown_customer(i, *unknown)
         with self.lock:
             self.batch_sizes.append(len(events))
             fresh = [e for e in events if e[self.id_field] not in self.accepted]
             for e in fresh:
                 self.accepted[e[self.id_field]] = e
-        return self.ok(len(fresh), len(events) - len(fresh))
+        return self.ok(events, len(fresh))
 
     def totals(self, value_key: str = "value") -> dict[tuple[str, str], int]:
-        """Sum of the value per (customer, event name)."""
+        """Sum of the value per (customer, event name), over the events that bill."""
         out: collections.Counter[tuple[str, str]] = collections.Counter()
         with self.lock:
             for e in self.accepted.values():
-                customer = next(e[f] for f in self.customer_fields if f in e)
-                out[(customer, e[self.name_field])] += e[self.value_field][value_key]
+                if self.bills(e):
+                    customer = next(e[f] for f in self.customer_fields if f in e)
+                    out[(customer, e[self.name_field])] += e[self.value_field][value_key]
         return dict(out)
 
     # --- per provider ---
-    name_field = "name"
 
     def authorised(self, headers: Mapping[str, str]) -> bool:
         raise NotImplementedError
+
+    def check_headers(self, headers: Mapping[str, str]) -> Answer | None:
+        return None
 
     def too_big(self, body: bytes) -> Answer | None:
         return None
 
-    def check(self, event: Any, now: dt.datetime) -> str | Answer | None:
+    def check(self, event: dict[str, Any], now: dt.datetime) -> tuple[str, str] | None:
+        """(field, message) of what is wrong with one event under the SDK's schema, if any."""
         raise NotImplementedError
 
-    def invalid(self, index: int | None, message: str) -> Answer:
+    def unknown(self, event: dict[str, Any]) -> tuple[str, str] | None:
+        """(field, id) when the event names a customer the provider does not know."""
+        customer = event.get("customer_id")
+        return ("customer_id", customer) if customer not in self.customers else None
+
+    def bills(self, event: dict[str, Any]) -> bool:
+        return True
+
+    def not_found(self) -> Answer:
+        return Answer(404, {"detail": "Not Found"})
+
+    def unauthorised(self) -> Answer:
+        return Answer(401, {"detail": "unauthorised"})
+
+    def invalid(self, index: int | None, message: str, field: str = "") -> Answer:
         raise NotImplementedError
 
-    def unknown_customer(self, index: int, customer: str) -> Answer:
+    def unknown_customer(self, index: int, field: str, customer: str) -> Answer:
         raise NotImplementedError
 
-    def ok(self, inserted: int, duplicates: int) -> Answer:
+    def ok(self, events: list[dict[str, Any]], fresh: int) -> Answer:
         raise NotImplementedError
 
 
-def _metadata_problem(meta: Any, limit: int) -> str | None:
-    if not isinstance(meta, dict) or len(meta) > limit:
-        return f"metadata must be an object of at most {limit} keys"
-    for key, value in meta.items():
-        if not isinstance(key, str) or not isinstance(value, str | int | float | bool):
-            return f"metadata {key!r}: unsupported value {value!r}"
+def _fields(
+    event: dict[str, Any], required: set[str], optional: set[str]
+) -> tuple[str, str] | None:
+    missing, extra = required - set(event), set(event) - required - optional
+    if missing:
+        return sorted(missing)[0], "Field required"
+    if extra:
+        return sorted(extra)[0], "Extra inputs are not permitted"
     return None
 
 
 class FakePolar(FakeIngest):
+    """Polar, after polar-sdk 1.0.2 (PyPI): `polar/base.py` (`_default_headers`: `Authorization:
+    Bearer`, `Polar-Version`; errors), `polar/v2026_10/client.py` (version "2026-10"; the SDK
+    also ships "2026-04" and "2027-01"), `polar/v2026_10/services/events.py` (`POST
+    /v1/events/ingest`, 422 `HTTPValidationError`), `polar/v2026_10/inputs.py` (`EventsIngest`,
+    `EventCreateCustomer`, `EventCreateExternalCustomer`, `EventMetadataInput`: at most 50 keys of
+    at most 40 characters, strings of at most 500, `_cost` / `_llm` structured),
+    `polar/v2026_10/outputs.py` (`EventsIngestResponse {inserted, duplicates}`,
+    `ValidationError {loc, msg, type, input}`). From PROVIDERS.md: `customer_id` is a UUID, a
+    timestamp after Polar's now fails the batch, an unknown Polar-Version is a 404, 10 MiB cap."""
+
     write_route = "POST /v1/events/ingest"
     id_field = "external_id"
     customer_fields = ("customer_id", "external_customer_id")
+    versions = frozenset({"2026-04", "2026-10", "2027-01"})
+    common = frozenset({"timestamp", "organization_id", "external_id", "parent_id", "metadata"})
 
     def authorised(self, headers: Mapping[str, str]) -> bool:
         return bearer(headers, POLAR_KEY)
 
+    def check_headers(self, headers: Mapping[str, str]) -> Answer | None:
+        version = headers.get("polar-version")
+        if version in self.versions:
+            return None
+        self.violation(f"polar: Polar-Version {version!r} (pin one the SDK knows)")
+        return self.not_found()
+
     def too_big(self, body: bytes) -> Answer | None:
-        return (
-            Answer(413, {"detail": "Request Entity Too Large"})
-            if len(body) > POLAR_BODY_CAP
-            else None
-        )
+        if len(body) > POLAR_BODY_CAP:
+            return Answer(413, {"detail": "Request Entity Too Large"})
+        return None
 
-    def check(self, event: Any, now: dt.datetime) -> str | Answer | None:
-        allowed = {
-            "name",
-            "customer_id",
-            "external_customer_id",
-            "external_id",
-            "timestamp",
-            "metadata",
-        }
-        if not isinstance(event, dict) or not set(event) <= allowed:
-            self.violation(f"polar event fields {sorted(event)}")
-            return "unexpected fields"
-        if ("customer_id" in event) == ("external_customer_id" in event):
-            self.violation("polar: exactly one of customer_id / external_customer_id")
-            return "customer"
-        name, stamp = event.get("name"), _time(event.get("timestamp"))
-        if not isinstance(name, str) or not 0 < len(name) <= 128 or not event.get("external_id"):
-            self.violation(f"polar name / external_id: {event}")
-            return "name"
-        if stamp is None or stamp > now + dt.timedelta(seconds=1):
-            self.violation(f"polar timestamp in the future or unreadable: {event.get('timestamp')}")
-            return "Timestamp must be in the past"
-        problem = _metadata_problem(event.get("metadata"), 50)
+    def check(self, event: dict[str, Any], now: dt.datetime) -> tuple[str, str] | None:
+        if "customer_id" in event:
+            wrong = _fields(event, {"name", "customer_id"}, self.common | {"member_id"})
+        else:
+            wrong = _fields(
+                event, {"name", "external_customer_id"}, self.common | {"external_member_id"}
+            )
+        if wrong:
+            return wrong
+        name = event["name"]
+        if not isinstance(name, str) or not 0 < len(name) <= 128:
+            return "name", "a string of 1..128 characters"
+        if not isinstance(event.get("external_id"), str) or not event["external_id"]:
+            return "external_id", "our dedupe key must be sent"
+        if "customer_id" in event and not _is_uuid(event["customer_id"]):
+            return "customer_id", "Input should be a valid UUID"
+        if not isinstance(event.get("external_customer_id", ""), str):
+            return "external_customer_id", "Input should be a valid string"
+        stamp = _time(event.get("timestamp"))
+        if "timestamp" in event and stamp is None:
+            return "timestamp", "Input should be a valid datetime"
+        if stamp is not None and stamp > now:
+            return "timestamp", "Timestamp must be in the past"
+        meta = event.get("metadata", {})
+        problem = _attributes_problem(meta, "metadata", 50, 40, 500)
         if problem:
-            self.violation(problem)
-        return problem
+            return "metadata", problem
+        for key in ("_cost", "_llm"):
+            if key in meta and not isinstance(meta[key], dict):
+                return "metadata", f"{key} is structured data, not {meta[key]!r}"
+        return None
 
-    def invalid(self, index: int | None, message: str) -> Answer:
-        loc = ["body", "events"] + ([index] if index is not None else [])
+    def unknown(self, event: dict[str, Any]) -> tuple[str, str] | None:
+        if "customer_id" not in event:  # external_customer_id is not checked
+            return None
+        return super().unknown(event)
+
+    def invalid(self, index: int | None, message: str, field: str = "") -> Answer:
+        loc: list[str | int] = ["body", "events"]
+        loc += [index] if index is not None else []
+        loc += [field] if field else []
         return Answer(422, {"detail": [{"loc": loc, "msg": message, "type": "value_error"}]})
 
-    def unknown_customer(self, index: int, customer: str) -> Answer:
-        return Answer(
-            422,
-            {
-                "detail": [
-                    {
-                        "loc": ["body", "events", index, "customer_id"],
-                        "msg": f"Customer {customer} does not exist.",
-                        "type": "value_error",
-                    }
-                ]
-            },
-        )
+    def unknown_customer(self, index: int, field: str, customer: str) -> Answer:
+        return self.invalid(index, f"Customer {customer} does not exist.", field)
 
-    def ok(self, inserted: int, duplicates: int) -> Answer:
-        return Answer(200, {"inserted": inserted, "duplicates": duplicates})
+    def ok(self, events: list[dict[str, Any]], fresh: int) -> Answer:
+        return Answer(200, {"inserted": fresh, "duplicates": len(events) - fresh})
 
 
 class FakeDodo(FakeIngest):
+    """Dodo Payments, after dodopayments 1.123.0 (PyPI): `resources/usage_events.py` (`POST
+    /events/ingest`; at most 1000 events; metadata at most 50 pairs, keys at most 100 characters,
+    values at most 500; duplicate event_id in one call fails it; timestamps older than 1 hour or
+    over 5 minutes ahead rejected), `types/usage_event_ingest_params.py`,
+    `types/event_input_param.py` (required customer_id, event_id, event_name; optional metadata
+    of str / number / bool, optional ISO-8601 timestamp), `types/usage_event_ingest_response.py`
+    (`{ingested_count}`), `_client.py` (bearer token; error classes by status) and
+    `_base_client.py` (`x-should-retry`, `retry-after-ms`). Errors `{code, message}` as in
+    PROVIDERS.md. `ok` counts the events it had not seen before."""
+
     write_route = "POST /events/ingest"
     id_field = "event_id"
     name_field = "event_name"
@@ -191,73 +275,167 @@ class FakeDodo(FakeIngest):
     def authorised(self, headers: Mapping[str, str]) -> bool:
         return bearer(headers, DODO_KEY)
 
-    def check(self, event: Any, now: dt.datetime) -> str | Answer | None:
-        fields = {"event_id", "customer_id", "event_name", "timestamp", "metadata"}
-        if not isinstance(event, dict) or set(event) != fields:
-            self.violation(f"dodo event fields {sorted(event)}")
-            return "unexpected fields"
-        stamp = _time(event["timestamp"])
-        if stamp is None or not now - dt.timedelta(hours=1) <= stamp <= now + dt.timedelta(
-            minutes=5
+    def check(self, event: dict[str, Any], now: dt.datetime) -> tuple[str, str] | None:
+        wrong = _fields(event, {"customer_id", "event_id", "event_name"}, {"metadata", "timestamp"})
+        if wrong:
+            return wrong
+        for field in ("customer_id", "event_id", "event_name"):
+            if not isinstance(event[field], str) or not event[field]:
+                return field, "a non-empty string"
+        stamp = _time(event.get("timestamp"))
+        if "timestamp" in event and stamp is None:
+            return "timestamp", "an ISO-8601 timestamp"
+        if stamp is not None and not (
+            now - dt.timedelta(hours=1) <= stamp <= now + dt.timedelta(minutes=5)
         ):
-            self.violation(f"dodo timestamp outside its window: {event['timestamp']}")
-            return "timestamp outside the allowed window"
-        problem = _metadata_problem(event["metadata"], 50)
-        if problem:
-            self.violation(problem)
-        return problem
+            return "timestamp", "timestamp outside the allowed window"
+        meta = event.get("metadata")
+        if meta is not None:
+            problem = _attributes_problem(meta, "metadata", 50, 100, 500)
+            if problem:
+                return "metadata", problem
+        return None
 
-    def invalid(self, index: int | None, message: str) -> Answer:
-        return Answer(400, {"code": "INVALID_REQUEST", "message": message})
+    def unauthorised(self) -> Answer:
+        return Answer(401, {"code": "UNAUTHORIZED", "message": "invalid API key"})
 
-    def unknown_customer(self, index: int, customer: str) -> Answer:
+    def not_found(self) -> Answer:
+        return Answer(404, {"code": "NOT_FOUND", "message": "not found"})
+
+    def invalid(self, index: int | None, message: str, field: str = "") -> Answer:
+        return Answer(400, {"code": "INVALID_REQUEST_BODY", "message": message})
+
+    def unknown_customer(self, index: int, field: str, customer: str) -> Answer:
         # Dodo's answer names the customer, not the event: the adapter must isolate it.
         return Answer(
             422, {"code": "CUSTOMER_NOT_FOUND", "message": f"Customer {customer} not found"}
         )
 
-    def ok(self, inserted: int, duplicates: int) -> Answer:
-        return Answer(200, {"ingested_count": inserted})
+    def ok(self, events: list[dict[str, Any]], fresh: int) -> Answer:
+        return Answer(200, {"ingested_count": fresh})
+
+
+_CREEM_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
 class FakeCreem(FakeIngest):
+    """Creem, after the official TypeScript SDK `creem` 1.13.0 (npm): `CHANGELOG.md` (1.9.0:
+    exactly one of customer_id / external_customer_id; `metadata` removed, refused with 422),
+    `src/funcs/eventsIngestEvents.ts` (`POST /v1/events/ingest`, 1..100 events, 202, 422 error,
+    whole batch validated first, event_id deduplicated), `src/lib/security.ts` (`x-api-key`),
+    `src/models/components/ingestusageeventapirequestdto.ts` (name; customer_id |
+    external_customer_id: letters, digits, `_`, `-`, at most 255; event_id; timestamp;
+    properties: at most 50 keys of at most 40 characters, values at most 500),
+    `ingestusageeventsapiresponsedto.ts` (`{accepted, event_ids, warnings?}`),
+    `ingestusageeventwarningapidto.ts` (`{index, code, message}`, codes `no_matching_meter`,
+    `meter_archived`, `timestamp_outside_late_window`), `usagemeteringerrordetailapidto.ts` and
+    `src/models/errors/usagemeteringerrorapiresponsedto.ts` (`{error: {type, code, message,
+    param, details, request_id}}`).
+
+    `meters`: the event names an active meter consumes (None: every name); `archived`: names
+    only an archived meter consumes. Other names are accepted with a warning and never bill."""
+
     write_route = "POST /v1/events/ingest"
     id_field = "event_id"
+    customer_fields = ("customer_id", "external_customer_id")
     value_field = "properties"
     max_events = 100
+
+    def __init__(
+        self,
+        customers: Iterable[str] | None = None,
+        external: Iterable[str] = (),
+        meters: Iterable[str] | None = None,
+        archived: Iterable[str] = (),
+    ) -> None:
+        super().__init__(customers)
+        self.external = set(external)  # external_id registered on Creem customers
+        self.meters = None if meters is None else set(meters)
+        self.archived = set(archived)
+        self._requests = itertools.count(1)
 
     def authorised(self, headers: Mapping[str, str]) -> bool:
         return headers.get("x-api-key") == CREEM_KEY and "authorization" not in headers
 
-    def check(self, event: Any, now: dt.datetime) -> str | Answer | None:
-        fields = {"name", "customer_id", "event_id", "timestamp", "properties", "metadata"}
-        if not isinstance(event, dict) or set(event) != fields:
-            self.violation(f"creem event fields {sorted(event)}")
-            return "unexpected fields"
-        if _time(event["timestamp"]) is None:
-            self.violation(f"creem timestamp {event['timestamp']!r}")
-            return "timestamp"
-        props = event["properties"]
-        if not isinstance(props, dict) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in props.values()
-        ):
-            self.violation(f"creem properties must be numeric: {props}")
-            return "properties"
-        return _metadata_problem(event["metadata"], 50)
+    def check(self, event: dict[str, Any], now: dt.datetime) -> tuple[str, str] | None:
+        if "metadata" in event:  # removed in 1.9.0
+            return "metadata", "property metadata should not exist; use properties"
+        if ("customer_id" in event) == ("external_customer_id" in event):
+            return "customer_id", "exactly one of customer_id / external_customer_id"
+        optional = {"customer_id", "external_customer_id", "event_id", "timestamp", "properties"}
+        wrong = _fields(event, {"name", "event_id"}, optional)
+        if wrong:
+            return wrong
+        if not isinstance(event["name"], str) or not event["name"]:
+            return "name", "a non-empty string"
+        for field in ("customer_id", "external_customer_id"):
+            if field in event and not _CREEM_ID.fullmatch(str(event[field])):
+                return field, "letters, digits, _ and - only, at most 255 characters"
+        if not isinstance(event["event_id"], str) or not event["event_id"].strip():
+            return "event_id", "must not be empty"
+        if "timestamp" in event and _time(event["timestamp"]) is None:
+            return "timestamp", "an ISO-8601 timestamp"
+        problem = _attributes_problem(event.get("properties", {}), "properties", 50, 40, 500, True)
+        return ("properties", problem) if problem else None
 
-    def invalid(self, index: int | None, message: str) -> Answer:
-        param = f"events[{index}]" if index is not None else "events"
-        return Answer(422, {"statusCode": 422, "param": param, "message": [message]})
+    def unknown(self, event: dict[str, Any]) -> tuple[str, str] | None:
+        if "external_customer_id" in event:
+            known = event["external_customer_id"] in self.external
+            return None if known else ("external_customer_id", event["external_customer_id"])
+        return super().unknown(event)
 
-    def unknown_customer(self, index: int, customer: str) -> Answer:
-        return Answer(
+    def warning(self, event: dict[str, Any]) -> tuple[str, str] | None:
+        name = event["name"]
+        if self.meters is None or name in self.meters:
+            return None
+        if name in self.archived:
+            return "meter_archived", f"only archived meters consume {name!r}"
+        return "no_matching_meter", f"no meter consumes the event name {name!r}"
+
+    def bills(self, event: dict[str, Any]) -> bool:
+        return self.warning(event) is None
+
+    def error(self, status: int, kind: str, code: str, message: str, param: str = "") -> Answer:
+        error: dict[str, Any] = {
+            "type": kind,
+            "code": code,
+            "message": message,
+            "request_id": f"req_{next(self._requests)}",
+        }
+        if param:
+            error["param"] = param
+        return Answer(status, {"error": error})
+
+    def unauthorised(self) -> Answer:
+        return self.error(401, "authentication_error", "invalid_api_key", "Invalid API key")
+
+    def not_found(self) -> Answer:
+        return self.error(404, "invalid_request_error", "not_found", "Not found")
+
+    def invalid(self, index: int | None, message: str, field: str = "") -> Answer:
+        param = "events" if index is None else f"events[{index}]"
+        param += f".{field}" if field and index is not None else ""
+        return self.error(422, "invalid_request_error", "validation_error", message, param)
+
+    def unknown_customer(self, index: int, field: str, customer: str) -> Answer:
+        return self.error(
             422,
-            {
-                "statusCode": 422,
-                "param": f"events[{index}].customer_id",
-                "message": ["Customer not found"],
-            },
+            "invalid_request_error",
+            "customer_not_found",
+            f"No customer {customer!r} in this store",
+            f"events[{index}].{field}",
         )
 
-    def ok(self, inserted: int, duplicates: int) -> Answer:
-        return Answer(202, {"accepted": inserted + duplicates})
+    def ok(self, events: list[dict[str, Any]], fresh: int) -> Answer:
+        body: dict[str, Any] = {
+            "accepted": len(events),
+            "event_ids": [e["event_id"].strip() for e in events],
+        }
+        warnings = [
+            {"index": i, "code": w[0], "message": w[1]}
+            for i, w in enumerate(map(self.warning, events))
+            if w
+        ]
+        if warnings:
+            body["warnings"] = warnings
+        return Answer(202, body)

@@ -13,6 +13,8 @@ from fakes.stripe import FakeStripe
 from usage.v1 import customer_pb2
 
 LEMON_ITEMS = {"tokens": "si_tokens", "calls": "si_calls", "seats": "si_seats", "storage": "si_st"}
+POLAR_CUSTOMER = "6f1c2a4e-8b3d-4c5e-9a7f-0d1e2f3a4b5c"  # Polar customer ids are UUIDs
+METERS = ("tokens", "calls", "seats", "storage")  # the tests' meters: Creem event names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +30,7 @@ CUSTOMERS = {
     "lemon_squeezy": FakeCustomer(
         "c_lemon", customer_pb2.PROVIDER_LEMON_SQUEEZY, "", dict(LEMON_ITEMS)
     ),
-    "polar": FakeCustomer("c_polar", customer_pb2.PROVIDER_POLAR, "pol_1"),
+    "polar": FakeCustomer("c_polar", customer_pb2.PROVIDER_POLAR, POLAR_CUSTOMER),
     "dodo_payments": FakeCustomer("c_dodo", customer_pb2.PROVIDER_DODO_PAYMENTS, "dodo_1"),
     "creem": FakeCustomer("c_creem", customer_pb2.PROVIDER_CREEM, "creem_1"),
 }
@@ -47,9 +49,9 @@ class Fakes:
         return cls(
             FakeStripe().start(),
             FakeLemonSqueezy(dict.fromkeys(LEMON_ITEMS.values(), 0)).start(),
-            FakePolar({"pol_1"}).start(),
+            FakePolar({POLAR_CUSTOMER}).start(),
             FakeDodo({"dodo_1"}).start(),
-            FakeCreem({"creem_1"}).start(),
+            FakeCreem({"creem_1"}, meters=METERS).start(),
         )
 
     def all(self) -> list[FakeStripe | FakeLemonSqueezy | FakePolar | FakeDodo | FakeCreem]:

@@ -44,7 +44,9 @@ class CustomerService(customer_pb2_grpc.CustomerServiceServicer):
         provider = convert.PROVIDER_FROM_PROTO.get(c.provider)
         if provider is None:
             v.add("customer.provider", "unknown provider")
-        validation.text(v, "customer.provider_customer_id", c.provider_customer_id, required=False)
+        validation.provider_customer_id(
+            v, "customer.provider_customer_id", provider, c.provider_customer_id
+        )
         start = _period_time(v, c, "current_period_start_time")
         end = _period_time(v, c, "current_period_end_time")
         if start and end and start >= end:

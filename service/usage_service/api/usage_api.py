@@ -98,7 +98,9 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
                 v.add("quantity", "consume needs a quantity > 0")
             if request.feature and request.feature not in self.plans.meters:
                 v.add("feature", "consume needs a metered feature (a meter in the plans file)")
-            validation.properties(v, "properties", request.properties)
+            validation.properties(
+                v, "properties", request.properties, self.plans.meters.get(request.feature)
+            )
         v.check()
         feature = request.feature
         meter = self.plans.meters.get(feature)

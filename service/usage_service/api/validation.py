@@ -10,14 +10,20 @@ from google.protobuf import timestamp_pb2
 from usage.v1 import usage_pb2
 from usage_service import domain, periods
 from usage_service.api.errors import invalid
-from usage_service.plans import Plans
+from usage_service.plans import Meter, Plans
+from usage_service.providers import creem, dodo_payments, polar
 from usage_service.storage.store import new_event_id
 
 MAX_ID_LENGTH = 255  # characters, for customer ids, idempotency keys and provider ids
 MAX_BATCH = 1000  # events per BatchRecordUsage
-MAX_PROPERTIES = 50  # keys per event (Polar's metadata cap)
-MAX_PROPERTY_KEY = 40  # characters
-MAX_PROPERTY_VALUE = 500  # characters
+# Properties must reach every provider that keeps them (Polar and Dodo metadata, Creem
+# properties) whole, so they take the strictest of their limits; the meter's value travels in
+# the same object and takes one of its keys.
+_KEPT = (polar.LIMITS, dodo_payments.LIMITS, creem.LIMITS)
+MAX_PROPERTIES = min(k.keys for k in _KEPT) - 1  # 49
+MAX_PROPERTY_KEY = min(k.key_length for k in _KEPT)  # 40 characters (Polar, Creem)
+MAX_PROPERTY_VALUE = min(k.value_length for k in _KEPT)  # 500 characters
+RESERVED_PREFIX = polar.RESERVED_PREFIX  # Polar's structured metadata (`_llm`, `_cost`)
 MAX_FUTURE = dt.timedelta(minutes=5)  # how far ahead an event_time may be
 
 
@@ -47,18 +53,44 @@ def text_problem(value: str, required: bool = True) -> str:
     return ""
 
 
-def properties(v: Violations, field: str, props: Mapping[str, str]) -> None:
+def properties(
+    v: Violations, field: str, props: Mapping[str, str], meter: Meter | None = None
+) -> None:
+    """Properties every provider keeps whole; with `meter`, none named like its value key."""
     if len(props) > MAX_PROPERTIES:
         v.add(field, f"at most {MAX_PROPERTIES} properties, not {len(props)}")
         return
+    taken = (
+        {meter.polar.value_key, meter.dodo_payments.value_key, meter.creem.value_key}
+        if meter
+        else set()
+    )
     for key, value in props.items():
         if not key or len(key) > MAX_PROPERTY_KEY or "\x00" in key:
             v.add(f"{field}[{key!r}]", f"keys must be 1..{MAX_PROPERTY_KEY} characters, no NUL")
+        elif key.startswith(RESERVED_PREFIX):
+            v.add(f"{field}[{key!r}]", f"keys must not start with {RESERVED_PREFIX!r} (reserved)")
+        elif meter and key in taken:
+            v.add(f"{field}[{key!r}]", f"is the key carrying the value of meter {meter.name!r}")
         if len(value) > MAX_PROPERTY_VALUE or "\x00" in value:
             v.add(
                 f"{field}[{key!r}]",
                 f"values must be at most {MAX_PROPERTY_VALUE} characters, no NUL",
             )
+
+
+def provider_customer_id(
+    v: Violations, field: str, provider: domain.Provider | None, value: str
+) -> None:
+    """The customer's id at its provider, in the form that provider takes (may be empty)."""
+    problem = text_problem(value, required=False)
+    if problem:
+        v.add(field, problem)
+    elif value and provider is domain.Provider.POLAR and not polar.is_customer_id(value):
+        v.add(
+            field,
+            "must be a Polar customer id (a UUID); empty sends customer_id as external_customer_id",
+        )
 
 
 def timestamp(v: Violations, field: str, ts: timestamp_pb2.Timestamp) -> dt.datetime | None:
@@ -106,7 +138,7 @@ def usage_event(
     if problem:
         v.add(prefix + "idempotency_key", problem)
     if props:
-        properties(v, prefix + "properties", props)
+        properties(v, prefix + "properties", props, plans.meters.get(meter))
     given: dt.datetime | None = None
     if req.HasField("event_time"):
         given = bounded_time(v, prefix + "event_time", req.event_time)

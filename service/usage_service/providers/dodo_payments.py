@@ -1,15 +1,26 @@
 """Dodo Payments event ingestion: `POST /events/ingest`, our event id as `event_id`.
 
-Dodo takes events from the last hour only: older ones are set aside with that reason. A duplicate
-event_id inside one call fails the whole call (a report never holds an event twice).
+Read against dodopayments 1.123.0 (`resources/usage_events.py`, `types/event_input_param.py`,
+`types/usage_event_ingest_response.py`, `_base_client.py`). Dodo takes events from the last hour
+only: older ones are set aside with that reason. A duplicate event_id inside one call fails the
+whole call (a report never holds an event twice). Success is 200 `{"ingested_count"}`: events of
+the call it did not count were already held (deduplicated).
+
+Like the official client: `x-should-retry: true` / `false` on an error answer decides whether to
+send again, whatever the status; the wait comes from `retry-after-ms` (milliseconds), else
+`Retry-After`. Unlike that client (which waits at most 60 s, then falls back to its own short
+backoff), the drain honours a longer wait up to `outcome.MAX_RETRY_AFTER`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
+
+import httpx
 
 from usage_service.plans import Meter
 from usage_service.providers import ingest, outcome
@@ -20,7 +31,7 @@ BATCH = 100  # events per call (Dodo takes 1..1000, recommends about 100)
 WINDOW = dt.timedelta(hours=1)  # Dodo refuses older timestamps
 WINDOW_MARGIN = dt.timedelta(seconds=30)  # for the time the call takes
 TOO_OLD = "older than Dodo Payments' 1-hour ingestion window; not sent"
-METADATA_KEYS = 50
+LIMITS = ingest.Limits(keys=50, key_length=100, value_length=500)  # metadata
 _INDEX = re.compile(r"events\[(\d+)\]")
 
 
@@ -29,12 +40,15 @@ def encode(event: ReportEvent, meter: Meter, now: dt.datetime) -> ingest.Body | 
         return TOO_OLD
     if not event.provider_customer_id:
         return "the customer has no Dodo Payments customer id (provider_customer_id)"
+    metadata = ingest.attributes(event, meter.dodo_payments.value_key, LIMITS)
+    if isinstance(metadata, str):
+        return metadata
     return {
         "event_id": event.event_id,
         "customer_id": event.provider_customer_id,
         "event_name": meter.dodo_payments.event_name,
-        "timestamp": outcome.iso(ingest.not_future(event.event_time, now)),
-        "metadata": ingest.metadata(event, meter.dodo_payments.value_key, METADATA_KEYS),
+        "timestamp": outcome.iso(min(event.event_time, now)),
+        "metadata": metadata,
     }
 
 
@@ -50,7 +64,33 @@ def reason(body: Any) -> str:
     return str(body)[:500]
 
 
-WIRE = ingest.Wire("dodo_payments", "/events/ingest", BATCH, encode, named, reason)
+def accepted(body: Any, sent: int) -> ingest.Accepted | None:
+    ingested = ingest.count(body, "ingested_count")
+    if ingested is None or ingested > sent:
+        return None
+    return ingest.Accepted(duplicates=sent - ingested)
+
+
+def should_retry(status: int, headers: httpx.Headers) -> bool:
+    said = headers.get("x-should-retry")
+    if said in ("true", "false"):
+        return str(said) == "true"
+    return outcome.retryable(status)
+
+
+def delay(headers: httpx.Headers) -> float | None:
+    try:
+        seconds = float(headers.get("retry-after-ms", "")) / 1000
+    except ValueError:
+        return outcome.retry_after(headers)
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None  # the drain's own backoff
+    return min(seconds, outcome.MAX_RETRY_AFTER)
+
+
+WIRE = ingest.Wire(
+    "dodo_payments", "/events/ingest", BATCH, encode, named, reason, accepted, should_retry, delay
+)
 
 
 def adapter(endpoint: Endpoint, meters: Mapping[str, Meter], timeout: float) -> ingest.Ingest:

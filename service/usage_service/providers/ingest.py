@@ -5,6 +5,11 @@ These providers reject a whole batch for one bad event. When the answer names th
 set aside and the rest is sent again; when it does not (or the body is too large), the batch is
 halved until the bad event stands alone. A re-sent event is deduplicated by the provider, so
 sending a batch again is always safe.
+
+Every success body is read: duplicates the provider reports are counted, and an event the
+provider accepted but says it will never bill (a Creem warning) is answered as rejected with the
+provider's reason. A success body that cannot be read delivers the batch (the provider holds it)
+and is logged.
 """
 
 from __future__ import annotations
@@ -12,16 +17,37 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
 
+from usage_service import metrics
 from usage_service.plans import Meter
 from usage_service.providers import outcome
 from usage_service.providers.outcome import Outcome, Report, ReportEvent
 
+log = logging.getLogger(__name__)
+
 Body = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    """What a success body says: events the provider already had, and events it stored but will
+    never bill ({index in the batch: reason})."""
+
+    duplicates: int = 0
+    unbilled: Mapping[int, str] = dataclasses.field(default_factory=dict)
+
+
+def default_should_retry(status: int, headers: httpx.Headers) -> bool:
+    return outcome.retryable(status)
+
+
+def default_delay(headers: httpx.Headers) -> float | None:
+    return outcome.retry_after(headers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +63,21 @@ class Wire:
     named: Callable[[Any], Mapping[int, str]]
     # the error body -> a readable reason
     reason: Callable[[Any], str]
+    # (success body, events sent) -> what it says, or None when it cannot be read
+    accepted: Callable[[Any, int], Accepted | None]
+    # (status, headers) of an error answer -> whether to send again
+    should_retry: Callable[[int, httpx.Headers], bool] = default_should_retry
+    # headers of an error answer to be retried -> seconds to wait, None: the drain's backoff
+    delay: Callable[[httpx.Headers], float | None] = default_delay
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a provider keeps of an event's attributes (the value key included)."""
+
+    keys: int
+    key_length: int
+    value_length: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +85,13 @@ class _Split:
     """The batch was refused for a reason that names no event: halve it."""
 
     reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unbilled:
+    """The batch is stored; these events (event_id -> reason) will never bill."""
+
+    reasons: Mapping[str, str]
 
 
 class Ingest:
@@ -77,7 +125,9 @@ class Ingest:
                 return outcome.Rejected(rejected) if rejected else outcome.Delivered()
             batch = queue.popleft()
             answer = await self._post(batch)
-            if isinstance(answer, outcome.Rejected):
+            if isinstance(answer, _Unbilled):
+                rejected.update(answer.reasons)
+            elif isinstance(answer, outcome.Rejected):
                 rejected.update(answer.reasons)
                 rest = [pair for pair in batch if pair[0].event_id not in answer.reasons]
                 if rest:
@@ -92,7 +142,9 @@ class Ingest:
                 return answer
         return outcome.Retry(f"{self.wire.name}: could not isolate the rejected events")
 
-    async def _post(self, batch: Sequence[tuple[ReportEvent, Body]]) -> Outcome | _Split:
+    async def _post(
+        self, batch: Sequence[tuple[ReportEvent, Body]]
+    ) -> Outcome | _Split | _Unbilled:
         """The one place this provider's answers become outcomes."""
         name = self.wire.name
         try:
@@ -100,15 +152,15 @@ class Ingest:
         except httpx.TransportError as exc:
             return outcome.Retry(f"{name}: {type(exc).__name__}: {exc}")
         status = response.status_code
-        if response.is_success:
-            return outcome.Delivered()
         try:
             body: Any = response.json()
         except ValueError:
-            body = response.text[:300]
+            body = None if response.is_success else response.text[:300]
+        if response.is_success:
+            return self._accepted(batch, status, body)
         reason = f"{name} {status}: {self.wire.reason(body)}"
-        if outcome.retryable(status):
-            return outcome.Retry(reason, outcome.retry_after(response.headers))
+        if self.wire.should_retry(status, response.headers):
+            return outcome.Retry(reason, self.wire.delay(response.headers))
         if status == 413:
             return _Split(reason)
         if status in (400, 422):
@@ -120,16 +172,66 @@ class Ingest:
             return outcome.Rejected(named) if named else _Split(reason)
         return outcome.Failed(reason)
 
+    def _accepted(
+        self, batch: Sequence[tuple[ReportEvent, Body]], status: int, body: Any
+    ) -> outcome.Delivered | _Unbilled:
+        name = self.wire.name
+        said = self.wire.accepted(body, len(batch)) if body is not None else None
+        if said is None:  # the provider holds the batch: deliver, and say so
+            log.warning(
+                "%s %d: success body not understood; %d events taken as delivered: %.200r",
+                name,
+                status,
+                len(batch),
+                body,
+                extra={"action": "provider_answer", "provider": name},
+            )
+            return outcome.Delivered()
+        if said.duplicates:
+            metrics.provider_duplicates(name, said.duplicates)
+        unbilled = {
+            batch[i][0].event_id: f"{name}: {text}"
+            for i, text in said.unbilled.items()
+            if 0 <= i < len(batch)
+        }
+        return _Unbilled(unbilled) if unbilled else outcome.Delivered()
+
 
 def client(base_url: str, headers: Mapping[str, str], timeout: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base_url, headers=dict(headers), timeout=timeout)
 
 
-def metadata(event: ReportEvent, value_key: str, limit: int) -> dict[str, str | int]:
-    """The value under `value_key`, then the event's properties (sorted) up to `limit` keys."""
-    extra = sorted((k, v) for k, v in event.properties.items() if k != value_key)
-    return {value_key: event.quantity, **dict(extra[: limit - 1])}
+def attributes(
+    event: ReportEvent, value_key: str, limits: Limits, reserved: str = ""
+) -> dict[str, str | int] | str:
+    """The value under `value_key`, then every property of the event (sorted); or, when the
+    provider could not keep all of them as they are, a reason to set the event aside (an event
+    recorded under older limits: nothing is dropped or overwritten silently)."""
+    props = sorted(event.properties.items())
+    problem = ""
+    if value_key in event.properties:
+        problem = f"property {value_key!r} has the name of the meter's value key"
+    elif len(props) + 1 > limits.keys:
+        problem = f"{len(props)} properties and the value exceed {limits.keys} keys"
+    else:
+        for key, value in props:
+            if len(key) > limits.key_length or len(value) > limits.value_length:
+                problem = (
+                    f"property {key[:50]!r} is over {limits.key_length} characters (key) "
+                    f"or {limits.value_length} (value)"
+                )
+            elif reserved and key.startswith(reserved):
+                problem = f"property {key[:50]!r}: keys starting with {reserved!r} are reserved"
+            if problem:
+                break
+    if problem:
+        return f"{problem}; not sent"
+    return {value_key: event.quantity, **dict(props)}
 
 
-def not_future(when: dt.datetime, now: dt.datetime) -> dt.datetime:
-    return min(when, now)
+def count(body: Any, key: str) -> int | None:
+    """A non-negative whole number under `key` of a JSON object, if there is one."""
+    value = body.get(key) if isinstance(body, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
