@@ -85,12 +85,14 @@ class StripeMeters:
                 f"stripe: sum {report.value} would take {len(pieces)} meter events of at most "
                 f"15 digits (the most sent for one report is {MAX_PIECES}); check its events"
             )
+        duplicate = True
         for k, value in enumerate(pieces, 1):
             identifier = report.report_id if len(pieces) == 1 else f"{report.report_id}-{k}"
             answer = await self._create(_params(meter, customer, value, identifier, timestamp))
             if not isinstance(answer, outcome.Delivered):
                 return answer  # a retry sends the same pieces again
-        return outcome.Delivered()
+            duplicate = duplicate and answer.duplicate
+        return outcome.Delivered(duplicate)
 
     async def _send_each(self, meter: Meter, customer: str, report: Report) -> Outcome:
         rejected: dict[str, str] = {}
