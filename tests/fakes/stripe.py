@@ -37,6 +37,7 @@ import collections
 import dataclasses
 import datetime as dt
 import itertools
+import math
 import re
 import threading
 import time
@@ -83,8 +84,8 @@ def error(
     return Answer(status, {"error": body}, headers)
 
 
-def seconds(when: dt.datetime | int) -> int:
-    return when if isinstance(when, int) else int(when.timestamp())
+def seconds(when: dt.datetime | int) -> float:
+    return when if isinstance(when, int) else when.timestamp()
 
 
 class FakeStripe(FakeProvider):
@@ -264,8 +265,8 @@ class FakeStripe(FakeProvider):
         start: dt.datetime | int | None,
         end: dt.datetime | int | None,
     ) -> list[MeterEvent]:
-        low = -(2**63) if start is None else seconds(start)
-        high = 2**63 if end is None else seconds(end)
+        low = -math.inf if start is None else seconds(start)
+        high = math.inf if end is None else seconds(end)
         with self.lock:
             return [
                 e
