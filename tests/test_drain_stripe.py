@@ -16,10 +16,10 @@ from test_drain import MakeDrain, add_customers, drain_until_quiet, record_many,
 from usage.v1 import customer_pb2
 from usage_service import domain, plans
 from usage_service.drain import build_reports
-from usage_service.providers import stripe_meters
 from usage_service.storage import drain_store
 
 STRIPE = domain.Provider.STRIPE
+STRIPE_MAX = 999_999_999_999_999  # the largest value of a Stripe meter event (15 digits)
 fakes = test_drain.fakes  # fixtures
 make_drain = test_drain.make_drain
 
@@ -96,7 +96,7 @@ async def test_one_customers_huge_usage_never_blocks_another_stripe_customer(
     # Together the largest int64: acknowledged, and more than Stripe takes in 10 meter events.
     await record_many(service, "c_huge", "tokens", [2**62, 2**62 - 1], backdated)
     await record_many(service, "c_huge", "storage", [2**62], backdated)
-    await record_many(service, "c_big", "tokens", [2 * stripe_meters.MAX_VALUE + 1], backdated)
+    await record_many(service, "c_big", "tokens", [2 * STRIPE_MAX + 1], backdated)
     await record_many(service, "c_stripe", "tokens", [5, 7], backdated)
     await record_many(service, "c_stripe", "storage", [30])
     d = await make_drain()
@@ -105,7 +105,7 @@ async def test_one_customers_huge_usage_never_blocks_another_stripe_customer(
     assert await states(service.db, "c_stripe") == {"reported": 3}
     assert fakes.stripe.totals()[("cus_s", "llm_tokens")] == 12
     assert fakes.stripe.last("cus_s", "storage") == 30
-    assert fakes.stripe.totals()[("cus_big", "llm_tokens")] == 2 * stripe_meters.MAX_VALUE + 1
+    assert fakes.stripe.totals()[("cus_big", "llm_tokens")] == 2 * STRIPE_MAX + 1
     assert await states(service.db, "c_big") == {"reported": 1}
     assert await states(service.db, "c_huge") == {"failed": 3}
     reasons = await service.db.fetch(
