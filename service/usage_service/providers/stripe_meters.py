@@ -97,6 +97,9 @@ class StripeMeters:
     async def _send_each(self, meter: Meter, customer: str, report: Report) -> Outcome:
         rejected: dict[str, str] = {}
         for event in sorted(report.events, key=lambda e: (e.event_time, e.event_id)):
+            if event.quantity > MAX_VALUE:
+                rejected[event.event_id] = f"stripe: value {event.quantity} has more than 15 digits"
+                continue
             stamp = int(event.event_time.timestamp())
             params = _params(meter, customer, event.quantity, event.event_id, stamp)
             answer = await self._create(params)
