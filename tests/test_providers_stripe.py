@@ -277,3 +277,11 @@ def test_fake_stripe_bills_last_by_latest_timestamp_then_latest_received(fake) -
     assert fake.last("cus_1", "storage", now - 100, now - 30) == 50  # [start, end)
     assert fake.last("cus_1", "storage", now - 10, now) is None
     assert fake.summed("cus_1", "storage", now - 30, now) == 30
+
+
+async def test_a_count_event_over_15_digits_is_refused_alone_without_a_call(fake, adapter) -> None:
+    good, huge = event(meter="calls"), event(meter="calls", quantity=MAX_VALUE + 1)
+    answer = await adapter.send(report(STRIPE, good, huge, value=2))
+    assert isinstance(answer, outcome.Rejected) and set(answer.reasons) == {huge.event_id}
+    assert set(fake.events) == {good.event_id} and len(fake.writes()) == 1
+    assert fake.violations == []
