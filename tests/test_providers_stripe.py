@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import time
 import urllib.parse
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fakes import event, report
 from fakes.base import Fault
@@ -14,7 +17,13 @@ from fakes.stripe import KEY, FakeStripe
 from usage_service import domain, plans
 from usage_service.providers import outcome
 from usage_service.providers.config import Endpoint
-from usage_service.providers.stripe_meters import StripeMeters
+from usage_service.providers.stripe_meters import (
+    MAX_VALUE,
+    StripeMeters,
+    last_timestamp,
+    report_timestamp,
+    stamped_report_id,
+)
 
 STRIPE = domain.Provider.STRIPE
 
@@ -135,3 +144,144 @@ async def test_count_meter_parks_only_the_refused_event(fake, adapter) -> None:
     answer = await adapter.send(report(STRIPE, good, stale, value=2))
     assert isinstance(answer, outcome.Rejected) and set(answer.reasons) == {stale.event_id}
     assert set(fake.events) == {good.event_id}
+
+
+async def test_a_sum_over_15_digits_goes_out_in_pieces_under_derived_identifiers(
+    fake, adapter
+) -> None:
+    value = 2 * MAX_VALUE + 5
+    r = report(STRIPE, event(quantity=value), value=value)
+    assert await adapter.send(r) == outcome.Delivered()
+    sent = [form(c.body) for c in fake.writes()]
+    assert [f["identifier"] for f in sent] == [f"{r.report_id}-{k}" for k in (1, 2, 3)]
+    assert [c.headers["idempotency-key"] for c in fake.writes()] == [f["identifier"] for f in sent]
+    assert [f["payload[value]"] for f in sent] == [str(MAX_VALUE), str(MAX_VALUE), "5"]
+    assert fake.totals() == {("cus_1", "llm_tokens"): value}
+    # A retry sends the same set: Stripe replays each answer, nothing is added.
+    fake.inject(Fault("status", 500, body={"error": {"type": "api_error", "message": "boom"}}))
+    assert isinstance(await adapter.send(r), outcome.Retry)
+    assert await adapter.send(r) == outcome.Delivered()
+    assert fake.totals() == {("cus_1", "llm_tokens"): value}
+    assert fake.violations == []
+
+
+async def test_values_stripe_cannot_take_are_parked_without_a_call(fake, adapter) -> None:
+    huge = 2**62  # a sum of 4612 meter events of 15 digits: a bug, not usage
+    answer = await adapter.send(report(STRIPE, event(quantity=huge), value=huge))
+    assert isinstance(answer, outcome.Failed) and "15 digits" in answer.reason
+    peak = MAX_VALUE + 1  # a max figure cannot be split
+    answer = await adapter.send(report(STRIPE, event(meter="storage"), value=peak))
+    assert isinstance(answer, outcome.Failed) and "15 digits" in answer.reason
+    assert fake.calls == [] and fake.violations == []
+
+
+def test_a_max_figure_is_timed_now_clamped_into_its_period() -> None:
+    now = dt.datetime(2026, 6, 15, 12, 0, 0, 500000, tzinfo=dt.UTC)
+    second = int(now.timestamp())  # 12:00:00
+    day = dt.timedelta(days=1)
+    assert last_timestamp(now, now - day, now + day) == second
+    # An ended period: its last whole second (12:00:00 ends before 12:00:00.5; 11:59:59 before
+    # a 12:00:00 end).
+    assert last_timestamp(now, now - 3 * day, now - day) == second - 86400
+    assert last_timestamp(now, now - 3 * day, now.replace(microsecond=0) - day) == second - 86401
+    start = now + dt.timedelta(seconds=30)  # 12:00:30.5: a period that starts soon
+    assert last_timestamp(now, start, now + day) == second + 31
+
+
+async def test_a_max_report_is_sent_with_the_timestamp_stamped_on_its_id(fake, adapter) -> None:
+    now = dt.datetime.now(dt.UTC)
+    start, end = now - dt.timedelta(days=3), now - dt.timedelta(days=1)  # an ended period
+    stamp = last_timestamp(now, start, end)
+    rid = stamped_report_id(stamp)
+    assert report_timestamp(rid) == stamp and report_timestamp(report(STRIPE).report_id) is None
+    old = event(meter="storage", quantity=50, when=start + dt.timedelta(hours=1))
+    r = dataclasses.replace(report(STRIPE, old, value=50), report_id=rid)
+    assert await adapter.send(r) == outcome.Delivered()
+    assert await adapter.send(r) == outcome.Delivered()  # a re-send: the very same parameters
+    assert {form(c.body)["timestamp"] for c in fake.writes()} == {str(stamp)}
+    assert fake.violations == []
+
+
+def post(fake: FakeStripe, fields: dict[str, str], **headers: str) -> httpx.Response:
+    sent = {
+        "Authorization": f"Bearer {KEY}",
+        "Idempotency-Key": fields.get("identifier", ""),
+        "Stripe-Version": "2026-10-28.endive",
+        "User-Agent": "Stripe/v1 PythonBindings/16.1.0",
+        **headers,
+    }
+    return httpx.post(f"{fake.url}/v1/billing/meter_events", data=fields, headers=sent)
+
+
+def test_fake_stripe_checks_the_sdks_meter_event_schema(fake) -> None:
+    good = {
+        "event_name": "llm_tokens",
+        "payload[stripe_customer_id]": "cus_1",
+        "payload[value]": "7",
+        "identifier": "id-1",
+        "timestamp": str(int(time.time())),
+    }
+    ok = post(fake, good)
+    assert ok.status_code == 200 and ok.headers["request-id"].startswith("req_")
+    assert ok.json() == {
+        "object": "billing.meter_event",
+        "created": ok.json()["created"],
+        "event_name": "llm_tokens",
+        "identifier": "id-1",
+        "livemode": False,
+        "payload": {"stripe_customer_id": "cus_1", "value": "7"},
+        "timestamp": int(good["timestamp"]),
+    }
+    assert fake.violations == []
+    refused = {
+        "missing identifier": ({k: v for k, v in good.items() if k != "identifier"}, "identifier"),
+        "unknown field": ({**good, "expand[0]": "x"}, "expand[0]"),
+        "16 digits": ({**good, "payload[value]": "1" + "0" * 15}, "payload[value]"),
+        "not whole": ({**good, "payload[value]": "1.5"}, "payload[value]"),
+        "long identifier": ({**good, "identifier": "i" * 101}, "identifier"),
+        "long event_name": ({**good, "event_name": "e" * 101}, "event_name"),
+        "bad timestamp": ({**good, "timestamp": "soon"}, "timestamp"),
+    }
+    for name, (fields, param) in refused.items():
+        answer = post(fake, fields)
+        assert answer.status_code == 400, name
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, name
+        assert error["message"], name
+    assert len(fake.violations) == len(refused)
+    fake.violations.clear()
+    for name, (fields, expected) in {
+        "too old": ({**good, "identifier": "id-2", "timestamp": "1"}, 400),
+        "max digits": ({**good, "identifier": "id-3", "payload[value]": "9" * 15}, 200),
+    }.items():
+        assert post(fake, fields).status_code == expected, name
+    assert fake.violations == []  # data Stripe refuses is not our client's fault
+    post(fake, {**good, "identifier": "id-4"}, **{"Stripe-Version": ""})
+    post(fake, {**good, "identifier": "id-5"}, **{"Idempotency-Key": "other"})
+    post(fake, {**good, "identifier": "id-6"}, **{"User-Agent": "curl/8"})
+    assert len(fake.violations) == 3
+
+
+def test_fake_stripe_bills_last_by_latest_timestamp_then_latest_received(fake) -> None:
+    now = int(time.time())
+    for identifier, value, stamp in (("a", 50, now - 60), ("b", 10, now - 30), ("c", 20, now - 30)):
+        fields = {
+            "event_name": "storage",
+            "payload[stripe_customer_id]": "cus_1",
+            "payload[value]": str(value),
+            "identifier": identifier,
+            "timestamp": str(stamp),
+        }
+        assert post(fake, fields).status_code == 200
+    assert fake.last("cus_1", "storage") == 20  # b and c tie on time: c came last
+    assert fake.last("cus_1", "storage", now - 100, now - 30) == 50  # [start, end)
+    assert fake.last("cus_1", "storage", now - 10, now) is None
+    assert fake.summed("cus_1", "storage", now - 30, now) == 30
+
+
+async def test_a_count_event_over_15_digits_is_refused_alone_without_a_call(fake, adapter) -> None:
+    good, huge = event(meter="calls"), event(meter="calls", quantity=MAX_VALUE + 1)
+    answer = await adapter.send(report(STRIPE, good, huge, value=2))
+    assert isinstance(answer, outcome.Rejected) and set(answer.reasons) == {huge.event_id}
+    assert set(fake.events) == {good.event_id} and len(fake.writes()) == 1
+    assert fake.violations == []

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from usage_service import domain, metrics
 from usage_service.config import positive_number
 from usage_service.plans import Aggregation, Meter
-from usage_service.providers import Adapter, creem, dodo_payments, outcome, polar
+from usage_service.providers import Adapter, creem, dodo_payments, outcome, polar, stripe_meters
 from usage_service.providers.outcome import Outcome, Report
 from usage_service.storage import drain_store
 from usage_service.storage.drain_store import Claimed, DrainStore, NewReport
@@ -85,16 +85,24 @@ class DrainSettings:
 
 
 def build_reports(
-    provider: domain.Provider, meters: Mapping[str, Meter], claimed: list[Claimed]
+    provider: domain.Provider,
+    meters: Mapping[str, Meter],
+    claimed: list[Claimed],
+    now: dt.datetime | None = None,
 ) -> list[NewReport]:
     """Groups claimed events (oldest first) into reports. Stripe and Lemon Squeezy: one report
     per customer and meter, of one period only (the rest waits for that report to settle).
-    Polar, Dodo and Creem: batches of one provider call, one provider event per usage event."""
+    Polar, Dodo and Creem: batches of one provider call, one provider event per usage event.
+
+    A sum report takes events while their sum fits a bigint (and, for Stripe, 15 digits), so
+    one customer's huge usage can never fail the claim of every customer. A Stripe max / last
+    report gets its meter-event timestamp now, stamped on its id (see stripe_meters)."""
     if provider not in LANE_PROVIDERS:
         return [
             NewReport(drain_store.new_report_id(), None, tuple(c.event for c in batch))
             for batch in _chunks(claimed, BATCH_REPORT.get(provider, 100))
         ]
+    now = now or dt.datetime.now(dt.UTC)
     lanes: dict[tuple[str, str], list[Claimed]] = {}
     for c in claimed:
         lanes.setdefault((c.event.customer_id, c.event.meter), []).append(c)
@@ -104,17 +112,42 @@ def build_reports(
         same = [c for c in items if c.period_start == period]
         meter = meters.get(meter_name)
         aggregation = meter.aggregation if meter else Aggregation.SUM
-        if provider is domain.Provider.STRIPE and aggregation is Aggregation.COUNT:
+        report_id = drain_store.new_report_id()
+        stripe = provider is domain.Provider.STRIPE
+        if stripe and aggregation is Aggregation.COUNT:
             same = same[:STRIPE_COUNT_REPORT]
+        elif aggregation is Aggregation.SUM:
+            same = _fitting(same, stripe_meters.MAX_VALUE if stripe else domain.MAX_TOTAL)
+        elif stripe:
+            report_id = stripe_meters.stamped_report_id(_stripe_timestamp(same, now))
         reports.append(
             NewReport(
-                drain_store.new_report_id(),
+                report_id,
                 drain_store.lane(provider, customer_id, meter_name),
                 tuple(c.event for c in same),
                 _value(aggregation, same),
             )
         )
     return reports
+
+
+def _fitting(items: list[Claimed], limit: int) -> list[Claimed]:
+    """The first items whose quantities sum to at most `limit` (at least one item)."""
+    total = 0
+    for i, c in enumerate(items):
+        total += c.event.quantity
+        if total > limit:
+            return items[: max(i, 1)]
+    return items
+
+
+def _stripe_timestamp(items: list[Claimed], now: dt.datetime) -> int:
+    """When a max / last report's figure is stated: now, clamped into the period, so it is the
+    latest figure this lane has sent for the period (Stripe's `last` keeps the latest)."""
+    first = items[0]
+    if first.period_start is None or first.period_end is None:  # outside every known period
+        return int(max(c.event.event_time for c in items).timestamp())
+    return stripe_meters.last_timestamp(now, first.period_start, first.period_end)
 
 
 def _value(aggregation: Aggregation, items: list[Claimed]) -> int:

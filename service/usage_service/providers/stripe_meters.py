@@ -1,13 +1,28 @@
 """Stripe Billing Meters (v1 meter events) through the official SDK.
 
-Sum and last/max meters: one meter event per report, carrying the report's collapsed value, with
-the report id as both `identifier` and Idempotency-Key. Count meters: one event per usage event,
+Sum meters: one meter event per report carrying the report's summed value, with the report id as
+both `identifier` and Idempotency-Key. Stripe takes at most 15 digits per value, so a larger sum
+goes out as several events of at most 15 digits each, `<report id>-1`, `<report id>-2`, ...
+(at most MAX_PIECES; beyond that the report is parked). Count meters: one event per usage event,
 the event id as identifier. Calls of one report go one at a time: Stripe allows one call in flight
 per customer and meter, and the drain keeps one report in flight per customer and meter.
+
+Max and last meters (Stripe formula `last`): each report carries the period's figure, timed so
+that it is the latest event Stripe holds for the period: the time the report was built, clamped
+into the period (see `build_reports` in drain.py). That timestamp is committed with the report as
+the first 48 bits of its id (a version 8 UUID, RFC 9562), so every re-send carries exactly the
+same parameters, as an Idempotency-Key requires. Two reports can still share a timestamp (both
+built within one second, or both for a period that has ended: its last second); Stripe does not
+document how `last` breaks such ties, and describes `last` as billing "the final meter event
+received in a billing period": the later report, which carries the newer figure, is received last.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
+import os
+import uuid
 from collections.abc import Mapping
 
 import stripe
@@ -19,6 +34,8 @@ from usage_service.providers.config import Endpoint
 from usage_service.providers.outcome import Outcome, Report
 
 ALREADY_EXISTS = "already exists with identifier"  # Stripe's answer to a re-sent identifier
+MAX_VALUE = 999_999_999_999_999  # Stripe refuses a meter event value of more than 15 digits
+MAX_PIECES = 10  # meter events one sum report may be split into; beyond: parked
 
 
 class StripeMeters:
@@ -48,15 +65,43 @@ class StripeMeters:
         meter = self._meters.get(first.meter)
         if meter is None:
             return outcome.Failed(f"meter {first.meter!r} is not in the plans file")
-        if not first.provider_customer_id:
+        customer = first.provider_customer_id
+        if not customer:
             return outcome.Failed("the customer has no Stripe customer id (provider_customer_id)")
-        if meter.aggregation is not Aggregation.COUNT:
-            latest = max(report.events, key=lambda e: (e.event_time, e.event_id))
-            params = _params(meter, first.provider_customer_id, report.value, latest, report)
-            return await self._create(params)
+        if meter.aggregation is Aggregation.COUNT:
+            return await self._send_each(meter, customer, report)
+        timestamp = report_timestamp(report.report_id)
+        if timestamp is None:  # a report built before timestamps were stamped on its id
+            newest = max(e.event_time for e in report.events)
+            timestamp = int(newest.timestamp())
+        pieces = split(report.value) if meter.aggregation is Aggregation.SUM else [report.value]
+        if pieces[0] > MAX_VALUE:
+            return outcome.Failed(
+                f"stripe: value {report.value} has more than 15 digits: a meter event cannot "
+                f"carry it, and a {meter.aggregation.value} figure cannot be split"
+            )
+        if len(pieces) > MAX_PIECES:
+            return outcome.Failed(
+                f"stripe: sum {report.value} would take {len(pieces)} meter events of at most "
+                f"15 digits (the most sent for one report is {MAX_PIECES}); check its events"
+            )
+        duplicate = True
+        for k, value in enumerate(pieces, 1):
+            identifier = report.report_id if len(pieces) == 1 else f"{report.report_id}-{k}"
+            answer = await self._create(_params(meter, customer, value, identifier, timestamp))
+            if not isinstance(answer, outcome.Delivered):
+                return answer  # a retry sends the same pieces again
+            duplicate = duplicate and answer.duplicate
+        return outcome.Delivered(duplicate)
+
+    async def _send_each(self, meter: Meter, customer: str, report: Report) -> Outcome:
         rejected: dict[str, str] = {}
         for event in sorted(report.events, key=lambda e: (e.event_time, e.event_id)):
-            params = _params(meter, first.provider_customer_id, event.quantity, event, None)
+            if event.quantity > MAX_VALUE:
+                rejected[event.event_id] = f"stripe: value {event.quantity} has more than 15 digits"
+                continue
+            stamp = int(event.event_time.timestamp())
+            params = _params(meter, customer, event.quantity, event.event_id, stamp)
             answer = await self._create(params)
             if isinstance(answer, outcome.Failed):
                 rejected[event.event_id] = answer.reason
@@ -74,18 +119,43 @@ class StripeMeters:
         return outcome.Delivered()
 
 
+def split(value: int) -> list[int]:
+    """A sum as meter event values of at most 15 digits each (one piece when it fits)."""
+    if value <= MAX_VALUE:
+        return [value]
+    full, rest = divmod(value, MAX_VALUE)
+    return [MAX_VALUE] * full + ([rest] if rest else [])
+
+
+def last_timestamp(now: dt.datetime, start: dt.datetime, end: dt.datetime) -> int:
+    """The meter-event timestamp (whole seconds) of a max / last report built at `now` for the
+    period [start, end): now, clamped into the period."""
+    latest = math.ceil(end.timestamp()) - 1  # the period's last whole second
+    return max(math.ceil(start.timestamp()), min(math.floor(now.timestamp()), latest))
+
+
+def stamped_report_id(timestamp: int) -> str:
+    """A random report id (version 8 UUID) whose first 48 bits carry `timestamp`."""
+    bits = (timestamp << 80) | int.from_bytes(os.urandom(10), "big")
+    bits = (bits & ~(0xF << 76)) | (0x8 << 76)  # version 8
+    bits = (bits & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
+    return str(uuid.UUID(int=bits))
+
+
+def report_timestamp(report_id: str) -> int | None:
+    """The timestamp `stamped_report_id` put in a report id; None for any other id."""
+    value = uuid.UUID(report_id)
+    return value.int >> 80 if value.version == 8 else None
+
+
 def _params(
-    meter: Meter,
-    customer: str,
-    value: int,
-    event: outcome.ReportEvent,
-    report: Report | None,
+    meter: Meter, customer: str, value: int, identifier: str, timestamp: int
 ) -> stripe.params.billing.MeterEventCreateParams:
     return {
         "event_name": meter.stripe.event_name,
         "payload": {"stripe_customer_id": customer, "value": str(value)},
-        "identifier": report.report_id if report else event.event_id,
-        "timestamp": int(event.event_time.timestamp()),
+        "identifier": identifier,
+        "timestamp": timestamp,
     }
 
 

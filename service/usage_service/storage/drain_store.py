@@ -32,7 +32,7 @@ _EVENT_FIELDS = """e.event_id, e.customer_id, e.meter, e.quantity, e.event_time,
 # every known period).
 # $1 provider, $2 limit
 CLAIM_EVENTS = f"""
-SELECT {_EVENT_FIELDS}, t.period_start, t.quantity_max, t.last_quantity
+SELECT {_EVENT_FIELDS}, t.period_start, t.quantity_max, t.last_quantity, t.period_end
 FROM usage_events e
 JOIN customer_providers p ON p.customer_id = e.customer_id AND p.provider = e.provider
 LEFT JOIN usage_totals t ON t.customer_id = e.customer_id AND t.meter = e.meter
@@ -294,6 +294,7 @@ class Claimed:
     period_start: dt.datetime | None
     period_max: int | None
     period_last: int | None
+    period_end: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +366,9 @@ def claimed_from_row(row: asyncpg.Record) -> Claimed:
         provider_customer_id=row["provider_customer_id"],
         subscription_item=row["subscription_item"],
     )
-    return Claimed(event, row["period_start"], row["quantity_max"], row["last_quantity"])
+    return Claimed(
+        event, row["period_start"], row["quantity_max"], row["last_quantity"], row["period_end"]
+    )
 
 
 def report_from_row(row: asyncpg.Record) -> Report:
