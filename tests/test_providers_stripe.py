@@ -21,8 +21,6 @@ from usage_service.providers.stripe_meters import (
     MAX_VALUE,
     StripeMeters,
     last_timestamp,
-    report_timestamp,
-    stamped_report_id,
 )
 
 STRIPE = domain.Provider.STRIPE
@@ -188,14 +186,13 @@ def test_a_max_figure_is_timed_now_clamped_into_its_period() -> None:
     assert last_timestamp(now, start, now + day) == second + 31
 
 
-async def test_a_max_report_is_sent_with_the_timestamp_stamped_on_its_id(fake, adapter) -> None:
+async def test_a_max_report_is_sent_with_the_time_its_figure_is_stated(fake, adapter) -> None:
     now = dt.datetime.now(dt.UTC)
     start, end = now - dt.timedelta(days=3), now - dt.timedelta(days=1)  # an ended period
     stamp = last_timestamp(now, start, end)
-    rid = stamped_report_id(stamp)
-    assert report_timestamp(rid) == stamp and report_timestamp(report(STRIPE).report_id) is None
     old = event(meter="storage", quantity=50, when=start + dt.timedelta(hours=1))
-    r = dataclasses.replace(report(STRIPE, old, value=50), report_id=rid)
+    stated = dt.datetime.fromtimestamp(stamp, dt.UTC)
+    r = dataclasses.replace(report(STRIPE, old, value=50), stated_at=stated)
     assert await adapter.send(r) == outcome.Delivered()
     assert await adapter.send(r) == outcome.Delivered()  # a re-send: the very same parameters
     assert {form(c.body)["timestamp"] for c in fake.writes()} == {str(stamp)}

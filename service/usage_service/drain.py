@@ -96,7 +96,7 @@ def build_reports(
 
     A sum report takes events while their sum fits a bigint (and, for Stripe, 15 digits), so
     one customer's huge usage can never fail the claim of every customer. A Stripe max / last
-    report gets its meter-event timestamp now, stamped on its id (see stripe_meters)."""
+    report states its figure now (see stripe_meters)."""
     if provider not in LANE_PROVIDERS:
         return [
             NewReport(drain_store.new_report_id(), None, tuple(c.event for c in batch))
@@ -112,20 +112,21 @@ def build_reports(
         same = [c for c in items if c.period_start == period]
         meter = meters.get(meter_name)
         aggregation = meter.aggregation if meter else Aggregation.SUM
-        report_id = drain_store.new_report_id()
+        stated_at = None
         stripe = provider is domain.Provider.STRIPE
         if stripe and aggregation is Aggregation.COUNT:
             same = same[:STRIPE_COUNT_REPORT]
         elif aggregation is Aggregation.SUM:
             same = _fitting(same, stripe_meters.MAX_VALUE if stripe else domain.MAX_TOTAL)
         elif stripe:
-            report_id = stripe_meters.stamped_report_id(_stripe_timestamp(same, now))
+            stated_at = _stated_at(same, now)
         reports.append(
             NewReport(
-                report_id,
+                drain_store.new_report_id(),
                 drain_store.lane(provider, customer_id, meter_name),
                 tuple(c.event for c in same),
                 _value(aggregation, same),
+                stated_at,
             )
         )
     return reports
@@ -141,13 +142,15 @@ def _fitting(items: list[Claimed], limit: int) -> list[Claimed]:
     return items
 
 
-def _stripe_timestamp(items: list[Claimed], now: dt.datetime) -> int:
+def _stated_at(items: list[Claimed], now: dt.datetime) -> dt.datetime | None:
     """When a max / last report's figure is stated: now, clamped into the period, so it is the
-    latest figure this lane has sent for the period (Stripe's `last` keeps the latest)."""
+    latest figure this lane has sent for the period (Stripe's `last` keeps the latest). None
+    outside every known period: the newest event's time is used."""
     first = items[0]
-    if first.period_start is None or first.period_end is None:  # outside every known period
-        return int(max(c.event.event_time for c in items).timestamp())
-    return stripe_meters.last_timestamp(now, first.period_start, first.period_end)
+    if first.period_start is None or first.period_end is None:
+        return None
+    stamp = stripe_meters.last_timestamp(now, first.period_start, first.period_end)
+    return dt.datetime.fromtimestamp(stamp, dt.UTC)
 
 
 def _value(aggregation: Aggregation, items: list[Claimed]) -> int:

@@ -54,6 +54,7 @@ class Report:
     checkpoint: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     attempts: int = 0
     first_sent_at: dt.datetime | None = None
+    stated_at: dt.datetime | None = None  # Stripe max / last: when the figure is stated
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,9 +9,9 @@ per customer and meter, and the drain keeps one report in flight per customer an
 
 Max and last meters (Stripe formula `last`): each report carries the period's figure, timed so
 that it is the latest event Stripe holds for the period: the time the report was built, clamped
-into the period (see `build_reports` in drain.py). That timestamp is committed with the report as
-the first 48 bits of its id (a version 8 UUID, RFC 9562), so every re-send carries exactly the
-same parameters, as an Idempotency-Key requires. Two reports can still share a timestamp (both
+into the period (see `build_reports` in drain.py). That time is committed with the report
+(`stated_at`), so every re-send carries exactly the same parameters, as an Idempotency-Key
+requires. Two reports can still share a timestamp (both
 built within one second, or both for a period that has ended: its last second); Stripe does not
 document how `last` breaks such ties, and describes `last` as billing "the final meter event
 received in a billing period": the later report, which carries the newer figure, is received last.
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
-import uuid
 from collections.abc import Mapping
 
 import stripe
@@ -70,10 +68,8 @@ class StripeMeters:
             return outcome.Failed("the customer has no Stripe customer id (provider_customer_id)")
         if meter.aggregation is Aggregation.COUNT:
             return await self._send_each(meter, customer, report)
-        timestamp = report_timestamp(report.report_id)
-        if timestamp is None:  # a report built before timestamps were stamped on its id
-            newest = max(e.event_time for e in report.events)
-            timestamp = int(newest.timestamp())
+        stated = report.stated_at or max(e.event_time for e in report.events)
+        timestamp = int(stated.timestamp())
         pieces = split(report.value) if meter.aggregation is Aggregation.SUM else [report.value]
         if pieces[0] > MAX_VALUE:
             return outcome.Failed(
@@ -132,20 +128,6 @@ def last_timestamp(now: dt.datetime, start: dt.datetime, end: dt.datetime) -> in
     period [start, end): now, clamped into the period."""
     latest = math.ceil(end.timestamp()) - 1  # the period's last whole second
     return max(math.ceil(start.timestamp()), min(math.floor(now.timestamp()), latest))
-
-
-def stamped_report_id(timestamp: int) -> str:
-    """A random report id (version 8 UUID) whose first 48 bits carry `timestamp`."""
-    bits = (timestamp << 80) | int.from_bytes(os.urandom(10), "big")
-    bits = (bits & ~(0xF << 76)) | (0x8 << 76)  # version 8
-    bits = (bits & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
-    return str(uuid.UUID(int=bits))
-
-
-def report_timestamp(report_id: str) -> int | None:
-    """The timestamp `stamped_report_id` put in a report id; None for any other id."""
-    value = uuid.UUID(report_id)
-    return value.int >> 80 if value.version == 8 else None
 
 
 def _params(

@@ -47,12 +47,13 @@ FOR UPDATE OF e SKIP LOCKED"""
 
 # A lane conflict (another worker just opened a report on it) inserts nothing for that report.
 # $1 report_id[], $2 provider, $3 lane[] (NULL: no lane), $4 events[] (JSON text), $5 value[],
-# $6 owner, $7 lease (seconds)
+# $6 owner, $7 lease (seconds), $8 stated_at[]
 INSERT_REPORTS = """
 INSERT INTO reports (report_id, provider, lane, events, value, lease_until, leased_by,
-                     first_sent_at)
-SELECT r, $2, l, ev::jsonb, v, now() + make_interval(secs => $7), $6, now()
-FROM unnest($1::uuid[], $3::text[], $4::text[], $5::bigint[]) AS u(r, l, ev, v)
+                     first_sent_at, stated_at)
+SELECT r, $2, l, ev::jsonb, v, now() + make_interval(secs => $7), $6, now(), s
+FROM unnest($1::uuid[], $3::text[], $4::text[], $5::bigint[], $8::timestamptz[])
+    AS u(r, l, ev, v, s)
 ON CONFLICT (lane) WHERE state = 'open' AND lane IS NOT NULL DO NOTHING
 RETURNING report_id"""
 
@@ -63,7 +64,7 @@ FROM unnest($1::uuid[], $2::uuid[]) AS u(e, r)
 WHERE e.event_id = u.e"""
 
 _REPORT_FIELDS = """r.report_id, r.provider, r.events, r.value, r.checkpoint, r.attempts,
-    r.first_sent_at"""
+    r.first_sent_at, r.stated_at"""
 
 # Open reports that are due and whose lease (if any) has run out: a retry, or a dead worker's.
 # $1 provider, $2 owner, $3 lease (seconds), $4 limit
@@ -303,6 +304,7 @@ class NewReport:
     lane: str | None
     events: tuple[ReportEvent, ...]
     value: int = 0
+    stated_at: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,6 +382,7 @@ def report_from_row(row: asyncpg.Record) -> Report:
         checkpoint=dict(_json(row["checkpoint"])),
         attempts=row["attempts"],
         first_sent_at=row["first_sent_at"],
+        stated_at=row["stated_at"],
     )
 
 
@@ -419,12 +422,15 @@ class DrainStore:
                 [r.value for r in new],
                 owner,
                 lease,
+                [r.stated_at for r in new],
             )
             created = {str(r["report_id"]) for r in inserted}
             kept = [r for r in new if r.report_id in created]
             pairs = [(e.event_id, r.report_id) for r in kept for e in r.events]
             await conn.execute(ASSIGN_EVENTS, [p[0] for p in pairs], [p[1] for p in pairs])
-        return [Report(r.report_id, provider, r.events, r.value, first_sent_at=None) for r in kept]
+        return [
+            Report(r.report_id, provider, r.events, r.value, stated_at=r.stated_at) for r in kept
+        ]
 
     async def save_checkpoint(self, report_id: str, owner: str, state: Mapping[str, Any]) -> bool:
         """False when the lease is no longer ours: the caller must not send."""

@@ -44,6 +44,10 @@ FROM (
 ) u
 WHERE t.customer_id = u.customer_id AND t.meter = u.meter AND t.period_start = u.period_start;
 
+-- When a report's figure is stated: the timestamp of a Stripe max / last meter event, fixed when
+-- the report is built so that every re-send carries the same parameters.
+ALTER TABLE reports ADD COLUMN stated_at timestamptz;
+
 -- The claim reads one provider's unclaimed events, oldest first.
 DROP INDEX usage_events_unclaimed;
 CREATE INDEX usage_events_unclaimed ON usage_events (provider, event_time, event_id)
