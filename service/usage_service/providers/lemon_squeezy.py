@@ -179,9 +179,8 @@ class LemonSqueezy:
             return outcome.Retry("lemon squeezy: the events' period has not started there yet")
         left = (usage.end - dt.datetime.now(dt.UTC)).total_seconds()
         if left < self.hold:  # a record might land in the next period: wait for it, then park
-            return outcome.Retry(
-                "lemon squeezy: the period ends before a record could settle", left
-            )
+            reason = "lemon squeezy: the period ends before a record could settle"
+            return outcome.Retry(reason, max(left, 1.0))
         return None
 
     async def _record(self, item: str, quantity: int, action: str) -> Outcome:
