@@ -61,6 +61,7 @@ class FakeLemonSqueezy(FakeProvider):
         self.period_start = stamp(start)
         self.period_end = stamp(start + dt.timedelta(days=30))
         self.late_held = threading.Event()  # a late write is held, not applied
+        self.usage_read = threading.Event()  # a current-usage read was answered
         self._late = False
         self._late_release = threading.Event()
         self._in_flight: collections.Counter[str] = collections.Counter()
@@ -122,6 +123,7 @@ class FakeLemonSqueezy(FakeProvider):
                 "interval_unit": "month",
                 "interval_quantity": 1,
             }
+        self.usage_read.set()
         return Answer(200, {"jsonapi": {"version": "1.0"}, "meta": meta}, _JSON_API)
 
     def _record(self, doc: Any) -> Answer:
