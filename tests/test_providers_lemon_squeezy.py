@@ -15,8 +15,9 @@ from fakes.base import Fault
 from fakes.lemon_squeezy import JSON_API, KEY, FakeLemonSqueezy
 
 from usage_service import domain, plans
+from usage_service.config import ConfigError
 from usage_service.providers import outcome
-from usage_service.providers.config import Endpoint
+from usage_service.providers.config import DEFAULT_LEMONSQUEEZY_SETTLE, Endpoint, ProviderSettings
 from usage_service.providers.lemon_squeezy import CLOSED_PERIOD, HOLD, LemonSqueezy
 from usage_service.providers.outcome import Outcome, Report
 
@@ -238,3 +239,14 @@ async def test_lemon_squeezy_fake_refuses_what_the_sdk_would_not_send(fake) -> N
     }
     assert plain.status_code == 200
     assert len(fake.violations) == 3 and fake.usage["si_1"] == 10
+
+
+def test_lemon_squeezy_settle_seconds_is_validated() -> None:
+    assert ProviderSettings.from_env({}).lemon_squeezy_settle == DEFAULT_LEMONSQUEEZY_SETTLE
+    assert (
+        ProviderSettings.from_env({"LEMONSQUEEZY_SETTLE_SECONDS": "2.5"}).lemon_squeezy_settle
+        == 2.5
+    )
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(ConfigError, match="LEMONSQUEEZY_SETTLE_SECONDS"):
+            ProviderSettings.from_env({"LEMONSQUEEZY_SETTLE_SECONDS": bad})
