@@ -47,6 +47,7 @@ async def make_drain(dsn: str, plans: plans.Plans, fakes: Fakes) -> AsyncIterato
         without: Sequence[str] = (), settings: DrainSettings = FAST, owner: str = ""
     ) -> Drain:
         env = {k: v for k, v in fakes.env().items() if not any(k.startswith(w) for w in without)}
+        env["LEMONSQUEEZY_SETTLE_SECONDS"] = "0.2"  # how long an unknown increment holds a lane
         pool = await store.create_pool(dsn, 10)
         adapters = providers.adapters(ProviderSettings.from_env(env), plans.meters)
         d = Drain(drain_store.DrainStore(pool), adapters, plans.meters, settings, owner)

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import datetime as dt
 import json
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fakes import event, report
 from fakes.base import Fault
 from fakes.lemon_squeezy import JSON_API, KEY, FakeLemonSqueezy
 
 from usage_service import domain, plans
+from usage_service.config import ConfigError
 from usage_service.providers import outcome
-from usage_service.providers.config import Endpoint
-from usage_service.providers.lemon_squeezy import LemonSqueezy
+from usage_service.providers.config import DEFAULT_LEMONSQUEEZY_SETTLE, Endpoint, ProviderSettings
+from usage_service.providers.lemon_squeezy import CLOSED_PERIOD, HOLD, LemonSqueezy
 from usage_service.providers.outcome import Outcome, Report
 
 LEMON = domain.Provider.LEMON_SQUEEZY
+TIMEOUT = 0.2  # seconds
+SETTLE = 0.2  # seconds
 
 
 @pytest.fixture
@@ -29,7 +35,7 @@ def fake() -> Iterator[FakeLemonSqueezy]:
 
 @pytest.fixture
 async def adapter(fake: FakeLemonSqueezy, plans: plans.Plans) -> LemonSqueezy:
-    a = LemonSqueezy(Endpoint(KEY, fake.url), plans.meters, timeout=0.5)
+    a = LemonSqueezy(Endpoint(KEY, fake.url), plans.meters, TIMEOUT, SETTLE)
     yield a
     await a.aclose()
 
@@ -42,6 +48,13 @@ async def send(adapter: LemonSqueezy, r: Report) -> tuple[Outcome, Report]:
             return answer, r
         r = dataclasses.replace(r, checkpoint=answer.state)
     raise AssertionError("too many checkpoints")
+
+
+async def settled(r: Report) -> None:
+    """Waits until the last post of `r` may no longer land, as the drain's retry delay does."""
+    posted = dt.datetime.fromisoformat(r.checkpoint["posted_at"])
+    left = (posted - dt.datetime.now(dt.UTC)).total_seconds() + r.checkpoint[HOLD]
+    await asyncio.sleep(max(left, 0.0))
 
 
 async def test_increment_reads_a_baseline_then_posts_one_record(fake, adapter) -> None:
@@ -73,7 +86,11 @@ async def test_an_unknown_outcome_is_reconciled_not_resent_blindly(fake, adapter
     fake.inject(Fault(kind, 500))
     r = report(LEMON, event(quantity=4, subscription_item="si_1"), value=4)
     answer, r = await send(adapter, r)
-    assert isinstance(answer, outcome.Retry)
+    assert isinstance(answer, outcome.Retry) and answer.after
+    assert answer.after > SETTLE  # no new attempt before the write settled
+    early, r = await send(adapter, r)
+    assert isinstance(early, outcome.Retry) and "settle" in early.reason
+    await settled(r)
     answer, r = await send(adapter, r)  # a later attempt, as after a restart
     assert answer in (outcome.Delivered(), outcome.Delivered(duplicate=True))
     assert fake.usage["si_1"] == 14  # landed exactly once
@@ -87,7 +104,8 @@ async def test_a_fresh_adapter_reconciles_a_stored_baseline(fake, adapter, plans
     r = report(LEMON, event(quantity=2, subscription_item="si_1"), value=2)
     answer, r = await send(adapter, r)
     assert isinstance(answer, outcome.Retry)
-    other = LemonSqueezy(Endpoint(KEY, fake.url), plans.meters, timeout=0.5)  # another replica
+    await settled(r)
+    other = LemonSqueezy(Endpoint(KEY, fake.url), plans.meters, TIMEOUT, SETTLE)  # a replica
     try:
         assert await other.send(r) == outcome.Delivered(duplicate=True)
     finally:
@@ -134,6 +152,101 @@ async def test_a_period_change_during_an_unknown_outcome_is_parked(fake, adapter
     fake.inject(Fault("drop"))
     r = report(LEMON, event(quantity=2, subscription_item="si_1"), value=2)
     answer, r = await send(adapter, r)
-    fake.period_start = "2026-02-01T00:00:00.000000Z"
+    now = dt.datetime.now(dt.UTC)
+    fake.roll_over(now, now + dt.timedelta(days=30))
+    await settled(r)
     answer, r = await send(adapter, r)
     assert isinstance(answer, outcome.Failed) and "period changed" in answer.reason
+
+
+def previous_period(fake: FakeLemonSqueezy) -> dt.datetime:
+    """A time in the period before the fake's current one."""
+    return dt.datetime.fromisoformat(fake.period_start) - dt.timedelta(days=1)
+
+
+async def test_lemon_squeezy_set_of_a_closed_period_is_parked_not_clobbering(fake, adapter) -> None:
+    fake.usage["si_2"] = 3  # the current period's figure
+    late = event(meter="seats", when=previous_period(fake), subscription_item="si_2")
+    answer = await adapter.send(report(LEMON, late, value=10))  # the old period's value
+    assert answer == outcome.Failed(CLOSED_PERIOD)
+    assert fake.usage["si_2"] == 3 and fake.writes() == []
+    assert fake.violations == []
+
+
+async def test_lemon_squeezy_increment_of_a_closed_period_is_parked(fake, adapter) -> None:
+    late = event(quantity=4, when=previous_period(fake), subscription_item="si_1")
+    answer, _ = await send(adapter, report(LEMON, late, value=4))
+    assert answer == outcome.Failed(CLOSED_PERIOD)
+    assert fake.usage["si_1"] == 10 and fake.writes() == []
+
+
+async def test_lemon_squeezy_events_of_a_period_not_started_there_wait(fake, adapter) -> None:
+    now = dt.datetime.now(dt.UTC)
+    fake.roll_over(now - dt.timedelta(days=30), now - dt.timedelta(seconds=1))  # not renewed yet
+    answer = await adapter.send(
+        report(LEMON, event(meter="seats", when=now, subscription_item="si_2"), value=2)
+    )
+    assert isinstance(answer, outcome.Retry) and "not started" in answer.reason
+    fake.roll_over(now - dt.timedelta(days=30), now + dt.timedelta(seconds=adapter.hold / 2))
+    answer = await adapter.send(
+        report(LEMON, event(meter="seats", subscription_item="si_2"), value=2)
+    )
+    assert isinstance(answer, outcome.Retry) and "ends before" in answer.reason
+    assert answer.after is not None and 1 <= answer.after <= adapter.hold / 2 + 1
+    assert fake.writes() == []
+
+
+async def test_lemon_squeezy_never_sends_a_quantity_of_zero(fake, adapter) -> None:
+    zero_sum = report(LEMON, event(quantity=0, subscription_item="si_1"), value=0)
+    assert await adapter.send(zero_sum) == outcome.Delivered()  # nothing to add
+    zero_set = report(LEMON, event(meter="seats", quantity=0, subscription_item="si_2"), value=0)
+    assert await adapter.send(zero_set) == outcome.Delivered()  # the item already shows 0
+    fake.usage["si_2"] = 5
+    answer = await adapter.send(zero_set)  # 0 cannot be set over 5: visible, never silent
+    assert isinstance(answer, outcome.Failed) and "shows 5" in answer.reason
+    assert fake.writes() == [] and fake.violations == []
+
+
+async def test_lemon_squeezy_fake_refuses_what_the_sdk_would_not_send(fake) -> None:
+    record = {
+        "data": {
+            "type": "usage-records",
+            "attributes": {"quantity": 0, "action": "increment"},
+            "relationships": {
+                "subscription-item": {"data": {"type": "subscription-items", "id": "si_1"}}
+            },
+        }
+    }
+    headers = {"Authorization": f"Bearer {KEY}", "Accept": JSON_API, "Content-Type": JSON_API}
+    async with httpx.AsyncClient(base_url=fake.url, headers=headers) as client:
+        zero = await client.post("/v1/usage-records", json=record)
+        record["data"]["attributes"] = {"quantity": 2, "action": "add"}  # type: ignore[index]
+        action = await client.post("/v1/usage-records", json=record)
+        plain = await client.get(
+            "/v1/subscription-items/si_1/current-usage", headers={"Accept": "application/json"}
+        )
+        current = await client.get("/v1/subscription-items/si_1/current-usage")
+    assert zero.status_code == 422 and action.status_code == 422
+    (error,) = zero.json()["errors"]
+    assert error["status"] == "422" and error["source"] == {"pointer": "/data/attributes/quantity"}
+    assert {"detail", "title"} <= set(error)
+    assert set(current.json()["meta"]) == {
+        "period_start",
+        "period_end",
+        "quantity",
+        "interval_unit",
+        "interval_quantity",
+    }
+    assert plain.status_code == 200
+    assert len(fake.violations) == 3 and fake.usage["si_1"] == 10
+
+
+def test_lemon_squeezy_settle_seconds_is_validated() -> None:
+    assert ProviderSettings.from_env({}).lemon_squeezy_settle == DEFAULT_LEMONSQUEEZY_SETTLE
+    assert (
+        ProviderSettings.from_env({"LEMONSQUEEZY_SETTLE_SECONDS": "2.5"}).lemon_squeezy_settle
+        == 2.5
+    )
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(ConfigError, match="LEMONSQUEEZY_SETTLE_SECONDS"):
+            ProviderSettings.from_env({"LEMONSQUEEZY_SETTLE_SECONDS": bad})

@@ -24,6 +24,7 @@ from usage_service import domain, metrics
 from usage_service.config import positive_number
 from usage_service.plans import Aggregation, Meter
 from usage_service.providers import Adapter, creem, dodo_payments, outcome, polar, stripe_meters
+from usage_service.providers.lemon_squeezy import HOLD
 from usage_service.providers.outcome import Outcome, Report
 from usage_service.storage import drain_store
 from usage_service.storage.drain_store import Claimed, DrainStore, NewReport
@@ -346,7 +347,9 @@ class Drain:
                 metrics.provider_call(report.provider.value, _label(answer), seconds)
                 if not isinstance(answer, outcome.Checkpoint):
                     break
-                if not await self.store.save_checkpoint(rid, self.owner, answer.state):
+                # held at least as long as the adapter asks: the send may land until then
+                lease = max(self.settings.lease, float(answer.state.get(HOLD, 0.0)))
+                if not await self.store.save_checkpoint(rid, self.owner, answer.state, lease):
                     log.warning("lease lost before sending %s", rid, extra={"action": "lease"})
                     return report, None
                 report = dataclasses.replace(report, checkpoint=answer.state)

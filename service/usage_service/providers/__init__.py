@@ -57,7 +57,9 @@ def adapters(
                 endpoint, settings.stripe_meter_events_base, meters, timeout
             )
         elif provider is domain.Provider.LEMON_SQUEEZY:
-            built[provider] = lemon_squeezy.LemonSqueezy(endpoint, meters, timeout)
+            built[provider] = lemon_squeezy.LemonSqueezy(
+                endpoint, meters, timeout, settings.lemon_squeezy_settle
+            )
         elif provider is domain.Provider.POLAR:
             built[provider] = polar.adapter(endpoint, meters, timeout)
         elif provider is domain.Provider.DODO_PAYMENTS:

@@ -19,6 +19,8 @@ POLAR_API = "https://api.polar.sh"
 DODO_PAYMENTS_API = "https://live.dodopayments.com"
 CREEM_API = "https://api.creem.io"
 DEFAULT_HTTP_TIMEOUT = 15.0  # seconds per provider call
+# Seconds after our HTTP timeout within which Lemon Squeezy may still apply a usage record.
+DEFAULT_LEMONSQUEEZY_SETTLE = 30.0
 
 ALL = tuple(p for p in domain.Provider if p is not domain.Provider.NONE)
 
@@ -38,6 +40,7 @@ class ProviderSettings:
     dodo_payments: Endpoint
     creem: Endpoint
     http_timeout: float
+    lemon_squeezy_settle: float  # see DEFAULT_LEMONSQUEEZY_SETTLE
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProviderSettings:
@@ -60,6 +63,9 @@ class ProviderSettings:
             creem=endpoint("CREEM_API_KEY", "CREEM_API_BASE", CREEM_API),
             http_timeout=positive_number(
                 env, "USAGE_PROVIDER_TIMEOUT_SECONDS", DEFAULT_HTTP_TIMEOUT
+            ),
+            lemon_squeezy_settle=positive_number(
+                env, "LEMONSQUEEZY_SETTLE_SECONDS", DEFAULT_LEMONSQUEEZY_SETTLE
             ),
         )
 

@@ -82,10 +82,11 @@ FROM (
 WHERE r.report_id = due.report_id
 RETURNING {_REPORT_FIELDS}"""
 
-# Only while the lease is ours: a Lemon Squeezy baseline must be stored before the send.
-# $1 report_id, $2 owner, $3 checkpoint (JSON text)
+# Only while the lease is ours: a Lemon Squeezy baseline must be stored before the send. It
+# renews the lease, so no other worker takes the report while the send it precedes may land.
+# $1 report_id, $2 owner, $3 checkpoint (JSON text), $4 lease (seconds from now)
 SAVE_CHECKPOINT = """
-UPDATE reports SET checkpoint = $3::jsonb
+UPDATE reports SET checkpoint = $3::jsonb, lease_until = now() + make_interval(secs => $4)
 WHERE report_id = $1 AND state = 'open' AND leased_by = $2 AND lease_until > now()
 RETURNING report_id"""
 
@@ -432,9 +433,14 @@ class DrainStore:
             Report(r.report_id, provider, r.events, r.value, stated_at=r.stated_at) for r in kept
         ]
 
-    async def save_checkpoint(self, report_id: str, owner: str, state: Mapping[str, Any]) -> bool:
-        """False when the lease is no longer ours: the caller must not send."""
-        found = await self.pool.fetchval(SAVE_CHECKPOINT, report_id, owner, json.dumps(state))
+    async def save_checkpoint(
+        self, report_id: str, owner: str, state: Mapping[str, Any], lease: float
+    ) -> bool:
+        """Stores the state and holds the lease `lease` seconds from now. False when the lease is
+        no longer ours: the caller must not send."""
+        found = await self.pool.fetchval(
+            SAVE_CHECKPOINT, report_id, owner, json.dumps(state), lease
+        )
         return found is not None
 
     async def retry_later(self, report_id: str, owner: str, delay: float, reason: str) -> None:
