@@ -20,6 +20,7 @@ from helpers import record
 from usage.v1 import customer_pb2, usage_pb2
 from usage_service import domain, drain_commands, plans, providers
 from usage_service.drain import STRIPE_TOO_OLD, Drain, DrainSettings, build_reports
+from usage_service.plans import Aggregation
 from usage_service.providers import dodo_payments
 from usage_service.providers.config import ProviderSettings
 from usage_service.storage import drain_store, store
@@ -58,6 +59,61 @@ async def make_drain(dsn: str, plans: plans.Plans, fakes: Fakes) -> AsyncIterato
     for d, pool in made:
         await drain_commands.close(d)
         await pool.close()
+    if made:
+        db = await asyncpg.connect(dsn)
+        try:
+            assert await fakes_against_reported(fakes, db, plans) == []
+        finally:
+            await db.close()
+
+
+# The fake holding each per-event provider's events, by the service's provider name.
+_PER_EVENT = ("polar", "dodo_payments", "creem")
+
+
+async def fakes_against_reported(
+    fakes: Fakes, db: asyncpg.Connection, plans: plans.Plans
+) -> list[str]:
+    """Where a fake does not bill what the service says it reported: each per-event provider
+    bills every event reported to it and nothing else but events of reports still open (sent,
+    outcome unknown), and Stripe's sum meters hold the reported sums, up to what open reports
+    may have added."""
+    rows = await db.fetch(
+        """SELECT e.event_id, e.provider, e.meter, e.quantity, p.provider_customer_id,
+               CASE WHEN e.report_state = 'pending' AND e.report_id IS NOT NULL THEN 'open'
+                    ELSE e.report_state END AS state
+           FROM usage_events e
+           LEFT JOIN customer_providers p
+               ON p.customer_id = e.customer_id AND p.provider = e.provider"""
+    )
+    out: list[str] = []
+    for name in _PER_EVENT:
+        fake = getattr(fakes, name)
+        billed = {i for i, e in fake.accepted.items() if fake.bills(e)}
+        mine = [r for r in rows if r["provider"] == name]
+        reported = {str(r["event_id"]) for r in mine if r["state"] == "reported"}
+        maybe = {str(r["event_id"]) for r in mine if r["state"] == "open"}
+        if not reported <= billed <= reported | maybe:
+            out.append(f"{name}: bills {sorted(billed)}, reported {sorted(reported)}")
+    sums: dict[tuple[str, str], list[int]] = {}  # (customer, event name) -> [reported, open]
+    for r in rows:
+        meter = plans.meters.get(r["meter"])
+        if r["provider"] == "stripe" and meter and meter.aggregation is Aggregation.SUM:
+            key = (r["provider_customer_id"], meter.stripe.event_name)
+            figures = sums.setdefault(key, [0, 0])
+            if r["state"] in ("reported", "open"):
+                figures[r["state"] == "open"] += r["quantity"]
+    summed = {
+        m.stripe.event_name for m in plans.meters.values() if m.aggregation is Aggregation.SUM
+    }
+    for key, held in fakes.stripe.totals().items():
+        if key[1] not in summed:
+            continue
+        reported, maybe = sums.pop(key, [0, 0])
+        if not reported <= held <= reported + maybe:
+            out.append(f"stripe {key}: holds {held}, reported {reported} (+{maybe} open)")
+    out += [f"stripe {k}: holds nothing, reported {v[0]}" for k, v in sums.items() if v[0]]
+    return out
 
 
 async def add_customers(service: Service, names: Sequence[str] = tuple(CUSTOMERS)) -> None:
