@@ -58,13 +58,7 @@ async def test_a_late_event_of_an_ended_period_is_billed_at_that_periods_figure(
     service: Service, fakes: Fakes, make_drain: MakeDrain
 ) -> None:
     now = dt.datetime.now(dt.UTC)
-    await service.add_customer(  # its period ended two days ago
-        "c_stripe",
-        start=now - dt.timedelta(days=20),
-        end=now - dt.timedelta(days=2),
-        provider=customer_pb2.PROVIDER_STRIPE,
-        provider_customer_id="cus_s",
-    )
+    await add_ended_customer(service, now)
     d = await make_drain()
     await record_many(service, "c_stripe", "storage", [10], now - dt.timedelta(days=3))
     await record_many(service, "c_stripe", "seats", [4], now - dt.timedelta(days=3))
@@ -136,13 +130,7 @@ async def test_stripe_holds_per_period_what_the_service_says_it_reported(
     service: Service, fakes: Fakes, make_drain: MakeDrain
 ) -> None:
     now = dt.datetime.now(dt.UTC)
-    await service.add_customer(
-        "c_stripe",
-        start=now - dt.timedelta(days=20),
-        end=now - dt.timedelta(days=2),
-        provider=customer_pb2.PROVIDER_STRIPE,
-        provider_customer_id="cus_s",
-    )
+    await add_ended_customer(service, now)
     d = await make_drain()
     # two in the ended period, two in the current one
     days = [
@@ -179,3 +167,14 @@ async def test_stripe_holds_per_period_what_the_service_says_it_reported(
     assert (current["tokens"].reported, current["tokens"].pending) == (now_sum["reported_sum"], 0)
     assert (current["storage"].used, current["storage"].pending) == (60, 0)
     assert fakes.violations() == []
+
+
+async def add_ended_customer(service: Service, now: dt.datetime) -> None:
+    """The Stripe customer, its confirmed period [now - 20 days, now - 2 days) ended."""
+    await service.add_customer(
+        "c_stripe",
+        start=now - dt.timedelta(days=20),
+        end=now - dt.timedelta(days=2),
+        provider=customer_pb2.PROVIDER_STRIPE,
+        provider_customer_id="cus_s",
+    )
