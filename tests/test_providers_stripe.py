@@ -282,3 +282,16 @@ async def test_a_count_event_over_15_digits_is_refused_alone_without_a_call(fake
     assert isinstance(answer, outcome.Rejected) and set(answer.reasons) == {huge.event_id}
     assert set(fake.events) == {good.event_id} and len(fake.writes()) == 1
     assert fake.violations == []
+
+
+async def test_an_event_timed_ahead_of_now_waits_until_due_instead_of_being_refused(
+    fake: FakeStripe, adapter: StripeMeters
+) -> None:
+    """RecordUsage takes event times up to 5 minutes ahead; Stripe refuses a timestamp ahead of
+    its own clock for good, so the report waits until its time has come."""
+    ahead = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4)
+    for meter in ("tokens", "calls"):
+        answer = await adapter.send(report(STRIPE, event(meter=meter, when=ahead), value=1))
+        assert isinstance(answer, outcome.Retry) and "future" in answer.reason
+        assert answer.after is not None and 230 < answer.after < 242
+    assert fake.calls == []

@@ -66,10 +66,13 @@ class StripeMeters:
         customer = first.provider_customer_id
         if not customer:
             return outcome.Failed("the customer has no Stripe customer id (provider_customer_id)")
+        newest = max(e.event_time for e in report.events)
+        ahead = (newest - dt.datetime.now(dt.UTC)).total_seconds()
+        if ahead > 0:  # a time ahead of Stripe's clock is refused for good: send it once due
+            return outcome.Retry("stripe: an event is timed in the future", ahead + 1.0)
         if meter.aggregation is Aggregation.COUNT:
             return await self._send_each(meter, customer, report)
-        stated = report.stated_at or max(e.event_time for e in report.events)
-        timestamp = int(stated.timestamp())
+        timestamp = int((report.stated_at or newest).timestamp())
         pieces = split(report.value) if meter.aggregation is Aggregation.SUM else [report.value]
         if pieces[0] > MAX_VALUE:
             return outcome.Failed(
