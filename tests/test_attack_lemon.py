@@ -1,0 +1,137 @@
+"""Attacks on the Lemon Squeezy drain: late-applied writes (within the settle time) against `set`
+meters, and an operator move of a report whose increment may still land."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+from conftest import Service
+from fakes.lemon_squeezy import KEY, FakeLemonSqueezy
+from fakes.stripe import KEY as STRIPE_KEY
+from fakes.stripe import FakeStripe
+from test_drain_lemon_squeezy import (
+    CUSTOMER,
+    FAST,
+    MakeDrain,
+    add_customer,
+    ago,
+    drain_until_quiet,
+    fake,
+    record_all,
+)
+
+from usage.v1 import customer_pb2
+from usage_service import drain_commands, plans, providers
+from usage_service.drain import Drain
+from usage_service.providers.config import ProviderSettings
+from usage_service.storage import drain_store, store
+
+__all__ = ["fake"]  # fixture
+
+TIMEOUT = 0.5  # seconds per Lemon Squeezy call
+SETTLE = 5.0  # seconds Lemon Squeezy may take to apply a write after we gave up
+
+
+@pytest.fixture
+def stripe_fake() -> Iterator[FakeStripe]:
+    server = FakeStripe().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def make_drain(
+    dsn: str, plans: plans.Plans, fake: FakeLemonSqueezy, stripe_fake: FakeStripe
+) -> AsyncIterator[MakeDrain]:
+    """A drain on Lemon Squeezy (settle time SETTLE) and Stripe, both fakes."""
+    made: list[tuple[Drain, asyncpg.Pool]] = []
+
+    async def make(owner: str, lease: float = FAST.lease) -> Drain:
+        env = {
+            "LEMONSQUEEZY_API_KEY": KEY,
+            "LEMONSQUEEZY_API_BASE": fake.url,
+            "USAGE_PROVIDER_TIMEOUT_SECONDS": str(TIMEOUT),
+            "LEMONSQUEEZY_SETTLE_SECONDS": str(SETTLE),
+            "STRIPE_API_KEY": STRIPE_KEY,
+            "STRIPE_API_BASE": stripe_fake.url,
+        }
+        pool = await store.create_pool(dsn, 5)
+        adapters = providers.adapters(ProviderSettings.from_env(env), plans.meters)
+        settings = dataclasses.replace(FAST, lease=lease)
+        d = Drain(drain_store.DrainStore(pool), adapters, plans.meters, settings, owner)
+        made.append((d, pool))
+        return d
+
+    yield make
+    for d, pool in made:
+        await drain_commands.close(d)
+        await pool.close()
+
+
+async def wait_records(fake: FakeLemonSqueezy, n: int, limit: float = 30.0) -> None:
+    """Until the fake has applied `n` usage records (the late one is applied on its thread)."""
+    deadline = time.monotonic() + limit
+    while len(fake.records) < n:
+        assert time.monotonic() < deadline, fake.records
+        await asyncio.to_thread(fake.late_held.wait, 0.01)
+
+
+async def test_attack_lemon_late_set_lands_after_a_newer_set_and_lowers_the_figure(
+    service: Service, fake: FakeLemonSqueezy, make_drain: MakeDrain
+) -> None:
+    """A `last` meter (action set): the first set (5) times out and Lemon Squeezy applies it
+    late, within the settle time. Meanwhile the drain re-sends it, the customer's figure
+    becomes 7 and the drain sets 7. Then the late 5 lands: Lemon Squeezy bills 5 for a period
+    whose figure is 7. The drain must not post a second record for the item while one may
+    still land (as it does for increments)."""
+    await add_customer(service)
+    await record_all(service, "seats", [5], ago(60))
+    d = await make_drain("solo")
+    fake.late_write()
+    timed_out = time.monotonic()
+    await d.cycle()  # set 5 posted; held unapplied; we time out
+    assert fake.late_held.is_set()
+    await drain_until_quiet([d], service.db)  # the retry re-sends set 5
+    await record_all(service, "seats", [7], ago(30))
+    await drain_until_quiet([d], service.db)  # set 7
+    assert fake.usage["si_seats"] == 7
+    fake.release_late()  # Lemon Squeezy applies the first set 5, still within the settle time
+    assert time.monotonic() - timed_out < SETTLE + TIMEOUT, "too slow to be a fair attack"
+    await wait_records(fake, 3)
+    assert fake.usage["si_seats"] == 7, fake.records
+    assert fake.violations == []
+
+
+async def test_attack_lemon_move_abandons_an_increment_that_may_still_land(
+    service: Service,
+    fake: FakeLemonSqueezy,
+    stripe_fake: FakeStripe,
+    make_drain: MakeDrain,
+) -> None:
+    """An increment of 100 times out (Lemon Squeezy will apply it within the settle time); the
+    drain waits for it to settle (retry delay, no lease). The customer moves to Stripe and an
+    operator runs `requeue --move-to-current-provider`: the report is abandoned and its events
+    go to Stripe, while Lemon Squeezy's late write still lands. 100 tokens billed twice."""
+    await add_customer(service)
+    await record_all(service, "tokens", [100], ago(30))
+    d = await make_drain("solo")
+    fake.late_write()
+    await d.cycle()
+    assert fake.late_held.is_set()
+    await service.add_customer(
+        CUSTOMER, provider=customer_pb2.PROVIDER_STRIPE, provider_customer_id="cus_moved"
+    )
+    moved = await drain_store.DrainStore(service.db).move_to_current_provider(
+        "lemon_squeezy", [CUSTOMER]
+    )
+    fake.release_late()
+    await wait_records(fake, 1)
+    await drain_until_quiet([d], service.db)
+    billed_ls = fake.usage["si_tokens"]
+    billed_stripe = stripe_fake.totals().get(("cus_moved", "llm_tokens"), 0)
+    assert billed_ls + billed_stripe == 100, (moved, billed_ls, billed_stripe)
