@@ -104,22 +104,23 @@ async def test_attack_stripe_last_meter_events_exactly_on_the_boundary(
     assert fakes.violations() == []
 
 
-async def test_attack_stripe_pending_usage_follows_a_new_stripe_customer_id(
+async def test_waiting_usage_follows_a_corrected_id_at_the_same_provider(
     service: Service, fakes: Fakes, make_drain: MakeDrain
 ) -> None:
-    """Question more than bug: usage counted while the customer was Stripe `cus_old` and still
-    unsent when a webhook re-points it to Stripe `cus_new` (a new Stripe customer) is billed to
-    `cus_new`: `customer_providers` keeps one id per provider, overwritten. If the spec's "who is
-    billed for what, decided when counted" covers the provider's customer too, `cus_old` must
-    get its 10."""
+    """The provider is decided when usage is counted; the customer's id at that provider is the
+    latest one a webhook gave: a new id at the same provider corrects where waiting usage goes
+    (what was already reported stays where it went)."""
     now = dt.datetime.now(dt.UTC)
     await service.add_customer(
         "c_re", provider=customer_pb2.PROVIDER_STRIPE, provider_customer_id="cus_old"
     )
+    await record_many(service, "c_re", "tokens", [3], now - dt.timedelta(minutes=3))
+    d = await make_drain()
+    await drain_until_quiet([d], service.db)
     await record_many(service, "c_re", "tokens", [10], now - dt.timedelta(minutes=2))
     await service.add_customer(
         "c_re", provider=customer_pb2.PROVIDER_STRIPE, provider_customer_id="cus_new"
     )
     await record_many(service, "c_re", "tokens", [5], now - dt.timedelta(minutes=1))
-    await drain_until_quiet([await make_drain()], service.db)
-    assert fakes.stripe.totals() == {("cus_old", "llm_tokens"): 10, ("cus_new", "llm_tokens"): 5}
+    await drain_until_quiet([d], service.db)
+    assert fakes.stripe.totals() == {("cus_old", "llm_tokens"): 3, ("cus_new", "llm_tokens"): 15}

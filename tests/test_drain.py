@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
@@ -86,6 +87,11 @@ async def fakes_against_reported(
            LEFT JOIN customer_providers p
                ON p.customer_id = e.customer_id AND p.provider = e.provider"""
     )
+    sent_to = {  # event -> the provider customer id its report carried
+        e["event_id"]: e["provider_customer_id"]
+        for r in await db.fetch("SELECT events::text FROM reports")
+        for e in json.loads(r["events"])
+    }
     out: list[str] = []
     for name in _PER_EVENT:
         fake = getattr(fakes, name)
@@ -99,7 +105,8 @@ async def fakes_against_reported(
     for r in rows:
         meter = plans.meters.get(r["meter"])
         if r["provider"] == "stripe" and meter and meter.aggregation is Aggregation.SUM:
-            key = (r["provider_customer_id"], meter.stripe.event_name)
+            customer = sent_to.get(str(r["event_id"]), r["provider_customer_id"])
+            key = (customer, meter.stripe.event_name)
             figures = sums.setdefault(key, [0, 0])
             if r["state"] in ("reported", "open"):
                 figures[r["state"] == "open"] += r["quantity"]
@@ -463,7 +470,7 @@ def claimed(
     customer_id: str, meter: str, quantity: int, period: dt.datetime | None, **totals: int
 ) -> drain_store.Claimed:
     e = fake_event(customer_id=customer_id, meter=meter, quantity=quantity)
-    return drain_store.Claimed(e, period, totals.get("peak"), totals.get("last"))
+    return drain_store.Claimed(e, period, None, totals.get("peak"), totals.get("last"))
 
 
 def test_reports_collapse_per_customer_meter_and_period(plans: plans.Plans) -> None:

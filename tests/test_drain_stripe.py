@@ -113,7 +113,7 @@ async def test_one_customers_huge_usage_never_blocks_another_stripe_customer(
 def test_lane_reports_never_carry_a_value_past_a_bigint_or_15_digits(plans: plans.Plans) -> None:
     period = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     items = [
-        drain_store.Claimed(event(customer_id=c, quantity=q), period, None, None)
+        drain_store.Claimed(event(customer_id=c, quantity=q), period, None)
         for c, q in (("a", 2**62), ("a", 2**62), ("b", 6 * 10**14), ("b", 6 * 10**14))
     ]
     stripe = {r.lane: r.value for r in build_reports(STRIPE, plans.meters, items)}

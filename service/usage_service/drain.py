@@ -202,6 +202,12 @@ class Drain:
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stopping = asyncio.Event()
+        # meters whose reports carry the period's figure (max, last)
+        self._figures = frozenset(
+            name
+            for name, m in meters.items()
+            if m.aggregation in (Aggregation.MAX, Aggregation.LAST)
+        )
         # provider -> its previous cycle's settling, still running while the next cycle claims
         # and sends (per-event providers only; a lane's next report waits for its settle anyway)
         self._settling: dict[domain.Provider, asyncio.Task[None]] = {}
@@ -275,6 +281,7 @@ class Drain:
             s.lease,
             s.claim,
             lambda claimed: build_reports(provider, self.meters, claimed),
+            self._figures if provider in LANE_PROVIDERS else (),
         )
         gate = asyncio.Semaphore(s.concurrency)
 

@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -28,11 +28,11 @@ _EVENT_FIELDS = """e.event_id, e.customer_id, e.meter, e.quantity, e.event_time,
 
 # Pending events attributed to one provider, not yet in a report, oldest first, skipping rows
 # other workers hold and lanes that have a report in flight; each with the customer's ids at that
-# provider (kept after a switch) and the totals row of its period (NULL when the event is outside
-# every known period).
+# provider (kept after a switch) and the bounds of its period's totals row (NULL when the event is
+# outside every known period).
 # $1 provider, $2 limit
 CLAIM_EVENTS = f"""
-SELECT {_EVENT_FIELDS}, t.period_start, t.quantity_max, t.last_quantity, t.period_end
+SELECT {_EVENT_FIELDS}, t.period_start, t.period_end
 FROM usage_events e
 JOIN customer_providers p ON p.customer_id = e.customer_id AND p.provider = e.provider
 LEFT JOIN usage_totals t ON t.customer_id = e.customer_id AND t.meter = e.meter
@@ -44,6 +44,17 @@ WHERE e.report_state = 'pending' AND e.report_id IS NULL AND e.provider = $1
 ORDER BY e.event_time, e.event_id
 LIMIT $2
 FOR UPDATE OF e SKIP LOCKED"""
+
+# The max and the last value of the events billed to one provider in periods of customers'
+# meters, parked ones left out: a period's totals also count events billed elsewhere or unbilled.
+# $1 provider, $2 customer_id[], $3 meter[], $4 period_start[], $5 period_end[]
+PERIOD_FIGURES = """
+SELECT g.c AS customer_id, g.m AS meter, g.s AS period_start, max(e.quantity) AS quantity_max,
+    (array_agg(e.quantity ORDER BY e.event_time DESC, e.seq DESC))[1] AS last_quantity
+FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS g(c, m, s, en)
+JOIN usage_events e ON e.customer_id = g.c AND e.meter = g.m AND e.provider = $1
+    AND e.event_time >= g.s AND e.event_time < g.en AND e.report_state <> 'failed'
+GROUP BY 1, 2, 3"""
 
 # A lane conflict (another worker just opened a report on it) inserts nothing for that report.
 # $1 report_id[], $2 provider, $3 lane[] (NULL: no lane), $4 events[] (JSON text), $5 value[],
@@ -290,13 +301,14 @@ class Moved:
 
 @dataclasses.dataclass(frozen=True)
 class Claimed:
-    """A pending event as claimed, with its period's totals (None outside every known period)."""
+    """A pending event as claimed, with its period (None outside every known period) and, when
+    asked for, the period's max and last value among the events billed to the same provider."""
 
     event: ReportEvent
     period_start: dt.datetime | None
-    period_max: int | None
-    period_last: int | None
-    period_end: dt.datetime | None = None
+    period_end: dt.datetime | None
+    period_max: int | None = None
+    period_last: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,9 +381,7 @@ def claimed_from_row(row: asyncpg.Record) -> Claimed:
         provider_customer_id=row["provider_customer_id"],
         subscription_item=row["subscription_item"],
     )
-    return Claimed(
-        event, row["period_start"], row["quantity_max"], row["last_quantity"], row["period_end"]
-    )
+    return Claimed(event, row["period_start"], row["period_end"])
 
 
 def report_from_row(row: asyncpg.Record) -> Report:
@@ -405,13 +415,17 @@ class DrainStore:
         lease: float,
         limit: int,
         build: Callable[[list[Claimed]], list[NewReport]],
+        figures: Collection[str] = (),
     ) -> list[Report]:
         """Claims pending events and commits the reports `build` makes of them, leased to
-        `owner`. Events `build` leaves out, or whose lane another worker just took, stay
-        pending."""
+        `owner`; events of the meters in `figures` come with their period's figures. Events
+        `build` leaves out, or whose lane another worker just took, stay pending."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(CLAIM_EVENTS, provider.value, limit)
-            new = build([claimed_from_row(r) for r in rows]) if rows else []
+            claimed = [claimed_from_row(r) for r in rows]
+            if figures:
+                claimed = await _with_figures(conn, provider, claimed, figures)
+            new = build(claimed) if claimed else []
             if not new:
                 return []
             inserted = await conn.fetch(
@@ -558,6 +572,31 @@ class DrainStore:
                 )
             )
         return out
+
+
+async def _with_figures(
+    conn: Conn, provider: domain.Provider, claimed: list[Claimed], meters: Collection[str]
+) -> list[Claimed]:
+    periods = sorted(
+        {
+            (c.event.customer_id, c.event.meter, c.period_start, c.period_end)
+            for c in claimed
+            if c.event.meter in meters and c.period_start is not None and c.period_end is not None
+        }
+    )
+    if not periods:
+        return claimed
+    rows = await conn.fetch(
+        PERIOD_FIGURES, provider.value, *(list(column) for column in zip(*periods, strict=True))
+    )
+    found = {(r["customer_id"], r["meter"], r["period_start"]): r for r in rows}
+    out = []
+    for c in claimed:
+        r = found.get((c.event.customer_id, c.event.meter, c.period_start))
+        if r is not None:
+            c = dataclasses.replace(c, period_max=r["quantity_max"], period_last=r["last_quantity"])
+        out.append(c)
+    return out
 
 
 async def _adjust(
