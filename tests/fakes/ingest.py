@@ -10,7 +10,6 @@ import collections
 import datetime as dt
 import itertools
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,12 +31,14 @@ def _time(text: Any) -> dt.datetime | None:
     return when if when.tzinfo else None
 
 
+_UUID = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}", re.I
+)
+
+
 def _is_uuid(text: Any) -> bool:
-    try:
-        uuid.UUID(text)
-    except (TypeError, ValueError, AttributeError):
-        return False
-    return True
+    """A UUID as the SDK's pydantic model takes one: hyphenated 8-4-4-4-12, or 32 hex digits."""
+    return isinstance(text, str) and _UUID.fullmatch(text) is not None
 
 
 def _attributes_problem(

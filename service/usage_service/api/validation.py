@@ -66,17 +66,25 @@ def properties(
         else set()
     )
     for key, value in props.items():
-        if not key or len(key) > MAX_PROPERTY_KEY or "\x00" in key:
-            v.add(f"{field}[{key!r}]", f"keys must be 1..{MAX_PROPERTY_KEY} characters, no NUL")
+        if not key or _js_length(key) > MAX_PROPERTY_KEY or "\x00" in key:
+            v.add(
+                f"{field}[{key!r}]", f"keys must be 1..{MAX_PROPERTY_KEY} UTF-16 code units, no NUL"
+            )
         elif key.startswith(RESERVED_PREFIX):
             v.add(f"{field}[{key!r}]", f"keys must not start with {RESERVED_PREFIX!r} (reserved)")
         elif meter and key in taken:
             v.add(f"{field}[{key!r}]", f"is the key carrying the value of meter {meter.name!r}")
-        if len(value) > MAX_PROPERTY_VALUE or "\x00" in value:
+        if _js_length(value) > MAX_PROPERTY_VALUE or "\x00" in value:
             v.add(
                 f"{field}[{key!r}]",
-                f"values must be at most {MAX_PROPERTY_VALUE} characters, no NUL",
+                f"values must be at most {MAX_PROPERTY_VALUE} UTF-16 code units, no NUL",
             )
+
+
+def _js_length(text: str) -> int:
+    """A string's length as the providers' JavaScript and TypeScript servers count it: in UTF-16
+    code units, so a character outside the Basic Multilingual Plane counts twice."""
+    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
 
 
 def provider_customer_id(
