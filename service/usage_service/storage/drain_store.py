@@ -169,9 +169,10 @@ FOR SHARE"""
 # Parked events go back to pending, out of their report: the next claim builds a new one.
 # $1 provider ('' for all), $2 event_id[] (empty for all)
 REQUEUE = f"""
-UPDATE usage_events e SET report_state = 'pending', report_id = NULL, last_error = ''
+UPDATE usage_events e SET report_id = NULL, last_error = '',
+    report_state = CASE WHEN e.provider = '' THEN 'unbilled' ELSE 'pending' END
 WHERE {_PARKED}
-{_MOVED}"""
+{_MOVED}, e.report_state"""
 
 _EVENTS_IN_TOTALS = """
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) AS ev(c, m, w, q)
@@ -498,11 +499,14 @@ class DrainStore:
         return True
 
     async def requeue(self, provider: str = "", event_ids: Sequence[str] = ()) -> int:
-        """Puts parked events back to pending; returns how many."""
+        """Puts parked events back to pending (those billed to no provider: unbilled); returns
+        how many."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_PARKED_CUSTOMERS, provider, list(event_ids))
             moved = await conn.fetch(REQUEUE, provider, list(event_ids))
-            await _adjust(conn, moved, reported=0, failed=-1)
+            unbilled = [r for r in moved if r["report_state"] == "unbilled"]
+            await _adjust(conn, [r for r in moved if r["report_state"] != "unbilled"], 0, -1)
+            await _adjust(conn, unbilled, reported=0, failed=-1, unbilled=1)
         return len(moved)
 
     async def move_to_current_provider(

@@ -9,9 +9,10 @@ UPDATE usage_events e SET provider = c.provider
 FROM customers c
 WHERE c.customer_id = e.customer_id AND c.plan_id <> '';
 
--- report_state gains 'unbilled': counted while the customer had no provider.
-UPDATE usage_events SET report_state = 'unbilled'
-WHERE provider = '' AND report_state = 'pending' AND report_id IS NULL;
+-- report_state gains 'unbilled': counted while the customer had no provider. Events parked
+-- while it had one are unbilled too: no provider will ever take them.
+UPDATE usage_events SET report_state = 'unbilled', report_id = NULL, last_error = ''
+WHERE provider = '' AND report_state IN ('pending', 'failed');
 
 -- A customer's ids at each provider it has had, so that events attributed to an earlier
 -- provider are still sent with that provider's ids after a switch.
@@ -33,13 +34,18 @@ ALTER TABLE usage_totals
     ADD COLUMN unbilled_count bigint NOT NULL DEFAULT 0,
     ADD COLUMN unbilled_sum   bigint NOT NULL DEFAULT 0;
 
-UPDATE usage_totals t SET unbilled_count = u.n, unbilled_sum = u.s
+UPDATE usage_totals t SET
+    unbilled_count = u.un, unbilled_sum = u.us, failed_count = u.fn, failed_sum = u.fs
 FROM (
-    SELECT t.customer_id, t.meter, t.period_start, count(*) AS n, sum(e.quantity) AS s
+    SELECT t.customer_id, t.meter, t.period_start,
+        count(*) FILTER (WHERE e.report_state = 'unbilled') AS un,
+        coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'unbilled'), 0) AS us,
+        count(*) FILTER (WHERE e.report_state = 'failed') AS fn,
+        coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'failed'), 0) AS fs
     FROM usage_totals t
     JOIN usage_events e ON e.customer_id = t.customer_id AND e.meter = t.meter
         AND e.event_time >= t.period_start AND e.event_time < t.period_end
-    WHERE e.report_state = 'unbilled'
+    WHERE e.provider = '' AND e.report_state IN ('unbilled', 'failed')
     GROUP BY 1, 2, 3
 ) u
 WHERE t.customer_id = u.customer_id AND t.meter = u.meter AND t.period_start = u.period_start;
