@@ -124,11 +124,21 @@ async def test_a_checkpoint_that_was_not_stored_never_skips_reconciling(fake, ad
     assert fake.writes() == []
 
 
-async def test_set_meters_send_set_and_may_repeat(fake, adapter) -> None:
+async def test_set_meters_send_set_and_repeat_it_only_once_the_last_one_settled(
+    fake, adapter
+) -> None:
+    """A set may be sent again, but not while an earlier one may still land: it would land
+    after the newer set of the next report."""
     r = report(LEMON, event(meter="seats", quantity=5, subscription_item="si_2"), value=5)
     fake.inject(Fault("drop"))
-    assert isinstance(await adapter.send(r), outcome.Retry)
-    assert await adapter.send(r) == outcome.Delivered()
+    answer, r = await send(adapter, r)
+    assert isinstance(answer, outcome.Retry) and answer.after is not None and answer.after > 0
+    early = await adapter.send(r)
+    assert isinstance(early, outcome.Retry) and "settle" in early.reason
+    assert len(fake.writes()) == 1
+    await settled(r)
+    answer, r = await send(adapter, r)
+    assert answer == outcome.Delivered()
     assert fake.records == [("si_2", "set", 5), ("si_2", "set", 5)]
     assert fake.usage["si_2"] == 5
 
@@ -136,7 +146,8 @@ async def test_set_meters_send_set_and_may_repeat(fake, adapter) -> None:
 async def test_429_honours_retry_after(fake, adapter) -> None:
     fake.inject(Fault("status", 429, {"Retry-After": "3"}, {"errors": [{"detail": "slow down"}]}))
     r = report(LEMON, event(meter="seats", quantity=1, subscription_item="si_2"), value=1)
-    assert await adapter.send(r) == outcome.Retry("lemon squeezy 429: slow down", 3.0)
+    answer, _ = await send(adapter, r)
+    assert answer == outcome.Retry("lemon squeezy 429: slow down", 3.0)
 
 
 async def test_unknown_items_and_missing_items_are_permanent(fake, adapter) -> None:

@@ -81,6 +81,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     r.add_argument(
         "--customer", action="append", default=[], help="with --move-...: only this customer's"
     )
+    r.add_argument(
+        "--include-open-reports",
+        action="store_true",
+        help="with --move-...: also events in open reports, which the old provider may hold "
+        "(check it does not first)",
+    )
     r.add_argument("event_ids", nargs="*", help="only these events (default: every parked one)")
     commands.add_parser("status", help="per provider: pending, oldest pending, parked failures")
 
@@ -105,7 +111,9 @@ async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int
             if args.event_ids:
                 print("requeue: --move-to-current-provider takes --customer, not event ids")
                 return 2
-            moved = await DrainStore(st.pool).move_to_current_provider(args.provider, args.customer)
+            moved = await DrainStore(st.pool).move_to_current_provider(
+                args.provider, args.customer, args.include_open_reports
+            )
             write_moved(moved, sys.stdout)
         elif args.command == "requeue":
             count = await DrainStore(st.pool).requeue(args.provider, args.event_ids)
@@ -119,16 +127,17 @@ def write_moved(moved: Moved, out: TextIO) -> None:
     print(f"moved {moved.events} events", file=out)
     for old, new, count in moved.by_route:
         print(f"  {old} -> {new or '(no provider: unbilled)'}: {count}", file=out)
-    if moved.sent_before:
+    if moved.from_open_reports:
         print(
-            f"  {moved.sent_before} of them were in reports already handed to their old "
-            "provider: check that it holds none of them",
+            f"  {moved.from_open_reports} of them were in open reports, handed to their old "
+            "provider: it must hold none of them",
             file=out,
         )
-    if moved.in_flight:
+    if moved.left_in_open_reports:
         print(
-            f"  {moved.in_flight} events left in place: a worker is sending their report now; "
-            "run this again once it is settled",
+            f"  {moved.left_in_open_reports} events left in open reports: their old provider "
+            "may hold them. Check it does not, then add --include-open-reports (a report a "
+            "worker is sending, or whose retry is not due, is never touched)",
             file=out,
         )
 

@@ -95,7 +95,7 @@ class LemonSqueezy:
             return outcome.Failed(f"the customer has no subscription item for meter {meter.name!r}")
         fresh = self._fresh.pop(report.report_id, None)
         if meter.lemon_squeezy_action == "set":
-            return await self._set(item, report)
+            return await self._set(item, report, fresh)
         if report.value <= 0:
             return outcome.Delivered()  # nothing to add
         if "baseline" not in report.checkpoint:
@@ -103,16 +103,37 @@ class LemonSqueezy:
             if not isinstance(usage, Usage):
                 return usage
             return self._outside(usage, report) or self._checkpoint(report, usage)
-        if fresh is not None and fresh[0] == report.checkpoint.get("nonce"):
-            elapsed = time.monotonic() - fresh[1]
-            if elapsed > self._timeout:  # too late to post within the hold: reconcile later
-                return outcome.Retry("lemon squeezy: checkpoint stored too late to post", self.hold)
-            answer = await self._record(item, report.value, "increment")
-            if isinstance(answer, outcome.Retry):  # maybe applied later: wait until it settled
-                wait = self.hold - (time.monotonic() - fresh[1])
-                return outcome.Retry(answer.reason, max(answer.after or 0.0, wait))
-            return answer
+        if self._is_fresh(report, fresh):
+            return await self._post(item, report, "increment", fresh)
         return await self._reconcile(item, report)
+
+    def _is_fresh(self, report: Report, fresh: tuple[str, float] | None) -> bool:
+        """Whether this send carries the checkpoint this process just asked to store."""
+        return fresh is not None and fresh[0] == report.checkpoint.get("nonce")
+
+    async def _post(
+        self, item: str, report: Report, action: str, fresh: tuple[str, float] | None
+    ) -> Outcome:
+        """Posts right after its checkpoint was stored; an unknown outcome waits out the hold."""
+        assert fresh is not None
+        if time.monotonic() - fresh[1] > self._timeout:  # too late to post within the hold
+            return outcome.Retry("lemon squeezy: checkpoint stored too late to post", self.hold)
+        answer = await self._record(item, report.value, action)
+        if isinstance(answer, outcome.Retry):  # maybe applied later: wait until it settled
+            wait = self.hold - (time.monotonic() - fresh[1])
+            return outcome.Retry(answer.reason, max(answer.after or 0.0, wait))
+        return answer
+
+    def _settling(self, report: Report) -> outcome.Retry | None:
+        """A wait while the last post of the report may still land, else None."""
+        hold = max(self.hold, float(report.checkpoint.get(HOLD, 0.0)))
+        posted = report.checkpoint.get("posted_at")
+        if not posted:
+            return None
+        age = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(posted)).total_seconds()
+        if age >= hold:
+            return None
+        return outcome.Retry("lemon squeezy: waiting for the last record to settle", hold - age)
 
     def _checkpoint(self, report: Report, usage: Usage) -> outcome.Checkpoint:
         """The state stored before an increment is posted."""
@@ -129,14 +150,9 @@ class LemonSqueezy:
         )
 
     async def _reconcile(self, item: str, report: Report) -> Outcome:
-        hold = max(self.hold, float(report.checkpoint.get(HOLD, 0.0)))
-        posted = report.checkpoint.get("posted_at")
-        if posted:
-            age = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(posted)).total_seconds()
-            if age < hold:
-                return outcome.Retry(
-                    "lemon squeezy: waiting for the last increment to settle", hold - age
-                )
+        wait = self._settling(report)
+        if wait is not None:
+            return wait
         usage = await self._current_usage(item)
         if not isinstance(usage, Usage):
             return usage
@@ -155,7 +171,15 @@ class LemonSqueezy:
             f"{baseline + report.value}; check the subscription item's usage by hand"
         )
 
-    async def _set(self, item: str, report: Report) -> Outcome:
+    async def _set(self, item: str, report: Report, fresh: tuple[str, float] | None) -> Outcome:
+        """A set of the period's value. Sending it again is harmless, but a late one must not
+        land after a newer set: like an increment, it is posted under a checkpoint that holds
+        the lane until it has settled."""
+        if report.value > 0 and self._is_fresh(report, fresh):
+            return await self._post(item, report, "set", fresh)
+        wait = self._settling(report)
+        if wait is not None:
+            return wait
         usage = await self._current_usage(item)
         if not isinstance(usage, Usage):
             return usage
@@ -163,7 +187,7 @@ class LemonSqueezy:
         if wrong is not None:
             return wrong
         if report.value > 0:
-            return await self._record(item, report.value, "set")
+            return self._checkpoint(report, usage)
         if usage.quantity == 0:
             return outcome.Delivered()
         return outcome.Failed(

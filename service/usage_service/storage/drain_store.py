@@ -243,11 +243,12 @@ WHERE c.customer_id IN (
 ORDER BY c.customer_id
 FOR SHARE"""
 
-# Open reports holding movable events and no worker's live lease; one a worker is sending is
-# left alone. $1, $2 as _MOVABLE
+# Open reports holding movable events that are due and no worker holds (a worker may be sending,
+# or a send's outcome may still land). $1, $2 as _MOVABLE
 LOCK_MOVABLE_REPORTS = f"""
-SELECT r.report_id, r.first_sent_at IS NOT NULL AS sent FROM reports r
+SELECT r.report_id FROM reports r
 WHERE r.state = 'open' AND (r.lease_until IS NULL OR r.lease_until < now())
+    AND r.next_attempt_at <= now()
     AND r.report_id IN (
         SELECT e.report_id FROM usage_events e JOIN customers c ON c.customer_id = e.customer_id
         WHERE {_MOVABLE} AND e.report_state = 'pending' AND e.report_id IS NOT NULL)
@@ -273,8 +274,8 @@ WHERE e.event_id = m.event_id
 RETURNING e.customer_id, e.meter, e.event_time, e.quantity, m.was, e.report_state,
     m.was_provider, m.was_report, m.target"""
 
-# Movable events left in reports a worker is sending. $1, $2 as _MOVABLE
-COUNT_IN_FLIGHT = f"""
+# Movable events left in open reports. $1, $2 as _MOVABLE
+COUNT_IN_OPEN_REPORTS = f"""
 SELECT count(*) FROM usage_events e JOIN customers c ON c.customer_id = e.customer_id
 WHERE {_MOVABLE} AND e.report_state = 'pending' AND e.report_id IS NOT NULL"""
 
@@ -296,8 +297,8 @@ class Moved:
 
     events: int  # re-attributed to their customer's current provider
     by_route: tuple[tuple[str, str, int], ...]  # (from, to, events); to '' means unbilled
-    sent_before: int  # of them, in reports already handed at least once to the old provider
-    in_flight: int  # left alone: in a report a worker is sending now
+    from_open_reports: int  # of them, in open reports: the old provider may hold them
+    left_in_open_reports: int  # not moved: in open reports (not asked for, or being sent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,15 +511,17 @@ class DrainStore:
         return len(moved)
 
     async def move_to_current_provider(
-        self, provider: str = "", customer_ids: Sequence[str] = ()
+        self, provider: str = "", customer_ids: Sequence[str] = (), open_reports: bool = False
     ) -> Moved:
-        """Re-attributes events that a customer's earlier provider never accepted (pending, or
+        """Re-attributes events that a customer's earlier provider never accepted (waiting, or
         parked) to the customer's current provider: an operator's decision after a switch.
-        Open reports holding them are abandoned, except one a worker is sending right now."""
+        Events in open reports were handed to that provider, which may hold them: they move only
+        with `open_reports` (their reports are abandoned), and never while a worker holds the
+        report or its retry is not due (a send's outcome may still land)."""
         ids = list(customer_ids)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_MOVABLE_CUSTOMERS, provider, ids)
-            reports = await conn.fetch(LOCK_MOVABLE_REPORTS, provider, ids)
+            reports = await conn.fetch(LOCK_MOVABLE_REPORTS, provider, ids) if open_reports else []
             abandoned = [r["report_id"] for r in reports]
             moved = await conn.fetch(MOVE_EVENTS, provider, ids, abandoned)
             if abandoned:
@@ -536,18 +539,16 @@ class DrainStore:
                         failed=-1 if was == "failed" else 0,
                         unbilled=1 if now == "unbilled" else 0,
                     )
-            left = await conn.fetchval(COUNT_IN_FLIGHT, provider, ids)
+            left = await conn.fetchval(COUNT_IN_OPEN_REPORTS, provider, ids)
         routes: dict[tuple[str, str], int] = {}
         for r in moved:
             key = (r["was_provider"], r["target"])
             routes[key] = routes.get(key, 0) + 1
-        was_sent = {r["report_id"] for r in reports if r["sent"]}
-        sent = sum(1 for r in moved if r["was_report"] in was_sent)
         return Moved(
             events=len(moved),
             by_route=tuple((a, b, n) for (a, b), n in sorted(routes.items())),
-            sent_before=sent,
-            in_flight=int(left or 0),
+            from_open_reports=sum(1 for r in moved if r["was_report"] in abandoned),
+            left_in_open_reports=int(left or 0),
         )
 
     async def status(self) -> list[ProviderStatus]:
