@@ -231,7 +231,7 @@ def test_no_auth_only_on_loopback_or_by_explicit_opt_out(dsn: str) -> None:
         text=True,
         timeout=60,
     )
-    assert refused.returncode == 2
+    assert refused.returncode == 1
     assert "refusing to serve 0.0.0.0:0 without authentication" in refused.stderr
 
     opted_out = ServiceProcess({**env, "USAGE_ALLOW_UNAUTHENTICATED": "true"})
@@ -249,3 +249,46 @@ def test_no_auth_only_on_loopback_or_by_explicit_opt_out(dsn: str) -> None:
     local = ServiceProcess({"DATABASE_URL": dsn})
     assert local.terminate() == 0
     assert any("to local callers only" in line for line in local.output)
+
+
+async def test_open_health_streams_leave_room_for_checks_and_authenticated_calls(
+    pool: asyncpg.Pool, plans: plans_mod.Plans
+) -> None:
+    """Anyone may open a health Watch stream, and each stays open: past a small cap they are
+    refused (with an ErrorInfo), so however many a caller opens, health checks and
+    authenticated calls are still served."""
+    running = await start_server(
+        store.Store(pool), plans, "127.0.0.1:0", tokens=auth.load("", TOKENS), max_in_flight=1
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = []
+            open_: list[health_pb2.HealthCheckResponse] = []
+            refused: list[grpc.aio.AioRpcError] = []
+            for _ in range(100):  # one after the other: each is open or refused before the next
+                watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+                watches.append(watch)
+                try:
+                    open_.append(await watch.read())
+                except grpc.aio.AioRpcError as exc:
+                    refused.append(exc)
+            assert open_ and refused
+            assert all(a.status == health_pb2.HealthCheckResponse.SERVING for a in open_)
+            for error in refused:
+                found = details(error)
+                assert (found.code, found.reason) == (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "TOO_MANY_STREAMS",
+                )
+
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            usage = usage_pb2_grpc.UsageServiceStub(channel)
+            ok = await usage.RecordUsage(record(), metadata=_metadata(WRITER), timeout=5)
+            assert not ok.duplicate
+            assert len(open_) == running.interceptor.max_open_streams
+            for watch in watches:
+                watch.cancel()
+    finally:
+        await running.stop(1)

@@ -106,3 +106,47 @@ async def test_unexpected_failure_is_internal_without_a_stack_trace(service: Ser
     d = details(caught.value)
     assert d.code == grpc.StatusCode.INTERNAL and d.reason == "INTERNAL_ERROR"
     assert caught.value.details() == "internal error"
+
+
+async def test_a_thousand_bad_items_get_details_that_fit_in_the_trailers(service: Service) -> None:
+    """4,000 violations would not fit in gRPC's limit on trailing metadata: the first ones are
+    listed and the count of the rest is stated, so the caller still gets INVALID_ARGUMENT with
+    details it can read."""
+    bad = record(customer_id="", meter="nope", quantity=-1, key="")
+    batch = usage_pb2.BatchRecordUsageRequest(requests=[bad] * 1000)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.usage.BatchRecordUsage(batch)
+    d = details(caught.value)
+    assert d.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (d.reason, d.domain) == ("INVALID_REQUEST", "usage.v1")
+    assert "requests[0].customer_id" in d.fields and all(d.fields.values())
+    assert 0 < len(d.fields) < 4000
+    assert int(d.metadata["unlisted_violations"]) == 4000 - len(d.fields)
+    assert "(and 3995 more)" in (caught.value.details() or "")
+    assert await service.count_events() == 0
+
+
+@pytest.mark.parametrize(
+    "method", ["/usage.v1.UsageService/DeleteEverything", "/made.up.Service/Method"]
+)
+async def test_unknown_method_is_unimplemented_with_error_info(
+    service: Service, method: str
+) -> None:
+    unary = service.channel.unary_unary(
+        method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await unary(b"", timeout=5)
+    d = details(caught.value)
+    assert (d.code, d.reason, d.domain) == (
+        grpc.StatusCode.UNIMPLEMENTED,
+        "UNKNOWN_METHOD",
+        "usage.v1",
+    )
+    # A streaming caller is answered at once, before it sends anything.
+    stream = service.channel.stream_stream(
+        method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )(timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.read()
+    assert details(caught.value).reason == "UNKNOWN_METHOD"

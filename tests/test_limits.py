@@ -152,3 +152,24 @@ async def test_oversized_and_undecodable_requests(limited: Running, db: asyncpg.
             "UNDECODABLE_REQUEST",
         )
         assert await db.fetchval("SELECT count(*) FROM usage_events") == 0
+
+
+async def test_made_up_method_names_do_not_grow_the_handler_cache(limited: Running) -> None:
+    """The interceptor remembers the server's own methods only: calls to names nobody
+    registered are answered UNIMPLEMENTED and leave nothing behind."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as channel:
+        usage = usage_pb2_grpc.UsageServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await usage.GetUsageSummary(usage_pb2.GetUsageSummaryRequest(customer_id="nobody"))
+        cached = len(limited.interceptor.handlers)
+        assert cached >= 1
+        for i in range(1000):
+            made_up = channel.unary_unary(
+                f"/made.up.Service{i}/Method{i}",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await made_up(b"", timeout=5)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert len(limited.interceptor.handlers) == cached

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import pathlib
+import socket
+import subprocess
 
 import asyncpg
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import record
-from process import ServiceProcess
+from process import PLANS_FILE, ServiceProcess, executable
 
 from usage.v1 import usage_pb2, usage_pb2_grpc
 
@@ -90,3 +95,50 @@ def test_embedded_database_keeps_data_across_restarts(tmp_path: pathlib.Path) ->
         assert again.duplicate and again.event_id == event_id
     finally:
         assert second.terminate() == 0
+
+
+# A setting and a bad value of it ("busy": a port this test holds).
+BAD_SETTINGS = [
+    ("USAGE_DRAIN_LEASE_SECONDS", "abc"),
+    ("USAGE_METRICS_ADDRESS", "busy"),
+    ("USAGE_METRICS_ADDRESS", "no-port"),
+    ("USAGE_GRPC_ADDRESS", "busy"),
+    ("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none"),
+    ("USAGE_MAX_IN_FLIGHT", "0.5"),
+]
+
+
+@pytest.mark.parametrize(("setting", "value"), BAD_SETTINGS)
+def test_a_bad_setting_stops_serve_before_it_listens(dsn: str, setting: str, value: str) -> None:
+    """One line on stderr naming the setting, exit status 1, and the gRPC port never listened
+    on: the port is held by this test, so had the server tried to listen first, the error
+    would have named USAGE_GRPC_ADDRESS instead."""
+    with (
+        socket.create_server(("127.0.0.1", 0)) as grpc_port,
+        socket.create_server(("127.0.0.1", 0)) as metrics_port,
+    ):
+        env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "USAGE_PLANS_FILE": str(PLANS_FILE),
+            "USAGE_AUTH_TOKENS": json.dumps(
+                {"a": {"token": "a-token-0123456789abcdef", "scopes": ["usage:read"]}}
+            ),
+            "USAGE_GRPC_ADDRESS": f"127.0.0.1:{grpc_port.getsockname()[1]}",
+            "USAGE_METRICS_ADDRESS": "127.0.0.1:0",
+            "USAGE_DRAIN_INTERVAL_SECONDS": "60",
+        }
+        busy = {
+            "USAGE_METRICS_ADDRESS": f"127.0.0.1:{metrics_port.getsockname()[1]}",
+            "USAGE_GRPC_ADDRESS": env["USAGE_GRPC_ADDRESS"],
+        }
+        env[setting] = busy[setting] if value == "busy" else value
+        run = subprocess.run(
+            [*executable(), "serve"], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = run.stderr.splitlines()
+    assert lines and lines[-1].startswith(f"usage-service: {setting}: "), run.stderr
+    if setting != "USAGE_GRPC_ADDRESS":  # there gRPC's core logs its own line first
+        assert len(lines) == 1, run.stderr
+    assert "listening" not in run.stdout

@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "check-plans":
             loaded = plans_mod.load(settings.plans_file or None)
             print(f"{loaded.source}: {len(loaded.meters)} meters, {len(loaded.plans)} plans")
-    except (ConfigError, plans_mod.PlansError) as exc:
+    except (ConfigError, plans_mod.PlansError) as exc:  # configuration, or the database
         print(f"usage-service: {exc}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 from collections.abc import Mapping
@@ -20,7 +21,8 @@ TRUE = ("1", "true", "yes", "on")
 
 
 class ConfigError(ValueError):
-    """An environment variable has an unusable value."""
+    """An environment variable has an unusable value, or names something that cannot be used
+    (a database that cannot be reached, a port already taken). The message names the variable."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +52,14 @@ class Settings:
         return cls(
             database_url=env.get("DATABASE_URL", ""),
             data_dir=pathlib.Path(env.get("USAGE_DATA_DIR") or DEFAULT_DATA_DIR),
-            grpc_address=env.get("USAGE_GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS,
+            grpc_address=address(env, "USAGE_GRPC_ADDRESS", DEFAULT_GRPC_ADDRESS),
             plans_file=env.get("USAGE_PLANS_FILE", ""),
             shutdown_grace=positive_number(
                 env, "USAGE_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE
             ),
-            pool_size=int(positive_number(env, "USAGE_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
+            pool_size=positive_int(env, "USAGE_DB_POOL_SIZE", DEFAULT_POOL_SIZE),
             environ=env,
-            metrics_address=env.get("USAGE_METRICS_ADDRESS", ""),
+            metrics_address=address(env, "USAGE_METRICS_ADDRESS", ""),
             tls=TlsFiles(
                 cert_file=env.get("USAGE_TLS_CERT_FILE", ""),
                 key_file=env.get("USAGE_TLS_KEY_FILE", ""),
@@ -66,9 +68,9 @@ class Settings:
             auth_tokens_file=env.get("USAGE_AUTH_TOKENS_FILE", ""),
             auth_tokens_json=env.get("USAGE_AUTH_TOKENS", ""),
             allow_unauthenticated=env.get("USAGE_ALLOW_UNAUTHENTICATED", "").lower() in TRUE,
-            max_in_flight=int(positive_number(env, "USAGE_MAX_IN_FLIGHT", DEFAULT_MAX_IN_FLIGHT)),
-            max_message_bytes=int(
-                positive_number(env, "USAGE_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
+            max_in_flight=positive_int(env, "USAGE_MAX_IN_FLIGHT", DEFAULT_MAX_IN_FLIGHT),
+            max_message_bytes=positive_int(
+                env, "USAGE_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
             ),
             log_format=_choice(env, "USAGE_LOG_FORMAT", LOG_FORMATS),
             log_level=_choice(env, "USAGE_LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
@@ -96,6 +98,25 @@ def positive_number(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         raise ConfigError(f"{name}: {text!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{name}: must be > 0, not {text}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}: must be a finite number > 0, not {text}")
     return value
+
+
+def positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number > 0 from the environment, or `default` when unset or empty."""
+    value = positive_number(env, name, default)
+    if value != int(value):
+        raise ConfigError(f"{name}: must be a whole number, not {env[name]}")
+    return int(value)
+
+
+def address(env: Mapping[str, str], name: str, default: str) -> str:
+    """A `host:port` listen address from the environment (port 0: any free port)."""
+    text = env.get(name) or default
+    if not text:
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name}: {text!r} is not host:port")
+    return text

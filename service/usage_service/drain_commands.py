@@ -29,6 +29,13 @@ _KEYS = {
 STOP_GRACE = 30.0  # seconds the current cycle gets to finish on shutdown
 
 
+def check_settings(environ: Mapping[str, str]) -> None:
+    """Reads the drain's and the providers' settings: a bad one raises ConfigError before the
+    server starts, rather than when the drain does."""
+    drain.DrainSettings.from_env(environ)
+    ProviderSettings.from_env(environ)
+
+
 def build(
     pool_store: store.Store, meters: Mapping[str, Meter], environ: Mapping[str, str]
 ) -> drain.Drain:

@@ -1,18 +1,21 @@
 """The one server interceptor: access control, overload protection, deadlines, request ids and
-RPC metrics, in front of every usage.v1 method. Health and reflection pass untouched.
+RPC metrics, in front of every usage.v1 method. Health and reflection need no token, so the
+streams they keep open are capped instead; a method nobody registered is answered UNIMPLEMENTED.
 
-It is on the hot path, so each method's wrapped handler is built once and cached, and a call
-costs a metadata scan, a token hash when tokens are configured, and a counter update.
+It is on the hot path, so each method's wrapped handler is built once and cached (the server's
+own methods only, so the cache cannot grow), and a call costs a metadata scan, a token hash when
+tokens are configured, and a counter update.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
@@ -26,6 +29,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Behaviour = Callable[[Any, Context], Awaitable[Any]]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+# Health Watch and reflection streams open at once, from every caller together; more are
+# refused. They need no token, so without this cap they could use up the server's RPC limit.
+MAX_OPEN_STREAMS = 32
 
 
 class _Undecodable:
@@ -44,6 +50,10 @@ _UNKNOWN_TOKEN = _status("UNAUTHENTICATED", "unknown bearer token")
 _OVERLOADED = _status("OVERLOADED", "too many calls in flight; retry with backoff")
 _DEADLINE = _status("DEADLINE_EXCEEDED", "the deadline passed before the call was served")
 _UNDECODABLE = _status("UNDECODABLE_REQUEST", "the request could not be parsed")
+_TOO_MANY_STREAMS = _status(
+    "TOO_MANY_STREAMS", "too many health and reflection streams open; retry with backoff"
+)
+_UNKNOWN_METHOD = _status("UNKNOWN_METHOD", "no such method on this server")
 
 
 def _observe_record(response: Any) -> None:
@@ -78,11 +88,15 @@ _OBSERVERS: dict[str, Callable[[Any], None]] = {
 
 
 class Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, tokens: auth.Tokens, max_in_flight: int) -> None:
+    def __init__(
+        self, tokens: auth.Tokens, max_in_flight: int, max_open_streams: int = MAX_OPEN_STREAMS
+    ) -> None:
         self.tokens = tokens
         self.max_in_flight = max_in_flight
         self.in_flight = 0
-        self._handlers: dict[str, Handler | None] = {}
+        self.max_open_streams = max_open_streams
+        self.open_streams = 0
+        self.handlers: dict[str, Handler] = {}  # by method path: registered methods only
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
 
@@ -91,14 +105,62 @@ class Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Handler | None:
         method: str = handler_call_details.method
         try:
-            return self._handlers[method]
+            return self.handlers[method]
         except KeyError:
             pass
         handler = await continuation(handler_call_details)
-        if handler is not None and not method.startswith(auth.OPEN_PREFIXES):
+        if handler is None:  # not cached: any caller can make up any number of names
+            return _UNKNOWN_METHOD_HANDLER
+        if method.startswith(auth.OPEN_PREFIXES):
+            handler = self._cap_streams(handler)
+        else:
             handler = self._wrap(method, handler)
-        self._handlers[method] = handler
+        self.handlers[method] = handler
         return handler
+
+    def _cap_streams(self, handler: Handler) -> Handler:
+        """Refuses a health or reflection stream while MAX_OPEN_STREAMS are open."""
+        inner: Any  # the stubs know only the synchronous signatures
+        if handler.unary_stream is not None:
+            inner, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        elif handler.stream_stream is not None:
+            inner, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        else:
+            return handler  # a unary call (Health/Check) holds nothing open
+
+        async def admit(context: Context) -> None:
+            if self.open_streams >= self.max_open_streams:
+                await _abort(context, _TOO_MANY_STREAMS)
+            self.open_streams += 1
+
+        # gRPC serves a stream handler by its kind: a coroutine that writes to the context
+        # (health's Watch) or an async generator (reflection). The wrapper keeps the kind.
+        if inspect.isasyncgenfunction(inner):
+
+            async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
+                await admit(context)
+                try:
+                    async for response in inner(request, context):
+                        yield response
+                finally:
+                    self.open_streams -= 1
+
+            behaviour: Any = generator
+        else:
+
+            async def coroutine(request: Any, context: Context) -> Any:
+                await admit(context)
+                try:
+                    return await inner(request, context)
+                finally:
+                    self.open_streams -= 1
+
+            behaviour = coroutine
+        return make(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         if handler.unary_unary is None:  # every usage.v1 method is unary
@@ -197,6 +259,14 @@ class Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             request_deserializer=deserialize,
             response_serializer=handler.response_serializer,
         )
+
+
+async def _unknown_method(requests: Any, context: Context) -> None:
+    await _abort(context, _UNKNOWN_METHOD)
+
+
+# A stream handler answers at once, whatever the caller meant to send (or not send).
+_UNKNOWN_METHOD_HANDLER: Handler = grpc.stream_stream_rpc_method_handler(_unknown_method)
 
 
 async def _abort(context: Context, status: grpc.Status) -> NoReturn:

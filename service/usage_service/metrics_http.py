@@ -9,6 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from usage_service import metrics
+from usage_service.config import ConfigError
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 5.0  # seconds a scraper has to send its request
@@ -44,8 +45,12 @@ async def start(address: str, refresh: Callable[[], Awaitable[None]]) -> asyncio
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(handle, host, int(port), limit=MAX_HEADER_BYTES)
-    return server
+    try:
+        return await asyncio.start_server(handle, host, int(port), limit=MAX_HEADER_BYTES)
+    except OSError as exc:
+        raise ConfigError(
+            f"USAGE_METRICS_ADDRESS: cannot listen on {address}: {exc.strerror or exc}"
+        ) from None
 
 
 def bound_port(server: asyncio.Server) -> int:

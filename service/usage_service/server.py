@@ -10,6 +10,7 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -26,7 +27,8 @@ from usage_service.tls import TlsConfigError, TlsFiles
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-# Above the interceptor's limit on usage.v1 calls, room for health watchers and reflection.
+# Above the interceptor's limits on usage.v1 calls and on open health and reflection streams,
+# room for health checks and for calls being refused.
 EXTRA_CONCURRENT_RPCS = 64
 SERVICE_NAMES = (
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
@@ -59,6 +61,7 @@ async def start_server(
     reuse_port: bool = False,
 ) -> Running:
     interceptor = Interceptor(tokens or auth.Tokens(), max_in_flight)
+    limit = max_in_flight + interceptor.max_open_streams + EXTRA_CONCURRENT_RPCS
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
@@ -67,7 +70,7 @@ async def start_server(
             # Off unless `serve --workers` shares the port: a second server would steal calls.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
-        maximum_concurrent_rpcs=max_in_flight + EXTRA_CONCURRENT_RPCS,
+        maximum_concurrent_rpcs=limit,
     )
     usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(st, plans), server)
     customer_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(st, plans), server)
@@ -76,10 +79,15 @@ async def start_server(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    if tls is not None and tls.enabled:
-        port = server.add_secure_port(address, tls.server_credentials())
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if tls is not None and tls.enabled:
+            port = server.add_secure_port(address, tls.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # gRPC could not bind: the port is taken or the host is not ours
+        raise ConfigError(
+            f"USAGE_GRPC_ADDRESS: cannot listen on {address} (in use, or not this host's)"
+        ) from None
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -93,8 +101,14 @@ async def database(settings: Settings) -> AsyncIterator[store.Store]:
     dsn = settings.database_url
     if not dsn:
         dsn, handle = await asyncio.to_thread(embedded.start, settings.data_dir)
-    await migrate.migrate_dsn(dsn)
-    st = store.Store(await store.create_pool(dsn, settings.pool_size))
+    try:
+        await migrate.migrate_dsn(dsn)
+        st = store.Store(await store.create_pool(dsn, settings.pool_size))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = " ".join(str(exc).split()) or "no reason given"
+        raise ConfigError(
+            f"DATABASE_URL: cannot use the database: {type(exc).__name__}: {reason}"
+        ) from None
     try:
         yield st
     finally:
@@ -126,10 +140,23 @@ def access(settings: Settings) -> auth.Tokens:
 
 
 async def serve(settings: Settings) -> None:
+    """Every setting is read and checked, and the database reached, before anything listens;
+    a port that is taken is found before the server says it is listening."""
+    drain_commands.check_settings(settings.environ)
     plans = plans_mod.load(settings.plans_file or None)
     tokens = access(settings)
     tracing.setup(settings.tracing)
-    async with database(settings) as st:
+    async with database(settings) as st, contextlib.AsyncExitStack() as stack:
+        if settings.metrics_address:
+            scraper = await metrics_http.start(
+                settings.metrics_address, lambda: metrics.refresh(st.pool)
+            )
+            stack.callback(scraper.close)
+            metrics_host = settings.metrics_address.rsplit(":", 1)[0]
+            print(
+                f"usage-service metrics on {metrics_host}:{metrics_http.bound_port(scraper)}",
+                flush=True,
+            )
         try:
             running = await start_server(
                 st,
@@ -143,16 +170,8 @@ async def serve(settings: Settings) -> None:
             )
         except TlsConfigError as exc:
             raise ConfigError(str(exc)) from None
-        scraper = None
-        if settings.metrics_address:
-            scraper = await metrics_http.start(
-                settings.metrics_address, lambda: metrics.refresh(st.pool)
-            )
-            metrics_host = settings.metrics_address.rsplit(":", 1)[0]
-            print(
-                f"usage-service metrics on {metrics_host}:{metrics_http.bound_port(scraper)}",
-                flush=True,
-            )
+        # Stops the server if anything below fails; after a graceful stop it returns at once.
+        stack.push_async_callback(running.server.stop, 0)
         drainer = drain_commands.Background.start(st, plans, settings.environ)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -165,6 +184,4 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down", extra={"action": "shutdown"})
         await running.stop(settings.shutdown_grace)
         await drainer.stop()
-        if scraper is not None:
-            scraper.close()
     log.info("stopped", extra={"action": "shutdown"})

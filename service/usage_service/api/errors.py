@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -20,6 +21,11 @@ from usage_service.storage.store import KeyConflict
 
 DOMAIN = "usage.v1"
 log = logging.getLogger(__name__)
+# A status travels in trailing metadata, which gRPC clients refuse past 16 KiB, and some at
+# random past 8 KiB. The message goes twice (grpc-message, percent-encoded, and inside the
+# details, base64-encoded), so both are bounded to keep the whole well under 8 KiB.
+MAX_MESSAGE_BYTES = 512  # UTF-8 bytes of the message
+MAX_VIOLATIONS_BYTES = 2048  # serialized BadRequest; the violations past it are counted
 
 # The reasons callers may branch on: ErrorInfo.reason -> (status code, meaning).
 REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
@@ -44,6 +50,11 @@ REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
     "OVERLOADED": (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight; retry later"),
     "DEADLINE_EXCEEDED": (grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline had passed"),
     "UNDECODABLE_REQUEST": (grpc.StatusCode.INVALID_ARGUMENT, "the request is not valid protobuf"),
+    "TOO_MANY_STREAMS": (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "too many health and reflection streams open; retry later",
+    ),
+    "UNKNOWN_METHOD": (grpc.StatusCode.UNIMPLEMENTED, "no such method on this server"),
     "INTERNAL_ERROR": (grpc.StatusCode.INTERNAL, "an unexpected error; it has been logged"),
 }
 
@@ -64,32 +75,48 @@ class ApiError(Exception):
         self.metadata = dict(metadata or {})
 
     def status(self) -> grpc.Status:
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=DOMAIN, metadata=self.metadata
-        )
-        details = [info]
-        if self.violations:
-            details.append(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                        for f, d in self.violations
-                    ]
-                )
+        """The status, small enough for any gRPC client to receive: the violations that fit in
+        MAX_VIOLATIONS_BYTES are listed, and ErrorInfo's `unlisted_violations` counts the rest."""
+        bad = error_details_pb2.BadRequest()
+        for field, description in self.violations:
+            violation = bad.field_violations.add(
+                field=_clip(field, 200), description=_clip(description, 200)
             )
+            if bad.ByteSize() > MAX_VIOLATIONS_BYTES:
+                bad.field_violations.remove(violation)
+                break
+        metadata = dict(self.metadata)
+        unlisted = len(self.violations) - len(bad.field_violations)
+        if unlisted:
+            metadata["unlisted_violations"] = str(unlisted)
+        details: list[Message] = [
+            error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=metadata)
+        ]
+        if bad.field_violations:
+            details.append(bad)
         packed = []
         for detail in details:
             any_detail = any_pb2.Any()
             any_detail.Pack(detail)
             packed.append(any_detail)
         status = status_pb2.Status(
-            code=getattr(code_pb2, self.code.name), message=self.message, details=packed
+            code=getattr(code_pb2, self.code.name),
+            message=_clip(self.message, MAX_MESSAGE_BYTES),
+            details=packed,
         )
         return rpc_status.to_status(status)
 
 
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (on a character boundary)."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "..."
+
+
 def invalid(violations: Sequence[tuple[str, str]]) -> ApiError:
-    summary = "; ".join(f"{f}: {d}" for f, d in violations[:5])
+    summary = "; ".join(_clip(f"{f}: {d}", 90) for f, d in violations[:5])
     more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
     return ApiError("INVALID_REQUEST", f"invalid request: {summary}{more}", violations)
 
