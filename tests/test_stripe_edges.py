@@ -1,4 +1,4 @@
-"""Attacks on Stripe max / last reports: the period figure a report carries must be made only of
+"""Stripe max / last reports at their edges: the period figure a report carries must be made only of
 the usage billed to Stripe, and must stay right across period boundaries."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ fakes = test_drain.fakes  # fixtures
 make_drain = test_drain.make_drain
 
 
-async def test_attack_stripe_max_after_upgrade_bills_the_free_plans_peak(
+async def test_a_stripe_max_after_an_upgrade_leaves_out_the_free_plans_peak(
     service: Service, fakes: Fakes, make_drain: MakeDrain
 ) -> None:
     """A customer on a free plan (no provider) peaks at 1,000 on a max meter, then upgrades to
@@ -41,7 +41,7 @@ async def test_attack_stripe_max_after_upgrade_bills_the_free_plans_peak(
     assert fakes.stripe.last("cus_up", "storage", start, end) == 10
 
 
-async def test_attack_stripe_max_after_a_switch_bills_the_old_providers_peak_again(
+async def test_a_stripe_max_after_a_switch_leaves_out_the_old_providers_peak(
     service: Service, fakes: Fakes, make_drain: MakeDrain
 ) -> None:
     """Polar -> Stripe mid-period on a max meter: Polar receives the 900 event counted under
@@ -71,10 +71,10 @@ async def test_attack_stripe_max_after_a_switch_bills_the_old_providers_peak_aga
     assert fakes.stripe.last("cus_sw", "storage", start, end) == 20
 
 
-async def test_attack_stripe_last_meter_events_exactly_on_the_boundary(
+async def test_stripe_last_meter_events_exactly_on_the_boundary(
     service: Service, fakes: Fakes, make_drain: MakeDrain
 ) -> None:
-    """Passing guard: `last` events exactly at a period's start belong to that period; a late
+    """`last` events exactly at a period's start belong to that period; a late
     event of the ended period recorded after the new period's report keeps each period's
     figure in Stripe."""
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)

@@ -1,4 +1,4 @@
-"""Attacks on the Lemon Squeezy drain: late-applied writes (within the settle time) against `set`
+"""The Lemon Squeezy drain at its edges: late-applied writes (within the settle time) against `set`
 meters, and an operator move of a report whose increment may still land."""
 
 from __future__ import annotations

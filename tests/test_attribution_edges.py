@@ -1,4 +1,4 @@
-"""Attacks on billable attribution: operator moves racing with a provider that may hold the
+"""Billable attribution at its edges: operator moves racing with a provider that may hold the
 events already, the 0004 migration on data of customers that dropped their provider, races of
 recorders with the first webhook and with moves, and ids/properties at providers' limits."""
 
@@ -65,10 +65,10 @@ async def test_a_move_leaves_a_batch_polar_may_hold_to_polar(
     assert billed_by == ["polar"], (moved, billed_by)
 
 
-async def test_attack_move_races_with_two_drains_and_recorders(
+async def test_moves_race_with_two_drains_and_recorders(
     service: Service, fakes: Fakes, make_drain: MakeDrain
 ) -> None:
-    """Passing guard: a Polar customer's reports keep failing (500, nothing stored) while it
+    """a Polar customer's reports keep failing (500, nothing stored) while it
     moves to Creem; moves run again and again while two drain replicas cycle and the customer
     keeps recording. In the end every event is held by exactly one provider, the one it is
     attributed to, and every move printed counts add up to the events that changed provider."""
@@ -113,8 +113,8 @@ async def test_attack_move_races_with_two_drains_and_recorders(
 # --- races of recorders with the first webhook ---
 
 
-async def test_attack_recorders_race_the_first_webhook_and_a_switch(service: Service) -> None:
-    """Passing guard: events recorded for an unknown customer while its first webhook (Stripe)
+async def test_recorders_race_the_first_webhook_and_a_switch(service: Service) -> None:
+    """events recorded for an unknown customer while its first webhook (Stripe)
     and then a switch to no provider arrive: none is left undecided, those counted before the
     switch are Stripe's, and the summary's pending + unbilled equal the events."""
     now = dt.datetime.now(dt.UTC)
@@ -142,13 +142,13 @@ async def test_attack_recorders_race_the_first_webhook_and_a_switch(service: Ser
 
 
 @pytest.mark.tampers  # rows written by hand, without their billing periods
-async def test_attack_migration_leaves_parked_events_of_a_customer_without_provider_stuck(
+async def test_the_migration_makes_parked_events_of_a_customer_without_provider_unbilled(
     dsn: str,
 ) -> None:
     """Before 0004: a customer on Stripe had an event parked (no Stripe id), then moved to a free
-    plan. The migration attributes it to '' (no provider) but leaves it 'failed': a requeue
-    makes it pending for ever (no provider ever claims '' events, and a move skips it since it
-    already has the customer's provider). It should become unbilled, like the pending ones."""
+    plan. The migration attributes it to '' (no provider) and makes it unbilled, like the
+    pending ones: left 'failed', a requeue would make it pending for ever (no provider claims ''
+    events)."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
@@ -208,9 +208,7 @@ async def test_attack_migration_leaves_parked_events_of_a_customer_without_provi
         "0b9e7c1a-2d4f-4e6a-8c3b5f7a-9d1e2c4b",  # dashes in the wrong places
     ],
 )
-async def test_attack_polar_customer_id_that_only_python_calls_a_uuid(
-    service: Service, pid: str
-) -> None:
+async def test_a_polar_customer_id_must_be_a_canonical_uuid(service: Service, pid: str) -> None:
     """UpsertCustomer must refuse a Polar provider_customer_id that is not a UUID in a form
     Polar parses (canonical 8-4-4-4-12 or 32 hex digits); `polar.is_customer_id` only asks
     Python's lenient uuid.UUID and the length."""
@@ -220,7 +218,7 @@ async def test_attack_polar_customer_id_that_only_python_calls_a_uuid(
     assert "customer.provider_customer_id" in details(caught.value).fields
 
 
-async def test_attack_creem_property_value_of_astral_characters(service: Service) -> None:
+async def test_property_lengths_count_utf16_code_units(service: Service) -> None:
     """Creem (a TypeScript service: 'values at most 500 characters', JavaScript string length,
     UTF-16 code units) would refuse a value of 300 emoji (600 code units). RecordUsage counts
     code points and accepts it, so a Creem customer's event is parked at send time instead of
@@ -234,10 +232,10 @@ async def test_attack_creem_property_value_of_astral_characters(service: Service
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_attack_properties_at_every_limit_reach_every_keeping_provider(
+async def test_properties_at_every_limit_reach_every_keeping_provider(
     service: Service, fakes: Fakes, make_drain: MakeDrain
 ) -> None:
-    """Passing guard: 49 properties, keys of 40 characters (non-ASCII), values of 500 BMP
+    """49 properties, keys of 40 characters (non-ASCII), values of 500 BMP
     characters, accepted at record time, reach Polar, Dodo and Creem whole."""
     now = dt.datetime.now(dt.UTC)
     props = {f"{i:02d}" + "é" * 38: chr(0x4E00 + i) * 500 for i in range(49)}
