@@ -42,7 +42,8 @@ same Authorization, Stripe-Version and User-Agent headers, `Stripe/v2` in the Us
   A customer this fake does not know is a 404 `resource_missing`;
 - `GET /v2/core/events` (stripe/v2/core/_event_service.py, params/v2/core/_event_list_params.py:
   `types` (sent as `types[0]`...), `created[gte|gt|lte|lt]` RFC 3339 times, `limit`): a v2 list
-  (`data`, `next_page_url`) of `v2.core.event`, newest first. This fake holds only the
+  (`data`, `next_page_url`) of `v2.core.event`, newest first; with `thin` set, listed without
+  their `data`, which `GET /v2/core/events/{id}` gives. This fake holds only the
   `v1.billing.meter.error_report_triggered` events tests add with `report_error` (shape:
   stripe/events/_v1_billing_meter_error_report_triggered_event.py and Stripe's v2 Event object).
 Summaries are computed from the events held, with drift a test injects: `drop` (an accepted event
@@ -79,6 +80,7 @@ USER_AGENT = re.compile(r"Stripe/(v1|v2) PythonBindings/16\.")
 METERS_PATH = "/v1/billing/meters"
 SUMMARIES = re.compile(r"/v1/billing/meters/([^/]+)/event_summaries")
 EVENTS_PATH = "/v2/core/events"
+EVENT = re.compile(r"/v2/core/events/([^/]+)")
 ERROR_REPORT = "v1.billing.meter.error_report_triggered"
 # The tests' plans (tests/plans.toml): Stripe event name -> the formula our adapter expects.
 METERS = {"llm_tokens": "sum", "calls": "count", "storage": "last", "seats": "last"}
@@ -159,6 +161,7 @@ class FakeStripe(FakeProvider):
         self.customers = set(customers)
         self.error_events: list[dict[str, Any]] = []  # v2.core.event objects, oldest first
         self.page_size = PAGE  # lower it to make lists answer in several pages
+        self.thin = False  # list events without their `data` (GET /v2/core/events/{id} has it)
         self.dropped: set[str] = set()
         self.doubled: set[str] = set()
         self._frozen: View | None = None  # set by lag(), until catch_up()
@@ -180,8 +183,9 @@ class FakeStripe(FakeProvider):
 
     def _handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
         summaries = SUMMARIES.fullmatch(path)
+        one = EVENT.fullmatch(path)
         known = (method, path) in (("POST", PATH), ("GET", METERS_PATH), ("GET", EVENTS_PATH))
-        if not known and not (method == "GET" and summaries):
+        if not known and not (method == "GET" and (summaries or one)):
             self.violation(f"unexpected call {method} {path}")
             return error(404, f"Unrecognized request URL ({method}: {path}).")
         if not bearer(headers, KEY):
@@ -194,6 +198,8 @@ class FakeStripe(FakeProvider):
                 return error(400, "Received repeated parameters.")
             if summaries:
                 return self._summaries(urllib.parse.unquote(summaries.group(1)), query)
+            if one:
+                return self._event(urllib.parse.unquote(one.group(1)), query)
             return self._list_meters(query) if path == METERS_PATH else self._events(query)
         return self._post(headers, body)
 
@@ -683,11 +689,25 @@ class FakeStripe(FakeProvider):
         more = first + limit < len(chosen)
         rest = {k: v for k, v in query.items() if k != "page"}
         following = urllib.parse.urlencode({**rest, "page": str(first + limit)})
+        page = chosen[first : first + limit]
+        if self.thin:
+            page = [{k: v for k, v in e.items() if k != "data"} for e in page]
         return Answer(
             200,
             {
-                "data": chosen[first : first + limit],
+                "data": page,
                 "next_page_url": f"{EVENTS_PATH}?{following}" if more else None,
                 "previous_page_url": None,
             },
         )
+
+    def _event(self, event_id: str, query: Mapping[str, str]) -> Answer:
+        refused = self._refuse(query, ())
+        if refused:
+            return refused
+        with self.lock:
+            found = [e for e in self.error_events if e["id"] == event_id]
+        if not found:
+            self.violation(f"unknown event {event_id!r}")
+            return error(404, f"No such event: '{event_id}'", code="resource_missing")
+        return Answer(200, found[0])
