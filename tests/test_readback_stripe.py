@@ -148,6 +148,9 @@ async def test_a_meter_without_an_active_stripe_meter_cannot_be_told(
         meter = dataclasses.replace(plans.meters["tokens"], stripe=ProviderNaming(event_name=name))
         held = await adapter.held(query(meter))
         assert held == Held(None, f"no active Stripe meter with event_name {name!r}")
+    assert reads(fake, "/v1/billing/meters") == 3  # listed again on each miss
+    fake.add_meter("archived", "sum")  # an active meter of the name, created since
+    assert await adapter.held(query(meter)) == Held(0)
     assert fake.violations == []
 
 
@@ -238,6 +241,10 @@ async def test_a_figure_that_is_not_a_whole_number_cannot_be_told(
         fake.inject(Fault("status", 200, body=body, route="GET /v1/billing/meters/"))
         held = await adapter.held(query(tokens))
         assert held.value is None and "not an exact whole number" in held.why
+    del summary["aggregated_value"]
+    fake.inject(Fault("status", 200, body=body, route="GET /v1/billing/meters/"))
+    held = await adapter.held(query(tokens))
+    assert held.value is None and "unexpected answer" in held.why
 
 
 @pytest.mark.parametrize("thin", [False, True])

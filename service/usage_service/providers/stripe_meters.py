@@ -17,8 +17,9 @@ document how `last` breaks such ties, and describes `last` as billing "the final
 received in a billing period": the later report, which carries the newer figure, is received last.
 
 Read-back (`held`): the meter id comes from `GET /v1/billing/meters`, listed once and kept for the
-process's life; the meter for an event name is its active meter (an inactive meter takes no
-events, so ours went to the active one). The figure is `aggregated_value` of
+process's life (listed again when an event name has no active meter: one may have been created
+since); the meter for an event name is its active meter (an inactive meter takes no events, so
+ours went to the active one). The figure is `aggregated_value` of
 `GET /v1/billing/meters/{id}/event_summaries` for [start, end), which Stripe answers only for
 minute-aligned bounds; other bounds cannot be told. Meter errors Stripe finds after accepting an
 event arrive as `v1.billing.meter.error_report_triggered` events of the v2 events API
@@ -172,10 +173,7 @@ class StripeMeters:
             )
         event_name = query.meter.stripe.event_name
         try:
-            meters = [
-                m for m in (await self._meters_by_id()).values() if m.event_name == event_name
-            ]
-            active = [m for m in meters if m.active]
+            active = await self._active(event_name)
             if not active:
                 return Held(None, f"no active Stripe meter with event_name {event_name!r}")
             if len(active) > 1:
@@ -203,6 +201,8 @@ class StripeMeters:
             values = [s.aggregated_value async for s in page.auto_paging_iter()]
         except stripe.StripeError as exc:
             return Held(None, _reason(exc))
+        except (AttributeError, KeyError) as exc:  # an answer without a field the SDK names
+            return Held(None, f"stripe: unexpected answer: {exc!r}")
         return _figure(values, meter.formula)
 
     async def error_reports(self, since: dt.datetime) -> list[MeterError]:
@@ -217,7 +217,7 @@ class StripeMeters:
         out: list[MeterError] = []
         async for listed in page.auto_paging_iter():
             event = listed
-            if "data" not in event:  # a thin event: its data comes with the event itself
+            if "data" not in event:  # listed thin: the event itself carries its data
                 event = await self._client.v2.core.events.retrieve_async(listed.id)
             if not isinstance(event, V1BillingMeterErrorReportTriggeredEvent):
                 continue
@@ -241,9 +241,19 @@ class StripeMeters:
                     )
         return out
 
-    async def _meters_by_id(self) -> dict[str, StripeMeter]:
-        """Every Stripe meter of the account, listed once for the process's life."""
-        if self._stripe_meters is None:
+    async def _active(self, event_name: str) -> list[StripeMeter]:
+        """The active meters of an event name; the meters are listed again when there is none
+        (one may have been created since)."""
+        for fresh in (False, True):
+            meters = await self._meters_by_id(fresh)
+            active = [m for m in meters.values() if m.active and m.event_name == event_name]
+            if active:
+                break
+        return active
+
+    async def _meters_by_id(self, fresh: bool = False) -> dict[str, StripeMeter]:
+        """Every Stripe meter of the account, listed once and kept (again when `fresh`)."""
+        if self._stripe_meters is None or fresh:
             page = await self._client.v1.billing.meters.list_async({"limit": PAGE})
             self._stripe_meters = {
                 m.id: StripeMeter(
