@@ -23,9 +23,12 @@ from usage_service.providers.readback import Held, Query
 from usage_service.providers.stripe_meters import MeterError, StripeMeters
 
 STRIPE = domain.Provider.STRIPE
-NOW = dt.datetime.now(dt.UTC)
-MINUTE = NOW.replace(second=0, microsecond=0)
-START, END = MINUTE - dt.timedelta(minutes=30), MINUTE + dt.timedelta(minutes=1)  # holds now-5s
+
+
+def period() -> tuple[dt.datetime, dt.datetime]:
+    """Whole minutes, from 30 minutes back to the end of the current minute."""
+    minute = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+    return minute - dt.timedelta(minutes=30), minute + dt.timedelta(minutes=1)
 
 
 @pytest.fixture
@@ -45,10 +48,11 @@ async def adapter(fake: FakeStripe, plans: plans.Plans) -> AsyncIterator[StripeM
 def query(
     meter: plans.Meter,
     customer: str = "cus_1",
-    start: dt.datetime = START,
-    end: dt.datetime = END,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
 ) -> Query:
-    return Query("c1", customer, "", meter, start, end, ())
+    low, high = period()
+    return Query("c1", customer, "", meter, start or low, end or high, ())
 
 
 async def send(adapter: StripeMeters, *events: ReportEvent) -> str:
@@ -67,14 +71,15 @@ def reads(fake: FakeStripe, path: str) -> int:
 async def test_read_back_equals_what_was_sent_for_sum_count_and_last(
     fake: FakeStripe, adapter: StripeMeters, plans: plans.Plans
 ) -> None:
-    early = START - dt.timedelta(minutes=1)  # before the period: not in its figure
-    await send(adapter, event(quantity=3, when=NOW - dt.timedelta(minutes=2)), event(quantity=4))
+    now = dt.datetime.now(dt.UTC)
+    early = period()[0] - dt.timedelta(minutes=1)  # before the period: not in its figure
+    await send(adapter, event(quantity=3, when=now - dt.timedelta(minutes=2)), event(quantity=4))
     await send(adapter, event(quantity=100, when=early))
     await send(adapter, event(quantity=50, provider_customer_id="cus_s"))  # another customer
     await send(adapter, *(event(meter="calls", quantity=1) for _ in range(3)))
     await send(adapter, event(meter="calls", when=early))
-    await send(adapter, event(meter="storage", quantity=50, when=NOW - dt.timedelta(minutes=3)))
-    await send(adapter, event(meter="storage", quantity=20, when=NOW - dt.timedelta(minutes=1)))
+    await send(adapter, event(meter="storage", quantity=50, when=now - dt.timedelta(minutes=3)))
+    await send(adapter, event(meter="storage", quantity=20, when=now - dt.timedelta(minutes=1)))
     await send(adapter, event(meter="storage", quantity=90, when=early))
     await send(adapter, event(meter="seats", quantity=4))
 
@@ -117,7 +122,8 @@ async def test_a_period_not_in_whole_minutes_cannot_be_told_and_asks_nothing(
     fake: FakeStripe, adapter: StripeMeters, plans: plans.Plans
 ) -> None:
     tokens = plans.meters["tokens"]
-    for start, end in ((START + dt.timedelta(seconds=1), END), (START, NOW)):
+    low, high = period()
+    for start, end in ((low + dt.timedelta(seconds=1), high), (low, high - dt.timedelta(0, 0.5))):
         held = await adapter.held(query(tokens, start=start, end=end))
         assert held.value is None and "whole minutes" in held.why
     assert fake.calls == []
@@ -232,8 +238,8 @@ async def test_a_figure_that_is_not_a_whole_number_cannot_be_told(
             "id": "mtrsum_1",
             "object": "billing.meter_event_summary",
             "aggregated_value": value,
-            "start_time": int(START.timestamp()),
-            "end_time": int(END.timestamp()),
+            "start_time": int(period()[0].timestamp()),
+            "end_time": int(period()[1].timestamp()),
             "livemode": False,
             "meter": fake.meter_id("llm_tokens"),
         }
@@ -304,7 +310,7 @@ def get(fake: FakeStripe, path: str, params: dict[str, str], **headers: str) -> 
 
 def test_fake_stripe_checks_the_sdks_read_params(fake: FakeStripe) -> None:
     path = f"/v1/billing/meters/{fake.meter_id('llm_tokens')}/event_summaries"
-    start, end = int(START.timestamp()), int(END.timestamp())
+    start, end = (int(t.timestamp()) for t in period())
     good = {"customer": "cus_1", "start_time": str(start), "end_time": str(end)}
     ok = get(fake, path, good)
     assert ok.status_code == 200
