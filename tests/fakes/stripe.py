@@ -29,6 +29,26 @@ timestamp is in the period; `last` takes the value of the event with the latest 
 period. Stripe does not document how `last` breaks a tie of timestamps (whole seconds); its
 changelog describes `last` as billing "the final meter event received in a billing period", so
 among equal timestamps this fake takes the event received last.
+
+Reads, as stripe-python 16.1.0 sends them (GET, query string in the SDK's bracket encoding, the
+same Authorization, Stripe-Version and User-Agent headers, `Stripe/v2` in the User-Agent on /v2):
+- `GET /v1/billing/meters` (stripe/billing/_meter_service.py, params/billing/_meter_list_params.py:
+  `limit` 1..100, `starting_after`, `status`): a list of `billing.meter` (stripe/billing/_meter.py);
+- `GET /v1/billing/meters/{id}/event_summaries` (stripe/billing/_meter_event_summary_service.py,
+  params/billing/_meter_event_summary_list_params.py: `customer`, `start_time`, `end_time`
+  required, the times "aligned with minute boundaries"): a list of `billing.meter_event_summary`
+  (stripe/billing/_meter_event_summary.py: `aggregated_value` a float, `start_time`, `end_time`,
+  `meter`, `id`, `livemode`), one summary for the period as no `value_grouping_window` is asked.
+  A customer this fake does not know is a 404 `resource_missing`;
+- `GET /v2/core/events` (stripe/v2/core/_event_service.py, params/v2/core/_event_list_params.py:
+  `types` (sent as `types[0]`...), `created[gte|gt|lte|lt]` RFC 3339 times, `limit`): a v2 list
+  (`data`, `next_page_url`) of `v2.core.event`, newest first; with `thin` set, listed without
+  their `data`, which `GET /v2/core/events/{id}` gives. This fake holds only the
+  `v1.billing.meter.error_report_triggered` events tests add with `report_error` (shape:
+  stripe/events/_v1_billing_meter_error_report_triggered_event.py and Stripe's v2 Event object).
+Summaries are computed from the events held, with drift a test injects: `drop` (an accepted event
+missing from summaries), `double` (counted twice), `lag` / `catch_up` (summaries frozen as they
+were when `lag` was called).
 """
 
 from __future__ import annotations
@@ -42,9 +62,10 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from fakes.base import Answer, FakeProvider, bearer
+from fakes.base import Answer, FakeProvider, _Handler, bearer
 
 KEY = "sk_test_fake"
 PATH = "/v1/billing/meter_events"
@@ -55,7 +76,17 @@ MAX_DIGITS = 15  # payload[value]
 WINDOW_BACK = 35 * 86400  # seconds
 WINDOW_AHEAD = 300  # seconds
 API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}\.[a-z]+")  # e.g. 2026-10-28.endive
-USER_AGENT = re.compile(r"Stripe/v1 PythonBindings/16\.")
+USER_AGENT = re.compile(r"Stripe/(v1|v2) PythonBindings/16\.")
+METERS_PATH = "/v1/billing/meters"
+SUMMARIES = re.compile(r"/v1/billing/meters/([^/]+)/event_summaries")
+EVENTS_PATH = "/v2/core/events"
+EVENT = re.compile(r"/v2/core/events/([^/]+)")
+ERROR_REPORT = "v1.billing.meter.error_report_triggered"
+# The tests' plans (tests/plans.toml): Stripe event name -> the formula our adapter expects.
+METERS = {"llm_tokens": "sum", "calls": "count", "storage": "last", "seats": "last"}
+CUSTOMERS = ("cus_1", "cus_s")  # fakes.event's default and fakes.world's Stripe customer
+PAGE = 100  # the most objects a Stripe list answers
+DEFAULT_PAGE = {METERS_PATH: 10, EVENTS_PATH: 20}  # when no limit is asked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +119,53 @@ def seconds(when: dt.datetime | int) -> float:
     return when if isinstance(when, int) else when.timestamp()
 
 
+def rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_request = threading.local()  # the query string of the request the current thread serves
+
+
+class _QueryHandler(_Handler):
+    """The shared handler, keeping the query string the shared plumbing leaves out."""
+
+    def do_GET(self) -> None:
+        _request.query = urllib.parse.urlsplit(self.path).query
+        super().do_GET()
+
+    def do_POST(self) -> None:
+        _request.query = urllib.parse.urlsplit(self.path).query
+        super().do_POST()
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What summaries are computed from: the events held, less dropped, plus doubled ones."""
+
+    events: tuple[MeterEvent, ...]
+    dropped: frozenset[str]
+    doubled: frozenset[str]
+
+
 class FakeStripe(FakeProvider):
     write_route = f"POST {PATH}"
 
-    def __init__(self) -> None:
+    def __init__(
+        self, meters: Mapping[str, str] = METERS, customers: Iterable[str] = CUSTOMERS
+    ) -> None:
+        """`meters`: event_name -> formula (sum, count, last) of the account's active meters;
+        `customers`: the Stripe customer ids summaries can be asked for."""
         super().__init__()
+        self._server.RequestHandlerClass = _QueryHandler
+        self.meters: dict[str, dict[str, Any]] = {}  # billing.meter objects by id, oldest first
+        self.customers = set(customers)
+        self.error_events: list[dict[str, Any]] = []  # v2.core.event objects, oldest first
+        self.page_size = PAGE  # lower it to make lists answer in several pages
+        self.thin = False  # list events without their `data` (GET /v2/core/events/{id} has it)
+        self.dropped: set[str] = set()
+        self.doubled: set[str] = set()
+        self._frozen: View | None = None  # set by lag(), until catch_up()
+        self._ids = itertools.count(1)
         self.events: dict[str, MeterEvent] = {}  # by identifier
         self.versions: set[str] = set()  # Stripe-Version headers seen
         self._keys: dict[str, tuple[tuple[tuple[str, str], ...], Answer]] = {}
@@ -100,6 +173,8 @@ class FakeStripe(FakeProvider):
         self._flight_lock = threading.Lock()
         self._received = itertools.count(1)
         self._request_ids = itertools.count(1)
+        for event_name, formula in meters.items():
+            self.add_meter(event_name, formula)
 
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
         answer = self._handle(method, path, headers, body)
@@ -107,13 +182,28 @@ class FakeStripe(FakeProvider):
         return dataclasses.replace(answer, headers={**answer.headers, "Request-Id": request_id})
 
     def _handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
-        if (method, path) != ("POST", PATH):
+        summaries = SUMMARIES.fullmatch(path)
+        one = EVENT.fullmatch(path)
+        known = (method, path) in (("POST", PATH), ("GET", METERS_PATH), ("GET", EVENTS_PATH))
+        if not known and not (method == "GET" and (summaries or one)):
             self.violation(f"unexpected call {method} {path}")
             return error(404, f"Unrecognized request URL ({method}: {path}).")
         if not bearer(headers, KEY):
             self.violation("no bearer secret key")
             return error(401, "Invalid API Key provided.", "authentication_error")
-        self._check_headers(headers)
+        self._check_headers(headers, path)
+        if method == "GET":
+            query = self._query(getattr(_request, "query", ""))
+            if query is None:
+                return error(400, "Received repeated parameters.")
+            if summaries:
+                return self._summaries(urllib.parse.unquote(summaries.group(1)), query)
+            if one:
+                return self._event(urllib.parse.unquote(one.group(1)), query)
+            return self._list_meters(query) if path == METERS_PATH else self._events(query)
+        return self._post(headers, body)
+
+    def _post(self, headers: Mapping[str, str], body: bytes) -> Answer:
         try:
             form = urllib.parse.parse_qs(body.decode(), keep_blank_values=True, strict_parsing=True)
         except ValueError:
@@ -141,15 +231,18 @@ class FakeStripe(FakeProvider):
             with self._flight_lock:
                 self._in_flight[lane] -= 1
 
-    def _check_headers(self, headers: Mapping[str, str]) -> None:
-        if not headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+    def _check_headers(self, headers: Mapping[str, str], path: str) -> None:
+        if path == PATH and not headers.get("content-type", "").startswith(
+            "application/x-www-form-urlencoded"
+        ):
             self.violation(f"content-type {headers.get('content-type')}")
         version = headers.get("stripe-version", "")
         if not API_VERSION.fullmatch(version):
             self.violation(f"Stripe-Version {version!r}")
         with self.lock:
             self.versions.add(version)
-        if not USER_AGENT.match(headers.get("user-agent", "")):
+        agent = USER_AGENT.match(headers.get("user-agent", ""))
+        if not agent or agent.group(1) != path[1:3]:
             self.violation(f"not sent by stripe-python 16: {headers.get('user-agent')!r}")
 
     def _check_fields(self, fields: dict[str, str]) -> Answer | None:
@@ -311,3 +404,310 @@ class FakeStripe(FakeProvider):
         timestamp; of several, the one received last. None: no event in the period."""
         mine = self._meter_events(customer, event_name, start, end)
         return max(mine, key=lambda e: (e.timestamp, e.received)).value if mine else None
+
+    # --- the account's meters, and drift in what summaries show ---
+
+    def add_meter(self, event_name: str, formula: str, status: str = "active") -> str:
+        meter_id = f"mtr_test_{next(self._ids):04d}"
+        now = int(time.time())
+        with self.lock:
+            self.meters[meter_id] = {
+                "id": meter_id,
+                "object": "billing.meter",
+                "created": now,
+                "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
+                "default_aggregation": {"formula": formula},
+                "display_name": event_name,
+                "event_name": event_name,
+                "event_time_window": None,
+                "livemode": False,
+                "status": status,
+                "status_transitions": {"deactivated_at": None if status == "active" else now},
+                "updated": now,
+                "value_settings": {"event_payload_key": "value"},
+            }
+        return meter_id
+
+    def meter_id(self, event_name: str) -> str:
+        """The active meter of an event name."""
+        with self.lock:
+            (found,) = (
+                m["id"]
+                for m in self.meters.values()
+                if m["event_name"] == event_name and m["status"] == "active"
+            )
+        return str(found)
+
+    def drop(self, identifier: str) -> None:
+        """An accepted meter event goes missing from summaries."""
+        with self.lock:
+            assert identifier in self.events, identifier
+            self.dropped.add(identifier)
+
+    def double(self, identifier: str) -> None:
+        """An accepted meter event is counted twice in summaries."""
+        with self.lock:
+            assert identifier in self.events, identifier
+            self.doubled.add(identifier)
+
+    def lag(self) -> None:
+        """Summaries show what they show now until catch_up(), whatever else is accepted."""
+        with self.lock:
+            self._frozen = self._live_view()
+
+    def catch_up(self) -> None:
+        with self.lock:
+            self._frozen = None
+
+    def report_error(
+        self,
+        identifier: str,
+        code: str,
+        message: str,
+        event_name: str = "",
+        created: dt.datetime | None = None,
+    ) -> str:
+        """Stripe's asynchronous report of a meter event it accepted but could not bill: a
+        `v1.billing.meter.error_report_triggered` event naming `identifier` as its one sample.
+        The meter is the active one of the event's name (or of `event_name`)."""
+        with self.lock:
+            known = self.events.get(identifier)
+        meter_id = self.meter_id(known.event_name if known else event_name)
+        when = created or dt.datetime.now(dt.UTC)
+        event = {
+            "id": f"evt_test_{next(self._ids):04d}",
+            "object": "v2.core.event",
+            "context": None,
+            "created": rfc3339(when),
+            "data": {
+                "developer_message_summary": "There is 1 invalid event",
+                "reason": {
+                    "error_count": 1,
+                    "error_types": [
+                        {
+                            "code": code,
+                            "error_count": 1,
+                            "sample_errors": [
+                                {"error_message": message, "request": {"identifier": identifier}}
+                            ],
+                        }
+                    ],
+                },
+                "validation_end": rfc3339(when),
+                "validation_start": rfc3339(when - dt.timedelta(seconds=10)),
+            },
+            "livemode": False,
+            "reason": None,
+            "related_object": {
+                "id": meter_id,
+                "type": "billing.meter",
+                "url": f"{METERS_PATH}/{meter_id}",
+            },
+            "type": ERROR_REPORT,
+        }
+        with self.lock:
+            self.error_events.append(event)
+        return str(event["id"])
+
+    def summary(
+        self, customer: str, event_name: str, start: int, end: int, formula: str = ""
+    ) -> float:
+        """What a summary of [start, end) shows, with the injected drift: sum, count or last
+        (latest timestamp, then latest received) by the formula (by default the event name's
+        active meter's); 0 without events."""
+        formula = formula or self._formula(event_name)
+        with self.lock:
+            view = self._frozen or self._live_view()
+        mine = [
+            e
+            for e in view.events
+            if (e.customer, e.event_name) == (customer, event_name)
+            and start <= e.timestamp < end
+            and e.identifier not in view.dropped
+        ]
+        if formula == "last":
+            return float(max(mine, key=lambda e: (e.timestamp, e.received)).value if mine else 0)
+        counted = mine + [e for e in mine if e.identifier in view.doubled]
+        if formula == "count":
+            return float(len(counted))
+        return float(sum(e.value for e in counted))
+
+    # --- the read endpoints ---
+
+    def _live_view(self) -> View:
+        return View(tuple(self.events.values()), frozenset(self.dropped), frozenset(self.doubled))
+
+    def _formula(self, event_name: str) -> str:
+        meter_id = self.meter_id(event_name)
+        with self.lock:
+            return str(self.meters[meter_id]["default_aggregation"]["formula"])
+
+    def _query(self, query: str) -> dict[str, str] | None:
+        parsed = urllib.parse.parse_qs(query, keep_blank_values=True)
+        if any(len(v) != 1 for v in parsed.values()):
+            self.violation(f"repeated query parameters {sorted(parsed)}")
+            return None
+        return {k: v[0] for k, v in parsed.items()}
+
+    def _refuse(self, query: Mapping[str, str], allowed: Iterable[str]) -> Answer | None:
+        """A 400 (and a violation) for a parameter the SDK's params type does not have, or one
+        this fake does not implement; None when every parameter is known."""
+        unknown = sorted(set(query) - set(allowed))
+        if not unknown:
+            return None
+        self.violation(f"unexpected query parameters {unknown}")
+        return error(
+            400,
+            f"Received unknown parameter: {unknown[0]}",
+            code="parameter_unknown",
+            param=unknown[0],
+        )
+
+    def _limit(self, query: Mapping[str, str], path: str) -> int | Answer:
+        text = query.get("limit", str(DEFAULT_PAGE[path]))
+        if not (text.isdigit() and 1 <= int(text) <= PAGE):
+            self.violation(f"limit {text!r}")
+            return error(400, f"Invalid limit: must be 1 to {PAGE}.", param="limit")
+        return min(int(text), self.page_size)
+
+    def _list_meters(self, query: Mapping[str, str]) -> Answer:
+        refused = self._refuse(query, ("limit", "starting_after", "status"))
+        if refused:
+            return refused
+        limit = self._limit(query, METERS_PATH)
+        if isinstance(limit, Answer):
+            return limit
+        status = query.get("status")
+        if status not in (None, "active", "inactive"):
+            self.violation(f"status {status!r}")
+            return error(400, f"Invalid status: {status}", param="status")
+        with self.lock:
+            meters = [m for m in self.meters.values() if status in (None, m["status"])]
+        ids = [m["id"] for m in meters]
+        after = query.get("starting_after")
+        if after is not None and after not in ids:
+            self.violation(f"starting_after {after!r}")
+            return error(404, f"No such billing meter: '{after}'", code="resource_missing")
+        first = 0 if after is None else ids.index(after) + 1
+        page = meters[first : first + limit]
+        return Answer(
+            200,
+            {
+                "object": "list",
+                "data": page,
+                "has_more": first + limit < len(meters),
+                "url": METERS_PATH,
+            },
+        )
+
+    def _summaries(self, meter_id: str, query: Mapping[str, str]) -> Answer:
+        with self.lock:
+            meter = self.meters.get(meter_id)
+        if meter is None:
+            self.violation(f"event summaries of unknown meter {meter_id!r}")
+            return error(404, f"No such billing meter: '{meter_id}'", code="resource_missing")
+        refused = self._refuse(query, ("customer", "start_time", "end_time", "limit"))
+        if refused:
+            return refused
+        limit = self._limit(query, METERS_PATH)
+        if isinstance(limit, Answer):
+            return limit
+        for name in ("customer", "start_time", "end_time"):
+            if not query.get(name):
+                self.violation(f"missing {name}")
+                return error(
+                    400, f"Missing required param: {name}.", code="parameter_missing", param=name
+                )
+        for name in ("start_time", "end_time"):
+            if not query[name].isdigit() or int(query[name]) % 60:
+                self.violation(f"{name} {query[name]!r} is not a whole minute")
+                return error(400, f"{name} must be aligned with minute boundaries.", param=name)
+        start, end = int(query["start_time"]), int(query["end_time"])
+        if start >= end:
+            self.violation(f"start_time {start} is not before end_time {end}")
+            return error(400, "start_time must be before end_time.", param="start_time")
+        customer = query["customer"]
+        if customer not in self.customers:
+            return error(404, f"No such customer: '{customer}'", code="resource_missing")
+        formula = meter["default_aggregation"]["formula"]
+        value = self.summary(customer, meter["event_name"], start, end, formula)
+        summary = {
+            "id": f"mtrsum_{meter_id}_{customer}_{start}",
+            "object": "billing.meter_event_summary",
+            "aggregated_value": value,
+            "end_time": end,
+            "livemode": False,
+            "meter": meter_id,
+            "start_time": start,
+        }
+        return Answer(
+            200,
+            {
+                "object": "list",
+                "data": [summary],
+                "has_more": False,
+                "url": f"{METERS_PATH}/{meter_id}/event_summaries",
+            },
+        )
+
+    def _events(self, query: Mapping[str, str]) -> Answer:
+        types = {k: v for k, v in query.items() if re.fullmatch(r"types\[\d+\]", k)}
+        bounds = {k: v for k, v in query.items() if re.fullmatch(r"created\[(gte|gt|lte|lt)\]", k)}
+        refused = self._refuse(query, {*types, *bounds, "limit", "page"})
+        if refused:
+            return refused
+        limit = self._limit(query, EVENTS_PATH)
+        if isinstance(limit, Answer):
+            return limit
+        times: dict[str, dt.datetime] = {}
+        for key, text in bounds.items():
+            try:
+                times[key[8:-1]] = dt.datetime.fromisoformat(text)
+            except ValueError:
+                self.violation(f"{key} {text!r} is not an RFC 3339 time")
+                return error(400, f"Invalid timestamp: {key}", param=key)
+            if times[key[8:-1]].tzinfo is None:
+                self.violation(f"{key} {text!r} has no time zone")
+                return error(400, f"Invalid timestamp: {key}", param=key)
+        tests = {
+            "gte": lambda c, t: c >= t,
+            "gt": lambda c, t: c > t,
+            "lte": lambda c, t: c <= t,
+            "lt": lambda c, t: c < t,
+        }
+        with self.lock:
+            events = list(self.error_events)
+        chosen = [
+            e
+            for e in reversed(events)  # newest first
+            if (not types or e["type"] in types.values())
+            and all(
+                tests[op](dt.datetime.fromisoformat(e["created"]), t) for op, t in times.items()
+            )
+        ]
+        first = int(query.get("page", "0"))
+        more = first + limit < len(chosen)
+        rest = {k: v for k, v in query.items() if k != "page"}
+        following = urllib.parse.urlencode({**rest, "page": str(first + limit)})
+        page = chosen[first : first + limit]
+        if self.thin:
+            page = [{k: v for k, v in e.items() if k != "data"} for e in page]
+        return Answer(
+            200,
+            {
+                "data": page,
+                "next_page_url": f"{EVENTS_PATH}?{following}" if more else None,
+                "previous_page_url": None,
+            },
+        )
+
+    def _event(self, event_id: str, query: Mapping[str, str]) -> Answer:
+        refused = self._refuse(query, ())
+        if refused:
+            return refused
+        with self.lock:
+            found = [e for e in self.error_events if e["id"] == event_id]
+        if not found:
+            self.violation(f"unknown event {event_id!r}")
+            return error(404, f"No such event: '{event_id}'", code="resource_missing")
+        return Answer(200, found[0])

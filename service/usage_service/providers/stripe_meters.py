@@ -15,25 +15,71 @@ requires. Two reports can still share a timestamp (both
 built within one second, or both for a period that has ended: its last second); Stripe does not
 document how `last` breaks such ties, and describes `last` as billing "the final meter event
 received in a billing period": the later report, which carries the newer figure, is received last.
+
+Read-back (`held`): the meter id comes from `GET /v1/billing/meters`, listed once and kept for the
+process's life (listed again when an event name has no active meter: one may have been created
+since); the meter for an event name is its active meter (an inactive meter takes no events, so
+ours went to the active one). The figure is `aggregated_value` of
+`GET /v1/billing/meters/{id}/event_summaries` for [start, end), which Stripe answers only for
+minute-aligned bounds; other bounds cannot be told. Meter errors Stripe finds after accepting an
+event arrive as `v1.billing.meter.error_report_triggered` events of the v2 events API
+(`error_reports`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 from collections.abc import Mapping
 
 import stripe
+from stripe.events import V1BillingMeterErrorReportTriggeredEvent
+from stripe.params.v2.core import EventListParams
 
 from usage_service import domain
 from usage_service.plans import Aggregation, Meter
 from usage_service.providers import outcome
 from usage_service.providers.config import Endpoint
 from usage_service.providers.outcome import Outcome, Report
+from usage_service.providers.readback import Held, Query
 
 ALREADY_EXISTS = "already exists with identifier"  # Stripe's answer to a re-sent identifier
 MAX_VALUE = 999_999_999_999_999  # Stripe refuses a meter event value of more than 15 digits
 MAX_PIECES = 10  # meter events one sum report may be split into; beyond: parked
+PAGE = 100  # the most objects a Stripe list answers
+ERROR_REPORT = "v1.billing.meter.error_report_triggered"
+EXACT_FLOAT = 2**53  # a float at or beyond this may not be the whole number Stripe added up
+FORMULAS = {  # the Stripe meter formula each aggregation of the plans file is reported with
+    Aggregation.SUM: "sum",
+    Aggregation.COUNT: "count",
+    Aggregation.MAX: "last",
+    Aggregation.LAST: "last",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StripeMeter:
+    meter_id: str
+    event_name: str
+    formula: str
+    active: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MeterError:
+    """One error Stripe found in meter events after accepting them. Stripe names only a sample
+    of the events of each kind of error (`count` says how many there were in its window); the
+    event's customer is not in the report: `identifier` is our report or event id."""
+
+    event_id: str  # the Stripe event carrying the report
+    meter_id: str
+    event_name: str  # "" when the meter is not among the meters listed
+    code: str  # e.g. meter_event_customer_not_found
+    count: int  # errors of this code in the report's window
+    identifier: str  # the meter event's identifier; "" when Stripe gave no sample
+    message: str
+    created: dt.datetime
 
 
 class StripeMeters:
@@ -54,6 +100,7 @@ class StripeMeters:
             max_network_retries=0,  # the drain owns retries
         )
         self._meters = meters
+        self._stripe_meters: dict[str, StripeMeter] | None = None  # by meter id
 
     async def aclose(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]
@@ -116,6 +163,133 @@ class StripeMeters:
         except stripe.StripeError as exc:
             return classify(exc)
         return outcome.Delivered()
+
+    async def held(self, query: Query) -> Held:
+        if not query.provider_customer_id:
+            return Held(None, "the customer has no Stripe customer id (provider_customer_id)")
+        if not (_whole_minute(query.start) and _whole_minute(query.end)):
+            return Held(
+                None, "period bounds are not whole minutes; Stripe summarises by the minute"
+            )
+        event_name = query.meter.stripe.event_name
+        try:
+            active = await self._active(event_name)
+            if not active:
+                return Held(None, f"no active Stripe meter with event_name {event_name!r}")
+            if len(active) > 1:
+                ids = ", ".join(m.meter_id for m in active)
+                return Held(
+                    None, f"several active Stripe meters with event_name {event_name!r}: {ids}"
+                )
+            meter = active[0]
+            want = FORMULAS[query.meter.aggregation]
+            if meter.formula != want:
+                return Held(
+                    None,
+                    f"Stripe meter {meter.meter_id} aggregates by {meter.formula}, "
+                    f"the plans file by {query.meter.aggregation.value} (Stripe: {want})",
+                )
+            params: stripe.params.billing.MeterEventSummaryListParams = {
+                "customer": query.provider_customer_id,
+                "start_time": int(query.start.timestamp()),
+                "end_time": int(query.end.timestamp()),
+                "limit": PAGE,
+            }
+            page = await self._client.v1.billing.meters.event_summaries.list_async(
+                meter.meter_id, params
+            )
+            values = [s.aggregated_value async for s in page.auto_paging_iter()]
+        except stripe.StripeError as exc:
+            return Held(None, _reason(exc))
+        except (AttributeError, KeyError) as exc:  # an answer without a field the SDK names
+            return Held(None, f"stripe: unexpected answer: {exc!r}")
+        return _figure(values, meter.formula)
+
+    async def error_reports(self, since: dt.datetime) -> list[MeterError]:
+        """The meter errors Stripe reported from `since` on (Stripe keeps events 30 days).
+        Raises stripe.StripeError when Stripe cannot be read."""
+        params: EventListParams = {
+            "types": [ERROR_REPORT],
+            "created": {"gte": _rfc3339(since)},
+        }
+        page = await self._client.v2.core.events.list_async(params)
+        meters = await self._meters_by_id()
+        out: list[MeterError] = []
+        async for listed in page.auto_paging_iter():
+            event = listed
+            if "data" not in event:  # listed thin: the event itself carries its data
+                event = await self._client.v2.core.events.retrieve_async(listed.id)
+            if not isinstance(event, V1BillingMeterErrorReportTriggeredEvent):
+                continue
+            meter_id = event.related_object.id
+            known = meters.get(meter_id)
+            created = dt.datetime.fromisoformat(event.created)
+            for kind in event.data.reason.error_types:
+                samples = [(s.request.identifier, s.error_message) for s in kind.sample_errors]
+                for identifier, message in samples or [("", "")]:
+                    out.append(
+                        MeterError(
+                            event.id,
+                            meter_id,
+                            known.event_name if known else "",
+                            kind.code,
+                            kind.error_count,
+                            identifier,
+                            message,
+                            created,
+                        )
+                    )
+        return out
+
+    async def _active(self, event_name: str) -> list[StripeMeter]:
+        """The active meters of an event name; the meters are listed again when there is none
+        (one may have been created since)."""
+        for fresh in (False, True):
+            meters = await self._meters_by_id(fresh)
+            active = [m for m in meters.values() if m.active and m.event_name == event_name]
+            if active:
+                break
+        return active
+
+    async def _meters_by_id(self, fresh: bool = False) -> dict[str, StripeMeter]:
+        """Every Stripe meter of the account, listed once and kept (again when `fresh`)."""
+        if self._stripe_meters is None or fresh:
+            page = await self._client.v1.billing.meters.list_async({"limit": PAGE})
+            self._stripe_meters = {
+                m.id: StripeMeter(
+                    m.id, m.event_name, m.default_aggregation.formula, m.status == "active"
+                )
+                async for m in page.auto_paging_iter()
+            }
+        return self._stripe_meters
+
+
+def _whole_minute(when: dt.datetime) -> bool:
+    return when.timestamp() % 60 == 0
+
+
+def _rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _figure(values: list[float], formula: str) -> Held:
+    """The period's figure from the summaries Stripe answered (one for the whole period, as no
+    grouping window is asked; none when the customer has no events in it)."""
+    if len(values) > 1 and formula == "last":
+        return Held(None, f"stripe: {len(values)} summaries of a last meter for one period")
+    total = 0
+    for value in values:
+        if isinstance(value, float) and not (value.is_integer() and abs(value) < EXACT_FLOAT):
+            return Held(None, f"stripe: aggregated_value {value!r} is not an exact whole number")
+        total += int(value)
+    return Held(total)
+
+
+def _reason(exc: stripe.StripeError) -> str:
+    message = exc.user_message or str(exc) or type(exc).__name__
+    if isinstance(exc, stripe.APIConnectionError) or exc.http_status is None:
+        return f"stripe: network error: {message}"
+    return f"stripe: {exc.http_status} {exc.code or type(exc).__name__}: {message}"
 
 
 def split(value: int) -> list[int]:
