@@ -43,7 +43,7 @@ BATCH = 100  # events per call: Creem's cap
 LIMITS = ingest.Limits(keys=50, key_length=40, value_length=500)  # properties
 _INDEX = re.compile(r"events\[(\d+)\]")
 CONCURRENCY = 8  # read-back calls in flight
-REFERENCE_PAGE = 10  # events asked per reference: more than one event id is ever held twice
+REFERENCE_PAGE = 10  # events asked per reference (the SDK's default); a double shows as two
 _ID = re.compile(r"[A-Za-z0-9_-]{1,255}")  # customer ids, external ones included
 
 

@@ -24,6 +24,7 @@ by receipt time; the read-back counts by event timestamp, like `GET /v1/meters/{
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
@@ -135,20 +136,17 @@ async def read(http: httpx.AsyncClient, query: Query) -> list[ingest.Row]:
 
 
 def identify(held: Sequence[tuple[dt.datetime, int]], sent: Sequence[Sent]) -> list[ingest.Row]:
-    """Rows for the held (timestamp, value) pairs, each named by the sent event it is (the
-    closest in time of its value, not later than it by more than `CLOCK_SKEW`), if any."""
-    free = list(sent)
+    """Rows for the held (timestamp, value) pairs, each named by the sent event it is, if any: of
+    the same value, sent with that timestamp or one at most `CLOCK_SKEW` later (the earliest)."""
+    free: dict[int, list[tuple[dt.datetime, str]]] = {}
+    for s in sorted(sent, key=lambda s: s.event_time):
+        free.setdefault(s.quantity, []).append((_ms(s.event_time), s.event_id))
     rows = []
     for when, value in sorted(held):
-        fits = [
-            s
-            for s in free
-            if s.quantity == value and dt.timedelta(0) <= _ms(s.event_time) - when <= CLOCK_SKEW
-        ]
-        match = min(fits, key=lambda s: _ms(s.event_time) - when, default=None)
-        if match is not None:
-            free.remove(match)
-        rows.append(ingest.Row(match.event_id if match else "", when, value))
+        candidates = free.get(value, [])
+        at = bisect.bisect_left(candidates, (when, ""))
+        fits = at < len(candidates) and candidates[at][0] - when <= CLOCK_SKEW
+        rows.append(ingest.Row(candidates.pop(at)[1] if fits else "", when, value))
     return rows
 
 
