@@ -2,23 +2,49 @@
 request schema of the provider's official SDK at a named version (path, headers, field names,
 types, required fields, limits), keeps accepted events by their dedupe id, rejects a whole call
 for one bad event (nothing stored) and answers with the SDK's documented success and error
-shapes. Anything our client must never send is recorded through `violation()`."""
+shapes. Anything our client must never send is recorded through `violation()`.
+
+Each also answers the read endpoint the read-back uses, with the SDK's response shape and paging,
+over the events as reads see them. Drift between what was accepted and what reads show:
+`drop(event_id)` (the event disappears from reads), `double(event_id)` (it is listed twice), and
+`lag()` ... `catch_up()` (reads show the events accepted when `lag()` was called)."""
 
 from __future__ import annotations
 
 import collections
 import datetime as dt
 import itertools
+import math
 import re
+import threading
+import urllib.parse
+import uuid
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
+from fakes import base
 from fakes.base import Answer, FakeProvider, bearer, parse_json
 
 POLAR_KEY = "polar_oat_fake"
 DODO_KEY = "dodo_test_fake"
 CREEM_KEY = "creem_test_fake"
 POLAR_BODY_CAP = 10 * 1024 * 1024  # bytes
+
+
+_request = threading.local()  # the query of the request being handled on this thread
+
+Query = dict[str, list[str]]
+
+
+class _QueryHandler(base._Handler):
+    """Keeps the request's query string, which `handle` is not given."""
+
+    def _serve(self, method: str) -> None:
+        _request.query = urllib.parse.parse_qs(
+            urllib.parse.urlsplit(self.path).query, keep_blank_values=True
+        )
+        super()._serve(method)
 
 
 def _time(text: Any) -> dt.datetime | None:
@@ -29,6 +55,17 @@ def _time(text: Any) -> dt.datetime | None:
     except ValueError:
         return None
     return when if when.tzinfo else None
+
+
+POLAR_ORGANIZATION = "1dbfc517-0bbf-4301-9ba8-555ca42b9737"
+_EPOCH, _END = "1970-01-01T00:00:00Z", "9999-12-31T00:00:00Z"
+
+
+def _integer(text: str, low: int, high: int | None = None) -> int | None:
+    """A query parameter as a whole number within [low, high], else None."""
+    if not text.isdigit() or int(text) < low or (high is not None and int(text) > high):
+        return None
+    return int(text)
 
 
 _UUID = re.compile(
@@ -69,8 +106,60 @@ class FakeIngest(FakeProvider):
         self.customers = set(customers or ())  # known provider customer ids
         self.accepted: dict[str, dict[str, Any]] = {}
         self.batch_sizes: list[int] = []
+        self.received: dict[str, str] = {}  # dedupe id -> when it was accepted (ISO-8601)
+        self.dropped: set[str] = set()
+        self.doubled: set[str] = set()
+        self._frozen: list[str] | None = None  # dedupe ids reads show while lagging
+        self._server.RequestHandlerClass = _QueryHandler
+
+    # --- drift between what was accepted and what reads show ---
+
+    def drop(self, event_id: str) -> None:
+        with self.lock:
+            self.dropped.add(event_id)
+
+    def double(self, event_id: str) -> None:
+        with self.lock:
+            self.doubled.add(event_id)
+
+    def lag(self) -> None:
+        with self.lock:
+            self._frozen = list(self.accepted)
+
+    def catch_up(self) -> None:
+        with self.lock:
+            self._frozen = None
+
+    def held(self) -> list[tuple[str, dict[str, Any]]]:
+        """(the provider's id, event) as reads show them, in ingestion order."""
+        with self.lock:
+            ids = self._frozen if self._frozen is not None else list(self.accepted)
+            out = []
+            for key in ids:
+                if key in self.dropped:
+                    continue
+                event = self.accepted[key]
+                when = str(event.get("timestamp") or self.received[key])
+                out.append((f"{key}-1", event, when))
+                if key in self.doubled:
+                    out.append((f"{key}-2", event, when))
+            return out
+
+    def params(self, allowed: AbstractSet[str]) -> dict[str, str] | None:
+        """The request's query, each parameter once and known to the SDK; else None (recorded)."""
+        query: Query = getattr(_request, "query", {})
+        unknown, repeated = set(query) - allowed, [k for k, v in query.items() if len(v) > 1]
+        if unknown or repeated:
+            self.violation(f"{type(self).__name__} read: query {query!r}")
+            return None
+        return {k: v[0] for k, v in query.items()}
 
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
+        if method == "GET":
+            if not self.authorised(headers):
+                self.violation("missing or wrong credentials")
+                return self.unauthorised()
+            return self.read(path, headers)
         if f"{method} {path}" != self.write_route:
             self.violation(f"unexpected call {method} {path}")
             return self.not_found()
@@ -113,6 +202,7 @@ class FakeIngest(FakeProvider):
             fresh = [e for e in events if e[self.id_field] not in self.accepted]
             for e in fresh:
                 self.accepted[e[self.id_field]] = e
+                self.received[e[self.id_field]] = now.isoformat().replace("+00:00", "Z")
         return self.ok(events, len(fresh))
 
     def totals(self, value_key: str = "value") -> dict[tuple[str, str], int]:
@@ -132,6 +222,10 @@ class FakeIngest(FakeProvider):
 
     def check_headers(self, headers: Mapping[str, str]) -> Answer | None:
         return None
+
+    def read(self, path: str, headers: Mapping[str, str]) -> Answer:
+        self.violation(f"unexpected call GET {path}")
+        return self.not_found()
 
     def too_big(self, body: bytes) -> Answer | None:
         return None
@@ -190,6 +284,26 @@ class FakePolar(FakeIngest):
     id_field = "external_id"
     customer_fields = ("customer_id", "external_customer_id")
     versions = frozenset({"2026-04", "2026-10", "2027-01"})
+    # `events.list` query parameters (`metadata[...]` left out: not used)
+    list_params = frozenset(
+        {
+            "filter",
+            "start_timestamp",
+            "end_timestamp",
+            "organization_id",
+            "customer_id",
+            "external_customer_id",
+            "meter_id",
+            "name",
+            "source",
+            "query",
+            "parent_id",
+            "depth",
+            "page",
+            "limit",
+            "sorting",
+        }
+    )
     common = frozenset({"timestamp", "organization_id", "external_id", "parent_id", "metadata"})
 
     def authorised(self, headers: Mapping[str, str]) -> bool:
@@ -256,6 +370,68 @@ class FakePolar(FakeIngest):
     def ok(self, events: list[dict[str, Any]], fresh: int) -> Answer:
         return Answer(200, {"inserted": fresh, "duplicates": len(events) - fresh})
 
+    def read(self, path: str, headers: Mapping[str, str]) -> Answer:
+        """`GET /v1/events/` (`events.list`), as `ListResourceEvent` of `UserEvent`s."""
+        refused = self.check_headers(headers)
+        if refused:
+            return refused
+        if path != "/v1/events/":
+            return super().read(path, headers)
+        q = self.params(self.list_params)
+        if q is None:
+            return self.query_invalid("query", "unknown or repeated parameter")
+        page, limit = _integer(q.get("page", "1"), 1), _integer(q.get("limit", "10"), 1, 100)
+        start, end = _time(q.get("start_timestamp", _EPOCH)), _time(q.get("end_timestamp", _END))
+        sorting = q.get("sorting", "-timestamp")
+        for field, wrong in (
+            ("page", page is None),
+            ("limit", limit is None),
+            ("start_timestamp", start is None),
+            ("end_timestamp", end is None),
+            ("sorting", sorting not in ("timestamp", "-timestamp")),
+            ("source", q.get("source", "user") not in ("user", "system")),
+            ("customer_id", "customer_id" in q and not _is_uuid(q["customer_id"])),
+        ):
+            if wrong:
+                self.violation(f"polar read: {field} {q.get(field)!r}")
+                return self.query_invalid(field, "Input is not valid")
+        assert page is not None and limit is not None and start and end
+        rows = [
+            (pid, e, when)
+            for pid, e, stamp in self.held()
+            if all(
+                e.get(f) == q[f] for f in ("customer_id", "external_customer_id", "name") if f in q
+            )
+            and q.get("source", "user") == "user"
+            and start < (when := _time(stamp) or start) < end
+        ]
+        rows.sort(key=lambda r: r[2], reverse=sorting == "-timestamp")
+        items = [
+            {
+                "id": str(uuid.uuid5(uuid.NAMESPACE_URL, pid)),
+                "timestamp": when.isoformat().replace("+00:00", "Z"),
+                "organization_id": POLAR_ORGANIZATION,
+                "customer_id": e.get("customer_id"),
+                "customer": None,
+                "external_customer_id": e.get("external_customer_id"),
+                "member_id": None,
+                "external_member_id": None,
+                "child_count": 0,
+                "parent_id": None,
+                "label": e["name"],
+                "name": e["name"],
+                "source": "user",
+                "metadata": e.get("metadata", {}),
+            }
+            for pid, e, when in rows[(page - 1) * limit : page * limit]
+        ]
+        pagination = {"total_count": len(rows), "max_page": math.ceil(len(rows) / limit)}
+        return Answer(200, {"items": items, "pagination": pagination})
+
+    def query_invalid(self, field: str, message: str) -> Answer:
+        detail = {"loc": ["query", field], "msg": message, "type": "value_error"}
+        return Answer(422, {"detail": [detail]})
+
 
 class FakeDodo(FakeIngest):
     """Dodo Payments, after dodopayments 1.123.0 (PyPI): `resources/usage_events.py` (`POST
@@ -314,6 +490,35 @@ class FakeDodo(FakeIngest):
 
     def ok(self, events: list[dict[str, Any]], fresh: int) -> Answer:
         return Answer(200, {"ingested_count": fresh})
+
+    def read(self, path: str, headers: Mapping[str, str]) -> Answer:
+        """`GET /events` (`usage_events.list`): `{"items": [Event]}`, pages from 0."""
+        if path != "/events":
+            return super().read(path, headers)
+        q = self.params(
+            {"customer_id", "end", "event_name", "meter_id", "page_number", "page_size", "start"}
+        )
+        if q is None:
+            return self.invalid(None, "unknown or repeated query parameter")
+        page, size = _integer(q.get("page_number", "0"), 0), _integer(q.get("page_size", "10"), 1)
+        start, end = _time(q.get("start", _EPOCH)), _time(q.get("end", _END))
+        if page is None or size is None or start is None or end is None:
+            self.violation(f"dodo read: query {q!r}")
+            return self.invalid(None, "invalid query parameter")
+        rows = [
+            {
+                "business_id": "bus_fake",
+                "customer_id": e["customer_id"],
+                "event_id": e["event_id"],
+                "event_name": e["event_name"],
+                "timestamp": stamp,
+                "metadata": e.get("metadata"),
+            }
+            for _, e, stamp in self.held()
+            if all(e[f] == q[f] for f in ("customer_id", "event_name") if f in q)
+            and start <= (_time(stamp) or start) <= end
+        ]
+        return Answer(200, {"items": rows[page * size : (page + 1) * size]})
 
 
 _CREEM_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -440,3 +645,41 @@ class FakeCreem(FakeIngest):
         if warnings:
             body["warnings"] = warnings
         return Answer(202, body)
+
+    def read(self, path: str, headers: Mapping[str, str]) -> Answer:
+        """`GET /v1/events` (`events.listEvents`): oldest first, a forward cursor page."""
+        if path != "/v1/events":
+            return super().read(path, headers)
+        q = self.params({"customer_id", "limit", "meter_id", "reference", "starting_after"})
+        limit = _integer(q.get("limit", ""), 1) if q is not None else None
+        if q is None or limit is None:  # the SDK always sends limit (default 10)
+            self.violation(f"creem read: query {q!r}")
+            return self.invalid(None, "invalid query parameter")
+        rows = [
+            {
+                "id": f"uev_{pid}",
+                "customer_id": e.get("customer_id") or f"cust_{e.get('external_customer_id')}",
+                "event_id": e["event_id"],
+                "name": e["name"],
+                "properties": e.get("properties", {}),
+                "timestamp": stamp,
+                "created_at": self.received[e["event_id"]],
+                "matched_meters": [f"mtr_{e['name']}"] if self.bills(e) else [],
+            }
+            for pid, e, stamp in self.held()
+        ]
+        after = q.get("starting_after")
+        if after is not None:
+            ids = [r["id"] for r in rows]
+            if after not in ids:
+                return self.error(404, "invalid_request_error", "not_found", "No such event")
+            rows = rows[ids.index(after) + 1 :]
+        rows = [
+            r
+            for r in rows
+            if q.get("customer_id", r["customer_id"]) == r["customer_id"]
+            and q.get("reference", r["event_id"]) == r["event_id"]
+            and q.get("meter_id", f"mtr_{r['name']}") == f"mtr_{r['name']}"
+        ]
+        body = {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
+        return Answer(200, body)

@@ -12,23 +12,38 @@ Creem customer as `external_id`). One invalid event gives 422
 `{"error": {"type", "code", "message", "param": "events[3].customer_id", ...}}`, storing nothing.
 Success is 202 `{"accepted", "event_ids", "warnings": [{"index", "code", "message"}]}`: a warned
 event is stored but will never bill, so it is answered as rejected with Creem's reason.
+
+Read-back: `GET /v1/events?reference=<event_id>` per sent event (`events.listEvents`:
+`customer_id`, `meter_id`, `reference`, `limit`, `starting_after`; answer `{"object", "data":
+[{id, customer_id, event_id, name, properties, timestamp, created_at, matched_meters}],
+"has_more"}`), at most `CONCURRENCY` at a time: one call per sent event. The list has no time
+filter (it pages a customer's whole history, oldest first) and `GET /v1/meters/{id}/consumed`
+counts by Creem's own billing period and needs Creem's meter id, so neither answers for a period
+of ours. An event Creem holds counts when it carries the meter's event name and matches a meter
+(`matched_meters` not empty); events never sent by us are not seen.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
+
 from usage_service.plans import Meter
 from usage_service.providers import ingest, outcome
 from usage_service.providers.config import Endpoint
 from usage_service.providers.outcome import ReportEvent
+from usage_service.providers.readback import Query
 
 BATCH = 100  # events per call: Creem's cap
 LIMITS = ingest.Limits(keys=50, key_length=40, value_length=500)  # properties
 _INDEX = re.compile(r"events\[(\d+)\]")
+CONCURRENCY = 8  # read-back calls in flight
+REFERENCE_PAGE = 10  # events asked per reference (the SDK's default); a double shows as two
 _ID = re.compile(r"[A-Za-z0-9_-]{1,255}")  # customer ids, external ones included
 
 
@@ -93,7 +108,34 @@ def accepted(body: Any, sent: int) -> ingest.Accepted | None:
     return ingest.Accepted(unbilled=unbilled)
 
 
-WIRE = ingest.Wire("creem", "/v1/events/ingest", BATCH, encode, named, reason, accepted)
+async def read(http: httpx.AsyncClient, query: Query) -> list[ingest.Row]:
+    gate = asyncio.Semaphore(CONCURRENCY)
+    name, key = query.meter.creem.event_name, query.meter.creem.value_key
+
+    async def one(event_id: str) -> list[ingest.Row]:
+        params: dict[str, str | int] = {"reference": event_id, "limit": REFERENCE_PAGE}
+        async with gate:
+            body = await ingest.get(http, "/v1/events", params, reason)
+        return [
+            ingest.Row(
+                str(item["event_id"]),
+                ingest.moment(item["timestamp"]),
+                ingest.number(item["properties"][key]),
+            )
+            for item in body["data"]
+            if item["name"] == name and item["matched_meters"]
+        ]
+
+    found = await asyncio.gather(*(one(s.event_id) for s in query.sent), return_exceptions=True)
+    rows: list[ingest.Row] = []
+    for answer in found:
+        if isinstance(answer, BaseException):
+            raise answer
+        rows.extend(answer)
+    return rows
+
+
+WIRE = ingest.Wire("creem", "/v1/events/ingest", BATCH, encode, named, reason, accepted, read=read)
 
 
 def adapter(endpoint: Endpoint, meters: Mapping[str, Meter], timeout: float) -> ingest.Ingest:

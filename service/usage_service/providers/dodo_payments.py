@@ -10,6 +10,13 @@ Like the official client: `x-should-retry: true` / `false` on an error answer de
 send again, whatever the status; the wait comes from `retry-after-ms` (milliseconds), else
 `Retry-After`. Unlike that client (which waits at most 60 s, then falls back to its own short
 backoff), the drain honours a longer wait up to `outcome.MAX_RETRY_AFTER`.
+
+Read-back: `GET /events` (dodopayments `usage_events.list`: `customer_id`, `event_name`, `start`,
+`end`, `page_number` from 0, `page_size`; answer `{"items": [Event]}`, an `Event` carrying
+`event_id`, `timestamp` and `metadata`), one call per 100 events held, plus one. `start` / `end`
+bound the events "created" in that range: whether that is the ingestion time or the timestamp is
+not said, and an event is ingested within an hour of its timestamp, so the period is asked with an
+hour of margin either side and cut here by timestamp. Events are compared by `event_id`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from usage_service.plans import Meter
 from usage_service.providers import ingest, outcome
 from usage_service.providers.config import Endpoint
 from usage_service.providers.outcome import ReportEvent
+from usage_service.providers.readback import Query
 
 BATCH = 100  # events per call (Dodo takes 1..1000, recommends about 100)
 WINDOW = dt.timedelta(hours=1)  # Dodo refuses older timestamps
@@ -33,6 +41,8 @@ WINDOW_MARGIN = dt.timedelta(seconds=30)  # for the time the call takes
 TOO_OLD = "older than Dodo Payments' 1-hour ingestion window; not sent"
 LIMITS = ingest.Limits(keys=50, key_length=100, value_length=500)  # metadata
 _INDEX = re.compile(r"events\[(\d+)\]")
+PAGE = 100  # events per page
+MAX_PAGES = 1000
 
 
 def encode(event: ReportEvent, meter: Meter, now: dt.datetime) -> ingest.Body | str:
@@ -88,8 +98,40 @@ def delay(headers: httpx.Headers) -> float | None:
     return min(seconds, outcome.MAX_RETRY_AFTER)
 
 
+async def read(http: httpx.AsyncClient, query: Query) -> list[ingest.Row]:
+    if not query.provider_customer_id:
+        raise ingest.ReadError("the customer has no Dodo Payments customer id")
+    naming = query.meter.dodo_payments
+    params: dict[str, str | int] = {
+        "customer_id": query.provider_customer_id,
+        "event_name": naming.event_name,
+        "start": outcome.iso(query.start - WINDOW),
+        "end": outcome.iso(query.end + WINDOW),
+        "page_size": PAGE,
+    }
+    rows: list[ingest.Row] = []
+    for page in range(MAX_PAGES):
+        body = await ingest.get(http, "/events", {**params, "page_number": page}, reason)
+        items = body["items"]
+        for item in items:
+            value = ingest.number((item["metadata"] or {})[naming.value_key])
+            rows.append(ingest.Row(str(item["event_id"]), ingest.moment(item["timestamp"]), value))
+        if len(items) < PAGE:
+            return rows
+    raise ingest.ReadError(f"more than {MAX_PAGES} pages of events")
+
+
 WIRE = ingest.Wire(
-    "dodo_payments", "/events/ingest", BATCH, encode, named, reason, accepted, should_retry, delay
+    "dodo_payments",
+    "/events/ingest",
+    BATCH,
+    encode,
+    named,
+    reason,
+    accepted,
+    should_retry,
+    delay,
+    read,
 )
 
 

@@ -10,6 +10,10 @@ Every success body is read: duplicates the provider reports are counted, and an 
 provider accepted but says it will never bill (a Creem warning) is answered as rejected with the
 provider's reason. A success body that cannot be read delivers the batch (the provider holds it)
 and is logged.
+
+A read-back (`held`) asks the provider for the events it holds for a customer, meter and period
+(each provider's `read`) and compares them with the events sent (`compare`). Any error, or an
+answer not in the documented shape, is a Held(None) saying why; nothing raises.
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ import collections
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
 
 from usage_service import metrics
-from usage_service.plans import Meter
+from usage_service.plans import Aggregation, Meter
 from usage_service.providers import outcome
 from usage_service.providers.outcome import Outcome, Report, ReportEvent
+from usage_service.providers.readback import Held, Query
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,20 @@ def default_delay(headers: httpx.Headers) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Row:
+    """One event as the provider holds it: our event id ("" when the provider does not say), its
+    timestamp and its value under the meter's value key."""
+
+    event_id: str
+    time: dt.datetime
+    value: int
+
+
+class ReadError(Exception):
+    """A read-back could not be answered; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Wire:
     """How one provider's ingestion endpoint is spoken."""
 
@@ -69,6 +88,9 @@ class Wire:
     should_retry: Callable[[int, httpx.Headers], bool] = default_should_retry
     # headers of an error answer to be retried -> seconds to wait, None: the drain's backoff
     delay: Callable[[httpx.Headers], float | None] = default_delay
+    # (client, query) -> the events the provider holds for the query (raises ReadError, or
+    # KeyError / TypeError / ValueError on an answer not in the documented shape)
+    read: Callable[[httpx.AsyncClient, Query], Awaitable[Sequence[Row]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +124,20 @@ class Ingest:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def held(self, query: Query) -> Held:
+        """What the provider holds for the query's customer, meter and period; the cost is the
+        provider's `read` (see its module)."""
+        name = self.wire.name
+        if self.wire.read is None:
+            return Held(None, why=f"{name}: no read-back")
+        try:
+            rows = await self.wire.read(self._http, query)
+        except ReadError as exc:
+            return Held(None, why=f"{name}: {exc}")
+        except (KeyError, TypeError, ValueError) as exc:
+            return Held(None, why=f"{name}: unreadable answer: {exc!r}"[:500])
+        return compare(rows, query)
 
     async def send(self, report: Report) -> Outcome:
         now = dt.datetime.now(dt.UTC)
@@ -235,3 +271,72 @@ def count(body: Any, key: str) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
+
+
+async def get(
+    http: httpx.AsyncClient,
+    path: str,
+    params: Mapping[str, str | int],
+    reason: Callable[[Any], str],
+) -> Any:
+    """The JSON body of a successful GET; otherwise ReadError with the provider's reason."""
+    try:
+        response = await http.get(path, params=params)
+    except httpx.TransportError as exc:
+        raise ReadError(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        body: Any = response.json()
+    except ValueError:
+        if response.is_success:
+            raise ReadError(f"{response.status_code}: the body is not JSON") from None
+        body = response.text[:300]
+    if not response.is_success:
+        raise ReadError(f"{response.status_code}: {reason(body)}")
+    return body
+
+
+def number(value: Any) -> int:
+    """A whole number as a provider gives one back (5, 5.0 or "5"); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"not a number: {value!r}")
+    as_float = float(value)
+    if not as_float.is_integer():
+        raise ValueError(f"not a whole number: {value!r}")
+    return int(as_float)
+
+
+def moment(text: Any) -> dt.datetime:
+    """An ISO-8601 timestamp with a zone; ValueError otherwise."""
+    when = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(f"timestamp without a zone: {text!r}")
+    return when
+
+
+def aggregate(rows: Sequence[Row], aggregation: Aggregation) -> int:
+    """The rows in the meter's units; 0 for no rows."""
+    if not rows:
+        return 0
+    if aggregation is Aggregation.SUM:
+        return sum(r.value for r in rows)
+    if aggregation is Aggregation.COUNT:
+        return len(rows)
+    if aggregation is Aggregation.MAX:
+        return max(r.value for r in rows)
+    return max(rows, key=lambda r: r.time).value  # last; ties: the first listed
+
+
+def compare(rows: Sequence[Row], query: Query) -> Held:
+    """The figure of the rows in the query's period, the sent events none of them is, and what
+    the rest adds: the figure minus that of the first row of each sent event (for a `last`
+    meter this is negative when an unsent row is newer and lower)."""
+    rows = sorted((r for r in rows if query.start <= r.time < query.end), key=lambda r: r.time)
+    sent = {s.event_id for s in query.sent}
+    first: dict[str, Row] = {}
+    for row in rows:
+        if row.event_id in sent:
+            first.setdefault(row.event_id, row)
+    missing = tuple(s.event_id for s in query.sent if s.event_id not in first)
+    value = aggregate(rows, query.meter.aggregation)
+    extra = value - aggregate(list(first.values()), query.meter.aggregation)
+    return Held(value, missing=missing, extra=extra)

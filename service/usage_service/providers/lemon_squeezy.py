@@ -19,6 +19,9 @@ caller gave up on it. So:
   delay), and a reconcile waits for `posted_at + hold`. Then current usage = baseline + value
   means it landed; the baseline unchanged means it did not, and a new checkpoint precedes the
   next post.
+
+The read-back (`held`) is the item's current usage, one call: `meta.quantity` for the period
+`meta.period_start`..`period_end`, and nothing for any other period.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from usage_service.plans import Meter
 from usage_service.providers import outcome
 from usage_service.providers.config import DEFAULT_LEMONSQUEEZY_SETTLE, Endpoint
 from usage_service.providers.outcome import Outcome, Report
+from usage_service.providers.readback import Held, Query
 
 JSON_API = "application/vnd.api+json"
 HOLD = "hold_seconds"  # checkpoint key: how long the drain must hold the lease from the save
+CURRENT_ONLY = "Lemon Squeezy shows the current period only"
 CLOSED_PERIOD = (
     "lemon squeezy: usage of a closed period cannot be recorded; records land in the current period"
 )
@@ -106,6 +111,19 @@ class LemonSqueezy:
         if self._is_fresh(report, fresh):
             return await self._post(item, report, "increment", fresh)
         return await self._reconcile(item, report)
+
+    async def held(self, query: Query) -> Held:
+        """The item's usage when the query's period is the item's current one (one call)."""
+        if not query.subscription_item:
+            return Held(None, why="lemon squeezy: the customer has no subscription item")
+        usage = await self._current_usage(query.subscription_item)
+        if isinstance(usage, outcome.Retry | outcome.Failed):
+            return Held(None, why=usage.reason)
+        if not isinstance(usage, Usage):
+            return Held(None, why=f"lemon squeezy: unexpected answer {usage!r}")
+        if (usage.start, usage.end) != (query.start, query.end):
+            return Held(None, why=CURRENT_ONLY)
+        return Held(usage.quantity)
 
     def _is_fresh(self, report: Report, fresh: tuple[str, float] | None) -> bool:
         """Whether this send carries the checkpoint this process just asked to store."""

@@ -10,23 +10,40 @@ to our now minus `CLOCK_SKEW`. Polar bills by receipt time, not by the event tim
 clamp changes no bill; the margin covers a Polar clock behind ours by up to that much. One bad
 event gives 422 with `detail[].loc = ["body", "events", i, ...]`, storing nothing. Success is
 200 `{"inserted", "duplicates"}`.
+
+Read-back: `GET /v1/events/` (polar-sdk `events.list`: `customer_id` or `external_customer_id`,
+`name`, `start_timestamp`, `end_timestamp`, `source`, `sorting`, `page`, `limit` <= 100; answer
+`ListResourceEvent {items: [UserEvent], pagination: {total_count, max_page}}`), one call per 100
+events held in the period. A `UserEvent` carries its `timestamp` and `metadata`, but not the
+`external_id` we sent, so a held event is told apart by its value and timestamp: it is the sent
+event of that value whose timestamp it carries, or (clamped) lies at most `CLOCK_SKEW` before.
+Sent events of one value within `CLOCK_SKEW` of each other are interchangeable. The period is
+asked with a second of margin either side and cut here, whichever way Polar bounds it. Polar bills
+by receipt time; the read-back counts by event timestamp, like `GET /v1/meters/{id}/quantities`.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import httpx
 
 from usage_service.plans import Meter
 from usage_service.providers import ingest, outcome
 from usage_service.providers.config import Endpoint
 from usage_service.providers.outcome import ReportEvent
+from usage_service.providers.readback import Query, Sent
 
 BATCH = 500  # events per call; Polar caps the body (10 MiB), not the count
 VERSION = "2026-10"  # the Polar-Version polar-sdk 1.0.2 sends (`polar.v2026_10`)
 CLOCK_SKEW = dt.timedelta(seconds=5)
+PAGE = 100  # events per page: Polar's maximum
+MAX_PAGES = 1000
+MARGIN = dt.timedelta(seconds=1)  # asked either side of the period
 # metadata: at most 50 keys of at most 40 characters, strings of at most 500; keys like `_llm`
 # and `_cost` carry structured data, so a leading underscore is Polar's
 LIMITS = ingest.Limits(keys=50, key_length=40, value_length=500)
@@ -89,7 +106,56 @@ def accepted(body: Any, sent: int) -> ingest.Accepted | None:
     return ingest.Accepted(duplicates=duplicates)
 
 
-WIRE = ingest.Wire("polar", "/v1/events/ingest", BATCH, encode, named, reason, accepted)
+async def read(http: httpx.AsyncClient, query: Query) -> list[ingest.Row]:
+    naming = query.meter.polar
+    params: dict[str, str | int] = {
+        "name": naming.event_name,
+        "start_timestamp": outcome.iso(query.start - MARGIN),
+        "end_timestamp": outcome.iso(query.end + MARGIN),
+        "source": "user",
+        "sorting": "timestamp",
+        "limit": PAGE,
+    }
+    if query.provider_customer_id:
+        params["customer_id"] = query.provider_customer_id
+    else:
+        params["external_customer_id"] = query.customer_id
+    held: list[tuple[dt.datetime, int]] = []
+    for page in range(1, MAX_PAGES + 1):
+        body = await ingest.get(http, "/v1/events/", {**params, "page": page}, reason)
+        for item in body["items"]:
+            held.append(
+                (
+                    ingest.moment(item["timestamp"]),
+                    ingest.number(item["metadata"][naming.value_key]),
+                )
+            )
+        if page >= int(body["pagination"]["max_page"]):
+            return identify(held, query.sent)
+    raise ingest.ReadError(f"more than {MAX_PAGES} pages of events")
+
+
+def identify(held: Sequence[tuple[dt.datetime, int]], sent: Sequence[Sent]) -> list[ingest.Row]:
+    """Rows for the held (timestamp, value) pairs, each named by the sent event it is, if any: of
+    the same value, sent with that timestamp or one at most `CLOCK_SKEW` later (the earliest)."""
+    free: dict[int, list[tuple[dt.datetime, str]]] = {}
+    for s in sorted(sent, key=lambda s: s.event_time):
+        free.setdefault(s.quantity, []).append((_ms(s.event_time), s.event_id))
+    rows = []
+    for when, value in sorted(held):
+        candidates = free.get(value, [])
+        at = bisect.bisect_left(candidates, (when, ""))
+        fits = at < len(candidates) and candidates[at][0] - when <= CLOCK_SKEW
+        rows.append(ingest.Row(candidates.pop(at)[1] if fits else "", when, value))
+    return rows
+
+
+def _ms(when: dt.datetime) -> dt.datetime:
+    """A time as sent: to the millisecond."""
+    return when.replace(microsecond=when.microsecond // 1000 * 1000)
+
+
+WIRE = ingest.Wire("polar", "/v1/events/ingest", BATCH, encode, named, reason, accepted, read=read)
 
 
 def adapter(endpoint: Endpoint, meters: Mapping[str, Meter], timeout: float) -> ingest.Ingest:
