@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from usage_service import drain_commands, logs, ops_commands, server, workers
+from usage_service import drain_commands, logs, ops_commands, reconcile_commands, server, workers
 from usage_service import plans as plans_mod
 from usage_service.config import ConfigError, Settings
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply database migrations, then exit")
     commands.add_parser("check-plans", help="validate the plans file, then exit")
     drain_commands.add_commands(commands)
+    reconcile_commands.add_commands(commands)
     ops_commands.add_commands(commands)
     args = parser.parse_args(argv)
     try:
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in drain_commands.COMMANDS:
             loaded = plans_mod.load(settings.plans_file or None)
             return asyncio.run(drain_commands.run(args, settings, loaded))
+        elif args.command in reconcile_commands.COMMANDS:
+            loaded = plans_mod.load(settings.plans_file or None)
+            return asyncio.run(reconcile_commands.run(args, settings, loaded))
         elif args.command == "check-plans":
             loaded = plans_mod.load(settings.plans_file or None)
             print(f"{loaded.source}: {len(loaded.meters)} meters, {len(loaded.plans)} plans")

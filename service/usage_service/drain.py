@@ -119,6 +119,8 @@ def build_reports(
             same = same[:STRIPE_COUNT_REPORT]
         elif aggregation is Aggregation.SUM:
             same = _fitting(same, stripe_meters.MAX_VALUE if stripe else domain.MAX_TOTAL)
+            if stripe:  # timed by its newest event, inside the period's whole minutes
+                stated_at = _stated_at(same, max(c.event.event_time for c in same))
         elif stripe:
             stated_at = _stated_at(same, now)
         reports.append(
@@ -143,15 +145,15 @@ def _fitting(items: list[Claimed], limit: int) -> list[Claimed]:
     return items
 
 
-def _stated_at(items: list[Claimed], now: dt.datetime) -> dt.datetime | None:
-    """When a max / last report's figure is stated: now, clamped into the period, so it is the
-    latest figure this lane has sent for the period (Stripe's `last` keeps the latest). None
+def _stated_at(items: list[Claimed], when: dt.datetime) -> dt.datetime | None:
+    """The time a Stripe report is stated at: `when` clamped into the whole minutes of the
+    period (see stripe_meters.window). For max / last reports `when` is now, so the figure is
+    the latest this lane has sent for the period (Stripe's `last` keeps the latest). None
     outside every known period: the newest event's time is used."""
     first = items[0]
     if first.period_start is None or first.period_end is None:
         return None
-    stamp = stripe_meters.last_timestamp(now, first.period_start, first.period_end)
-    return dt.datetime.fromtimestamp(stamp, dt.UTC)
+    return stripe_meters.stated(when, first.period_start, first.period_end)
 
 
 def _value(aggregation: Aggregation, items: list[Claimed]) -> int:

@@ -10,12 +10,18 @@ Label values are bounded sets (methods, codes, providers, reasons): never ids, k
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import asyncpg
 import prometheus_client as prom
 
 from usage_service import domain
 from usage_service.storage import ops
+
+if TYPE_CHECKING:
+    from usage_service.reconcile import Row
 
 log = logging.getLogger(__name__)
 BACKLOG_QUERY_TIMEOUT = 2.0  # seconds a scrape waits for the backlog query
@@ -57,6 +63,19 @@ PROVIDER_DURATION = prom.Histogram(
 )
 EVENTS_REPORTED = prom.Counter(
     "usage_events_reported", "events settled with a provider, by outcome", ["provider", "outcome"]
+)
+RECONCILED = prom.Gauge(
+    "usage_reconcile_periods",
+    "customer meters per provider and verdict in the last periodic reconciliation",
+    ["provider", "verdict"],
+)
+RECONCILE_DRIFT = prom.Gauge(
+    "usage_reconcile_drift",
+    "provider figure minus reported, summed over customers, in the meter's units (last run)",
+    ["provider", "meter"],
+)
+STRIPE_METER_ERRORS = prom.Counter(
+    "usage_stripe_meter_error_reports", "Stripe meter error reports read back", ["code"]
 )
 PROVIDER_DUPLICATES = prom.Counter(
     "usage_provider_duplicate_events",
@@ -116,3 +135,17 @@ async def refresh(pool: asyncpg.Pool | None) -> None:
 
 def render() -> bytes:
     return prom.generate_latest(prom.REGISTRY)
+
+
+def reconciled(rows: Sequence[Row]) -> None:
+    """Sets the reconciliation gauges from one run's rows (current and previous periods)."""
+    verdicts: Counter[tuple[str, str]] = Counter((r.provider, r.verdict.value) for r in rows)
+    drift: Counter[tuple[str, str]] = Counter()
+    for r in rows:
+        drift[(r.provider, r.meter)] += r.drift or 0
+    RECONCILED.clear()
+    for (provider, verdict), n in verdicts.items():
+        RECONCILED.labels(provider, verdict).set(n)
+    RECONCILE_DRIFT.clear()
+    for (provider, meter), d in drift.items():
+        RECONCILE_DRIFT.labels(provider, meter).set(d)

@@ -16,7 +16,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
-from usage_service import auth, drain_commands, embedded, metrics, metrics_http, tracing
+from usage_service import (
+    auth,
+    drain_commands,
+    embedded,
+    metrics,
+    metrics_http,
+    reconcile_commands,
+    tracing,
+)
 from usage_service import plans as plans_mod
 from usage_service.api.customer_api import CustomerService
 from usage_service.api.usage_api import UsageService
@@ -143,6 +151,7 @@ async def serve(settings: Settings) -> None:
     """Every setting is read and checked, and the database reached, before anything listens;
     a port that is taken is found before the server says it is listening."""
     drain_commands.check_settings(settings.environ)
+    reconcile_commands.check_settings(settings.environ)
     plans = plans_mod.load(settings.plans_file or None)
     tokens = access(settings)
     tracing.setup(settings.tracing)
@@ -173,6 +182,7 @@ async def serve(settings: Settings) -> None:
         # Stops the server if anything below fails; after a graceful stop it returns at once.
         stack.push_async_callback(running.server.stop, 0)
         drainer = drain_commands.Background.start(st, plans, settings.environ)
+        reconciler = reconcile_commands.Background.start(st, plans, settings.environ)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,4 +194,6 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down", extra={"action": "shutdown"})
         await running.stop(settings.shutdown_grace)
         await drainer.stop()
+        if reconciler is not None:
+            await reconciler.stop()
     log.info("stopped", extra={"action": "shutdown"})

@@ -115,6 +115,8 @@ class FakeIngest(FakeProvider):
     # --- drift between what was accepted and what reads show ---
 
     def drop(self, event_id: str) -> None:
+        """The provider loses an accepted event: reads no longer show it; sent again, it is
+        stored again."""
         with self.lock:
             self.dropped.add(event_id)
 
@@ -199,6 +201,8 @@ class FakeIngest(FakeProvider):
                 return self.unknown_customer(i, *unknown)
         with self.lock:
             self.batch_sizes.append(len(events))
+            # a dropped event is one the provider lost: sent again, it is stored again
+            self.dropped -= {e[self.id_field] for e in events}
             fresh = [e for e in events if e[self.id_field] not in self.accepted]
             for e in fresh:
                 self.accepted[e[self.id_field]] = e

@@ -22,6 +22,7 @@ from usage_service.providers.outcome import (
     ReportEvent,
     Retry,
 )
+from usage_service.providers.readback import Held, Query
 
 __all__ = [
     "Adapter",
@@ -40,6 +41,8 @@ __all__ = [
 
 class Adapter(Protocol):
     async def send(self, report: Report) -> Outcome: ...
+
+    async def held(self, query: Query) -> Held: ...
 
     async def aclose(self) -> None: ...
 

@@ -167,9 +167,15 @@ class StripeMeters:
     async def held(self, query: Query) -> Held:
         if not query.provider_customer_id:
             return Held(None, "the customer has no Stripe customer id (provider_customer_id)")
-        if not (_whole_minute(query.start) and _whole_minute(query.end)):
+        start, end = window(query.start, query.end)
+        if (start, end) != (
+            query.start,
+            query.end,
+        ) and query.meter.aggregation is Aggregation.COUNT:
             return Held(
-                None, "period bounds are not whole minutes; Stripe summarises by the minute"
+                None,
+                "period bounds are not whole minutes, Stripe summarises by the minute, and a "
+                "count meter's events keep their own times",
             )
         event_name = query.meter.stripe.event_name
         try:
@@ -191,8 +197,8 @@ class StripeMeters:
                 )
             params: stripe.params.billing.MeterEventSummaryListParams = {
                 "customer": query.provider_customer_id,
-                "start_time": int(query.start.timestamp()),
-                "end_time": int(query.end.timestamp()),
+                "start_time": int(start.timestamp()),
+                "end_time": int(end.timestamp()),
                 "limit": PAGE,
             }
             page = await self._client.v1.billing.meters.event_summaries.list_async(
@@ -264,10 +270,6 @@ class StripeMeters:
         return self._stripe_meters
 
 
-def _whole_minute(when: dt.datetime) -> bool:
-    return when.timestamp() % 60 == 0
-
-
 def _rfc3339(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -300,11 +302,30 @@ def split(value: int) -> list[int]:
     return [MAX_VALUE] * full + ([rest] if rest else [])
 
 
+def window(start: dt.datetime, end: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The whole minutes inside the period [start, end) (the period itself when it holds
+    none): Stripe summarises by the minute, so sum, max and last reports are timed inside them
+    and a summary of them holds the whole period."""
+    first = math.ceil(start.timestamp() / 60) * 60
+    last = math.floor(end.timestamp() / 60) * 60
+    if first >= last:
+        return start, end
+    return dt.datetime.fromtimestamp(first, dt.UTC), dt.datetime.fromtimestamp(last, dt.UTC)
+
+
+def stated(when: dt.datetime, start: dt.datetime, end: dt.datetime) -> dt.datetime:
+    """The meter-event time (whole seconds) of a report built for the period [start, end):
+    `when` clamped into the period's window."""
+    first, last = window(start, end)
+    latest = math.ceil(last.timestamp()) - 1  # the window's last whole second
+    second = max(math.ceil(first.timestamp()), min(math.floor(when.timestamp()), latest))
+    return dt.datetime.fromtimestamp(second, dt.UTC)
+
+
 def last_timestamp(now: dt.datetime, start: dt.datetime, end: dt.datetime) -> int:
-    """The meter-event timestamp (whole seconds) of a max / last report built at `now` for the
-    period [start, end): now, clamped into the period."""
-    latest = math.ceil(end.timestamp()) - 1  # the period's last whole second
-    return max(math.ceil(start.timestamp()), min(math.floor(now.timestamp()), latest))
+    """The meter-event timestamp of a max / last report built at `now` for the period
+    [start, end): now, clamped into the period's window."""
+    return int(stated(now, start, end).timestamp())
 
 
 def _params(

@@ -54,6 +54,10 @@ WHERE t.customer_id = u.customer_id AND t.meter = u.meter AND t.period_start = u
 -- the report is built so that every re-send carries the same parameters.
 ALTER TABLE reports ADD COLUMN stated_at timestamptz;
 
+-- What a report is: usage being reported, or a fix a reconciliation queued (the amount, or the
+-- events, that a provider was found to lack).
+ALTER TABLE reports ADD COLUMN kind text NOT NULL DEFAULT 'usage';
+
 -- The claim reads one provider's unclaimed events, oldest first.
 DROP INDEX usage_events_unclaimed;
 CREATE INDEX usage_events_unclaimed ON usage_events (provider, event_time, event_id)

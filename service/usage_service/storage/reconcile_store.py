@@ -1,0 +1,238 @@
+"""A reconciliation's reads and writes: what was recorded and reported per customer, provider,
+meter and period, and the fixes it queues as reports (sent by the drain like any other)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from collections.abc import Sequence
+
+import asyncpg
+
+from usage_service import domain, periods
+from usage_service.providers.readback import Sent
+from usage_service.storage import drain_store
+from usage_service.storage.rows import stored_periods
+
+# Customers with events billed to a provider, in order. $1 customer_id[] (empty: all),
+# $2 provider ('' any)
+CUSTOMERS = """
+SELECT DISTINCT e.customer_id FROM usage_events e JOIN customers c USING (customer_id)
+WHERE c.plan_id <> '' AND e.provider <> ''
+    AND (cardinality($1::text[]) = 0 OR e.customer_id = ANY($1::text[]))
+    AND ($2::text = '' OR e.provider = $2)
+ORDER BY 1"""
+
+# One customer's events of one period, per provider and meter: all of them, and those the
+# provider accepted. $1 customer_id, $2 start, $3 end, $4 provider ('' any)
+FIGURES = """
+SELECT e.provider, e.meter,
+    count(*) AS n, sum(e.quantity)::bigint AS s, max(e.quantity) AS mx,
+    (array_agg(e.quantity ORDER BY e.event_time DESC, e.seq DESC))[1] AS lq,
+    count(*) FILTER (WHERE e.report_state = 'reported') AS rn,
+    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'reported'), 0)::bigint AS rs,
+    max(e.quantity) FILTER (WHERE e.report_state = 'reported') AS rmx,
+    (array_agg(e.quantity ORDER BY e.event_time DESC, e.seq DESC)
+        FILTER (WHERE e.report_state = 'reported'))[1] AS rlq,
+    count(*) FILTER (WHERE e.report_state = 'pending') AS pending,
+    count(*) FILTER (WHERE e.report_state = 'pending' AND e.report_id IS NOT NULL) AS in_reports,
+    max(e.reported_at) AS last_reported_at
+FROM usage_events e
+WHERE e.customer_id = $1 AND e.event_time >= $2 AND e.event_time < $3 AND e.provider <> ''
+    AND ($4::text = '' OR e.provider = $4)
+GROUP BY 1, 2 ORDER BY 1, 2"""
+
+# The events a provider accepted in a period, for per-event providers. $1 customer_id,
+# $2 provider, $3 meter, $4 start, $5 end
+SENT = """
+SELECT event_id::text, quantity, event_time FROM usage_events
+WHERE customer_id = $1 AND provider = $2 AND meter = $3 AND event_time >= $4
+    AND event_time < $5 AND report_state = 'reported'
+ORDER BY event_time, event_id"""
+
+# $1 customer_id
+CUSTOMER_PROVIDERS = """
+SELECT provider, provider_customer_id, subscription_items FROM customer_providers
+WHERE customer_id = $1"""
+
+# Fix reports of a customer's lanes: when delivered ones were accepted (the provider may still be
+# showing them), and open ones (in flight). $1 lane[]
+FIXES = """
+SELECT lane, state, value, events::text AS events, settled_at FROM reports
+WHERE kind = 'fix' AND lane = ANY($1::text[]) AND state IN ('open', 'delivered')"""
+
+# Events in open fix reports (per-event providers): a re-send already queued. $1 event_id[]
+QUEUED = """
+SELECT DISTINCT e.value ->> 'event_id' AS event_id
+FROM reports r, jsonb_array_elements(r.events) AS e(value)
+WHERE r.kind = 'fix' AND r.state = 'open' AND e.value ->> 'event_id' = ANY($1::text[])"""
+
+# $1 report_id, $2 provider, $3 lane (NULL: none), $4 events (JSON text), $5 value
+INSERT_FIX = """
+INSERT INTO reports (report_id, provider, lane, events, value, kind, first_sent_at)
+VALUES ($1::uuid, $2, $3, $4::jsonb, $5, 'fix', now())
+ON CONFLICT (lane) WHERE state = 'open' AND lane IS NOT NULL DO NOTHING
+RETURNING report_id"""
+
+# The latest event a provider accepted in a period: what a Stripe fix is timed and addressed by.
+# $1 customer_id, $2 provider, $3 meter, $4 start, $5 end
+LATEST_SENT = """
+SELECT e.event_id::text, e.customer_id, e.meter, e.quantity, e.event_time, e.properties
+FROM usage_events e
+WHERE e.customer_id = $1 AND e.provider = $2 AND e.meter = $3 AND e.event_time >= $4
+    AND e.event_time < $5 AND e.report_state = 'reported'
+ORDER BY e.event_time DESC, e.seq DESC LIMIT 1"""
+
+# Events by id, for a per-event re-send. $1 customer_id, $2 event_id[]
+EVENTS = """
+SELECT e.event_id::text, e.customer_id, e.meter, e.quantity, e.event_time, e.properties
+FROM usage_events e WHERE e.customer_id = $1 AND e.event_id = ANY($2::uuid[])
+ORDER BY e.event_time, e.event_id"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """Per aggregation: (all events, events the provider accepted)."""
+
+    count: tuple[int, int]
+    total: tuple[int, int]
+    peak: tuple[int | None, int | None]
+    last: tuple[int | None, int | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """What we know of one customer's meter at one provider in one period."""
+
+    customer_id: str
+    provider: domain.Provider
+    meter: str
+    period: periods.Period
+    figures: Figures
+    pending: int  # events not accepted yet
+    in_reports: int  # of them, in reports being sent
+    last_reported_at: dt.datetime | None  # the last acceptance (of an event or a fix)
+    provider_customer_id: str
+    subscription_item: str
+    fixing: bool  # a fix report is open on this lane
+
+
+class ReconcileStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def customers(self, customer_ids: Sequence[str], provider: str) -> list[str]:
+        return [
+            r["customer_id"] for r in await self.pool.fetch(CUSTOMERS, list(customer_ids), provider)
+        ]
+
+    async def units(
+        self, customer_id: str, which: str | dt.datetime, provider: str, now: dt.datetime
+    ) -> list[Unit]:
+        """The customer's units of the period `which` names: 'current', 'previous', or the
+        period containing a time."""
+        stored = (await stored_periods(self.pool, [customer_id]))[customer_id]
+        if not stored:
+            return []
+        period = periods.period_at(stored, which if isinstance(which, dt.datetime) else now)
+        if which == "previous":
+            period = periods.period_at(stored, period.start - dt.timedelta(microseconds=1))
+        rows = await self.pool.fetch(FIGURES, customer_id, period.start, period.end, provider)
+        ids = {r["provider"]: r for r in await self.pool.fetch(CUSTOMER_PROVIDERS, customer_id)}
+        lanes = [
+            drain_store.lane(domain.Provider(r["provider"]), customer_id, r["meter"]) for r in rows
+        ]
+        fixed_at: dict[str, dt.datetime] = {}
+        fixing: set[str] = set()
+        for f in await self.pool.fetch(FIXES, lanes):
+            if f["state"] == "open":
+                fixing.add(f["lane"])
+                continue
+            at = dt.datetime.fromisoformat(json.loads(f["events"])[0]["event_time"])
+            if period.start <= at < period.end:
+                fixed_at[f["lane"]] = max(f["settled_at"], fixed_at.get(f["lane"], f["settled_at"]))
+        out = []
+        for r, lane in zip(rows, lanes, strict=True):
+            known = ids.get(r["provider"])
+            items = _json(known["subscription_items"]) if known else {}
+            out.append(
+                Unit(
+                    customer_id=customer_id,
+                    provider=domain.Provider(r["provider"]),
+                    meter=r["meter"],
+                    period=period,
+                    figures=Figures(
+                        (r["n"], r["rn"]),
+                        (r["s"], r["rs"]),
+                        (r["mx"], r["rmx"]),
+                        (r["lq"], r["rlq"]),
+                    ),
+                    pending=r["pending"],
+                    in_reports=r["in_reports"],
+                    last_reported_at=_latest(r["last_reported_at"], fixed_at.get(lane)),
+                    provider_customer_id=known["provider_customer_id"] if known else "",
+                    subscription_item=str(items.get(r["meter"], "")),
+                    fixing=lane in fixing,
+                )
+            )
+        return out
+
+    async def sent(self, unit: Unit) -> tuple[Sent, ...]:
+        rows = await self.pool.fetch(
+            SENT, unit.customer_id, unit.provider.value, unit.meter, *unit.period.bounds
+        )
+        return tuple(Sent(r["event_id"], r["quantity"], r["event_time"]) for r in rows)
+
+    async def queued(self, event_ids: Sequence[str]) -> set[str]:
+        """Those of `event_ids` already in an open fix report."""
+        return {r["event_id"] for r in await self.pool.fetch(QUEUED, list(event_ids))}
+
+    async def fix_amount(self, unit: Unit, amount: int) -> str | None:
+        """Queues one report of `amount` on the unit's lane, addressed and timed like its latest
+        accepted event; its id is committed before the drain sends it. None when a report is in
+        flight on the lane (or nothing was accepted in the period)."""
+        row = await self.pool.fetchrow(
+            LATEST_SENT, unit.customer_id, unit.provider.value, unit.meter, *unit.period.bounds
+        )
+        if row is None:
+            return None
+        lane = drain_store.lane(unit.provider, unit.customer_id, unit.meter)
+        return await self._insert(unit, lane, [row], amount)
+
+    async def fix_events(self, unit: Unit, event_ids: Sequence[str]) -> str | None:
+        """Queues a re-send of events a per-event provider lacks (it dedupes them by id)."""
+        rows = await self.pool.fetch(EVENTS, unit.customer_id, list(event_ids))
+        return await self._insert(unit, None, rows, 0) if rows else None
+
+    async def _insert(
+        self, unit: Unit, lane: str | None, rows: Sequence[asyncpg.Record], value: int
+    ) -> str | None:
+        events = [
+            {
+                "event_id": r["event_id"],
+                "customer_id": r["customer_id"],
+                "meter": r["meter"],
+                "quantity": r["quantity"],
+                "event_time": r["event_time"].isoformat(),
+                "properties": {str(k): str(v) for k, v in _json(r["properties"]).items()},
+                "provider_customer_id": unit.provider_customer_id,
+                "subscription_item": unit.subscription_item,
+            }
+            for r in rows
+        ]
+        report_id = drain_store.new_report_id()
+        found = await self.pool.fetchval(
+            INSERT_FIX, report_id, unit.provider.value, lane, json.dumps(events), value
+        )
+        return None if found is None else report_id
+
+
+def _latest(*times: dt.datetime | None) -> dt.datetime | None:
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+def _json(value: object) -> dict[str, object]:
+    loaded = json.loads(value) if isinstance(value, str) else value
+    return dict(loaded) if isinstance(loaded, dict) else {}
