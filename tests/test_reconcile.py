@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import json
 import os
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import prometheus_client
 import pytest
 from conftest import PLANS_FILE, Service
 from fakes.base import Fault
@@ -25,9 +27,10 @@ from test_drain import (
     transient_faults,
 )
 
-from usage_service import plans, providers
+from usage_service import plans, providers, reconcile_commands
 from usage_service.providers.config import ProviderSettings
 from usage_service.reconcile import Reconciler, Row, Verdict
+from usage_service.storage import store
 from usage_service.storage.reconcile_store import ReconcileStore
 
 __all__ = ["fakes", "make_drain"]  # fixtures
@@ -281,7 +284,7 @@ async def test_the_command_prints_a_row_per_customer_meter_and_period_and_exits_
         "verdict",
     ]  # fmt: skip
     assert len(lines) == 1 + len(METERS) + 1 and lines[-1] == f"{len(METERS)} match"
-    assert clean.stderr.splitlines()[-1] == "reconcile: 1/1 customers"
+    assert "reconcile: 1/1 customers" in clean.stderr.splitlines()
     fakes.polar.drop(_sent_ids(fakes, "polar", "tokens")[0])
     drift = await asyncio.to_thread(cli, "--json", "--provider", "polar")
     assert drift.returncode == 1
@@ -290,4 +293,64 @@ async def test_the_command_prints_a_row_per_customer_meter_and_period_and_exits_
     assert (tokens["verdict"], tokens["drift"], tokens["held"]) == ("provider lower", -5, 18)
     other = await asyncio.to_thread(cli, "--provider", "stripe")
     assert (other.returncode, other.stdout) == (0, "nothing to reconcile\n")
+    fakes.polar.dropped.clear()
+
+
+async def test_stripe_meter_error_reports_name_the_events_they_concern(
+    service: Service, fakes: Fakes, make_drain: MakeDrain, make_reconciler: MakeReconciler
+) -> None:
+    """Stripe accepted a meter event, then reported it could not bill it: the reconciliation
+    shows the report with the customer, meter and events that meter event carried."""
+    await setup(service, fakes, ("stripe",))
+    await drain_until_quiet([await make_drain()], service.db)
+    (identifier,) = _sent_ids(fakes, "stripe", "llm_tokens")
+    fakes.stripe.report_error(identifier, "meter_event_customer_not_found", "No such customer")
+    r = await make_reconciler()
+    errors = await r.meter_errors(dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+    assert not isinstance(errors, str)
+    (error,) = errors
+    events = await service.db.fetch(
+        "SELECT event_id::text FROM usage_events WHERE customer_id = 'c_stripe' AND meter = "
+        "'tokens' ORDER BY event_time"
+    )
+    assert (error.code, error.customer_id, error.meter) == (
+        "meter_event_customer_not_found",
+        "c_stripe",
+        "tokens",
+    )
+    assert sorted(error.event_ids) == sorted(r["event_id"] for r in events)
+    out = io.StringIO()
+    reconcile_commands.write_errors(errors, out)
+    assert (
+        "meter_event_customer_not_found x1: No such customer (customer c_stripe" in out.getvalue()
+    )
+
+
+async def test_the_periodic_reconciliation_sets_its_gauges_and_logs_a_drift_once(
+    service: Service,
+    fakes: Fakes,
+    make_drain: MakeDrain,
+    plans: plans.Plans,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await setup(service, fakes, ("polar",))
+    await drain_until_quiet([await make_drain()], service.db)
+    fakes.polar.drop(_sent_ids(fakes, "polar", "tokens")[0])
+    env = {**fakes.env(), "USAGE_RECONCILE_INTERVAL_SECONDS": "3600"}
+    env["USAGE_RECONCILE_SETTLE_SECONDS"] = "0.001"
+    st = store.Store(service.db)
+    background = reconcile_commands.Background.start(st, plans, env)
+    assert background is not None
+    try:
+        await background.once()
+        await background.once()
+    finally:
+        await background.stop()
+    sample = prometheus_client.REGISTRY.get_sample_value
+    assert sample("usage_reconcile_periods", {"provider": "polar", "verdict": "match"}) == 3
+    lower = {"provider": "polar", "verdict": "provider lower"}
+    assert sample("usage_reconcile_periods", lower) == 1
+    assert sample("usage_reconcile_drift", {"provider": "polar", "meter": "tokens"}) == -5
+    drifts = [r for r in caplog.records if "provider lower" in r.getMessage()]
+    assert len(drifts) == 1
     fakes.polar.dropped.clear()

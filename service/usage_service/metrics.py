@@ -21,7 +21,7 @@ from usage_service import domain
 from usage_service.storage import ops
 
 if TYPE_CHECKING:
-    from usage_service.reconcile import Row
+    from usage_service.reconcile import MeterErrorRow, Row
 
 log = logging.getLogger(__name__)
 BACKLOG_QUERY_TIMEOUT = 2.0  # seconds a scrape waits for the backlog query
@@ -74,8 +74,10 @@ RECONCILE_DRIFT = prom.Gauge(
     "provider figure minus reported, summed over customers, in the meter's units (last run)",
     ["provider", "meter"],
 )
-STRIPE_METER_ERRORS = prom.Counter(
-    "usage_stripe_meter_error_reports", "Stripe meter error reports read back", ["code"]
+STRIPE_METER_ERRORS = prom.Gauge(
+    "usage_stripe_meter_errors",
+    "meter errors Stripe reported over the last 30 days (last reconciliation), by code",
+    ["code"],
 )
 PROVIDER_DUPLICATES = prom.Counter(
     "usage_provider_duplicate_events",
@@ -137,8 +139,16 @@ def render() -> bytes:
     return prom.generate_latest(prom.REGISTRY)
 
 
-def reconciled(rows: Sequence[Row]) -> None:
-    """Sets the reconciliation gauges from one run's rows (current and previous periods)."""
+def reconciled(rows: Sequence[Row], errors: Sequence[MeterErrorRow] | None) -> None:
+    """Sets the reconciliation gauges from one run's rows (current and previous periods) and
+    Stripe's meter error reports (None: they could not be read; the gauge keeps its values)."""
+    if errors is not None:
+        by_code: Counter[str] = Counter()
+        for (_, code), count in {(e.stripe_event, e.code): e.count for e in errors}.items():
+            by_code[code] += count
+        STRIPE_METER_ERRORS.clear()
+        for code, n in by_code.items():
+            STRIPE_METER_ERRORS.labels(code).set(n)
     verdicts: Counter[tuple[str, str]] = Counter((r.provider, r.verdict.value) for r in rows)
     drift: Counter[tuple[str, str]] = Counter()
     for r in rows:

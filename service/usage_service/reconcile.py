@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from usage_service import domain
 from usage_service.plans import Aggregation, Meter
 from usage_service.providers.readback import Held, Query, ReadBack
+from usage_service.providers.stripe_meters import StripeMeters
 from usage_service.storage.reconcile_store import ReconcileStore, Unit
 
 DEFAULT_SETTLE = 600.0  # seconds a provider may take to show what it accepted
@@ -97,6 +98,26 @@ def judge(
     return Verdict.PROVIDER_HIGHER, f"it shows {held.value - want} more{extra}"
 
 
+@dataclasses.dataclass(frozen=True)
+class MeterErrorRow:
+    """A meter error Stripe reported after accepting an event, with what that event carried."""
+
+    stripe_event: str  # the Stripe event carrying the report
+    code: str
+    count: int  # errors of this code the report counts (it names a sample of them)
+    message: str
+    identifier: str
+    created: dt.datetime
+    customer_id: str = ""  # "" when the identifier is not one of ours
+    meter: str = ""
+    event_ids: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, object]:
+        out = dataclasses.asdict(self)
+        out["created"] = self.created.isoformat()
+        return {"stripe_meter_error": out}
+
+
 class Reconciler:
     def __init__(
         self,
@@ -126,6 +147,28 @@ class Reconciler:
                 out.append(await self._row(unit, now, fix))
             if progress is not None:
                 progress(done, len(ids))
+        return out
+
+    async def meter_errors(self, since: dt.datetime) -> list[MeterErrorRow] | str:
+        """Stripe's meter error reports from `since` on, each with the events it names; a
+        reason when they cannot be read (or Stripe is not configured: an empty list)."""
+        stripe = self.readbacks.get(domain.Provider.STRIPE)
+        if not isinstance(stripe, StripeMeters):
+            return []
+        try:
+            errors = await stripe.error_reports(since)
+        except Exception as exc:  # the SDK's errors, and anything unexpected in the answer
+            return f"stripe meter error reports could not be read: {exc}"
+        carried = await self.store.carried([e.identifier for e in errors if e.identifier])
+        out = []
+        for e in errors:
+            c = carried.get(e.identifier)
+            where = (c.customer_id, c.meter, c.event_ids) if c else ("", "", ())
+            out.append(
+                MeterErrorRow(
+                    e.event_id, e.code, e.count, e.message, e.identifier, e.created, *where
+                )
+            )
         return out
 
     async def _row(self, unit: Unit, now: dt.datetime, fix: bool) -> Row:

@@ -18,13 +18,21 @@ from usage_service import domain, metrics, providers
 from usage_service.config import Settings, positive_number
 from usage_service.plans import Meter, Plans
 from usage_service.providers.config import ALL, ProviderSettings
-from usage_service.reconcile import DEFAULT_SETTLE, DRIFT, Reconciler, Row, Verdict
+from usage_service.reconcile import (
+    DEFAULT_SETTLE,
+    DRIFT,
+    MeterErrorRow,
+    Reconciler,
+    Row,
+    Verdict,
+)
 from usage_service.storage import store
 from usage_service.storage.reconcile_store import ReconcileStore
 
 log = logging.getLogger(__name__)
 COMMANDS = ("reconcile",)
 PROGRESS_EVERY = 2.0  # seconds between progress lines on long runs
+ERRORS_KEPT = dt.timedelta(days=30)  # how long Stripe keeps the events that carry error reports
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -103,9 +111,13 @@ async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int
         r, adapters = build(st, plans.meters, settings.environ)
         try:
             rows = await r.run(args.customer, args.provider, args.period, args.fix, progress)
+            errors: list[MeterErrorRow] | str = []
+            if args.provider in ("", "stripe"):
+                errors = await r.meter_errors(dt.datetime.now(dt.UTC) - ERRORS_KEPT)
         finally:
             await close(adapters)
     write(rows, sys.stdout, as_json=args.json)
+    write_errors(errors, sys.stdout, as_json=args.json)
     return 1 if any(row.verdict in DRIFT for row in rows) else 0
 
 
@@ -147,6 +159,24 @@ def write(rows: list[Row], out: TextIO, as_json: bool = False) -> None:
     print(", ".join(f"{n} {v.value}" for v, n in counts.items() if n), file=out)
 
 
+def write_errors(errors: list[MeterErrorRow] | str, out: TextIO, as_json: bool = False) -> None:
+    if isinstance(errors, str):
+        print(json.dumps({"stripe_meter_errors_unread": errors}) if as_json else errors, file=out)
+        return
+    if errors and not as_json:
+        print(f"stripe meter error reports (last {ERRORS_KEPT.days} days):", file=out)
+    for e in errors:
+        if as_json:
+            print(json.dumps(e.as_json()), file=out)
+            continue
+        where = (
+            f"customer {e.customer_id}, meter {e.meter}, events {', '.join(e.event_ids)}"
+            if e.customer_id
+            else f"identifier {e.identifier or '(none given)'}"
+        )
+        print(f"  {e.code} x{e.count}: {e.message} ({where})", file=out)
+
+
 def _n(value: int | None) -> str:
     return "-" if value is None else str(value)
 
@@ -185,7 +215,8 @@ class Background:
             *await self.reconciler.run(which="current"),
             *await self.reconciler.run(which="previous"),
         ]
-        metrics.reconciled(rows)
+        errors = await self.reconciler.meter_errors(dt.datetime.now(dt.UTC) - ERRORS_KEPT)
+        metrics.reconciled(rows, errors if isinstance(errors, list) else None)
         for row in rows:
             key = (row.customer_id, row.provider, row.meter, row.period_start, row.drift)
             if row.verdict in DRIFT and key not in self._logged:

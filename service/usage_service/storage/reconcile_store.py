@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import uuid
 from collections.abc import Sequence
 
 import asyncpg
@@ -89,6 +90,26 @@ EVENTS = """
 SELECT e.event_id::text, e.customer_id, e.meter, e.quantity, e.event_time, e.properties
 FROM usage_events e WHERE e.customer_id = $1 AND e.event_id = ANY($2::uuid[])
 ORDER BY e.event_time, e.event_id"""
+
+
+# Stripe identifiers (a report's id, one of its pieces `<id>-<k>`, or a count meter's event
+# id) to the customer, meter and events they carried. $1 report_id[], $2 event_id[]
+IDENTIFIED = """
+SELECT r.report_id::text AS report_id, e.value ->> 'event_id' AS event_id,
+    e.value ->> 'customer_id' AS customer_id, e.value ->> 'meter' AS meter
+FROM reports r, jsonb_array_elements(r.events) AS e(value)
+WHERE r.provider = 'stripe'
+    AND (r.report_id = ANY($1::uuid[]) OR e.value ->> 'event_id' = ANY($2::text[]))
+ORDER BY 1, 2"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Carried:
+    """What a Stripe meter event identifier carried."""
+
+    customer_id: str
+    meter: str
+    event_ids: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +205,24 @@ class ReconcileStore:
         )
         return tuple(Sent(r["event_id"], r["quantity"], r["event_time"]) for r in rows)
 
+    async def carried(self, identifiers: Sequence[str]) -> dict[str, Carried]:
+        """Stripe identifiers to what they carried; unknown ones are left out."""
+        ids = [i[:36] for i in identifiers if _is_uuid(i[:36])]
+        found: dict[str, list[tuple[str, str, str]]] = {}
+        for r in await self.pool.fetch(IDENTIFIED, ids, ids):
+            found.setdefault(r["report_id"], []).append(
+                (r["event_id"], r["customer_id"], r["meter"])
+            )
+            found.setdefault(r["event_id"], []).append(
+                (r["event_id"], r["customer_id"], r["meter"])
+            )
+        out = {}
+        for identifier in identifiers:
+            rows = found.get(identifier[:36])
+            if rows:
+                out[identifier] = Carried(rows[0][1], rows[0][2], tuple(r[0] for r in rows))
+        return out
+
     async def queued(self, event_ids: Sequence[str]) -> set[str]:
         """Those of `event_ids` already in an open fix report."""
         return {r["event_id"] for r in await self.pool.fetch(QUEUED, list(event_ids))}
@@ -226,6 +265,14 @@ class ReconcileStore:
             INSERT_FIX, report_id, unit.provider.value, lane, json.dumps(events), value
         )
         return None if found is None else report_id
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return len(text) == 36
 
 
 def _latest(*times: dt.datetime | None) -> dt.datetime | None:
