@@ -21,6 +21,7 @@ from usage_service.providers.stripe_meters import (
     MAX_VALUE,
     StripeMeters,
     last_timestamp,
+    window,
 )
 
 STRIPE = domain.Provider.STRIPE
@@ -173,17 +174,23 @@ async def test_values_stripe_cannot_take_are_parked_without_a_call(fake, adapter
     assert fake.calls == [] and fake.violations == []
 
 
-def test_a_max_figure_is_timed_now_clamped_into_its_period() -> None:
+def test_a_max_figure_is_timed_now_clamped_into_its_periods_whole_minutes() -> None:
+    """Stripe summarises by the minute: a report is timed inside its period's whole minutes,
+    so a summary of them holds the whole period."""
     now = dt.datetime(2026, 6, 15, 12, 0, 0, 500000, tzinfo=dt.UTC)
     second = int(now.timestamp())  # 12:00:00
     day = dt.timedelta(days=1)
     assert last_timestamp(now, now - day, now + day) == second
-    # An ended period: its last whole second (12:00:00 ends before 12:00:00.5; 11:59:59 before
-    # a 12:00:00 end).
-    assert last_timestamp(now, now - 3 * day, now - day) == second - 86400
+    # An ended period: the last second of its last whole minute (11:59:59 before an end at
+    # 12:00:00.5 or at 12:00:00).
+    assert last_timestamp(now, now - 3 * day, now - day) == second - 86401
     assert last_timestamp(now, now - 3 * day, now.replace(microsecond=0) - day) == second - 86401
     start = now + dt.timedelta(seconds=30)  # 12:00:30.5: a period that starts soon
-    assert last_timestamp(now, start, now + day) == second + 31
+    assert last_timestamp(now, start, now + day) == second + 60  # its first whole minute
+    assert window(now - day, now + day) == (
+        dt.datetime(2026, 6, 14, 12, 1, tzinfo=dt.UTC),
+        dt.datetime(2026, 6, 16, 12, 0, tzinfo=dt.UTC),
+    )
 
 
 async def test_a_max_report_is_sent_with_the_time_its_figure_is_stated(fake, adapter) -> None:

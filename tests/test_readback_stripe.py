@@ -118,15 +118,20 @@ async def test_drift_shows_in_the_figure_read_back(
     assert fake.violations == []
 
 
-async def test_a_period_not_in_whole_minutes_cannot_be_told_and_asks_nothing(
+async def test_a_count_meter_over_a_period_not_in_whole_minutes_cannot_be_told(
     fake: FakeStripe, adapter: StripeMeters, plans: plans.Plans
 ) -> None:
-    tokens = plans.meters["tokens"]
+    """A count meter's events keep their own times, which may fall in a part-minute Stripe
+    cannot summarise; sum, max and last reports are timed inside the whole minutes."""
+    calls = plans.meters["calls"]
     low, high = period()
     for start, end in ((low + dt.timedelta(seconds=1), high), (low, high - dt.timedelta(0, 0.5))):
-        held = await adapter.held(query(tokens, start=start, end=end))
+        held = await adapter.held(query(calls, start=start, end=end))
         assert held.value is None and "whole minutes" in held.why
     assert fake.calls == []
+    held = await adapter.held(query(plans.meters["tokens"], start=low + dt.timedelta(seconds=1)))
+    assert held.value == 0
+    assert [c for c in fake.calls if "event_summaries" in c.path]  # read over whole minutes
 
 
 async def test_a_customer_without_a_stripe_id_cannot_be_told(

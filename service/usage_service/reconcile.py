@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from usage_service import domain
 from usage_service.plans import Aggregation, Meter
+from usage_service.providers import stripe_meters
 from usage_service.providers.readback import Held, Query, ReadBack
 from usage_service.providers.stripe_meters import StripeMeters
 from usage_service.storage.reconcile_store import ReconcileStore, Unit
@@ -224,7 +225,10 @@ class Reconciler:
             return f"queued a re-send of {len(todo)} events (report {report})"
         if unit.provider is domain.Provider.STRIPE and meter.aggregation is Aggregation.SUM:
             assert row.drift is not None
-            report = await self.store.fix_amount(unit, -row.drift)
+            bounds = unit.period.bounds
+            report = await self.store.fix_amount(
+                unit, -row.drift, lambda when: stripe_meters.stated(when, *bounds)
+            )
             if report is None:
                 return "not fixed now: a report is in flight on this lane; run again"
             return f"queued {-row.drift} (report {report})"

@@ -7,7 +7,7 @@ import dataclasses
 import datetime as dt
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
@@ -69,10 +69,11 @@ SELECT DISTINCT e.value ->> 'event_id' AS event_id
 FROM reports r, jsonb_array_elements(r.events) AS e(value)
 WHERE r.kind = 'fix' AND r.state = 'open' AND e.value ->> 'event_id' = ANY($1::text[])"""
 
-# $1 report_id, $2 provider, $3 lane (NULL: none), $4 events (JSON text), $5 value
+# $1 report_id, $2 provider, $3 lane (NULL: none), $4 events (JSON text), $5 value,
+# $6 stated_at (NULL: the newest event's time)
 INSERT_FIX = """
-INSERT INTO reports (report_id, provider, lane, events, value, kind, first_sent_at)
-VALUES ($1::uuid, $2, $3, $4::jsonb, $5, 'fix', now())
+INSERT INTO reports (report_id, provider, lane, events, value, kind, first_sent_at, stated_at)
+VALUES ($1::uuid, $2, $3, $4::jsonb, $5, 'fix', now(), $6)
 ON CONFLICT (lane) WHERE state = 'open' AND lane IS NOT NULL DO NOTHING
 RETURNING report_id"""
 
@@ -227,25 +228,33 @@ class ReconcileStore:
         """Those of `event_ids` already in an open fix report."""
         return {r["event_id"] for r in await self.pool.fetch(QUEUED, list(event_ids))}
 
-    async def fix_amount(self, unit: Unit, amount: int) -> str | None:
-        """Queues one report of `amount` on the unit's lane, addressed and timed like its latest
-        accepted event; its id is committed before the drain sends it. None when a report is in
-        flight on the lane (or nothing was accepted in the period)."""
+    async def fix_amount(
+        self, unit: Unit, amount: int, stated: Callable[[dt.datetime], dt.datetime]
+    ) -> str | None:
+        """Queues one report of `amount` on the unit's lane, addressed like its latest accepted
+        event and stated at `stated(that event's time)`; its id is committed before the drain
+        sends it. None when a report is in flight on the lane (or nothing was accepted in the
+        period)."""
         row = await self.pool.fetchrow(
             LATEST_SENT, unit.customer_id, unit.provider.value, unit.meter, *unit.period.bounds
         )
         if row is None:
             return None
         lane = drain_store.lane(unit.provider, unit.customer_id, unit.meter)
-        return await self._insert(unit, lane, [row], amount)
+        return await self._insert(unit, lane, [row], amount, stated(row["event_time"]))
 
     async def fix_events(self, unit: Unit, event_ids: Sequence[str]) -> str | None:
         """Queues a re-send of events a per-event provider lacks (it dedupes them by id)."""
         rows = await self.pool.fetch(EVENTS, unit.customer_id, list(event_ids))
-        return await self._insert(unit, None, rows, 0) if rows else None
+        return await self._insert(unit, None, rows, 0, None) if rows else None
 
     async def _insert(
-        self, unit: Unit, lane: str | None, rows: Sequence[asyncpg.Record], value: int
+        self,
+        unit: Unit,
+        lane: str | None,
+        rows: Sequence[asyncpg.Record],
+        value: int,
+        stated_at: dt.datetime | None,
     ) -> str | None:
         events = [
             {
@@ -262,7 +271,7 @@ class ReconcileStore:
         ]
         report_id = drain_store.new_report_id()
         found = await self.pool.fetchval(
-            INSERT_FIX, report_id, unit.provider.value, lane, json.dumps(events), value
+            INSERT_FIX, report_id, unit.provider.value, lane, json.dumps(events), value, stated_at
         )
         return None if found is None else report_id
 
