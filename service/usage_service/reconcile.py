@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 from usage_service import domain
 from usage_service.plans import Aggregation, Meter
-from usage_service.providers import stripe_meters
-from usage_service.providers.readback import Held, Query, ReadBack
+from usage_service.providers import dodo_payments, stripe_meters
+from usage_service.providers.readback import Held, Query, ReadBack, Sent
 from usage_service.providers.stripe_meters import StripeMeters
 from usage_service.storage.reconcile_store import ReconcileStore, Unit
 
@@ -204,15 +204,33 @@ class Reconciler:
             unit.period.end,
             sent,
         )
+        if unit.provider is domain.Provider.STRIPE:
+            ids = await self.store.sent_to(unit) - {unit.provider_customer_id}
+            if ids:
+                why = (
+                    f"the customer's Stripe id changed within the period (reports went to "
+                    f"{', '.join(sorted(ids))}, it is now {unit.provider_customer_id}): "
+                    "read each back in Stripe"
+                )
+                return dataclasses.replace(base, why=why)
         held = await readback.held(query)
         verdict, why = judge(unit, expected, held, now, self.settle)
         drift = None if held.value is None else held.value - (expected or 0)
         row = dataclasses.replace(base, held=held.value, drift=drift, verdict=verdict, why=why)
         if fix and verdict is Verdict.PROVIDER_LOWER:
-            row = dataclasses.replace(row, fix=await self._fix(unit, meter, row, held))
+            fixed = await self._fix(unit, meter, row, held, sent, now)
+            row = dataclasses.replace(row, fix=fixed)
         return row
 
-    async def _fix(self, unit: Unit, meter: Meter, row: Row, held: Held) -> str:
+    async def _fix(
+        self,
+        unit: Unit,
+        meter: Meter,
+        row: Row,
+        held: Held,
+        sent: Sequence[Sent],
+        now: dt.datetime,
+    ) -> str:
         """Queues a fix where it is safe; says what it did."""
         if unit.provider in PER_EVENT:
             if not held.missing:
@@ -221,6 +239,12 @@ class Reconciler:
             todo = [e for e in held.missing if e not in queued]
             if not todo:
                 return "a re-send is already queued"
+            if unit.provider is domain.Provider.DODO_PAYMENTS:
+                oldest = now - dodo_payments.WINDOW + dodo_payments.WINDOW_MARGIN
+                times = {s.event_id: s.event_time for s in sent}
+                todo = [e for e in todo if times.get(e, oldest) >= oldest]
+                if not todo:
+                    return "not fixed: Dodo Payments takes events of the last hour only"
             report = await self.store.fix_events(unit, todo)
             return f"queued a re-send of {len(todo)} events (report {report})"
         if unit.provider is domain.Provider.STRIPE and meter.aggregation is Aggregation.SUM:
@@ -230,6 +254,9 @@ class Reconciler:
                 unit, -row.drift, lambda when: stripe_meters.stated(when, *bounds)
             )
             if report is None:
-                return "not fixed now: a report is in flight on this lane; run again"
+                return (
+                    "not fixed now: a report is in flight on this lane, or a fix was queued "
+                    "since this run read Stripe; run again"
+                )
             return f"queued {-row.drift} (report {report})"
         return "not fixed: only Stripe sum meters and per-event providers are repaired"

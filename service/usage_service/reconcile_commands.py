@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import TextIO
 
-from usage_service import domain, metrics, providers
+from usage_service import domain, metrics, periods, providers
 from usage_service.config import Settings, positive_number
 from usage_service.plans import Meter, Plans
 from usage_service.providers.config import ALL, ProviderSettings
@@ -62,7 +62,12 @@ def _period(text: str) -> str | dt.datetime:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError("current, previous or an ISO-8601 time") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    if not periods.EARLIEST <= when < periods.LATEST:
+        raise argparse.ArgumentTypeError(
+            f"a time from {periods.EARLIEST.year} to {periods.LATEST.year - 1}"
+        )
+    return when
 
 
 def settle(environ: Mapping[str, str]) -> float:

@@ -43,7 +43,8 @@ VERSION = "2026-10"  # the Polar-Version polar-sdk 1.0.2 sends (`polar.v2026_10`
 CLOCK_SKEW = dt.timedelta(seconds=5)
 PAGE = 100  # events per page: Polar's maximum
 MAX_PAGES = 1000
-MARGIN = dt.timedelta(seconds=1)  # asked either side of the period
+# asked either side of the period: a timestamp clamped for clock skew is up to CLOCK_SKEW early
+MARGIN = CLOCK_SKEW + dt.timedelta(seconds=1)
 # metadata: at most 50 keys of at most 40 characters, strings of at most 500; keys like `_llm`
 # and `_cost` carry structured data, so a leading underscore is Polar's
 LIMITS = ingest.Limits(keys=50, key_length=40, value_length=500)
@@ -137,7 +138,9 @@ async def read(http: httpx.AsyncClient, query: Query) -> list[ingest.Row]:
 
 def identify(held: Sequence[tuple[dt.datetime, int]], sent: Sequence[Sent]) -> list[ingest.Row]:
     """Rows for the held (timestamp, value) pairs, each named by the sent event it is, if any: of
-    the same value, sent with that timestamp or one at most `CLOCK_SKEW` later (the earliest)."""
+    the same value, sent with that timestamp or one at most `CLOCK_SKEW` later (the earliest).
+    A named row takes its event's own time, which its clamped timestamp may precede."""
+    times = {s.event_id: s.event_time for s in sent}
     free: dict[int, list[tuple[dt.datetime, str]]] = {}
     for s in sorted(sent, key=lambda s: s.event_time):
         free.setdefault(s.quantity, []).append((_ms(s.event_time), s.event_id))
@@ -146,7 +149,8 @@ def identify(held: Sequence[tuple[dt.datetime, int]], sent: Sequence[Sent]) -> l
         candidates = free.get(value, [])
         at = bisect.bisect_left(candidates, (when, ""))
         fits = at < len(candidates) and candidates[at][0] - when <= CLOCK_SKEW
-        rows.append(ingest.Row(candidates.pop(at)[1] if fits else "", when, value))
+        name = candidates.pop(at)[1] if fits else ""
+        rows.append(ingest.Row(name, times.get(name, when), value))
     return rows
 
 

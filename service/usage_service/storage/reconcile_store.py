@@ -14,7 +14,7 @@ import asyncpg
 from usage_service import domain, periods
 from usage_service.providers.readback import Sent
 from usage_service.storage import drain_store
-from usage_service.storage.rows import stored_periods
+from usage_service.storage.rows import Conn, stored_periods
 
 # Customers with events billed to a provider, in order. $1 customer_id[] (empty: all),
 # $2 provider ('' any)
@@ -38,7 +38,7 @@ SELECT e.provider, e.meter,
         FILTER (WHERE e.report_state = 'reported'))[1] AS rlq,
     count(*) FILTER (WHERE e.report_state = 'pending') AS pending,
     count(*) FILTER (WHERE e.report_state = 'pending' AND e.report_id IS NOT NULL) AS in_reports,
-    max(e.reported_at) AS last_reported_at
+    max(e.reported_at) AS last_reported_at, now() AS read_at
 FROM usage_events e
 WHERE e.customer_id = $1 AND e.event_time >= $2 AND e.event_time < $3 AND e.provider <> ''
     AND ($4::text = '' OR e.provider = $4)
@@ -69,11 +69,27 @@ SELECT DISTINCT e.value ->> 'event_id' AS event_id
 FROM reports r, jsonb_array_elements(r.events) AS e(value)
 WHERE r.kind = 'fix' AND r.state = 'open' AND e.value ->> 'event_id' = ANY($1::text[])"""
 
+# The customer ids a lane's delivered reports carried for events of a period.
+# $1 lane, $2 start, $3 end
+SENT_TO = """
+SELECT DISTINCT e.value ->> 'provider_customer_id' AS id
+FROM reports r, jsonb_array_elements(r.events) AS e(value)
+WHERE r.lane = $1 AND r.state = 'delivered'
+    AND (e.value ->> 'event_time')::timestamptz >= $2
+    AND (e.value ->> 'event_time')::timestamptz < $3"""
+
+# Fixes of one lane serialise on this lock, taken in the fix's transaction. $1 lane
+LOCK_LANE = "SELECT pg_advisory_xact_lock(hashtext($1))"
+
+# A fix queued on the lane since a reconciliation read the provider. $1 lane, $2 read at
+FIXED_SINCE = """
+SELECT count(*) FROM reports WHERE kind = 'fix' AND lane = $1 AND created_at >= $2"""
+
 # $1 report_id, $2 provider, $3 lane (NULL: none), $4 events (JSON text), $5 value,
 # $6 stated_at (NULL: the newest event's time)
 INSERT_FIX = """
 INSERT INTO reports (report_id, provider, lane, events, value, kind, first_sent_at, stated_at)
-VALUES ($1::uuid, $2, $3, $4::jsonb, $5, 'fix', now(), $6)
+VALUES ($1::uuid, $2, $3, $4::text::jsonb, $5, 'fix', now(), $6)
 ON CONFLICT (lane) WHERE state = 'open' AND lane IS NOT NULL DO NOTHING
 RETURNING report_id"""
 
@@ -135,6 +151,7 @@ class Unit:
     pending: int  # events not accepted yet
     in_reports: int  # of them, in reports being sent
     last_reported_at: dt.datetime | None  # the last acceptance (of an event or a fix)
+    read_at: dt.datetime  # the database's time when these figures were read
     provider_customer_id: str
     subscription_item: str
     fixing: bool  # a fix report is open on this lane
@@ -193,6 +210,7 @@ class ReconcileStore:
                     pending=r["pending"],
                     in_reports=r["in_reports"],
                     last_reported_at=_latest(r["last_reported_at"], fixed_at.get(lane)),
+                    read_at=r["read_at"],
                     provider_customer_id=known["provider_customer_id"] if known else "",
                     subscription_item=str(items.get(r["meter"], "")),
                     fixing=lane in fixing,
@@ -228,28 +246,43 @@ class ReconcileStore:
         """Those of `event_ids` already in an open fix report."""
         return {r["event_id"] for r in await self.pool.fetch(QUEUED, list(event_ids))}
 
+    async def sent_to(self, unit: Unit) -> set[str]:
+        """The customer ids the unit's lane reports carried for the period's events."""
+        lane = drain_store.lane(unit.provider, unit.customer_id, unit.meter)
+        rows = await self.pool.fetch(SENT_TO, lane, *unit.period.bounds)
+        return {r["id"] for r in rows}
+
     async def fix_amount(
         self, unit: Unit, amount: int, stated: Callable[[dt.datetime], dt.datetime]
     ) -> str | None:
         """Queues one report of `amount` on the unit's lane, addressed like its latest accepted
         event and stated at `stated(that event's time)`; its id is committed before the drain
-        sends it. None when a report is in flight on the lane (or nothing was accepted in the
-        period)."""
+        sends it. None when a report is in flight on the lane, a fix was queued on it since the
+        unit was read (the provider's figure this fix is based on may be stale), or nothing was
+        accepted in the period."""
         row = await self.pool.fetchrow(
             LATEST_SENT, unit.customer_id, unit.provider.value, unit.meter, *unit.period.bounds
         )
         if row is None:
             return None
         lane = drain_store.lane(unit.provider, unit.customer_id, unit.meter)
-        return await self._insert(unit, lane, [row], amount, stated(row["event_time"]))
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_LANE, lane)
+            if await conn.fetchval(FIXED_SINCE, lane, unit.read_at):
+                return None
+            return await self._insert(conn, unit, lane, [row], amount, stated(row["event_time"]))
 
     async def fix_events(self, unit: Unit, event_ids: Sequence[str]) -> str | None:
         """Queues a re-send of events a per-event provider lacks (it dedupes them by id)."""
         rows = await self.pool.fetch(EVENTS, unit.customer_id, list(event_ids))
-        return await self._insert(unit, None, rows, 0, None) if rows else None
+        if not rows:
+            return None
+        async with self.pool.acquire() as conn:
+            return await self._insert(conn, unit, None, rows, 0, None)
 
+    @staticmethod
     async def _insert(
-        self,
+        conn: Conn,
         unit: Unit,
         lane: str | None,
         rows: Sequence[asyncpg.Record],
@@ -270,7 +303,7 @@ class ReconcileStore:
             for r in rows
         ]
         report_id = drain_store.new_report_id()
-        found = await self.pool.fetchval(
+        found = await conn.fetchval(
             INSERT_FIX, report_id, unit.provider.value, lane, json.dumps(events), value, stated_at
         )
         return None if found is None else report_id

@@ -57,6 +57,8 @@ ALTER TABLE reports ADD COLUMN stated_at timestamptz;
 -- What a report is: usage being reported, or a fix a reconciliation queued (the amount, or the
 -- events, that a provider was found to lack).
 ALTER TABLE reports ADD COLUMN kind text NOT NULL DEFAULT 'usage';
+-- A reconciliation reads a lane's reports (Stripe, Lemon Squeezy) of every state.
+CREATE INDEX reports_lane ON reports (lane) WHERE lane IS NOT NULL;
 
 -- The claim reads one provider's unclaimed events, oldest first.
 DROP INDEX usage_events_unclaimed;
