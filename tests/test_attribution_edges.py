@@ -60,6 +60,7 @@ async def test_a_move_leaves_a_batch_polar_may_hold_to_polar(
     await service.add_customer("c_mv", provider=CREEM, provider_customer_id="creem_mv")
     moved = await drain_store.DrainStore(service.db).move_to_current_provider("polar", ["c_mv"])
     assert (moved.events, moved.left_in_open_reports) == (0, 1)
+    await service.db.execute("UPDATE reports SET next_attempt_at = now()")  # the retry is due
     await drain_until_quiet([await make_drain()], service.db)
     billed_by = [name for name in ("polar", "creem") if event_id in getattr(fakes, name).accepted]
     assert billed_by == ["polar"], (moved, billed_by)

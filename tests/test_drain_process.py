@@ -40,6 +40,7 @@ def service_env(dsn: str, fakes: Fakes, lease: float) -> dict[str, str]:
         "USAGE_DRAIN_LEASE_SECONDS": str(lease),
         "USAGE_DRAIN_BACKOFF_BASE_SECONDS": "0.05",
         "USAGE_DRAIN_BACKOFF_CAP_SECONDS": "0.5",
+        "LEMONSQUEEZY_SETTLE_SECONDS": "1",  # the fake applies a write at once or never
     }
 
 

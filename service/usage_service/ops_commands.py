@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -18,7 +19,7 @@ from usage_service.config import Settings
 from usage_service.storage import history, ops
 
 COMMANDS = ("health", "prune", "verify")
-PROGRESS_EVERY = 2.0  # seconds between progress lines of a long verify
+PROGRESS_EVERY = 2.0  # seconds between progress lines of a long operator command
 HEALTH_TIMEOUT = 3.0  # seconds
 MIN_PRUNE_DAYS = 1
 
@@ -100,17 +101,23 @@ def health(settings: Settings, address: str | None, service: str, timeout: float
     return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-async def _verify(settings: Settings, customers: list[str], fix: bool) -> list[history.Difference]:
+def progress_printer(command: str) -> Callable[[int, int], None]:
+    """Prints `command: done/total customers` to stderr, at most every PROGRESS_EVERY seconds
+    and at the end."""
     last = time.monotonic()
 
     def progress(done: int, total: int) -> None:
         nonlocal last
         if time.monotonic() - last >= PROGRESS_EVERY or done == total:
             last = time.monotonic()
-            print(f"verify: {done}/{total} customers", file=sys.stderr, flush=True)
+            print(f"{command}: {done}/{total} customers", file=sys.stderr, flush=True)
 
+    return progress
+
+
+async def _verify(settings: Settings, customers: list[str], fix: bool) -> list[history.Difference]:
     async with server.database(settings) as st:
-        return await history.verify(st.pool, customers, progress, fix)
+        return await history.verify(st.pool, customers, progress_printer("verify"), fix)
 
 
 async def _prune(settings: Settings, days: int, batch: int) -> int:

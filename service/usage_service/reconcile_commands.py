@@ -10,11 +10,10 @@ import datetime as dt
 import json
 import logging
 import sys
-import time
 from collections.abc import Mapping
 from typing import TextIO
 
-from usage_service import domain, metrics, periods, providers
+from usage_service import domain, metrics, ops_commands, periods, providers
 from usage_service.config import Settings, positive_number
 from usage_service.plans import Meter, Plans
 from usage_service.providers.config import ALL, ProviderSettings
@@ -31,7 +30,6 @@ from usage_service.storage.reconcile_store import ReconcileStore
 
 log = logging.getLogger(__name__)
 COMMANDS = ("reconcile",)
-PROGRESS_EVERY = 2.0  # seconds between progress lines on long runs
 ERRORS_KEPT = dt.timedelta(days=30)  # how long Stripe keeps the events that carry error reports
 
 
@@ -104,14 +102,7 @@ async def close(adapters: Mapping[domain.Provider, providers.Adapter]) -> None:
 async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int:
     from usage_service import server  # the server starts the reconciler: import it late
 
-    last = time.monotonic()
-
-    def progress(done: int, total: int) -> None:
-        nonlocal last
-        if time.monotonic() - last >= PROGRESS_EVERY or done == total:
-            last = time.monotonic()
-            print(f"reconcile: {done}/{total} customers", file=sys.stderr, flush=True)
-
+    progress = ops_commands.progress_printer("reconcile")
     async with server.database(settings) as st:
         r, adapters = build(st, plans.meters, settings.environ)
         try:
