@@ -216,12 +216,14 @@ async def test_a_property_a_provider_cannot_keep_is_set_aside_never_dropped(
     or a property named like the value key, are parked with a reason, not sent truncated."""
     many = case.event(**{f"p{i:02d}": "x" for i in range(50)})
     clash = case.event(quantity=3, value="7")
+    wide = case.event(emoji="\U0001f600" * 300)  # 300 characters, 600 UTF-16 code units
     fine = case.event()
-    answer = await adapter.send(report(case.provider, many, clash, fine))
+    answer = await adapter.send(report(case.provider, many, clash, wide, fine))
     assert isinstance(answer, outcome.Rejected)
-    assert set(answer.reasons) == {many.event_id, clash.event_id}
+    assert set(answer.reasons) == {many.event_id, clash.event_id, wide.event_id}
     assert "50 properties and the value exceed 50 keys" in answer.reasons[many.event_id]
     assert "value key" in answer.reasons[clash.event_id]
+    assert "'emoji'" in answer.reasons[wide.event_id]
     assert set(fake.accepted) == {fine.event_id}
     assert fake.violations == []
 

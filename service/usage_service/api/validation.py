@@ -11,7 +11,7 @@ from usage.v1 import usage_pb2
 from usage_service import domain, periods
 from usage_service.api.errors import invalid
 from usage_service.plans import Meter, Plans
-from usage_service.providers import creem, dodo_payments, polar
+from usage_service.providers import creem, dodo_payments, ingest, polar
 from usage_service.storage.store import new_event_id
 
 MAX_ID_LENGTH = 255  # characters, for customer ids, idempotency keys and provider ids
@@ -66,7 +66,7 @@ def properties(
         else set()
     )
     for key, value in props.items():
-        if not key or _js_length(key) > MAX_PROPERTY_KEY or "\x00" in key:
+        if not key or ingest.js_length(key) > MAX_PROPERTY_KEY or "\x00" in key:
             v.add(
                 f"{field}[{key!r}]", f"keys must be 1..{MAX_PROPERTY_KEY} UTF-16 code units, no NUL"
             )
@@ -74,17 +74,11 @@ def properties(
             v.add(f"{field}[{key!r}]", f"keys must not start with {RESERVED_PREFIX!r} (reserved)")
         elif meter and key in taken:
             v.add(f"{field}[{key!r}]", f"is the key carrying the value of meter {meter.name!r}")
-        if _js_length(value) > MAX_PROPERTY_VALUE or "\x00" in value:
+        if ingest.js_length(value) > MAX_PROPERTY_VALUE or "\x00" in value:
             v.add(
                 f"{field}[{key!r}]",
                 f"values must be at most {MAX_PROPERTY_VALUE} UTF-16 code units, no NUL",
             )
-
-
-def _js_length(text: str) -> int:
-    """A string's length as the providers' JavaScript and TypeScript servers count it: in UTF-16
-    code units, so a character outside the Basic Multilingual Plane counts twice."""
-    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
 
 
 def provider_customer_id(

@@ -251,7 +251,7 @@ def attributes(
         problem = f"{len(props)} properties and the value exceed {limits.keys} keys"
     else:
         for key, value in props:
-            if len(key) > limits.key_length or len(value) > limits.value_length:
+            if js_length(key) > limits.key_length or js_length(value) > limits.value_length:
                 problem = (
                     f"property {key[:50]!r} is over {limits.key_length} characters (key) "
                     f"or {limits.value_length} (value)"
@@ -263,6 +263,12 @@ def attributes(
     if problem:
         return f"{problem}; not sent"
     return {value_key: event.quantity, **dict(props)}
+
+
+def js_length(text: str) -> int:
+    """A string's length as the providers' JavaScript and TypeScript servers count it: in UTF-16
+    code units, so a character outside the Basic Multilingual Plane counts twice."""
+    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
 
 
 def count(body: Any, key: str) -> int | None:

@@ -18,7 +18,8 @@ events held in the period. A `UserEvent` carries its `timestamp` and `metadata`,
 `external_id` we sent, so a held event is told apart by its value and timestamp: it is the sent
 event of that value whose timestamp it carries, or (clamped) lies at most `CLOCK_SKEW` before.
 Sent events of one value within `CLOCK_SKEW` of each other are interchangeable. The period is
-asked with a second of margin either side and cut here, whichever way Polar bounds it. Polar bills
+asked with `MARGIN` either side and cut here (a named event by its own time), whichever way Polar
+bounds it. Polar bills
 by receipt time; the read-back counts by event timestamp, like `GET /v1/meters/{id}/quantities`.
 """
 
