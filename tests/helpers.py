@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Mapping
 
 import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service.storage import store
+from usage_service import drain_commands, providers
+from usage_service.drain import Drain, DrainSettings
+from usage_service.plans import Meter
+from usage_service.providers.config import ProviderSettings
+from usage_service.storage import drain_store, store
 
 
 @dataclasses.dataclass
@@ -104,3 +109,27 @@ def active_customer(customer_id: str = "cus_1", plan_id: str = "basic") -> custo
     customer.current_period_start_time.FromDatetime(now - dt.timedelta(days=1))
     customer.current_period_end_time.FromDatetime(now + dt.timedelta(days=29))
     return customer
+
+
+class Drains:
+    """Drains on one database, each with its own pool and the adapters an environment
+    configures; `close` closes them all."""
+
+    def __init__(self, dsn: str, meters: Mapping[str, Meter]) -> None:
+        self.dsn = dsn
+        self.meters = meters
+        self.made: list[tuple[Drain, asyncpg.Pool]] = []
+
+    async def make(
+        self, env: Mapping[str, str], settings: DrainSettings, owner: str = "", pool_size: int = 5
+    ) -> Drain:
+        pool = await store.create_pool(self.dsn, pool_size)
+        adapters = providers.adapters(ProviderSettings.from_env(env), self.meters)
+        d = Drain(drain_store.DrainStore(pool), adapters, self.meters, settings, owner)
+        self.made.append((d, pool))
+        return d
+
+    async def close(self) -> None:
+        for d, pool in self.made:
+            await drain_commands.close(d)
+            await pool.close()

@@ -16,15 +16,14 @@ from conftest import Service
 from fakes import event as fake_event
 from fakes.base import Fault
 from fakes.world import CUSTOMERS, LEMON_ITEMS, POLAR_CUSTOMER, Fakes
-from helpers import record
+from helpers import Drains, record
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service import domain, drain_commands, plans, providers
+from usage_service import domain, drain_commands, plans
 from usage_service.drain import STRIPE_TOO_OLD, Drain, DrainSettings, build_reports
 from usage_service.plans import Aggregation
 from usage_service.providers import dodo_payments
-from usage_service.providers.config import ProviderSettings
-from usage_service.storage import drain_store, store
+from usage_service.storage import drain_store
 
 FAST = DrainSettings(
     interval=0.05, lease=10, claim=1000, backoff_base=0.02, backoff_cap=0.2, concurrency=8
@@ -43,24 +42,18 @@ def fakes() -> Iterator[Fakes]:
 
 @pytest.fixture
 async def make_drain(dsn: str, plans: plans.Plans, fakes: Fakes) -> AsyncIterator[MakeDrain]:
-    made: list[tuple[Drain, asyncpg.Pool]] = []
+    drains = Drains(dsn, plans.meters)
 
     async def make(
         without: Sequence[str] = (), settings: DrainSettings = FAST, owner: str = ""
     ) -> Drain:
         env = {k: v for k, v in fakes.env().items() if not any(k.startswith(w) for w in without)}
         env["LEMONSQUEEZY_SETTLE_SECONDS"] = "0.2"  # how long an unknown increment holds a lane
-        pool = await store.create_pool(dsn, 10)
-        adapters = providers.adapters(ProviderSettings.from_env(env), plans.meters)
-        d = Drain(drain_store.DrainStore(pool), adapters, plans.meters, settings, owner)
-        made.append((d, pool))
-        return d
+        return await drains.make(env, settings, owner, pool_size=10)
 
     yield make
-    for d, pool in made:
-        await drain_commands.close(d)
-        await pool.close()
-    if made:
+    await drains.close()
+    if drains.made:
         db = await asyncpg.connect(dsn)
         try:
             assert await fakes_against_reported(fakes, db, plans) == []

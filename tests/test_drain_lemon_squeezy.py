@@ -16,14 +16,13 @@ from conftest import Service
 from fakes.base import Fault
 from fakes.lemon_squeezy import KEY, FakeLemonSqueezy
 from fakes.world import LEMON_ITEMS
-from helpers import record
+from helpers import Drains, record
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service import drain_commands, plans, providers
+from usage_service import plans
 from usage_service.drain import Drain, DrainSettings
-from usage_service.providers.config import ProviderSettings
 from usage_service.providers.lemon_squeezy import CLOSED_PERIOD
-from usage_service.storage import drain_store, store
+from usage_service.storage import drain_store
 
 TIMEOUT = 0.5  # seconds per Lemon Squeezy call
 SETTLE = 1.0  # seconds Lemon Squeezy may take to apply a write after we gave up
@@ -46,7 +45,7 @@ def fake() -> Iterator[FakeLemonSqueezy]:
 async def make_drain(
     dsn: str, plans: plans.Plans, fake: FakeLemonSqueezy
 ) -> AsyncIterator[MakeDrain]:
-    made: list[tuple[Drain, asyncpg.Pool]] = []
+    drains = Drains(dsn, plans.meters)
 
     async def make(owner: str, lease: float = FAST.lease, http_timeout: float = TIMEOUT) -> Drain:
         env = {
@@ -55,17 +54,10 @@ async def make_drain(
             "USAGE_PROVIDER_TIMEOUT_SECONDS": str(http_timeout),
             "LEMONSQUEEZY_SETTLE_SECONDS": str(SETTLE),
         }
-        pool = await store.create_pool(dsn, 5)
-        adapters = providers.adapters(ProviderSettings.from_env(env), plans.meters)
-        settings = dataclasses.replace(FAST, lease=lease)
-        d = Drain(drain_store.DrainStore(pool), adapters, plans.meters, settings, owner)
-        made.append((d, pool))
-        return d
+        return await drains.make(env, dataclasses.replace(FAST, lease=lease), owner)
 
     yield make
-    for d, pool in made:
-        await drain_commands.close(d)
-        await pool.close()
+    await drains.close()
 
 
 async def add_customer(service: Service) -> None:

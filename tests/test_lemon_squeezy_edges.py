@@ -8,12 +8,12 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 
-import asyncpg
 import pytest
 from conftest import Service
 from fakes.lemon_squeezy import KEY, FakeLemonSqueezy
 from fakes.stripe import KEY as STRIPE_KEY
 from fakes.stripe import FakeStripe
+from helpers import Drains
 from test_drain_lemon_squeezy import (
     CUSTOMER,
     FAST,
@@ -26,10 +26,9 @@ from test_drain_lemon_squeezy import (
 )
 
 from usage.v1 import customer_pb2
-from usage_service import drain_commands, plans, providers
+from usage_service import plans
 from usage_service.drain import Drain
-from usage_service.providers.config import ProviderSettings
-from usage_service.storage import drain_store, store
+from usage_service.storage import drain_store
 
 __all__ = ["fake"]  # fixture
 
@@ -49,7 +48,7 @@ async def make_drain(
     dsn: str, plans: plans.Plans, fake: FakeLemonSqueezy, stripe_fake: FakeStripe
 ) -> AsyncIterator[MakeDrain]:
     """A drain on Lemon Squeezy (settle time SETTLE) and Stripe, both fakes."""
-    made: list[tuple[Drain, asyncpg.Pool]] = []
+    drains = Drains(dsn, plans.meters)
 
     async def make(owner: str, lease: float = FAST.lease) -> Drain:
         env = {
@@ -60,17 +59,10 @@ async def make_drain(
             "STRIPE_API_KEY": STRIPE_KEY,
             "STRIPE_API_BASE": stripe_fake.url,
         }
-        pool = await store.create_pool(dsn, 5)
-        adapters = providers.adapters(ProviderSettings.from_env(env), plans.meters)
-        settings = dataclasses.replace(FAST, lease=lease)
-        d = Drain(drain_store.DrainStore(pool), adapters, plans.meters, settings, owner)
-        made.append((d, pool))
-        return d
+        return await drains.make(env, dataclasses.replace(FAST, lease=lease), owner)
 
     yield make
-    for d, pool in made:
-        await drain_commands.close(d)
-        await pool.close()
+    await drains.close()
 
 
 async def wait_records(fake: FakeLemonSqueezy, n: int, limit: float = 30.0) -> None:
