@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fakes.ingest import POLAR_KEY  # noqa: E402
 
-from usage_service import domain, plans, providers  # noqa: E402
-from usage_service.drain import Drain, DrainSettings  # noqa: E402
+from usage_service import domain, providers  # noqa: E402
+from usage_service.domain import ids, plans  # noqa: E402
+from usage_service.drain.loop import Drain, DrainSettings  # noqa: E402
 from usage_service.providers.config import ProviderSettings  # noqa: E402
 from usage_service.storage import drain_store, migrate, store  # noqa: E402
 
@@ -100,7 +101,7 @@ async def run(server_dsn: str, events: int, replicas: int) -> dict[str, float]:
             await st.record(
                 [
                     domain.UsageEvent(
-                        event_id=store.new_event_id(),
+                        event_id=ids.new_event_id(),
                         customer_id=f"bench-{i % CUSTOMERS}",
                         meter="tokens",
                         quantity=1 + i % 100,

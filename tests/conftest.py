@@ -20,8 +20,8 @@ import grpc
 import pytest
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2_grpc
-from usage_service import plans as plans_mod
-from usage_service.server import start_server
+from usage_service.api.server import start_server
+from usage_service.domain import plans as plans_mod
 from usage_service.storage import history, migrate, store
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")

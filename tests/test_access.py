@@ -18,9 +18,9 @@ from helpers import details, record
 from process import PLANS_FILE, ServiceProcess, executable
 
 from usage.v1 import customer_pb2, usage_pb2, usage_pb2_grpc
-from usage_service import auth
-from usage_service import plans as plans_mod
-from usage_service.server import start_server
+from usage_service.api import auth
+from usage_service.api.server import start_server
+from usage_service.domain import plans as plans_mod
 from usage_service.storage import store
 from usage_service.tls import TlsFiles
 

@@ -23,7 +23,7 @@ from process import executable
 from test_drain import FAST, MakeDrain, drain_until_quiet, fakes, make_drain, summary
 
 from usage.v1 import customer_pb2
-from usage_service import drain_commands
+from usage_service.commands import drain as drain_commands
 from usage_service.storage import drain_store, history, migrate, ops_queries, queries
 
 __all__ = ["fakes", "make_drain"]  # fixtures

@@ -11,8 +11,8 @@ from conftest import Service
 from helpers import logged_store, record
 
 from usage.v1 import customer_pb2, usage_pb2, usage_pb2_grpc
-from usage_service import plans as plans_mod
-from usage_service.server import start_server
+from usage_service.api.server import start_server
+from usage_service.domain import plans as plans_mod
 from usage_service.storage import store
 
 R = usage_pb2

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from usage_service import domain
-from usage_service.plans import Aggregation, Enforcement, MeteredFeature
-from usage_service.storage import store
+from usage_service.domain import ids
+from usage_service.domain.plans import Aggregation, Enforcement, MeteredFeature
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -101,9 +101,9 @@ def test_payload_hash_is_pinned() -> None:
 
 
 def test_event_ids_are_random_version_4_uuids() -> None:
-    ids = {store.new_event_id() for _ in range(1000)} | set(store.new_event_ids(1000))
-    assert len(ids) == 2000
-    for text in ids:
+    made = {ids.new_event_id() for _ in range(1000)} | set(ids.new_event_ids(1000))
+    assert len(made) == 2000
+    for text in made:
         parsed = uuid.UUID(text)
         assert str(parsed) == text
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122

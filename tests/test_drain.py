@@ -19,9 +19,11 @@ from fakes.world import CUSTOMERS, LEMON_ITEMS, POLAR_CUSTOMER, Fakes
 from helpers import Drains, record
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service import domain, drain_commands, plans
-from usage_service.drain import STRIPE_TOO_OLD, Drain, DrainSettings, build_reports
-from usage_service.plans import Aggregation
+from usage_service import domain
+from usage_service.commands import drain as drain_commands
+from usage_service.domain import plans, reports
+from usage_service.domain.plans import Aggregation
+from usage_service.drain.loop import STRIPE_TOO_OLD, Drain, DrainSettings, build_reports
 from usage_service.providers import dodo_payments
 from usage_service.storage import drain_store
 
@@ -481,10 +483,10 @@ def test_reports_collapse_per_customer_meter_and_period(plans: plans.Plans) -> N
     stripe = domain.Provider.STRIPE
     built = {r.lane: r for r in build_reports(stripe, plans.meters, items)}
     assert {lane: (len(r.events), r.value) for lane, r in built.items()} == {
-        drain_store.lane(stripe, "a", "tokens"): (2, 5),
-        drain_store.lane(stripe, "b", "tokens"): (1, 5),
-        drain_store.lane(stripe, "a", "storage"): (1, 70),  # the period's peak, never lower
-        drain_store.lane(stripe, "a", "seats"): (1, 4),
+        reports.lane(stripe, "a", "tokens"): (2, 5),
+        reports.lane(stripe, "b", "tokens"): (1, 5),
+        reports.lane(stripe, "a", "storage"): (1, 70),  # the period's peak, never lower
+        reports.lane(stripe, "a", "seats"): (1, 4),
     }
     calls = [claimed("a", "calls", 1, p1) for _ in range(450)]
     (only,) = build_reports(stripe, plans.meters, calls)

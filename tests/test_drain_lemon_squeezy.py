@@ -19,10 +19,9 @@ from fakes.world import LEMON_ITEMS
 from helpers import Drains, record
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service import plans
-from usage_service.drain import Drain, DrainSettings
+from usage_service.domain import plans, reports
+from usage_service.drain.loop import Drain, DrainSettings
 from usage_service.providers.lemon_squeezy import CLOSED_PERIOD
-from usage_service.storage import drain_store
 
 TIMEOUT = 0.5  # seconds per Lemon Squeezy call
 SETTLE = 1.0  # seconds Lemon Squeezy may take to apply a write after we gave up
@@ -183,7 +182,7 @@ async def test_lemon_squeezy_fake_totals_equal_what_the_service_reported(
     )
     said: dict[str, int] = {}
     for row in rows:
-        meter = row["lane"].split(drain_store.LANE_SEPARATOR)[-1]
+        meter = row["lane"].split(reports.LANE_SEPARATOR)[-1]
         increment = meter in ("tokens", "calls")
         said[LEMON_ITEMS[meter]] = said.get(LEMON_ITEMS[meter], 0) * increment + row["value"]
     assert fake.totals() == said

@@ -14,8 +14,9 @@ from fakes.world import Fakes
 from test_drain import MakeDrain, add_customers, drain_until_quiet, record_many, states, summary
 
 from usage.v1 import customer_pb2
-from usage_service import domain, plans
-from usage_service.drain import build_reports
+from usage_service import domain
+from usage_service.domain import plans, reports
+from usage_service.drain.loop import build_reports
 from usage_service.storage import drain_store
 
 STRIPE = domain.Provider.STRIPE
@@ -118,8 +119,8 @@ def test_lane_reports_never_carry_a_value_past_a_bigint_or_15_digits(plans: plan
     ]
     stripe = {r.lane: r.value for r in build_reports(STRIPE, plans.meters, items)}
     assert stripe == {
-        drain_store.lane(STRIPE, "a", "tokens"): 2**62,  # alone: the adapter parks it
-        drain_store.lane(STRIPE, "b", "tokens"): 6 * 10**14,  # the next waits its turn
+        reports.lane(STRIPE, "a", "tokens"): 2**62,  # alone: the adapter parks it
+        reports.lane(STRIPE, "b", "tokens"): 6 * 10**14,  # the next waits its turn
     }
     lemon = domain.Provider.LEMON_SQUEEZY
     values = [r.value for r in build_reports(lemon, plans.meters, items)]

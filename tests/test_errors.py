@@ -11,8 +11,8 @@ from conftest import Service
 from helpers import details, record
 
 from usage.v1 import usage_pb2, usage_pb2_grpc
-from usage_service import plans as plans_mod
-from usage_service.server import start_server
+from usage_service.api.server import start_server
+from usage_service.domain import plans as plans_mod
 from usage_service.storage import store
 
 FUTURE = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)  # far past the allowed clock skew

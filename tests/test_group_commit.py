@@ -12,7 +12,8 @@ from conftest import Service
 from helpers import details, logged_store, record
 
 from usage.v1 import usage_pb2
-from usage_service import domain, periods
+from usage_service import domain
+from usage_service.domain import errors, ids, periods
 from usage_service.storage import history, store
 
 INT64_MAX = 2**63 - 1
@@ -22,7 +23,7 @@ def _event(
     key: str, quantity: int = 1, customer: str = "c", meter: str = "tokens"
 ) -> domain.UsageEvent:
     return domain.UsageEvent(
-        event_id=store.new_event_id(),
+        event_id=ids.new_event_id(),
         customer_id=customer,
         meter=meter,
         quantity=quantity,
@@ -66,11 +67,11 @@ async def test_each_request_in_a_group_is_judged_alone_and_in_order(dsn: str) ->
         answers = await st.record_many(
             [failing_batch, later_same_key, first, second_other_payload, retry_of_stored, plain]
         )
-        assert isinstance(answers[0], store.KeyConflict)
+        assert isinstance(answers[0], errors.KeyConflict)
         assert (answers[0].index, answers[0].event_id) == (1, taken.event_id)
         assert answers[1] == [store.Recorded(later_same_key[0].event_id, duplicate=False)]
         assert answers[2] == [store.Recorded(first[0].event_id, duplicate=False)]
-        assert isinstance(answers[3], store.KeyConflict)
+        assert isinstance(answers[3], errors.KeyConflict)
         assert answers[3].event_id == first[0].event_id
         assert answers[4] == [store.Recorded(taken.event_id, duplicate=True)]
         assert answers[5] == [store.Recorded(plain[0].event_id, duplicate=False)]
@@ -107,7 +108,7 @@ async def test_a_total_out_of_range_fails_only_its_own_caller(dsn: str) -> None:
         overflow = [_event("over", 1)]
         answers = await st.record_isolated([ok, overflow])
         assert answers[0] == [store.Recorded(ok[0].event_id, duplicate=False)]
-        assert isinstance(answers[1], store.TotalOutOfRange) and answers[1].index == 0
+        assert isinstance(answers[1], errors.TotalOutOfRange) and answers[1].index == 0
         keys = {r[0] for r in await st.pool.fetch("SELECT idempotency_key FROM usage_events")}
         assert keys == {"big", "ok"}
     finally:

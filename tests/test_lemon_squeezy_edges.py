@@ -26,8 +26,8 @@ from test_drain_lemon_squeezy import (
 )
 
 from usage.v1 import customer_pb2
-from usage_service import plans
-from usage_service.drain import Drain
+from usage_service.domain import plans
+from usage_service.drain.loop import Drain
 from usage_service.storage import drain_store
 
 __all__ = ["fake"]  # fixture

@@ -49,8 +49,8 @@ from hypothesis.stateful import (
 )
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
-from usage_service import plans as plans_mod
-from usage_service.server import Running, start_server
+from usage_service.api.server import Running, start_server
+from usage_service.domain import plans as plans_mod
 from usage_service.storage import history, store
 
 T = TypeVar("T")

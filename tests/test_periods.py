@@ -1,4 +1,4 @@
-"""Billing periods (usage_service.periods): the calendar grid of a cadence, month-end and leap-day
+"""Billing periods (domain.periods): the calendar grid of a cadence, month-end and leap-day
 clamping, the anchor a period implies, cadence inference, and how confirmed periods, projection,
 rewrites and rebuilds fit together; examples with concrete dates, then properties."""
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from usage_service.periods import (
+from usage_service.domain.periods import (
     MAX_INTERVAL_COUNT,
     Cadence,
     Interval,

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from usage_service import plans
-from usage_service.plans import Aggregation, Enforcement
+from usage_service.domain import plans
+from usage_service.domain.plans import Aggregation, Enforcement
 
 GOOD = """
 [meters.tokens]

@@ -22,11 +22,12 @@ from fakes.ingest import CREEM_KEY, DODO_KEY, POLAR_KEY, FakeCreem, FakeDodo, Fa
 from helpers import details, record
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service import domain, plans
-from usage_service.plans import Meter
+from usage_service import domain
+from usage_service.domain import plans
+from usage_service.domain.plans import Meter
+from usage_service.domain.reports import ReportEvent
 from usage_service.providers import creem, dodo_payments, ingest, outcome, polar
 from usage_service.providers.config import Endpoint
-from usage_service.providers.outcome import ReportEvent
 
 POLAR_1 = "3d5e7f90-1a2b-4c3d-8e4f-5a6b7c8d9e0f"
 POLAR_2 = "9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d"

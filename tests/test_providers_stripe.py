@@ -14,7 +14,8 @@ from fakes import event, report
 from fakes.base import Fault
 from fakes.stripe import KEY, FakeStripe
 
-from usage_service import domain, plans
+from usage_service import domain
+from usage_service.domain import plans
 from usage_service.providers import outcome
 from usage_service.providers.config import Endpoint
 from usage_service.providers.stripe_meters import (

@@ -16,13 +16,14 @@ from fakes.ingest import CREEM_KEY, DODO_KEY, POLAR_KEY, FakeCreem, FakeDodo, Fa
 from fakes.lemon_squeezy import KEY as LEMON_KEY
 from fakes.lemon_squeezy import FakeLemonSqueezy
 
-from usage_service import domain, plans
-from usage_service.plans import Meter
+from usage_service import domain
+from usage_service.domain import plans
+from usage_service.domain.plans import Meter
+from usage_service.domain.reports import ReportEvent, Sent
 from usage_service.providers import creem, dodo_payments, ingest, outcome, polar
 from usage_service.providers.config import Endpoint
 from usage_service.providers.lemon_squeezy import CURRENT_ONLY, LemonSqueezy
-from usage_service.providers.outcome import ReportEvent
-from usage_service.providers.readback import Held, Query, Sent
+from usage_service.providers.readback import Held, Query
 
 POLAR_1 = "3d5e7f90-1a2b-4c3d-8e4f-5a6b7c8d9e0f"
 

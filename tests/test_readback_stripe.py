@@ -14,11 +14,12 @@ from fakes import event, report
 from fakes.base import Fault
 from fakes.stripe import KEY, FakeStripe
 
-from usage_service import domain, plans
-from usage_service.plans import ProviderNaming
+from usage_service import domain
+from usage_service.domain import plans
+from usage_service.domain.plans import ProviderNaming
+from usage_service.domain.reports import ReportEvent
 from usage_service.providers import outcome
 from usage_service.providers.config import Endpoint
-from usage_service.providers.outcome import ReportEvent
 from usage_service.providers.readback import Held, Query
 from usage_service.providers.stripe_meters import MeterError, StripeMeters
 

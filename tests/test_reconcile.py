@@ -27,9 +27,11 @@ from test_drain import (
     transient_faults,
 )
 
-from usage_service import plans, providers, reconcile_commands
+from usage_service import providers
+from usage_service.commands import reconcile as reconcile_commands
+from usage_service.domain import plans
 from usage_service.providers.config import ProviderSettings
-from usage_service.reconcile import Reconciler, Row, Verdict
+from usage_service.reconcile.reconciler import Reconciler, Row, Verdict
 from usage_service.storage import store
 from usage_service.storage.reconcile_store import ReconcileStore
 

@@ -11,11 +11,12 @@ from fakes.world import CUSTOMERS, Fakes
 from test_drain import MakeDrain, drain_until_quiet, fakes, make_drain, record_many
 from test_reconcile import MakeReconciler, _sent_ids, make_reconciler, setup
 
-from usage_service import domain, reconcile_commands
-from usage_service import plans as plans_mod
-from usage_service.drain import Drain
+from usage_service import domain
+from usage_service.commands import reconcile as reconcile_commands
+from usage_service.domain import plans as plans_mod
+from usage_service.drain.loop import Drain
 from usage_service.providers.readback import Held, Query, ReadBack
-from usage_service.reconcile import Reconciler, Row, Verdict
+from usage_service.reconcile.reconciler import Reconciler, Row, Verdict
 from usage_service.storage import store
 
 __all__ = ["fakes", "make_drain", "make_reconciler"]  # fixtures

@@ -11,7 +11,7 @@ from test_drain import MakeDrain, drain_until_quiet, fakes, make_drain, record_m
 from test_reconcile import MakeReconciler, make_reconciler
 
 from usage_service.providers import stripe_meters
-from usage_service.reconcile import Row, Verdict
+from usage_service.reconcile.reconciler import Row, Verdict
 
 __all__ = ["fakes", "make_drain", "make_reconciler"]  # fixtures
 

@@ -9,12 +9,13 @@ import asyncpg
 from helpers import logged_store
 
 from usage_service import domain
+from usage_service.domain import ids
 from usage_service.storage import history, migrate, queries, store
 
 
 def _event(i: int, customer: str = "c") -> domain.UsageEvent:
     return domain.UsageEvent(
-        event_id=store.new_event_id(),
+        event_id=ids.new_event_id(),
         customer_id=customer,
         meter="tokens",
         quantity=i,
@@ -83,7 +84,7 @@ async def test_the_periods_migration_keeps_history_and_verify_repairs_the_rest(d
             await conn.execute(
                 "INSERT INTO usage_events (event_id, customer_id, idempotency_key, meter,"
                 " quantity, event_time, payload_hash) VALUES ($1, 'c', $2, 'tokens', $3, $4, '')",
-                store.new_event_id(),
+                ids.new_event_id(),
                 f"k{i}",
                 q,
                 when,

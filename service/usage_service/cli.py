@@ -6,9 +6,13 @@ import argparse
 import asyncio
 import sys
 
-from usage_service import drain_commands, logs, ops_commands, reconcile_commands, server, workers
-from usage_service import plans as plans_mod
+from usage_service import app, logs, workers
+from usage_service.commands import drain as drain_commands
+from usage_service.commands import ops as ops_commands
+from usage_service.commands import reconcile as reconcile_commands
 from usage_service.config import ConfigError, Settings
+from usage_service.domain import plans as plans_mod
+from usage_service.storage import database
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve" and args.workers > 1:
             return workers.serve(settings, args.workers)
         if args.command == "serve":
-            asyncio.run(server.serve(settings))
+            asyncio.run(app.serve(settings))
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
         elif args.command in ops_commands.COMMANDS:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _migrate(settings: Settings) -> None:
-    async with server.database(settings):
+    async with database.database(settings):
         pass
     print("migrations applied")
 

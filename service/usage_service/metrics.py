@@ -21,7 +21,7 @@ from usage_service import domain
 from usage_service.storage import ops
 
 if TYPE_CHECKING:
-    from usage_service.reconcile import MeterErrorRow, Row
+    from usage_service.reconcile.reconciler import MeterErrorRow, Row
 
 log = logging.getLogger(__name__)
 BACKLOG_QUERY_TIMEOUT = 2.0  # seconds a scrape waits for the backlog query

@@ -7,7 +7,7 @@ import datetime as dt
 import uuid
 
 from usage_service import domain
-from usage_service.providers.outcome import Report, ReportEvent
+from usage_service.domain.reports import Report, ReportEvent
 
 
 def event(

@@ -7,7 +7,8 @@ import datetime as dt
 from google.protobuf import timestamp_pb2
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service import domain, periods
+from usage_service import domain
+from usage_service.domain import periods
 
 STATUS_TO_PROTO = {
     domain.SubscriptionStatus.ACTIVE: customer_pb2.SUBSCRIPTION_STATUS_ACTIVE,

@@ -8,11 +8,12 @@ from typing import Any
 import grpc
 
 from usage.v1 import customer_pb2, customer_pb2_grpc
-from usage_service import domain, periods
+from usage_service import domain
 from usage_service.api import convert, validation
 from usage_service.api.errors import customer_not_found, rpc
 from usage_service.api.validation import Violations
-from usage_service.plans import Plans
+from usage_service.domain import periods
+from usage_service.domain.plans import Plans
 from usage_service.storage import history
 from usage_service.storage.store import Store
 

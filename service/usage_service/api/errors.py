@@ -9,15 +9,20 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import asyncpg
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from usage_service.storage import history
-from usage_service.storage.store import KeyConflict
+from usage_service.domain.errors import (
+    ConcurrencyConflict,
+    DatabaseUnavailable,
+    KeyConflict,
+    PeriodsPruned,
+    ValueOutOfRange,
+)
+from usage_service.storage import errors as storage_errors
 
 DOMAIN = "usage.v1"
 log = logging.getLogger(__name__)
@@ -137,22 +142,10 @@ def customer_not_found(customer_id: str) -> ApiError:
     )
 
 
-_UNAVAILABLE = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.InterfaceError,
-    # A connection cut mid-transaction (pg_terminate_backend, a restart) can leave asyncpg's
-    # protocol in a state it reports this way; the transaction did not commit, so: retry.
-    asyncpg.exceptions.InternalClientError,
-)
-
-
 def to_api_error(exc: BaseException, method: str) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    exc = storage_errors.translate(exc)
     if isinstance(exc, KeyConflict):
         return ApiError(
             "IDEMPOTENCY_KEY_REUSED",
@@ -160,7 +153,7 @@ def to_api_error(exc: BaseException, method: str) -> ApiError:
             "the first event stays",
             metadata={"event_id": exc.event_id, "index": str(exc.index)},
         )
-    if isinstance(exc, history.PeriodsPruned):
+    if isinstance(exc, PeriodsPruned):
         return ApiError(
             "PERIODS_PRUNED",
             f"events before {exc.horizon.isoformat()} were pruned: no period may start before it",
@@ -172,11 +165,11 @@ def to_api_error(exc: BaseException, method: str) -> ApiError:
             ],
             metadata={"pruned_before": exc.horizon.isoformat()},
         )
-    if isinstance(exc, asyncpg.exceptions.NumericValueOutOfRangeError):
+    if isinstance(exc, ValueOutOfRange):
         return ApiError("TOTAL_OUT_OF_RANGE", "quantity would overflow the period's total")
-    if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):
+    if isinstance(exc, ConcurrencyConflict):
         return ApiError("CONCURRENCY_CONFLICT", "a concurrent write conflicted; retry")
-    if isinstance(exc, _UNAVAILABLE):
+    if isinstance(exc, DatabaseUnavailable):
         log.warning("%s: database unavailable: %r", method, exc, extra={"action": "rpc"})
         return ApiError("DATABASE_UNAVAILABLE", "the database is unavailable; retry")
     log.exception("%s failed", method, exc_info=exc, extra={"action": "rpc"})

@@ -12,8 +12,10 @@ from usage_service import domain
 from usage_service.api import convert, validation
 from usage_service.api.errors import customer_not_found, out_of_range, rpc
 from usage_service.api.validation import Violations
-from usage_service.plans import Plans
-from usage_service.storage.store import Store, TotalOutOfRange, new_event_id, new_event_ids
+from usage_service.domain.errors import TotalOutOfRange
+from usage_service.domain.ids import new_event_id, new_event_ids
+from usage_service.domain.plans import Plans
+from usage_service.storage.store import Store
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

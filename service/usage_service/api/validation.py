@@ -8,11 +8,12 @@ from collections.abc import Mapping
 from google.protobuf import timestamp_pb2
 
 from usage.v1 import usage_pb2
-from usage_service import domain, periods
+from usage_service import domain
 from usage_service.api.errors import invalid
-from usage_service.plans import Meter, Plans
+from usage_service.domain import periods
+from usage_service.domain.ids import new_event_id
+from usage_service.domain.plans import Meter, Plans
 from usage_service.providers import creem, dodo_payments, ingest, polar
-from usage_service.storage.store import new_event_id
 
 MAX_ID_LENGTH = 255  # characters, for customer ids, idempotency keys and provider ids
 MAX_BATCH = 1000  # events per BatchRecordUsage

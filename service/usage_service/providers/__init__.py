@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from usage_service import domain
-from usage_service.plans import Meter
+from usage_service.domain.plans import Meter
+from usage_service.domain.reports import Report, ReportEvent
 from usage_service.providers import creem, dodo_payments, lemon_squeezy, polar, stripe_meters
 from usage_service.providers.config import ProviderSettings
 from usage_service.providers.outcome import (
@@ -18,8 +19,6 @@ from usage_service.providers.outcome import (
     Failed,
     Outcome,
     Rejected,
-    Report,
-    ReportEvent,
     Retry,
 )
 from usage_service.providers.readback import Held, Query

@@ -29,10 +29,10 @@ from typing import Any
 
 import httpx
 
-from usage_service.plans import Meter
+from usage_service.domain.plans import Meter
+from usage_service.domain.reports import ReportEvent
 from usage_service.providers import ingest, outcome
 from usage_service.providers.config import Endpoint
-from usage_service.providers.outcome import ReportEvent
 from usage_service.providers.readback import Query
 
 BATCH = 100  # events per call (Dodo takes 1..1000, recommends about 100)

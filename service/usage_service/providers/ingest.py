@@ -28,9 +28,10 @@ from typing import Any
 import httpx
 
 from usage_service import metrics
-from usage_service.plans import Aggregation, Meter
+from usage_service.domain.plans import Aggregation, Meter
+from usage_service.domain.reports import Report, ReportEvent
 from usage_service.providers import outcome
-from usage_service.providers.outcome import Outcome, Report, ReportEvent
+from usage_service.providers.outcome import Outcome
 from usage_service.providers.readback import Held, Query
 
 log = logging.getLogger(__name__)

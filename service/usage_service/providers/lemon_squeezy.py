@@ -37,10 +37,11 @@ from typing import Any
 import httpx
 
 from usage_service import domain
-from usage_service.plans import Meter
+from usage_service.domain.plans import Meter
+from usage_service.domain.reports import Report
 from usage_service.providers import outcome
 from usage_service.providers.config import DEFAULT_LEMONSQUEEZY_SETTLE, Endpoint
-from usage_service.providers.outcome import Outcome, Report
+from usage_service.providers.outcome import Outcome
 from usage_service.providers.readback import Held, Query
 
 JSON_API = "application/vnd.api+json"

@@ -19,42 +19,8 @@ import email.utils
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
-from usage_service import domain
-
 RETRY_STATUSES = frozenset({408, 409, 425, 429})  # and every 5xx
 MAX_RETRY_AFTER = 3600.0  # seconds; a longer Retry-After is treated as this
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportEvent:
-    """One usage event as captured in a report, with the customer's provider details."""
-
-    event_id: str
-    customer_id: str
-    meter: str
-    quantity: int
-    event_time: dt.datetime
-    properties: Mapping[str, str]
-    provider_customer_id: str  # Stripe cus_..., Polar / Dodo / Creem customer id; may be empty
-    subscription_item: str  # Lemon Squeezy subscription item id for this meter; may be empty
-
-
-@dataclasses.dataclass(frozen=True)
-class Report:
-    """What is sent as one unit, under a stable identifier stored before the first send.
-
-    Lane reports (Stripe, Lemon Squeezy) hold one customer's events of one meter and period, and
-    `value` is what a collapsed record carries: the sum (sum meters), the event count (count
-    meters) or the period's max / latest value (max / last meters)."""
-
-    report_id: str
-    provider: domain.Provider
-    events: tuple[ReportEvent, ...]
-    value: int = 0
-    checkpoint: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    attempts: int = 0
-    first_sent_at: dt.datetime | None = None
-    stated_at: dt.datetime | None = None  # Stripe max / last: when the figure is stated
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,11 +33,11 @@ from typing import Any
 
 import httpx
 
-from usage_service.plans import Meter
+from usage_service.domain.plans import Meter
+from usage_service.domain.reports import ReportEvent, Sent
 from usage_service.providers import ingest, outcome
 from usage_service.providers.config import Endpoint
-from usage_service.providers.outcome import ReportEvent
-from usage_service.providers.readback import Query, Sent
+from usage_service.providers.readback import Query
 
 BATCH = 500  # events per call; Polar caps the body (10 MiB), not the count
 VERSION = "2026-10"  # the Polar-Version polar-sdk 1.0.2 sends (`polar.v2026_10`)

@@ -11,16 +11,8 @@ import dataclasses
 import datetime as dt
 from typing import Protocol
 
-from usage_service.plans import Meter
-
-
-@dataclasses.dataclass(frozen=True)
-class Sent:
-    """One usage event reported to the provider, as a per-event provider knows it."""
-
-    event_id: str
-    quantity: int
-    event_time: dt.datetime
+from usage_service.domain.plans import Meter
+from usage_service.domain.reports import Sent
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,10 +38,11 @@ from stripe.events import V1BillingMeterErrorReportTriggeredEvent
 from stripe.params.v2.core import EventListParams
 
 from usage_service import domain
-from usage_service.plans import Aggregation, Meter
+from usage_service.domain.plans import Aggregation, Meter
+from usage_service.domain.reports import Report
 from usage_service.providers import outcome
 from usage_service.providers.config import Endpoint
-from usage_service.providers.outcome import Outcome, Report
+from usage_service.providers.outcome import Outcome
 from usage_service.providers.readback import Held, Query
 
 ALREADY_EXISTS = "already exists with identifier"  # Stripe's answer to a re-sent identifier

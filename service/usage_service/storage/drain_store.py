@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import asyncpg
 
 from usage_service import domain
-from usage_service.providers.outcome import Report, ReportEvent
+from usage_service.domain.reports import Report, ReportEvent
 from usage_service.storage.rows import Conn
 
 LANE_SEPARATOR = "\x1f"  # chr(31) in SQL
@@ -332,14 +331,6 @@ class ProviderStatus:
     failed_reasons: tuple[tuple[str, int], ...]  # (reason, events), most frequent first
     retrying_reports: int
     retrying_error: str
-
-
-def lane(provider: domain.Provider, customer_id: str, meter: str) -> str:
-    return LANE_SEPARATOR.join((provider.value, customer_id, meter))
-
-
-def new_report_id() -> str:
-    return str(uuid.uuid4())
 
 
 def _json(value: Any) -> Any:

@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 
 import asyncpg
 
-from usage_service import domain, periods
+from usage_service import domain
+from usage_service.domain import periods
+from usage_service.domain.errors import PeriodsPruned
 from usage_service.storage import queries
 from usage_service.storage.rows import Conn, customer_from_row, stored_periods
 
@@ -29,14 +31,6 @@ _FIGURES = (
     "unbilled_count",
     "unbilled_sum",
 )
-
-
-class PeriodsPruned(Exception):
-    """A webhook would move boundaries before the horizon `prune` closed."""
-
-    def __init__(self, horizon: dt.datetime) -> None:
-        super().__init__(f"periods before {horizon.isoformat()} were pruned and are closed")
-        self.horizon = horizon
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 
 import asyncpg
 
-from usage_service import domain, periods
-from usage_service.providers.readback import Sent
-from usage_service.storage import drain_store
+from usage_service import domain
+from usage_service.domain import ids, periods, reports
+from usage_service.domain.reports import Sent
 from usage_service.storage.rows import Conn, stored_periods
 
 # Customers with events billed to a provider, in order. $1 customer_id[] (empty: all),
@@ -180,7 +180,7 @@ class ReconcileStore:
         rows = await self.pool.fetch(FIGURES, customer_id, period.start, period.end, provider)
         ids = {r["provider"]: r for r in await self.pool.fetch(CUSTOMER_PROVIDERS, customer_id)}
         lanes = [
-            drain_store.lane(domain.Provider(r["provider"]), customer_id, r["meter"]) for r in rows
+            reports.lane(domain.Provider(r["provider"]), customer_id, r["meter"]) for r in rows
         ]
         fixed_at: dict[str, dt.datetime] = {}
         fixing: set[str] = set()
@@ -248,7 +248,7 @@ class ReconcileStore:
 
     async def sent_to(self, unit: Unit) -> set[str]:
         """The customer ids the unit's lane reports carried for the period's events."""
-        lane = drain_store.lane(unit.provider, unit.customer_id, unit.meter)
+        lane = reports.lane(unit.provider, unit.customer_id, unit.meter)
         rows = await self.pool.fetch(SENT_TO, lane, *unit.period.bounds)
         return {r["id"] for r in rows}
 
@@ -265,7 +265,7 @@ class ReconcileStore:
         )
         if row is None:
             return None
-        lane = drain_store.lane(unit.provider, unit.customer_id, unit.meter)
+        lane = reports.lane(unit.provider, unit.customer_id, unit.meter)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_LANE, lane)
             if await conn.fetchval(FIXED_SINCE, lane, unit.read_at):
@@ -302,7 +302,7 @@ class ReconcileStore:
             }
             for r in rows
         ]
-        report_id = drain_store.new_report_id()
+        report_id = ids.new_report_id()
         found = await conn.fetchval(
             INSERT_FIX, report_id, unit.provider.value, lane, json.dumps(events), value, stated_at
         )

@@ -9,7 +9,8 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from usage_service import domain, periods
+from usage_service import domain
+from usage_service.domain import periods
 from usage_service.storage import queries
 
 Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"

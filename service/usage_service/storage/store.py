@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, TypeAlias
 
 import asyncpg
 
-from usage_service import domain, periods
+from usage_service import domain
+from usage_service.domain import periods
+from usage_service.domain.errors import KeyConflict, TotalOutOfRange
 from usage_service.storage import coalesce, history, queries
 from usage_service.storage.rows import (
     Conn,
@@ -34,23 +35,6 @@ _DATABASE_DOWN = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
 )
-
-
-class KeyConflict(Exception):
-    """An idempotency key already names an event with another payload."""
-
-    def __init__(self, index: int, event_id: str) -> None:
-        super().__init__(f"item {index}: idempotency key already used with another payload")
-        self.index = index
-        self.event_id = event_id
-
-
-class TotalOutOfRange(Exception):
-    """An event would take its customer's and meter's total past int64: nothing is stored."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__(f"item {index}: the total would exceed the largest int64")
-        self.index = index
 
 
 class Recorded(NamedTuple):  # a tuple: a batch makes one per event
@@ -577,25 +561,6 @@ def _key_owner(event_id: object, payload_hash: bytes | None) -> tuple[str, bytes
     return (
         None if event_id is None or payload_hash is None else (str(event_id), bytes(payload_hash))
     )
-
-
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
-
-
-def new_event_id() -> str:
-    """A random (version 4) UUID as text, like `str(uuid.uuid4())`."""
-    return new_event_ids(1)[0]
-
-
-def new_event_ids(count: int) -> list[str]:
-    """`count` random (version 4) UUIDs as text from one read of the OS's random source: a
-    batch needs one per event, and each read releases the GIL to the gRPC poller thread."""
-    h = os.urandom(16 * count).hex()
-    return [
-        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
-        f"{_VARIANT[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
-        for i in range(0, 32 * count, 32)
-    ]
 
 
 def properties_json(properties: Mapping[str, str]) -> str:

@@ -13,11 +13,13 @@ import sys
 from collections.abc import Mapping
 from typing import TextIO
 
-from usage_service import domain, metrics, ops_commands, periods, providers
+from usage_service import domain, metrics, providers
+from usage_service.commands import ops as ops_commands
 from usage_service.config import Settings, positive_number
-from usage_service.plans import Meter, Plans
+from usage_service.domain import periods
+from usage_service.domain.plans import Meter, Plans
 from usage_service.providers.config import ALL, ProviderSettings
-from usage_service.reconcile import (
+from usage_service.reconcile.reconciler import (
     DEFAULT_SETTLE,
     DRIFT,
     MeterErrorRow,
@@ -25,7 +27,7 @@ from usage_service.reconcile import (
     Row,
     Verdict,
 )
-from usage_service.storage import store
+from usage_service.storage import database, store
 from usage_service.storage.reconcile_store import ReconcileStore
 
 log = logging.getLogger(__name__)
@@ -100,10 +102,9 @@ async def close(adapters: Mapping[domain.Provider, providers.Adapter]) -> None:
 
 
 async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int:
-    from usage_service import server  # the server starts the reconciler: import it late
 
     progress = ops_commands.progress_printer("reconcile")
-    async with server.database(settings) as st:
+    async with database.database(settings) as st:
         r, adapters = build(st, plans.meters, settings.environ)
         try:
             rows = await r.run(args.customer, args.provider, args.period, args.fix, progress)

@@ -10,8 +10,8 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
-from usage_service import periods
-from usage_service.plans import Aggregation, Enforcement, MeteredFeature, Plans
+from usage_service.domain import periods
+from usage_service.domain.plans import Aggregation, Enforcement, MeteredFeature, Plans
 
 MAX_TOTAL = 2**63 - 1  # the largest int64: no total may pass it
 

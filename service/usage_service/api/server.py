@@ -1,36 +1,23 @@
-"""The gRPC server's life cycle: start, serve, and shut down without losing acknowledged work."""
+"""The gRPC server: the usage.v1 services, health and reflection behind the interceptor."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
-import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
-from usage_service import (
-    auth,
-    drain_commands,
-    embedded,
-    metrics,
-    metrics_http,
-    reconcile_commands,
-    tracing,
-)
-from usage_service import plans as plans_mod
+from usage_service.api import auth
 from usage_service.api.customer_api import CustomerService
+from usage_service.api.interceptor import Interceptor
 from usage_service.api.usage_api import UsageService
 from usage_service.config import DEFAULT_MAX_IN_FLIGHT, ConfigError, Settings
-from usage_service.interceptor import Interceptor
-from usage_service.storage import migrate, store
+from usage_service.domain import plans as plans_mod
+from usage_service.storage import store
 from usage_service.tls import TlsConfigError, TlsFiles
 
 log = logging.getLogger(__name__)
@@ -102,28 +89,6 @@ async def start_server(
     return Running(server, health_servicer, port, interceptor)
 
 
-@contextlib.asynccontextmanager
-async def database(settings: Settings) -> AsyncIterator[store.Store]:
-    """Migrated storage on DATABASE_URL, or on an embedded PostgreSQL when it is unset."""
-    handle: Any = None
-    dsn = settings.database_url
-    if not dsn:
-        dsn, handle = await asyncio.to_thread(embedded.start, settings.data_dir)
-    try:
-        await migrate.migrate_dsn(dsn)
-        st = store.Store(await store.create_pool(dsn, settings.pool_size))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        reason = " ".join(str(exc).split()) or "no reason given"
-        raise ConfigError(
-            f"DATABASE_URL: cannot use the database: {type(exc).__name__}: {reason}"
-        ) from None
-    try:
-        yield st
-    finally:
-        await st.close()
-        del handle  # the embedded server stops when the process exits
-
-
 def access(settings: Settings) -> auth.Tokens:
     """The configured tokens, after checking that the listen address may be served with them."""
     try:
@@ -145,55 +110,3 @@ def access(settings: Settings) -> auth.Tokens:
             extra={"action": "start"},
         )
     return tokens
-
-
-async def serve(settings: Settings) -> None:
-    """Every setting is read and checked, and the database reached, before anything listens;
-    a port that is taken is found before the server says it is listening."""
-    drain_commands.check_settings(settings.environ)
-    reconcile_commands.check_settings(settings.environ)
-    plans = plans_mod.load(settings.plans_file or None)
-    tokens = access(settings)
-    tracing.setup(settings.tracing)
-    async with database(settings) as st, contextlib.AsyncExitStack() as stack:
-        if settings.metrics_address:
-            scraper = await metrics_http.start(
-                settings.metrics_address, lambda: metrics.refresh(st.pool)
-            )
-            stack.callback(scraper.close)
-            metrics_host = settings.metrics_address.rsplit(":", 1)[0]
-            print(
-                f"usage-service metrics on {metrics_host}:{metrics_http.bound_port(scraper)}",
-                flush=True,
-            )
-        try:
-            running = await start_server(
-                st,
-                plans,
-                settings.grpc_address,
-                tokens=tokens,
-                tls=settings.tls,
-                max_in_flight=settings.max_in_flight,
-                max_message_bytes=settings.max_message_bytes,
-                reuse_port=settings.reuse_port,
-            )
-        except TlsConfigError as exc:
-            raise ConfigError(str(exc)) from None
-        # Stops the server if anything below fails; after a graceful stop it returns at once.
-        stack.push_async_callback(running.server.stop, 0)
-        drainer = drain_commands.Background.start(st, plans, settings.environ)
-        reconciler = reconcile_commands.Background.start(st, plans, settings.environ)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        host = settings.grpc_address.rsplit(":", 1)[0]
-        # Printed once signals are handled: whoever waits for this line may send SIGTERM.
-        print(f"usage-service listening on {host}:{running.port}", flush=True)
-        await stop.wait()
-        log.info("shutting down", extra={"action": "shutdown"})
-        await running.stop(settings.shutdown_grace)
-        await drainer.stop()
-        if reconciler is not None:
-            await reconciler.stop()
-    log.info("stopped", extra={"action": "shutdown"})

@@ -22,11 +22,12 @@ from collections.abc import Mapping
 
 from usage_service import domain, metrics
 from usage_service.config import positive_number
-from usage_service.plans import Aggregation, Meter
+from usage_service.domain import ids
+from usage_service.domain.plans import Aggregation, Meter
+from usage_service.domain.reports import Report, lane
 from usage_service.providers import Adapter, creem, dodo_payments, outcome, polar, stripe_meters
 from usage_service.providers.lemon_squeezy import HOLD
-from usage_service.providers.outcome import Outcome, Report
-from usage_service.storage import drain_store
+from usage_service.providers.outcome import Outcome
 from usage_service.storage.drain_store import Claimed, DrainStore, NewReport
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def build_reports(
     report states its figure now (see stripe_meters)."""
     if provider not in LANE_PROVIDERS:
         return [
-            NewReport(drain_store.new_report_id(), None, tuple(c.event for c in batch))
+            NewReport(ids.new_report_id(), None, tuple(c.event for c in batch))
             for batch in _chunks(claimed, BATCH_REPORT.get(provider, 100))
         ]
     now = now or dt.datetime.now(dt.UTC)
@@ -125,8 +126,8 @@ def build_reports(
             stated_at = _stated_at(same, now)
         reports.append(
             NewReport(
-                drain_store.new_report_id(),
-                drain_store.lane(provider, customer_id, meter_name),
+                ids.new_report_id(),
+                lane(provider, customer_id, meter_name),
                 tuple(c.event for c in same),
                 _value(aggregation, same),
                 stated_at,

@@ -18,9 +18,10 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 
 from usage_service import domain
-from usage_service.plans import Aggregation, Meter
+from usage_service.domain.plans import Aggregation, Meter
+from usage_service.domain.reports import Sent
 from usage_service.providers import dodo_payments, stripe_meters
-from usage_service.providers.readback import Held, Query, ReadBack, Sent
+from usage_service.providers.readback import Held, Query, ReadBack
 from usage_service.providers.stripe_meters import StripeMeters
 from usage_service.storage.reconcile_store import ReconcileStore, Unit
 

@@ -21,7 +21,8 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 
 from usage.v1 import usage_pb2
-from usage_service import auth, logs, metrics
+from usage_service import logs, metrics
+from usage_service.api import auth
 from usage_service.api.errors import ApiError
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from usage_service import server
 from usage_service.config import Settings
-from usage_service.storage import history, ops
+from usage_service.storage import database, history, ops
 
 COMMANDS = ("health", "prune", "verify")
 PROGRESS_EVERY = 2.0  # seconds between progress lines of a long operator command
@@ -116,10 +115,10 @@ def progress_printer(command: str) -> Callable[[int, int], None]:
 
 
 async def _verify(settings: Settings, customers: list[str], fix: bool) -> list[history.Difference]:
-    async with server.database(settings) as st:
+    async with database.database(settings) as st:
         return await history.verify(st.pool, customers, progress_printer("verify"), fix)
 
 
 async def _prune(settings: Settings, days: int, batch: int) -> int:
-    async with server.database(settings) as st:
+    async with database.database(settings) as st:
         return await ops.prune_reported(st.pool, dt.timedelta(days=days), batch)

@@ -11,11 +11,12 @@ import sys
 from collections.abc import Mapping
 from typing import TextIO
 
-from usage_service import drain, providers
+from usage_service import providers
 from usage_service.config import Settings
-from usage_service.plans import Meter, Plans
+from usage_service.domain.plans import Meter, Plans
+from usage_service.drain import loop as drain
 from usage_service.providers.config import ALL, ProviderSettings
-from usage_service.storage import store
+from usage_service.storage import database, store
 from usage_service.storage.drain_store import DrainStore, Moved, ProviderStatus
 
 COMMANDS = ("drain", "requeue", "status")
@@ -99,9 +100,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int:
-    from usage_service import server  # the server starts the drain: import it late
 
-    async with server.database(settings) as st:
+    async with database.database(settings) as st:
         if args.command == "drain":
             d = build(st, plans.meters, settings.environ)
             try:
