@@ -23,8 +23,12 @@ from usage_service import domain
 from usage_service.commands import drain as drain_commands
 from usage_service.domain import plans, reports
 from usage_service.domain.plans import Aggregation
-from usage_service.drain.loop import STRIPE_TOO_OLD, Drain, DrainSettings, build_reports
+from usage_service.drain.loop import Drain, DrainSettings
+from usage_service.drain.reports import build_reports
 from usage_service.providers import dodo_payments
+from usage_service.providers import polar as polar_wire
+from usage_service.providers.outcome import Reporting
+from usage_service.providers.stripe_meters import TOO_OLD, StripeMeters
 from usage_service.storage import drain_store
 
 FAST = DrainSettings(
@@ -386,9 +390,7 @@ async def test_stripe_reports_first_sent_over_23_hours_ago_are_not_resent(
     await d.cycle()
     assert len(fakes.stripe.writes()) == 1  # not re-sent
     assert await states(service.db, "c_stripe") == {"failed": 2}
-    assert (
-        await service.db.fetchval("SELECT DISTINCT last_error FROM usage_events") == STRIPE_TOO_OLD
-    )
+    assert await service.db.fetchval("SELECT DISTINCT last_error FROM usage_events") == TOO_OLD
 
 
 async def test_a_dead_workers_report_is_resent_under_the_same_identifier(
@@ -400,7 +402,11 @@ async def test_a_dead_workers_report_is_resent_under_the_same_identifier(
     dead = await make_drain(settings=FAST, owner="dead")
     stripe = domain.Provider.STRIPE
     (claimed,) = await dead.store.claim_new(  # a lease long enough for a loaded machine
-        stripe, "dead", 3.0, 100, lambda c: build_reports(stripe, plans.meters, c)
+        stripe,
+        "dead",
+        3.0,
+        100,
+        lambda c: build_reports(stripe, StripeMeters.reporting, plans.meters, c),
     )
     live = await make_drain(owner="live")
     assert await live.cycle() == 0  # the lease holds: nothing to do yet, nothing sent
@@ -481,7 +487,7 @@ def test_reports_collapse_per_customer_meter_and_period(plans: plans.Plans) -> N
         claimed("a", "seats", 4, p1, peak=9, last=4),
     ]
     stripe = domain.Provider.STRIPE
-    built = {r.lane: r for r in build_reports(stripe, plans.meters, items)}
+    built = {r.lane: r for r in build_reports(stripe, StripeMeters.reporting, plans.meters, items)}
     assert {lane: (len(r.events), r.value) for lane, r in built.items()} == {
         reports.lane(stripe, "a", "tokens"): (2, 5),
         reports.lane(stripe, "b", "tokens"): (1, 5),
@@ -489,11 +495,21 @@ def test_reports_collapse_per_customer_meter_and_period(plans: plans.Plans) -> N
         reports.lane(stripe, "a", "seats"): (1, 4),
     }
     calls = [claimed("a", "calls", 1, p1) for _ in range(450)]
-    (only,) = build_reports(stripe, plans.meters, calls)
+    (only,) = build_reports(stripe, StripeMeters.reporting, plans.meters, calls)
     assert len(only.events) == 200  # one call each: a bounded report
-    polar = build_reports(domain.Provider.POLAR, plans.meters, calls)
+    polar = build_reports(
+        domain.Provider.POLAR,
+        Reporting(lanes=False, batch=polar_wire.WIRE.cap),
+        plans.meters,
+        calls,
+    )
     assert [len(r.events) for r in polar] == [450]  # one call: Polar takes 500
-    dodo = build_reports(domain.Provider.DODO_PAYMENTS, plans.meters, calls)
+    dodo = build_reports(
+        domain.Provider.DODO_PAYMENTS,
+        Reporting(lanes=False, batch=dodo_payments.WIRE.cap),
+        plans.meters,
+        calls,
+    )
     assert [len(r.events) for r in dodo] == [100, 100, 100, 100, 50]
     assert all(r.lane is None for r in polar)
 

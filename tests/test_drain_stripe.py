@@ -16,7 +16,9 @@ from test_drain import MakeDrain, add_customers, drain_until_quiet, record_many,
 from usage.v1 import customer_pb2
 from usage_service import domain
 from usage_service.domain import plans, reports
-from usage_service.drain.loop import build_reports
+from usage_service.drain.reports import build_reports
+from usage_service.providers.lemon_squeezy import LemonSqueezy
+from usage_service.providers.stripe_meters import StripeMeters
 from usage_service.storage import drain_store
 
 STRIPE = domain.Provider.STRIPE
@@ -117,13 +119,15 @@ def test_lane_reports_never_carry_a_value_past_a_bigint_or_15_digits(plans: plan
         drain_store.Claimed(event(customer_id=c, quantity=q), period, None)
         for c, q in (("a", 2**62), ("a", 2**62), ("b", 6 * 10**14), ("b", 6 * 10**14))
     ]
-    stripe = {r.lane: r.value for r in build_reports(STRIPE, plans.meters, items)}
+    stripe = {
+        r.lane: r.value for r in build_reports(STRIPE, StripeMeters.reporting, plans.meters, items)
+    }
     assert stripe == {
         reports.lane(STRIPE, "a", "tokens"): 2**62,  # alone: the adapter parks it
         reports.lane(STRIPE, "b", "tokens"): 6 * 10**14,  # the next waits its turn
     }
     lemon = domain.Provider.LEMON_SQUEEZY
-    values = [r.value for r in build_reports(lemon, plans.meters, items)]
+    values = [r.value for r in build_reports(lemon, LemonSqueezy.reporting, plans.meters, items)]
     assert values == [2**62, 12 * 10**14]
 
 

@@ -22,13 +22,12 @@ from collections.abc import Mapping
 
 from usage_service import domain, metrics
 from usage_service.config import positive_number
-from usage_service.domain import ids
 from usage_service.domain.plans import Aggregation, Meter
-from usage_service.domain.reports import Report, lane
-from usage_service.providers import Adapter, creem, dodo_payments, outcome, polar, stripe_meters
-from usage_service.providers.lemon_squeezy import HOLD
+from usage_service.domain.reports import Report
+from usage_service.drain.reports import build_reports
+from usage_service.providers import Adapter, outcome
 from usage_service.providers.outcome import Outcome
-from usage_service.storage.drain_store import Claimed, DrainStore, NewReport
+from usage_service.storage.drain_store import DrainStore
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +37,8 @@ DEFAULT_CLAIM = 1000  # events claimed per provider per cycle
 DEFAULT_BACKOFF_BASE = 1.0  # seconds, doubled per attempt
 DEFAULT_BACKOFF_CAP = 300.0  # seconds
 DEFAULT_CONCURRENCY = 8  # reports in flight per provider in one process
-# Events per report for the per-event providers: one provider call each.
-BATCH_REPORT = {
-    domain.Provider.POLAR: polar.BATCH,
-    domain.Provider.DODO_PAYMENTS: dodo_payments.BATCH,
-    domain.Provider.CREEM: creem.BATCH,
-}
-STRIPE_COUNT_REPORT = 200  # events per report for Stripe count meters (one call each)
-STRIPE_RESEND_WINDOW = dt.timedelta(hours=23)  # Stripe dedupes identifiers for at least 24 h
 MAX_CYCLES_PER_WAKE = 100  # cycles run back to back while there is work, before sleeping
 MAX_CHECKPOINTS = 3  # checkpoints one send may ask for
-LANE_PROVIDERS = frozenset({domain.Provider.STRIPE, domain.Provider.LEMON_SQUEEZY})
-STRIPE_TOO_OLD = (
-    "stripe: first sent over 23 h ago and still unsettled; Stripe's identifier dedupe window "
-    "may be over, so it is not re-sent automatically: check the meter's events, then requeue"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,93 +72,6 @@ class DrainSettings:
         return step * random.uniform(0.5, 1.0)
 
 
-def build_reports(
-    provider: domain.Provider,
-    meters: Mapping[str, Meter],
-    claimed: list[Claimed],
-    now: dt.datetime | None = None,
-) -> list[NewReport]:
-    """Groups claimed events (oldest first) into reports. Stripe and Lemon Squeezy: one report
-    per customer and meter, of one period only (the rest waits for that report to settle).
-    Polar, Dodo and Creem: batches of one provider call, one provider event per usage event.
-
-    A sum report takes events while their sum fits a bigint (and, for Stripe, 15 digits), so
-    one customer's huge usage can never fail the claim of every customer. A Stripe max / last
-    report states its figure now (see stripe_meters)."""
-    if provider not in LANE_PROVIDERS:
-        return [
-            NewReport(ids.new_report_id(), None, tuple(c.event for c in batch))
-            for batch in _chunks(claimed, BATCH_REPORT.get(provider, 100))
-        ]
-    now = now or dt.datetime.now(dt.UTC)
-    lanes: dict[tuple[str, str], list[Claimed]] = {}
-    for c in claimed:
-        lanes.setdefault((c.event.customer_id, c.event.meter), []).append(c)
-    reports = []
-    for (customer_id, meter_name), items in lanes.items():
-        period = items[0].period_start
-        same = [c for c in items if c.period_start == period]
-        meter = meters.get(meter_name)
-        aggregation = meter.aggregation if meter else Aggregation.SUM
-        stated_at = None
-        stripe = provider is domain.Provider.STRIPE
-        if stripe and aggregation is Aggregation.COUNT:
-            same = same[:STRIPE_COUNT_REPORT]
-        elif aggregation is Aggregation.SUM:
-            same = _fitting(same, stripe_meters.MAX_VALUE if stripe else domain.MAX_TOTAL)
-            if stripe:  # timed by its newest event, inside the period's whole minutes
-                stated_at = _stated_at(same, max(c.event.event_time for c in same))
-        elif stripe:
-            stated_at = _stated_at(same, now)
-        reports.append(
-            NewReport(
-                ids.new_report_id(),
-                lane(provider, customer_id, meter_name),
-                tuple(c.event for c in same),
-                _value(aggregation, same),
-                stated_at,
-            )
-        )
-    return reports
-
-
-def _fitting(items: list[Claimed], limit: int) -> list[Claimed]:
-    """The first items whose quantities sum to at most `limit` (at least one item)."""
-    total = 0
-    for i, c in enumerate(items):
-        total += c.event.quantity
-        if total > limit:
-            return items[: max(i, 1)]
-    return items
-
-
-def _stated_at(items: list[Claimed], when: dt.datetime) -> dt.datetime | None:
-    """The time a Stripe report is stated at: `when` clamped into the whole minutes of the
-    period (see stripe_meters.window). For max / last reports `when` is now, so the figure is
-    the latest this lane has sent for the period (Stripe's `last` keeps the latest). None
-    outside every known period: the newest event's time is used."""
-    first = items[0]
-    if first.period_start is None or first.period_end is None:
-        return None
-    return stripe_meters.stated(when, first.period_start, first.period_end)
-
-
-def _value(aggregation: Aggregation, items: list[Claimed]) -> int:
-    """What a collapsed record carries. Max and last meters carry the period's figure, so a
-    later report never lowers what an earlier one set."""
-    last = items[-1]  # claimed oldest first
-    if aggregation is Aggregation.SUM:
-        return sum(c.event.quantity for c in items)
-    if aggregation is Aggregation.COUNT:
-        return len(items)
-    if aggregation is Aggregation.MAX:
-        own = max(c.event.quantity for c in items)
-        return max(own, last.period_max) if last.period_max is not None else own
-    if last.period_last is not None:
-        return last.period_last
-    return max(items, key=lambda c: (c.event.event_time, c.event.event_id)).event.quantity
-
-
 def _label(answer: Outcome) -> str:
     """A provider call's outcome as a metrics label (a small fixed set)."""
     if isinstance(answer, outcome.Delivered):
@@ -184,10 +83,6 @@ def _label(answer: Outcome) -> str:
     if isinstance(answer, outcome.Rejected):
         return "rejected"
     return "checkpoint"
-
-
-def _chunks(items: list[Claimed], size: int) -> list[list[Claimed]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class Drain:
@@ -283,8 +178,8 @@ class Drain:
             self.owner,
             s.lease,
             s.claim,
-            lambda claimed: build_reports(provider, self.meters, claimed),
-            self._figures if provider in LANE_PROVIDERS else (),
+            lambda claimed: build_reports(provider, adapter.reporting, self.meters, claimed),
+            self._figures if adapter.reporting.lanes else (),
         )
         gate = asyncio.Semaphore(s.concurrency)
 
@@ -305,7 +200,7 @@ class Drain:
         if previous is not None:  # one settling per provider at a time
             await asyncio.gather(previous, return_exceptions=True)
         settling = self._settle_all(provider, sent)
-        if provider in LANE_PROVIDERS:
+        if adapter.reporting.lanes:
             await settling
         else:
             self._settling[provider] = asyncio.create_task(settling)
@@ -342,12 +237,13 @@ class Drain:
         """Sends a report (saving checkpoints as asked); the answer to settle, or None when
         there is nothing to settle."""
         rid = report.report_id
+        window = adapter.reporting.resend_window
         if (
-            report.provider is domain.Provider.STRIPE
+            window is not None
             and report.first_sent_at is not None
-            and dt.datetime.now(dt.UTC) - report.first_sent_at > STRIPE_RESEND_WINDOW
+            and dt.datetime.now(dt.UTC) - report.first_sent_at > window
         ):
-            return report, outcome.Failed(STRIPE_TOO_OLD)
+            return report, outcome.Failed(adapter.reporting.too_old)
         answer: Outcome = outcome.Retry("too many checkpoints")
         try:
             for _ in range(MAX_CHECKPOINTS + 1):
@@ -358,7 +254,7 @@ class Drain:
                 if not isinstance(answer, outcome.Checkpoint):
                     break
                 # held at least as long as the adapter asks: the send may land until then
-                lease = max(self.settings.lease, float(answer.state.get(HOLD, 0.0)))
+                lease = max(self.settings.lease, answer.hold)
                 if not await self.store.save_checkpoint(rid, self.owner, answer.state, lease):
                     log.warning("lease lost before sending %s", rid, extra={"action": "lease"})
                     return report, None

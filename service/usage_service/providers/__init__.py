@@ -19,6 +19,7 @@ from usage_service.providers.outcome import (
     Failed,
     Outcome,
     Rejected,
+    Reporting,
     Retry,
 )
 from usage_service.providers.readback import Held, Query
@@ -33,12 +34,16 @@ __all__ = [
     "Rejected",
     "Report",
     "ReportEvent",
+    "Reporting",
     "Retry",
     "adapters",
 ]
 
 
 class Adapter(Protocol):
+    @property
+    def reporting(self) -> Reporting: ...
+
     async def send(self, report: Report) -> Outcome: ...
 
     async def held(self, query: Query) -> Held: ...

@@ -120,6 +120,7 @@ class _Unbilled:
 class Ingest:
     def __init__(self, wire: Wire, http: httpx.AsyncClient, meters: Mapping[str, Meter]) -> None:
         self.wire = wire
+        self.reporting = outcome.Reporting(lanes=False, batch=wire.cap)
         self._http = http
         self._meters = meters
 

@@ -64,6 +64,7 @@ class Usage:
 
 class LemonSqueezy:
     provider = domain.Provider.LEMON_SQUEEZY
+    reporting = outcome.Reporting(lanes=True)
 
     def __init__(
         self,
@@ -165,7 +166,8 @@ class LemonSqueezy:
                 "posted_at": outcome.iso(dt.datetime.now(dt.UTC)),
                 "nonce": nonce,
                 HOLD: self.hold,
-            }
+            },
+            hold=self.hold,
         )
 
     async def _reconcile(self, item: str, report: Report) -> Outcome:

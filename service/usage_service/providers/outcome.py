@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import email.utils
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
+
+from usage_service import domain
 
 RETRY_STATUSES = frozenset({408, 409, 425, 429})  # and every 5xx
 MAX_RETRY_AFTER = 3600.0  # seconds; a longer Retry-After is treated as this
@@ -47,6 +49,26 @@ class Rejected:
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     state: Mapping[str, Any]
+    hold: float = 0.0  # seconds from the save the drain must hold the lease (the send may land)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reporting:
+    """How an adapter wants its events grouped into reports; each adapter declares its own, so
+    the drain never names a provider.
+
+    Lane providers take one collapsed record per customer, meter and period (the report's value
+    is the sum, count, max or last value); the others take batches of events, one provider event
+    per usage event."""
+
+    lanes: bool
+    batch: int = 100  # batch providers: events per report, one provider call
+    count_batch: int | None = None  # lanes, count meters: events per report (None: no cap)
+    max_value: int = domain.MAX_TOTAL  # lanes, sum meters: the largest value of one report
+    # lanes: the time a figure is stated at, from (when, period start, period end); None: none
+    stated: Callable[[dt.datetime, dt.datetime, dt.datetime], dt.datetime] | None = None
+    resend_window: dt.timedelta | None = None  # first sent longer ago: parked, not re-sent
+    too_old: str = ""  # the reason such a report is parked with
 
 
 Outcome: TypeAlias = Delivered | Retry | Failed | Rejected | Checkpoint

@@ -47,6 +47,12 @@ from usage_service.providers.readback import Held, Query
 
 ALREADY_EXISTS = "already exists with identifier"  # Stripe's answer to a re-sent identifier
 MAX_VALUE = 999_999_999_999_999  # Stripe refuses a meter event value of more than 15 digits
+COUNT_REPORT = 200  # events per report for count meters (one call each)
+RESEND_WINDOW = dt.timedelta(hours=23)  # Stripe dedupes identifiers for at least 24 h
+TOO_OLD = (
+    "stripe: first sent over 23 h ago and still unsettled; Stripe's identifier dedupe window "
+    "may be over, so it is not re-sent automatically: check the meter's events, then requeue"
+)
 MAX_PIECES = 10  # meter events one sum report may be split into; beyond: parked
 PAGE = 100  # the most objects a Stripe list answers
 ERROR_REPORT = "v1.billing.meter.error_report_triggered"
@@ -57,6 +63,26 @@ FORMULAS = {  # the Stripe meter formula each aggregation of the plans file is r
     Aggregation.MAX: "last",
     Aggregation.LAST: "last",
 }
+
+
+def window(start: dt.datetime, end: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The whole minutes inside the period [start, end) (the period itself when it holds
+    none): Stripe summarises by the minute, so sum, max and last reports are timed inside them
+    and a summary of them holds the whole period."""
+    first = math.ceil(start.timestamp() / 60) * 60
+    last = math.floor(end.timestamp() / 60) * 60
+    if first >= last:
+        return start, end
+    return dt.datetime.fromtimestamp(first, dt.UTC), dt.datetime.fromtimestamp(last, dt.UTC)
+
+
+def stated(when: dt.datetime, start: dt.datetime, end: dt.datetime) -> dt.datetime:
+    """The meter-event time (whole seconds) of a report built for the period [start, end):
+    `when` clamped into the period's window."""
+    first, last = window(start, end)
+    latest = math.ceil(last.timestamp()) - 1  # the window's last whole second
+    second = max(math.ceil(first.timestamp()), min(math.floor(when.timestamp()), latest))
+    return dt.datetime.fromtimestamp(second, dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +111,14 @@ class MeterError:
 
 class StripeMeters:
     provider = domain.Provider.STRIPE
+    reporting = outcome.Reporting(
+        lanes=True,
+        count_batch=COUNT_REPORT,
+        max_value=MAX_VALUE,
+        stated=stated,
+        resend_window=RESEND_WINDOW,
+        too_old=TOO_OLD,
+    )
 
     def __init__(
         self,
@@ -301,26 +335,6 @@ def split(value: int) -> list[int]:
         return [value]
     full, rest = divmod(value, MAX_VALUE)
     return [MAX_VALUE] * full + ([rest] if rest else [])
-
-
-def window(start: dt.datetime, end: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
-    """The whole minutes inside the period [start, end) (the period itself when it holds
-    none): Stripe summarises by the minute, so sum, max and last reports are timed inside them
-    and a summary of them holds the whole period."""
-    first = math.ceil(start.timestamp() / 60) * 60
-    last = math.floor(end.timestamp() / 60) * 60
-    if first >= last:
-        return start, end
-    return dt.datetime.fromtimestamp(first, dt.UTC), dt.datetime.fromtimestamp(last, dt.UTC)
-
-
-def stated(when: dt.datetime, start: dt.datetime, end: dt.datetime) -> dt.datetime:
-    """The meter-event time (whole seconds) of a report built for the period [start, end):
-    `when` clamped into the period's window."""
-    first, last = window(start, end)
-    latest = math.ceil(last.timestamp()) - 1  # the window's last whole second
-    second = max(math.ceil(first.timestamp()), min(math.floor(when.timestamp()), latest))
-    return dt.datetime.fromtimestamp(second, dt.UTC)
 
 
 def last_timestamp(now: dt.datetime, start: dt.datetime, end: dt.datetime) -> int:
