@@ -32,7 +32,7 @@ from usage_service import domain, providers  # noqa: E402
 from usage_service.domain import ids, plans  # noqa: E402
 from usage_service.drain.loop import Drain, DrainSettings  # noqa: E402
 from usage_service.providers.config import ProviderSettings  # noqa: E402
-from usage_service.storage import drain_store, migrate, store  # noqa: E402
+from usage_service.storage import connections, drain_store, migrate, store  # noqa: E402
 
 CUSTOMERS = 100
 TIMEOUT = 600.0  # seconds
@@ -84,7 +84,7 @@ async def run(server_dsn: str, events: int, replicas: int) -> dict[str, float]:
     try:
         await migrate.migrate_dsn(dsn)
         loaded = plans.load(ROOT / "bench" / "plans.toml")
-        st = store.Store(await store.create_pool(dsn, 10))
+        st = store.Store(await connections.create_pool(dsn, 10))
         now = dt.datetime.now(dt.UTC)
         for c in range(CUSTOMERS):
             await st.upsert_customer(

@@ -22,7 +22,7 @@ import pytest
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2_grpc
 from usage_service.api.server import start_server
 from usage_service.domain import plans as plans_mod
-from usage_service.storage import history, migrate, store
+from usage_service.storage import connections, history, migrate, store
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
 # Where the machine's own PostgreSQL normally runs; without it the tests start an embedded one.
@@ -153,7 +153,7 @@ class Service:
 
 @pytest.fixture
 async def service(dsn: str, plans: plans_mod.Plans) -> AsyncIterator[Service]:
-    st = store.Store(await store.create_pool(dsn, size=20))
+    st = store.Store(await connections.create_pool(dsn, size=20))
     running = await start_server(st, plans, "127.0.0.1:0")
     address = f"127.0.0.1:{running.port}"
     channel = grpc.aio.insecure_channel(address)

@@ -16,7 +16,7 @@ from usage_service.commands import drain as drain_commands
 from usage_service.domain.plans import Meter
 from usage_service.drain.loop import Drain, DrainSettings
 from usage_service.providers.config import ProviderSettings
-from usage_service.storage import drain_store, store
+from usage_service.storage import connections, drain_store, store
 
 
 @dataclasses.dataclass
@@ -73,7 +73,7 @@ async def logged_store(dsn: str, statements: list[str], size: int = 4) -> store.
     """A Store whose connections append every statement they run to `statements`."""
 
     async def init(conn: asyncpg.Connection) -> None:
-        await store.init_connection(conn)
+        await connections.init_connection(conn)
         conn.add_query_logger(lambda q: statements.append(q.query))
 
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, init=init)
@@ -124,7 +124,7 @@ class Drains:
     async def make(
         self, env: Mapping[str, str], settings: DrainSettings, owner: str = "", pool_size: int = 5
     ) -> Drain:
-        pool = await store.create_pool(self.dsn, pool_size)
+        pool = await connections.create_pool(self.dsn, pool_size)
         adapters = providers.adapters(ProviderSettings.from_env(env), self.meters)
         d = Drain(drain_store.DrainStore(pool), adapters, self.meters, settings, owner)
         self.made.append((d, pool))

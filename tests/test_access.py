@@ -21,7 +21,7 @@ from usage.v1 import customer_pb2, usage_pb2, usage_pb2_grpc
 from usage_service.api import auth
 from usage_service.api.server import start_server
 from usage_service.domain import plans as plans_mod
-from usage_service.storage import store
+from usage_service.storage import connections, store
 from usage_service.tls import TlsFiles
 
 WRITER = "writer-token-0123456789abcdef"
@@ -84,7 +84,7 @@ def test_tokens_from_a_file_and_by_digest(tmp_path: pathlib.Path) -> None:
 
 @pytest.fixture
 async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await store.create_pool(dsn, size=5)
+    pool = await connections.create_pool(dsn, size=5)
     yield pool
     await pool.close()
 

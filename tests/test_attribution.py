@@ -24,7 +24,7 @@ from test_drain import FAST, MakeDrain, drain_until_quiet, fakes, make_drain, su
 
 from usage.v1 import customer_pb2
 from usage_service.commands import drain as drain_commands
-from usage_service.storage import drain_store, history, migrate, ops_queries, queries
+from usage_service.storage import backlog, history, migrate, ops_queries, queries
 
 __all__ = ["fakes", "make_drain"]  # fixtures
 
@@ -84,7 +84,7 @@ async def test_usage_before_the_first_webhook_takes_the_first_provider(
     now = dt.datetime.now(dt.UTC)
     await tokens(service, "c_early", 5, now - dt.timedelta(minutes=2))
     await tokens(service, "c_free", 9, now - dt.timedelta(minutes=2))
-    status = await drain_store.DrainStore(service.db).status()
+    status = await backlog.Backlog(service.db).status()
     assert [(s.provider, s.pending) for s in status] == [("?", 2)]
     out = io.StringIO()
     drain_commands.write_status(status, fakes.env(), out)
@@ -99,7 +99,7 @@ async def test_usage_before_the_first_webhook_takes_the_first_provider(
     assert fakes.stripe.totals() == {("cus_early", "llm_tokens"): 8}
     free = (await summary(service, "c_free"))["tokens"]
     assert (free.used, free.pending, free.unbilled, free.reported) == (10, 0, 10, 0)
-    assert await drain_store.DrainStore(service.db).status() == []
+    assert await backlog.Backlog(service.db).status() == []
 
 
 async def test_switches_mid_period_leave_each_provider_exactly_its_usage(
@@ -151,7 +151,7 @@ async def test_events_stranded_by_a_switch_are_named_and_moved_on_request(
     no_stripe = await make_drain(without=["STRIPE_"])
     await drain_until_quiet([no_stripe], service.db)
     assert fakes.polar.totals() == {(POLAR_ID, "tokens"): 1}
-    store = drain_store.DrainStore(service.db)
+    store = backlog.Backlog(service.db)
     assert await store.requeue("stripe") == 0  # nothing parked: it is waiting, not failed
     env = {k: v for k, v in fakes.env().items() if not k.startswith("STRIPE_")}
     out = io.StringIO()
@@ -212,7 +212,7 @@ async def test_a_move_to_a_customer_without_provider_makes_parked_events_unbille
     await drain_until_quiet([d], service.db)
     assert (await summary(service, "c_gone"))["tokens"].failed == 6
     await add(service, "c_gone", NONE)
-    moved = await drain_store.DrainStore(service.db).move_to_current_provider("", ["c_gone"])
+    moved = await backlog.Backlog(service.db).move_to_current_provider("", ["c_gone"])
     assert (moved.events, moved.by_route) == (1, (("stripe", "", 1),))
     meter = (await summary(service, "c_gone"))["tokens"]
     assert (meter.failed, meter.pending, meter.unbilled) == (0, 0, 6)

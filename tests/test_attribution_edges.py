@@ -19,7 +19,7 @@ from helpers import details, record
 from test_drain import FAST, MakeDrain, drain_until_quiet, fakes, make_drain, record_many, summary
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service.storage import drain_store, migrate, queries
+from usage_service.storage import backlog, migrate, queries
 
 __all__ = ["fakes", "make_drain"]  # fixtures
 
@@ -58,7 +58,7 @@ async def test_a_move_leaves_a_batch_polar_may_hold_to_polar(
     assert event_id in fakes.polar.accepted  # Polar holds it; we do not know
     fakes.creem.customers.add("creem_mv")
     await service.add_customer("c_mv", provider=CREEM, provider_customer_id="creem_mv")
-    moved = await drain_store.DrainStore(service.db).move_to_current_provider("polar", ["c_mv"])
+    moved = await backlog.Backlog(service.db).move_to_current_provider("polar", ["c_mv"])
     assert (moved.events, moved.left_in_open_reports) == (0, 1)
     await service.db.execute("UPDATE reports SET next_attempt_at = now()")  # the retry is due
     await drain_until_quiet([await make_drain()], service.db)
@@ -81,7 +81,7 @@ async def test_moves_race_with_two_drains_and_recorders(
     a, b = await make_drain(owner="a"), await make_drain(owner="b")
     await asyncio.gather(a.cycle(), b.cycle())
     await service.add_customer("c_race", provider=CREEM, provider_customer_id="creem_race")
-    store = drain_store.DrainStore(service.db)
+    store = backlog.Backlog(service.db)
     total_moved = 0
 
     async def mover() -> None:
@@ -186,7 +186,7 @@ async def test_the_migration_makes_parked_events_of_a_customer_without_provider_
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     assert pool is not None
     try:
-        store = drain_store.DrainStore(pool)
+        store = backlog.Backlog(pool)
         await store.requeue("")
         await store.move_to_current_provider()
         stuck = await pool.fetch(

@@ -13,7 +13,7 @@ from helpers import logged_store, record
 from usage.v1 import customer_pb2, usage_pb2, usage_pb2_grpc
 from usage_service.api.server import start_server
 from usage_service.domain import plans as plans_mod
-from usage_service.storage import store
+from usage_service.storage import connections, store
 
 R = usage_pb2
 
@@ -64,7 +64,7 @@ async def test_another_replicas_upsert_is_seen_by_the_very_next_check(
     service: Service, dsn: str, plans: plans_mod.Plans
 ) -> None:
     """Customers are read fresh with the totals, never from a cache: staleness is zero."""
-    other_store = store.Store(await store.create_pool(dsn))
+    other_store = store.Store(await connections.create_pool(dsn))
     other = await start_server(other_store, plans, "127.0.0.1:0")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as channel:

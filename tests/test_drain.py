@@ -29,7 +29,7 @@ from usage_service.providers import dodo_payments
 from usage_service.providers import polar as polar_wire
 from usage_service.providers.outcome import Reporting
 from usage_service.providers.stripe_meters import TOO_OLD, StripeMeters
-from usage_service.storage import drain_store
+from usage_service.storage import backlog, drain_queries, drain_store
 
 FAST = DrainSettings(
     interval=0.05, lease=10, claim=1000, backoff_base=0.02, backoff_cap=0.2, concurrency=8
@@ -308,7 +308,7 @@ async def test_summary_counts_pending_reported_and_parked(
     )
     assert tuple(totals) == (2, 9)
 
-    status = await drain_store.DrainStore(service.db).status()
+    status = await backlog.Backlog(service.db).status()
     (row,) = [s for s in status if s.provider == "stripe"]
     assert row.failed == 2 and row.pending == 0
     assert row.failed_reasons == (
@@ -323,7 +323,7 @@ async def test_summary_counts_pending_reported_and_parked(
     await service.add_customer(
         "c_nostripe", provider=customer_pb2.PROVIDER_STRIPE, provider_customer_id="cus_n"
     )
-    assert await drain_store.DrainStore(service.db).requeue("stripe") == 2
+    assert await backlog.Backlog(service.db).requeue("stripe") == 2
     requeued = (await summary(service, "c_nostripe"))["tokens"]
     assert (requeued.reported, requeued.pending) == (0, 9)
     await drain_until_quiet([d], service.db)
@@ -346,7 +346,7 @@ async def test_a_provider_without_credentials_keeps_its_events_pending(
     await off.cycle()
     assert await states(service.db, "c_polar") == {"pending": 3}
     assert fakes.polar.calls == []
-    status = await drain_store.DrainStore(service.db).status()
+    status = await backlog.Backlog(service.db).status()
     out = io.StringIO()
     drain_commands.write_status(
         status, {k: v for k, v in fakes.env().items() if "POLAR" not in k}, out
@@ -460,7 +460,7 @@ def test_claim_uses_its_index(dsn: str) -> None:
         conn = await asyncpg.connect(dsn)
         try:
             await conn.execute("SET enable_seqscan = off")
-            rows = await conn.fetch("EXPLAIN " + drain_store.CLAIM_EVENTS, "stripe", 10)
+            rows = await conn.fetch("EXPLAIN " + drain_queries.CLAIM_EVENTS, "stripe", 10)
         finally:
             await conn.close()
         return "\n".join(r[0] for r in rows)

@@ -14,7 +14,7 @@ from helpers import details, logged_store, record
 from usage.v1 import usage_pb2
 from usage_service import domain
 from usage_service.domain import errors, ids, periods
-from usage_service.storage import history, store
+from usage_service.storage import connections, history, idempotency, store
 
 INT64_MAX = 2**63 - 1
 
@@ -55,7 +55,7 @@ async def test_concurrent_calls_share_statements_and_all_are_stored(dsn: str) ->
 
 
 async def test_each_request_in_a_group_is_judged_alone_and_in_order(dsn: str) -> None:
-    st = store.Store(await store.create_pool(dsn))
+    st = store.Store(await connections.create_pool(dsn))
     try:
         (taken,) = await st.record([_event("taken", 5)])
         failing_batch = [_event("shared", 1), _event("taken", 6)]  # conflicts on its 2nd item
@@ -69,12 +69,12 @@ async def test_each_request_in_a_group_is_judged_alone_and_in_order(dsn: str) ->
         )
         assert isinstance(answers[0], errors.KeyConflict)
         assert (answers[0].index, answers[0].event_id) == (1, taken.event_id)
-        assert answers[1] == [store.Recorded(later_same_key[0].event_id, duplicate=False)]
-        assert answers[2] == [store.Recorded(first[0].event_id, duplicate=False)]
+        assert answers[1] == [idempotency.Recorded(later_same_key[0].event_id, duplicate=False)]
+        assert answers[2] == [idempotency.Recorded(first[0].event_id, duplicate=False)]
         assert isinstance(answers[3], errors.KeyConflict)
         assert answers[3].event_id == first[0].event_id
-        assert answers[4] == [store.Recorded(taken.event_id, duplicate=True)]
-        assert answers[5] == [store.Recorded(plain[0].event_id, duplicate=False)]
+        assert answers[4] == [idempotency.Recorded(taken.event_id, duplicate=True)]
+        assert answers[5] == [idempotency.Recorded(plain[0].event_id, duplicate=False)]
         rows = await st.pool.fetch("SELECT idempotency_key, quantity FROM usage_events")
         assert sorted((r[0], r[1]) for r in rows) == [
             ("plain", 3),
@@ -87,7 +87,7 @@ async def test_each_request_in_a_group_is_judged_alone_and_in_order(dsn: str) ->
 
 
 async def test_a_total_out_of_range_fails_only_its_own_caller(dsn: str) -> None:
-    st = store.Store(await store.create_pool(dsn))
+    st = store.Store(await connections.create_pool(dsn))
     try:
         now = dt.datetime.now(dt.UTC)
         start, end = now - dt.timedelta(days=1), now + dt.timedelta(days=1)
@@ -107,7 +107,7 @@ async def test_a_total_out_of_range_fails_only_its_own_caller(dsn: str) -> None:
         ok = [_event("ok", 1, customer="other")]
         overflow = [_event("over", 1)]
         answers = await st.record_isolated([ok, overflow])
-        assert answers[0] == [store.Recorded(ok[0].event_id, duplicate=False)]
+        assert answers[0] == [idempotency.Recorded(ok[0].event_id, duplicate=False)]
         assert isinstance(answers[1], errors.TotalOutOfRange) and answers[1].index == 0
         keys = {r[0] for r in await st.pool.fetch("SELECT idempotency_key FROM usage_events")}
         assert keys == {"big", "ok"}

@@ -28,7 +28,7 @@ from test_drain_lemon_squeezy import (
 from usage.v1 import customer_pb2
 from usage_service.domain import plans
 from usage_service.drain.loop import Drain
-from usage_service.storage import drain_store
+from usage_service.storage import backlog
 
 __all__ = ["fake"]  # fixture
 
@@ -117,7 +117,7 @@ async def test_a_move_leaves_a_lemon_squeezy_increment_that_may_still_land(
     await service.add_customer(
         CUSTOMER, provider=customer_pb2.PROVIDER_STRIPE, provider_customer_id="cus_moved"
     )
-    moved = await drain_store.DrainStore(service.db).move_to_current_provider(
+    moved = await backlog.Backlog(service.db).move_to_current_provider(
         "lemon_squeezy", [CUSTOMER], open_reports=True
     )
     assert (moved.events, moved.left_in_open_reports) == (0, 1)

@@ -15,7 +15,7 @@ from helpers import active_customer, details, record
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
 from usage_service.api.server import Running, start_server
 from usage_service.domain import plans as plans_mod
-from usage_service.storage import store
+from usage_service.storage import connections
 from usage_service.storage.store import Store
 
 WAIT = 10.0  # seconds any condition below may take
@@ -39,7 +39,7 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture
 async def limited(dsn: str, plans: plans_mod.Plans) -> AsyncIterator[Running]:
-    st = Store(await store.create_pool(dsn, size=10))
+    st = Store(await connections.create_pool(dsn, size=10))
     running = await start_server(
         st, plans, "127.0.0.1:0", max_in_flight=2, max_message_bytes=64 * 1024
     )

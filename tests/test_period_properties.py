@@ -51,7 +51,7 @@ from hypothesis.stateful import (
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
 from usage_service.api.server import Running, start_server
 from usage_service.domain import plans as plans_mod
-from usage_service.storage import history, store
+from usage_service.storage import connections, history, store
 
 T = TypeVar("T")
 
@@ -381,7 +381,7 @@ class Live:
 
     @classmethod
     async def start(cls, dsn: str, plans: plans_mod.Plans) -> Live:
-        st_ = store.Store(await store.create_pool(dsn, size=8))
+        st_ = store.Store(await connections.create_pool(dsn, size=8))
         running = await start_server(st_, plans, "127.0.0.1:0")
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         db = await asyncpg.create_pool(dsn, min_size=1, max_size=2)

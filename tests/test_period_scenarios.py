@@ -18,7 +18,7 @@ from helpers import details, record
 from process import PLANS_FILE, executable
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service.storage import drain_store, history
+from usage_service.storage import drain_queries, history
 
 R = usage_pb2
 C = customer_pb2
@@ -242,7 +242,7 @@ async def test_an_overlapping_webhook_never_claims_an_event_twice(service: Servi
     await upsert(service, start + hours(12), start + hours(36), **stripe)  # overlaps
     await upsert(service, start + hours(6), start + hours(30), **stripe)  # and backwards
     async with service.db.acquire() as conn, conn.transaction():
-        claimed = await conn.fetch(drain_store.CLAIM_EVENTS, "stripe", 100)
+        claimed = await conn.fetch(drain_queries.CLAIM_EVENTS, "stripe", 100)
         ids = [r["event_id"] for r in claimed]
         assert len(ids) == len(set(ids)) == 6
         assert all(r["period_start"] is not None for r in claimed)

@@ -17,7 +17,7 @@ from usage_service.domain import plans as plans_mod
 from usage_service.drain.loop import Drain
 from usage_service.providers.readback import Held, Query, ReadBack
 from usage_service.reconcile.reconciler import Reconciler, Row, Verdict
-from usage_service.storage import store
+from usage_service.storage import connections, store
 
 __all__ = ["fakes", "make_drain", "make_reconciler"]  # fixtures
 
@@ -267,7 +267,7 @@ async def test_a_fix_queued_through_the_service_s_own_pool_is_stored_as_a_json_a
     (lost,) = _sent_ids(fakes, "stripe", "llm_tokens")
     fakes.stripe.drop(lost)
     fakes.polar.drop(_sent_ids(fakes, "polar", "tokens")[0])
-    pool = await store.create_pool(dsn, 2)
+    pool = await connections.create_pool(dsn, 2)
     env = {**fakes.env(), "USAGE_RECONCILE_SETTLE_SECONDS": "0.001"}
     r, adapters = reconcile_commands.build(store.Store(pool), plans.meters, env)
     try:

@@ -10,7 +10,7 @@ from helpers import logged_store
 
 from usage_service import domain
 from usage_service.domain import ids
-from usage_service.storage import history, migrate, queries, store
+from usage_service.storage import connections, history, migrate, queries
 
 
 def _event(i: int, customer: str = "c") -> domain.UsageEvent:
@@ -101,7 +101,7 @@ async def test_the_periods_migration_keeps_history_and_verify_repairs_the_rest(d
     finally:
         await conn.close()
     assert await migrate.migrate_dsn(dsn) == ["0003_periods", "0004_attribution"]
-    pool = await store.create_pool(dsn, size=2)
+    pool = await connections.create_pool(dsn, size=2)
     try:
         rows = await pool.fetch(
             "SELECT period_start, period_end FROM billing_periods ORDER BY period_start"

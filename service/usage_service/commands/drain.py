@@ -17,7 +17,8 @@ from usage_service.domain.plans import Meter, Plans
 from usage_service.drain import loop as drain
 from usage_service.providers.config import ALL, ProviderSettings
 from usage_service.storage import database, store
-from usage_service.storage.drain_store import DrainStore, Moved, ProviderStatus
+from usage_service.storage.backlog import Backlog, Moved, ProviderStatus
+from usage_service.storage.drain_store import DrainStore
 
 COMMANDS = ("drain", "requeue", "status")
 _KEYS = {
@@ -113,20 +114,20 @@ async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int
                 f"drain: {handled} reports handled"
                 + (f"; no credentials: {', '.join(off)}" if off else "")
             )
-            write_status(await DrainStore(st.pool).status(), settings.environ, sys.stdout)
+            write_status(await Backlog(st.pool).status(), settings.environ, sys.stdout)
         elif args.command == "requeue" and args.move_to_current_provider:
             if args.event_ids:
                 print("requeue: --move-to-current-provider takes --customer, not event ids")
                 return 2
-            moved = await DrainStore(st.pool).move_to_current_provider(
+            moved = await Backlog(st.pool).move_to_current_provider(
                 args.provider, args.customer, args.include_open_reports
             )
             write_moved(moved, sys.stdout)
         elif args.command == "requeue":
-            count = await DrainStore(st.pool).requeue(args.provider, args.event_ids)
+            count = await Backlog(st.pool).requeue(args.provider, args.event_ids)
             print(f"requeued {count} events")
         else:
-            write_status(await DrainStore(st.pool).status(), settings.environ, sys.stdout)
+            write_status(await Backlog(st.pool).status(), settings.environ, sys.stdout)
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from usage_service.config import ConfigError, Settings
-from usage_service.storage import embedded, migrate, store
+from usage_service.storage import connections, embedded, migrate, store
 
 
 @contextlib.asynccontextmanager
@@ -22,7 +22,7 @@ async def database(settings: Settings) -> AsyncIterator[store.Store]:
         dsn, handle = await asyncio.to_thread(embedded.start, settings.data_dir)
     try:
         await migrate.migrate_dsn(dsn)
-        st = store.Store(await store.create_pool(dsn, settings.pool_size))
+        st = store.Store(await connections.create_pool(dsn, settings.pool_size))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = " ".join(str(exc).split()) or "no reason given"
         raise ConfigError(

@@ -14,110 +14,8 @@ import asyncpg
 from usage_service import domain
 from usage_service.domain import ids, periods, reports
 from usage_service.domain.reports import Sent
+from usage_service.storage import reconcile_queries as q
 from usage_service.storage.rows import Conn, stored_periods
-
-# Customers with events billed to a provider, in order. $1 customer_id[] (empty: all),
-# $2 provider ('' any)
-CUSTOMERS = """
-SELECT DISTINCT e.customer_id FROM usage_events e JOIN customers c USING (customer_id)
-WHERE c.plan_id <> '' AND e.provider <> ''
-    AND (cardinality($1::text[]) = 0 OR e.customer_id = ANY($1::text[]))
-    AND ($2::text = '' OR e.provider = $2)
-ORDER BY 1"""
-
-# One customer's events of one period, per provider and meter: all of them, and those the
-# provider accepted. $1 customer_id, $2 start, $3 end, $4 provider ('' any)
-FIGURES = """
-SELECT e.provider, e.meter,
-    count(*) AS n, sum(e.quantity)::bigint AS s, max(e.quantity) AS mx,
-    (array_agg(e.quantity ORDER BY e.event_time DESC, e.seq DESC))[1] AS lq,
-    count(*) FILTER (WHERE e.report_state = 'reported') AS rn,
-    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'reported'), 0)::bigint AS rs,
-    max(e.quantity) FILTER (WHERE e.report_state = 'reported') AS rmx,
-    (array_agg(e.quantity ORDER BY e.event_time DESC, e.seq DESC)
-        FILTER (WHERE e.report_state = 'reported'))[1] AS rlq,
-    count(*) FILTER (WHERE e.report_state = 'pending') AS pending,
-    count(*) FILTER (WHERE e.report_state = 'pending' AND e.report_id IS NOT NULL) AS in_reports,
-    max(e.reported_at) AS last_reported_at, now() AS read_at
-FROM usage_events e
-WHERE e.customer_id = $1 AND e.event_time >= $2 AND e.event_time < $3 AND e.provider <> ''
-    AND ($4::text = '' OR e.provider = $4)
-GROUP BY 1, 2 ORDER BY 1, 2"""
-
-# The events a provider accepted in a period, for per-event providers. $1 customer_id,
-# $2 provider, $3 meter, $4 start, $5 end
-SENT = """
-SELECT event_id::text, quantity, event_time FROM usage_events
-WHERE customer_id = $1 AND provider = $2 AND meter = $3 AND event_time >= $4
-    AND event_time < $5 AND report_state = 'reported'
-ORDER BY event_time, event_id"""
-
-# $1 customer_id
-CUSTOMER_PROVIDERS = """
-SELECT provider, provider_customer_id, subscription_items FROM customer_providers
-WHERE customer_id = $1"""
-
-# Fix reports of a customer's lanes: when delivered ones were accepted (the provider may still be
-# showing them), and open ones (in flight). $1 lane[]
-FIXES = """
-SELECT lane, state, value, events::text AS events, settled_at FROM reports
-WHERE kind = 'fix' AND lane = ANY($1::text[]) AND state IN ('open', 'delivered')"""
-
-# Events in open fix reports (per-event providers): a re-send already queued. $1 event_id[]
-QUEUED = """
-SELECT DISTINCT e.value ->> 'event_id' AS event_id
-FROM reports r, jsonb_array_elements(r.events) AS e(value)
-WHERE r.kind = 'fix' AND r.state = 'open' AND e.value ->> 'event_id' = ANY($1::text[])"""
-
-# The customer ids a lane's delivered reports carried for events of a period.
-# $1 lane, $2 start, $3 end
-SENT_TO = """
-SELECT DISTINCT e.value ->> 'provider_customer_id' AS id
-FROM reports r, jsonb_array_elements(r.events) AS e(value)
-WHERE r.lane = $1 AND r.state = 'delivered'
-    AND (e.value ->> 'event_time')::timestamptz >= $2
-    AND (e.value ->> 'event_time')::timestamptz < $3"""
-
-# Fixes of one lane serialise on this lock, taken in the fix's transaction. $1 lane
-LOCK_LANE = "SELECT pg_advisory_xact_lock(hashtext($1))"
-
-# A fix queued on the lane since a reconciliation read the provider. $1 lane, $2 read at
-FIXED_SINCE = """
-SELECT count(*) FROM reports WHERE kind = 'fix' AND lane = $1 AND created_at >= $2"""
-
-# $1 report_id, $2 provider, $3 lane (NULL: none), $4 events (JSON text), $5 value,
-# $6 stated_at (NULL: the newest event's time)
-INSERT_FIX = """
-INSERT INTO reports (report_id, provider, lane, events, value, kind, first_sent_at, stated_at)
-VALUES ($1::uuid, $2, $3, $4::text::jsonb, $5, 'fix', now(), $6)
-ON CONFLICT (lane) WHERE state = 'open' AND lane IS NOT NULL DO NOTHING
-RETURNING report_id"""
-
-# The latest event a provider accepted in a period: what a Stripe fix is timed and addressed by.
-# $1 customer_id, $2 provider, $3 meter, $4 start, $5 end
-LATEST_SENT = """
-SELECT e.event_id::text, e.customer_id, e.meter, e.quantity, e.event_time, e.properties
-FROM usage_events e
-WHERE e.customer_id = $1 AND e.provider = $2 AND e.meter = $3 AND e.event_time >= $4
-    AND e.event_time < $5 AND e.report_state = 'reported'
-ORDER BY e.event_time DESC, e.seq DESC LIMIT 1"""
-
-# Events by id, for a per-event re-send. $1 customer_id, $2 event_id[]
-EVENTS = """
-SELECT e.event_id::text, e.customer_id, e.meter, e.quantity, e.event_time, e.properties
-FROM usage_events e WHERE e.customer_id = $1 AND e.event_id = ANY($2::uuid[])
-ORDER BY e.event_time, e.event_id"""
-
-
-# Stripe identifiers (a report's id, one of its pieces `<id>-<k>`, or a count meter's event
-# id) to the customer, meter and events they carried. $1 report_id[], $2 event_id[]
-IDENTIFIED = """
-SELECT r.report_id::text AS report_id, e.value ->> 'event_id' AS event_id,
-    e.value ->> 'customer_id' AS customer_id, e.value ->> 'meter' AS meter
-FROM reports r, jsonb_array_elements(r.events) AS e(value)
-WHERE r.provider = 'stripe'
-    AND (r.report_id = ANY($1::uuid[]) OR e.value ->> 'event_id' = ANY($2::text[]))
-ORDER BY 1, 2"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +61,8 @@ class ReconcileStore:
 
     async def customers(self, customer_ids: Sequence[str], provider: str) -> list[str]:
         return [
-            r["customer_id"] for r in await self.pool.fetch(CUSTOMERS, list(customer_ids), provider)
+            r["customer_id"]
+            for r in await self.pool.fetch(q.CUSTOMERS, list(customer_ids), provider)
         ]
 
     async def units(
@@ -177,14 +76,14 @@ class ReconcileStore:
         period = periods.period_at(stored, which if isinstance(which, dt.datetime) else now)
         if which == "previous":
             period = periods.period_at(stored, period.start - dt.timedelta(microseconds=1))
-        rows = await self.pool.fetch(FIGURES, customer_id, period.start, period.end, provider)
-        ids = {r["provider"]: r for r in await self.pool.fetch(CUSTOMER_PROVIDERS, customer_id)}
+        rows = await self.pool.fetch(q.FIGURES, customer_id, period.start, period.end, provider)
+        ids = {r["provider"]: r for r in await self.pool.fetch(q.CUSTOMER_PROVIDERS, customer_id)}
         lanes = [
             reports.lane(domain.Provider(r["provider"]), customer_id, r["meter"]) for r in rows
         ]
         fixed_at: dict[str, dt.datetime] = {}
         fixing: set[str] = set()
-        for f in await self.pool.fetch(FIXES, lanes):
+        for f in await self.pool.fetch(q.FIXES, lanes):
             if f["state"] == "open":
                 fixing.add(f["lane"])
                 continue
@@ -220,7 +119,7 @@ class ReconcileStore:
 
     async def sent(self, unit: Unit) -> tuple[Sent, ...]:
         rows = await self.pool.fetch(
-            SENT, unit.customer_id, unit.provider.value, unit.meter, *unit.period.bounds
+            q.SENT, unit.customer_id, unit.provider.value, unit.meter, *unit.period.bounds
         )
         return tuple(Sent(r["event_id"], r["quantity"], r["event_time"]) for r in rows)
 
@@ -228,7 +127,7 @@ class ReconcileStore:
         """Stripe identifiers to what they carried; unknown ones are left out."""
         ids = [i[:36] for i in identifiers if _is_uuid(i[:36])]
         found: dict[str, list[tuple[str, str, str]]] = {}
-        for r in await self.pool.fetch(IDENTIFIED, ids, ids):
+        for r in await self.pool.fetch(q.IDENTIFIED, ids, ids):
             found.setdefault(r["report_id"], []).append(
                 (r["event_id"], r["customer_id"], r["meter"])
             )
@@ -244,12 +143,12 @@ class ReconcileStore:
 
     async def queued(self, event_ids: Sequence[str]) -> set[str]:
         """Those of `event_ids` already in an open fix report."""
-        return {r["event_id"] for r in await self.pool.fetch(QUEUED, list(event_ids))}
+        return {r["event_id"] for r in await self.pool.fetch(q.QUEUED, list(event_ids))}
 
     async def sent_to(self, unit: Unit) -> set[str]:
         """The customer ids the unit's lane reports carried for the period's events."""
         lane = reports.lane(unit.provider, unit.customer_id, unit.meter)
-        rows = await self.pool.fetch(SENT_TO, lane, *unit.period.bounds)
+        rows = await self.pool.fetch(q.SENT_TO, lane, *unit.period.bounds)
         return {r["id"] for r in rows}
 
     async def fix_amount(
@@ -261,20 +160,20 @@ class ReconcileStore:
         unit was read (the provider's figure this fix is based on may be stale), or nothing was
         accepted in the period."""
         row = await self.pool.fetchrow(
-            LATEST_SENT, unit.customer_id, unit.provider.value, unit.meter, *unit.period.bounds
+            q.LATEST_SENT, unit.customer_id, unit.provider.value, unit.meter, *unit.period.bounds
         )
         if row is None:
             return None
         lane = reports.lane(unit.provider, unit.customer_id, unit.meter)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(LOCK_LANE, lane)
-            if await conn.fetchval(FIXED_SINCE, lane, unit.read_at):
+            await conn.execute(q.LOCK_LANE, lane)
+            if await conn.fetchval(q.FIXED_SINCE, lane, unit.read_at):
                 return None
             return await self._insert(conn, unit, lane, [row], amount, stated(row["event_time"]))
 
     async def fix_events(self, unit: Unit, event_ids: Sequence[str]) -> str | None:
         """Queues a re-send of events a per-event provider lacks (it dedupes them by id)."""
-        rows = await self.pool.fetch(EVENTS, unit.customer_id, list(event_ids))
+        rows = await self.pool.fetch(q.EVENTS, unit.customer_id, list(event_ids))
         if not rows:
             return None
         async with self.pool.acquire() as conn:
@@ -304,7 +203,7 @@ class ReconcileStore:
         ]
         report_id = ids.new_report_id()
         found = await conn.fetchval(
-            INSERT_FIX, report_id, unit.provider.value, lane, json.dumps(events), value, stated_at
+            q.INSERT_FIX, report_id, unit.provider.value, lane, json.dumps(events), value, stated_at
         )
         return None if found is None else report_id
 

@@ -7,14 +7,14 @@ import datetime as dt
 import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple, TypeAlias
+from typing import NamedTuple
 
 import asyncpg
 
 from usage_service import domain
 from usage_service.domain import periods
 from usage_service.domain.errors import KeyConflict, TotalOutOfRange
-from usage_service.storage import coalesce, history, queries
+from usage_service.storage import coalesce, history, idempotency, queries
 from usage_service.storage.rows import (
     Conn,
     customer_from_row,
@@ -23,10 +23,8 @@ from usage_service.storage.rows import (
     totals_from_row,
 )
 
-DEFAULT_POOL_SIZE = 10  # connections
 ORDER_MASK = 2**20 - 1  # the acceptance-order bits of an event's seq (see INSERT_EVENTS)
 MAX_RECORD_ROUNDS = 10  # transactions tried for one group before answering CONCURRENCY_CONFLICT
-Key: TypeAlias = tuple[str, str]  # (customer_id, idempotency_key)
 # Failures of the database as a whole: a group that meets one fails whole, never retried item
 # by item (every caller retries with its own key).
 _DATABASE_DOWN = (
@@ -35,11 +33,6 @@ _DATABASE_DOWN = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
 )
-
-
-class Recorded(NamedTuple):  # a tuple: a batch makes one per event
-    event_id: str
-    duplicate: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,71 +55,6 @@ class Checked(NamedTuple):
     customer: domain.Customer | None = None
     period: periods.Period | None = None
     totals: domain.Totals = domain.Totals()
-
-
-async def init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-
-
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool connections carry no session state (no SET, LISTEN, cursors or session advisory
-    locks), so the default reset query on release would be a round trip for nothing. asyncpg
-    still rolls back a transaction left open before this is called."""
-
-
-async def create_pool(dsn: str, size: int = DEFAULT_POOL_SIZE) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=1,
-        max_size=size,
-        init=init_connection,
-        reset=_keep_session,
-        command_timeout=30,
-    )
-    assert pool is not None
-    return pool
-
-
-class _Replan(Exception):
-    """A key turned out to be taken by another payload: roll back and judge the group again."""
-
-
-def _resolve(
-    requests: Sequence[Sequence[domain.UsageEvent]], known: Mapping[Key, tuple[str, bytes]]
-) -> tuple[list[list[Recorded] | KeyConflict], list[tuple[domain.UsageEvent, int]]]:
-    """Judges requests in order, as if each ran alone after the ones before it: `known` holds
-    stored events (key -> event_id, payload hash). Returns each request's answers (or its key
-    conflict: the request stores nothing) and the events to insert with their acceptance order
-    (their place among the events to insert, in request order), sorted by key."""
-    winners = dict(known)
-    answers: list[list[Recorded] | KeyConflict] = []
-    fresh: list[domain.UsageEvent] = []
-    for events in requests:
-        mine: dict[Key, tuple[str, bytes]] = {}
-        out: list[Recorded] = []
-        new: list[domain.UsageEvent] = []
-        conflict: KeyConflict | None = None
-        for i, e in enumerate(events):
-            key = (e.customer_id, e.idempotency_key)
-            seen = mine.get(key) or winners.get(key)
-            if seen is None:
-                mine[key] = (e.event_id, e.payload_hash)
-                new.append(e)
-                out.append(Recorded(e.event_id, duplicate=False))
-            elif seen[1] != e.payload_hash:
-                conflict = KeyConflict(i, seen[0])
-                break
-            else:
-                out.append(Recorded(seen[0], duplicate=True))
-        if conflict is not None:
-            answers.append(conflict)
-            continue
-        winners.update(mine)
-        fresh.extend(new)
-        answers.append(out)
-    # Rows go in key order, so concurrent writers take unique-index locks in one order.
-    ordered = sorted(((e, i) for i, e in enumerate(fresh)), key=_by_key)
-    return answers, ordered
 
 
 _NO_TOTALS = domain.Totals()
@@ -167,16 +95,12 @@ class _Locked(NamedTuple):
         return p.start, p.end, p.start
 
 
-def _by_key(pair: tuple[domain.UsageEvent, int]) -> Key:
-    return pair[0].customer_id, pair[0].idempotency_key
-
-
 class Store:
     def __init__(self, pool: asyncpg.Pool, group_commit: bool = True) -> None:
         self.pool = pool
         self.group_commit = group_commit
         self._writes: coalesce.Coalescer[
-            Sequence[domain.UsageEvent], list[Recorded] | KeyConflict
+            Sequence[domain.UsageEvent], list[idempotency.Recorded] | KeyConflict
         ] = coalesce.Coalescer(self.record_isolated, weight=len)
         self._reads: coalesce.Coalescer[tuple[str, str, dt.datetime], Checked] = coalesce.Coalescer(
             self.check_read_many, max_items=1000
@@ -222,7 +146,7 @@ class Store:
 
     # --- usage ---
 
-    async def submit(self, events: Sequence[domain.UsageEvent]) -> list[Recorded]:
+    async def submit(self, events: Sequence[domain.UsageEvent]) -> list[idempotency.Recorded]:
         """`record`, coalesced with concurrent callers into one transaction (group commit):
         answered only after the commit that holds these events; a key conflict or a failing
         total fails only this call."""
@@ -233,7 +157,7 @@ class Store:
             raise answer
         return answer
 
-    async def record(self, events: Sequence[domain.UsageEvent]) -> list[Recorded]:
+    async def record(self, events: Sequence[domain.UsageEvent]) -> list[idempotency.Recorded]:
         """Stores events in one transaction, answering per event in order. A key seen before
         (in this call or earlier) with the same payload is a duplicate; with another payload it
         raises KeyConflict and nothing is stored. An event that would take its lifetime total
@@ -271,7 +195,7 @@ class Store:
 
     async def record_isolated(
         self, requests: Sequence[Sequence[domain.UsageEvent]]
-    ) -> list[list[Recorded] | KeyConflict | BaseException]:
+    ) -> list[list[idempotency.Recorded] | KeyConflict | BaseException]:
         """`record_many`; when the group fails for a reason that belongs to one request (a total
         out of range, a deadlock), each request is retried alone so only its own caller fails."""
         try:
@@ -285,7 +209,7 @@ class Store:
 
     async def _record_one(
         self, events: Sequence[domain.UsageEvent]
-    ) -> list[Recorded] | KeyConflict | BaseException:
+    ) -> list[idempotency.Recorded] | KeyConflict | BaseException:
         try:
             return await self.record(events)
         except _DATABASE_DOWN:
@@ -295,24 +219,24 @@ class Store:
 
     async def record_many(
         self, requests: Sequence[Sequence[domain.UsageEvent]]
-    ) -> list[list[Recorded] | KeyConflict]:
+    ) -> list[list[idempotency.Recorded] | KeyConflict]:
         """Stores several requests' events in one transaction and one commit. Each request is
         all-or-nothing on its own and is judged as if it ran alone after the ones before it: a
         key conflict (against a stored event or an earlier request) fails only that request."""
-        known: dict[Key, tuple[str, bytes]] = {}
+        known: dict[idempotency.Key, tuple[str, bytes]] = {}
         for _ in range(MAX_RECORD_ROUNDS):
             try:
                 return await self._record_round(requests, known)
-            except _Replan:
+            except idempotency.Replan:
                 continue
         raise asyncpg.exceptions.SerializationError("idempotency keys kept changing; retry")
 
     async def _record_round(
         self,
         requests: Sequence[Sequence[domain.UsageEvent]],
-        known: dict[Key, tuple[str, bytes]],
-    ) -> list[list[Recorded] | KeyConflict]:
-        answers, ordered = _resolve(requests, known)
+        known: dict[idempotency.Key, tuple[str, bytes]],
+    ) -> list[list[idempotency.Recorded] | KeyConflict]:
+        answers, ordered = idempotency.resolve(requests, known)
         if not ordered:
             return answers
         fresh = [e for e, _ in ordered]
@@ -348,8 +272,8 @@ class Store:
                 for e in missing:
                     seen = known.get((e.customer_id, e.idempotency_key))
                     if seen is None or seen[1] != e.payload_hash:
-                        raise _Replan
-                answers, _ = _resolve(requests, known)
+                        raise idempotency.Replan
+                answers, _ = idempotency.resolve(requests, known)
             await self._add_totals(conn, locked, added)
         return answers
 
@@ -467,7 +391,11 @@ class Store:
                 now,
             )
             customer = customer_from_row(row) if row else None
-            seen = _key_owner(row["seen_event_id"], row["seen_payload_hash"]) if row else None
+            seen = (
+                idempotency.key_owner(row["seen_event_id"], row["seen_payload_hash"])
+                if row
+                else None
+            )
             period = await self.period_now(customer, now, conn) if customer else None
             if seen is not None:
                 totals = await self._totals_in(conn, customer, event.meter, period)
@@ -512,7 +440,7 @@ class Store:
     @staticmethod
     async def _seen(conn: Conn, e: domain.UsageEvent) -> tuple[str, bytes] | None:
         row = await conn.fetchrow(queries.EVENT_BY_KEY, e.customer_id, e.idempotency_key)
-        return _key_owner(row["event_id"], row["payload_hash"]) if row else None
+        return idempotency.key_owner(row["event_id"], row["payload_hash"]) if row else None
 
     @staticmethod
     def _replay(
@@ -530,7 +458,7 @@ class Store:
 
     async def _insert_consumed(
         self, conn: Conn, e: domain.UsageEvent, period: periods.Period, provider: str
-    ) -> Recorded:
+    ) -> idempotency.Recorded:
         try:
             inserted = await conn.fetchval(
                 queries.CONSUME_INSERT,
@@ -552,15 +480,8 @@ class Store:
             assert seen is not None
             if seen[1] != e.payload_hash:
                 raise KeyConflict(0, seen[0])
-            return Recorded(seen[0], duplicate=True)
-        return Recorded(e.event_id, duplicate=False)
-
-
-def _key_owner(event_id: object, payload_hash: bytes | None) -> tuple[str, bytes] | None:
-    """(event_id, payload hash) of the event stored under a key, None when there is none."""
-    return (
-        None if event_id is None or payload_hash is None else (str(event_id), bytes(payload_hash))
-    )
+            return idempotency.Recorded(seen[0], duplicate=True)
+        return idempotency.Recorded(e.event_id, duplicate=False)
 
 
 def properties_json(properties: Mapping[str, str]) -> str:
