@@ -12,16 +12,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import asyncpg
 import prometheus_client as prom
 
 from usage_service import domain
 from usage_service.storage import ops
-
-if TYPE_CHECKING:
-    from usage_service.reconcile.reconciler import MeterErrorRow, Row
 
 log = logging.getLogger(__name__)
 BACKLOG_QUERY_TIMEOUT = 2.0  # seconds a scrape waits for the backlog query
@@ -139,20 +135,23 @@ def render() -> bytes:
     return prom.generate_latest(prom.REGISTRY)
 
 
-def reconciled(rows: Sequence[Row], errors: Sequence[MeterErrorRow] | None) -> None:
-    """Sets the reconciliation gauges from one run's rows (current and previous periods) and
-    Stripe's meter error reports (None: they could not be read; the gauge keeps its values)."""
+def reconciled(
+    rows: Sequence[tuple[str, str, str, int | None]], errors: Sequence[tuple[str, str, int]] | None
+) -> None:
+    """Sets the reconciliation gauges from one run's rows, (provider, meter, verdict, drift) for
+    the current and previous periods, and Stripe's meter error reports, (event type, code,
+    count) (None: they could not be read; the gauge keeps its values)."""
     if errors is not None:
         by_code: Counter[str] = Counter()
-        for (_, code), count in {(e.stripe_event, e.code): e.count for e in errors}.items():
+        for (_, code), count in {(event, code): n for event, code, n in errors}.items():
             by_code[code] += count
         STRIPE_METER_ERRORS.clear()
         for code, n in by_code.items():
             STRIPE_METER_ERRORS.labels(code).set(n)
-    verdicts: Counter[tuple[str, str]] = Counter((r.provider, r.verdict.value) for r in rows)
+    verdicts: Counter[tuple[str, str]] = Counter((r[0], r[2]) for r in rows)
     drift: Counter[tuple[str, str]] = Counter()
-    for r in rows:
-        drift[(r.provider, r.meter)] += r.drift or 0
+    for provider, meter, _, amount in rows:
+        drift[(provider, meter)] += amount or 0
     RECONCILED.clear()
     for (provider, verdict), n in verdicts.items():
         RECONCILED.labels(provider, verdict).set(n)

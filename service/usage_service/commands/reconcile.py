@@ -213,7 +213,12 @@ class Background:
             *await self.reconciler.run(which="previous"),
         ]
         errors = await self.reconciler.meter_errors(dt.datetime.now(dt.UTC) - ERRORS_KEPT)
-        metrics.reconciled(rows, errors if isinstance(errors, list) else None)
+        metrics.reconciled(
+            [(r.provider, r.meter, r.verdict.value, r.drift) for r in rows],
+            [(e.stripe_event, e.code, e.count) for e in errors]
+            if isinstance(errors, list)
+            else None,
+        )
         for row in rows:
             key = (row.customer_id, row.provider, row.meter, row.period_start, row.drift)
             if row.verdict in DRIFT and key not in self._logged:
