@@ -14,10 +14,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/usage-service
 WORKDIR /src
+# Every runtime dependency (and the build backend), pinned with hashes: two builds of one commit
+# install the same files. requirements.lock says how to regenerate it.
+COPY requirements.lock ./
+RUN /opt/usage-service/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
+# The local distributions of this checkout, without dependencies (all of them are locked above).
 COPY pyproject.toml README.md ./
 COPY service ./service
-# Versions are bounded in pyproject.toml; the build installs this checkout, not a registry name.
-RUN /opt/usage-service/bin/pip install --no-cache-dir ./ \
+RUN /opt/usage-service/bin/pip install --no-cache-dir --no-deps --no-build-isolation \
+        ./ \
     && find /opt/usage-service -name '__pycache__' -prune -exec rm -rf {} +
 
 # --- runtime: the virtualenv only, run by an unprivileged user ---
