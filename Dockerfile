@@ -19,7 +19,7 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN /opt/usage-service/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
 # The local distributions of this checkout, without dependencies (all of them are locked above).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
 RUN /opt/usage-service/bin/pip install --no-cache-dir --no-deps --no-build-isolation \
         ./ \
