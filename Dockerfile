@@ -44,8 +44,10 @@ ENV PATH=/opt/usage-service/bin:$PATH \
 WORKDIR /var/lib/usage-service
 USER 10001:10001
 EXPOSE 50051 9464
-# `usage-service health` asks the gRPC health service on USAGE_GRPC_ADDRESS (over TLS when
-# USAGE_TLS_CERT_FILE is set) and exits 0 only when it answers SERVING.
+# Docker has no gRPC health check of its own: `usage-service health` asks the gRPC health service
+# on USAGE_GRPC_ADDRESS (over TLS when USAGE_TLS_CERT_FILE is set) and exits 0 only when it
+# answers SERVING. It is a Python process per check; deploy/docker-compose.yml replaces it with a
+# TCP check, and Kubernetes probes the health service itself (deploy/kubernetes).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["usage-service", "health", "--timeout", "3"]
 # SIGTERM: health turns NOT_SERVING, in-flight calls finish (USAGE_SHUTDOWN_GRACE_SECONDS).
