@@ -14,10 +14,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/usage-service
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Every runtime dependency (and the build backend), pinned with hashes: two builds of one commit
+# install the same files. requirements.lock says how to regenerate it.
+COPY requirements.lock ./
+RUN /opt/usage-service/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
+# The local distributions of this checkout, without dependencies (all of them are locked above).
+COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
-# Versions are bounded in pyproject.toml; the build installs this checkout, not a registry name.
-RUN /opt/usage-service/bin/pip install --no-cache-dir ./ \
+RUN /opt/usage-service/bin/pip install --no-cache-dir --no-deps --no-build-isolation \
+        ./ \
     && find /opt/usage-service -name '__pycache__' -prune -exec rm -rf {} +
 
 # --- runtime: the virtualenv only, run by an unprivileged user ---
@@ -39,8 +44,10 @@ ENV PATH=/opt/usage-service/bin:$PATH \
 WORKDIR /var/lib/usage-service
 USER 10001:10001
 EXPOSE 50051 9464
-# `usage-service health` asks the gRPC health service on USAGE_GRPC_ADDRESS (over TLS when
-# USAGE_TLS_CERT_FILE is set) and exits 0 only when it answers SERVING.
+# Docker has no gRPC health check of its own: `usage-service health` asks the gRPC health service
+# on USAGE_GRPC_ADDRESS (over TLS when USAGE_TLS_CERT_FILE is set) and exits 0 only when it
+# answers SERVING. It is a Python process per check; deploy/docker-compose.yml replaces it with a
+# TCP check, and Kubernetes probes the health service itself (deploy/kubernetes).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["usage-service", "health", "--timeout", "3"]
 # SIGTERM: health turns NOT_SERVING, in-flight calls finish (USAGE_SHUTDOWN_GRACE_SECONDS).

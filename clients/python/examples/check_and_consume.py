@@ -4,7 +4,7 @@ Ask the service whether the customer may use QUANTITY of FEATURE and, in the sam
 record it. Racing callers can never take a customer past a hard limit. A denial is an answer, not
 an error: show the reason and do not run the action.
 
-    python check_and_consume.py CUSTOMER_ID JOB_ID QUANTITY [--feature tokens] [--target HOST:PORT]
+    python check_and_consume.py CUSTOMER_ID JOB_ID QUANTITY [--feature NAME] [--target HOST:PORT]
 
 Exit status: 0 allowed (and consumed), 3 denied, 1 rejected request, 75 try again later.
 """
@@ -47,7 +47,7 @@ async def amain(argv: list[str] | None = None) -> int:
     parser.add_argument("customer_id")
     parser.add_argument("job_id", help="your own id for the action")
     parser.add_argument("quantity", type=int)
-    parser.add_argument("--feature", default="tokens")
+    parser.add_argument("--feature", default="llm_tokens")
     parser.add_argument(
         "--target", default=os.environ.get("USAGE_SERVICE_ADDRESS", "127.0.0.1:50051")
     )

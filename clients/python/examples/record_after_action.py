@@ -4,7 +4,7 @@ Run the action first, then record what it used. The idempotency key is derived f
 for the action, so recording it again (a retry, a crash and re-run, a redelivered job) never bills
 twice: the service answers with the original event and duplicate=True.
 
-    python record_after_action.py CUSTOMER_ID REQUEST_ID TOKENS [--target HOST:PORT]
+    python record_after_action.py CUSTOMER_ID REQUEST_ID TOKENS [--meter NAME] [--target HOST:PORT]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("customer_id")
     parser.add_argument("request_id", help="your own id for the action")
     parser.add_argument("tokens", type=int)
-    parser.add_argument("--meter", default="tokens")
+    parser.add_argument("--meter", default="llm_tokens")
     parser.add_argument(
         "--target", default=os.environ.get("USAGE_SERVICE_ADDRESS", "127.0.0.1:50051")
     )

@@ -7,6 +7,7 @@ import { after, before, test } from "node:test";
 import { runIfAllowed } from "../examples/check-and-consume.js";
 import { recordCompletionUsage } from "../examples/record-usage.js";
 import { formatSummary, showSummary } from "../examples/show-summary.js";
+import { thisMonth, upsertForThisMonth } from "../examples/upsert-customer.js";
 import type { UsageClient } from "../src/index.js";
 import { activeCustomer, Fixture, PACKAGE_ROOT, uniqueId } from "./harness.js";
 
@@ -31,6 +32,21 @@ function runExample(name: string, args: string[]): Promise<string> {
     );
   });
 }
+
+test("upsert-customer: the customer's plan, active, for this calendar month", async () => {
+  const customerId = uniqueId("cus");
+  const saved = await upsertForThisMonth(client, customerId, "starter");
+  const { start, end } = thisMonth(new Date());
+  assert.equal(saved.planId, "starter");
+  assert.equal(saved.subscriptionStatus, "ACTIVE");
+  assert.deepEqual([saved.currentPeriodStartTime, saved.currentPeriodEndTime], [start, end]);
+  assert.equal(saved.currentPeriodSource, "CONFIRMED");
+  assert.deepEqual(thisMonth(new Date(Date.UTC(2026, 11, 31, 23, 59))), {
+    start: new Date(Date.UTC(2026, 11, 1)),
+    end: new Date(Date.UTC(2027, 0, 1)),
+  });
+  await assert.rejects(upsertForThisMonth(client, customerId, "no-such-plan"), /plan/);
+});
 
 test("record-usage: a completion is recorded once, however often the code runs", async () => {
   const customerId = uniqueId("cus");
@@ -94,7 +110,12 @@ test("show-summary: one line per meter with used, included, overage and limit", 
 
 test("the examples run as scripts", async () => {
   const customerId = uniqueId("cus");
-  await client.upsertCustomer(activeCustomer(customerId));
+  const { start, end } = thisMonth(new Date());
+  const month = `${start.toISOString().slice(0, 10)} to ${end.toISOString().slice(0, 10)}`;
+  assert.equal(
+    await runExample("upsert-customer", [customerId, "starter"]),
+    `${customerId}: plan starter (active), ${month}\n`,
+  );
   assert.match(await runExample("record-usage", [customerId, "req-1", "30"]), /^recorded \S+\n$/);
   assert.match(await runExample("record-usage", [customerId, "req-1", "30"]), /^already recorded as \S+\n$/);
   assert.equal(await runExample("check-and-consume", [customerId, "job-1", "70"]), "ran; 900 tokens left\n");
