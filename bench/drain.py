@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fakes.ingest import POLAR_KEY  # noqa: E402
 
 from usage_service import domain, providers  # noqa: E402
-from usage_service.domain import ids, plans  # noqa: E402
+from usage_service.domain import ids, periods, plans  # noqa: E402
 from usage_service.drain.loop import Drain, DrainSettings  # noqa: E402
 from usage_service.providers.config import ProviderSettings  # noqa: E402
-from usage_service.storage import connections, drain_store, migrate, store  # noqa: E402
+from usage_service.storage import connections, drain_store, history, migrate, store  # noqa: E402
 
 CUSTOMERS = 100
 TIMEOUT = 600.0  # seconds
@@ -94,8 +94,11 @@ async def run(server_dsn: str, events: int, replicas: int) -> dict[str, float]:
                     domain.SubscriptionStatus.ACTIVE,
                     now - dt.timedelta(days=1),
                     now + dt.timedelta(days=29),
+                    periods.Cadence(periods.Interval.DAY, 30, now + dt.timedelta(days=29)),
                     provider=domain.Provider.POLAR,
-                )
+                ),
+                history.CadenceRequest(),
+                now,
             )
         for start in range(0, events, 1000):
             await st.record(

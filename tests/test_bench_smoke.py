@@ -40,3 +40,16 @@ def test_bench_prints_the_table(server_dsn: str) -> None:
         assert len(rows) == 2, (scenario, out.stdout)  # closed loop and open loop
     assert any(line.startswith("| raw asyncpg unnest") for line in lines)
     assert "Goals:" in out.stdout
+
+
+def test_drain_bench_reports_every_event(server_dsn: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCH.with_name("drain.py")), "--database-url", server_dsn]
+        + ["--events", "2000"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2,000/2,000 events reported" in out.stdout, out.stdout
+    assert "0 protocol violations" in out.stdout, out.stdout
