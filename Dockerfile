@@ -16,8 +16,10 @@ RUN python -m venv /opt/usage-service
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
-# Versions are bounded in pyproject.toml; the build installs this checkout, not a registry name.
-RUN /opt/usage-service/bin/pip install --no-cache-dir ./ \
+COPY protos/python ./protos/python
+# Versions are bounded in pyproject.toml; the build installs this checkout, not a registry name
+# (the generated usage.v1 package too, in the same call, so its name resolves to protos/python).
+RUN /opt/usage-service/bin/pip install --no-cache-dir ./protos/python ./ \
     && find /opt/usage-service -name '__pycache__' -prune -exec rm -rf {} +
 
 # --- runtime: the virtualenv only, run by an unprivileged user ---
