@@ -4,12 +4,14 @@ This is the one generator of the `usage.v1` package (`usage-service-protos`) tha
 the Python client both import: `from usage.v1 import usage_pb2`. The output mirrors the proto path.
 
 The code is generated with an old grpcio-tools on purpose: the generated modules refuse a grpcio
-older than the grpcio-tools that wrote them and a protobuf older than its gencode, so the oldest
-generator sets the floor for everyone who installs the client. grpcio-tools 1.72.1 is the first to
+older than the grpcio-tools that wrote them and a protobuf older than their gencode, so the
+generator sets the floors for everyone who installs the client. grpcio-tools 1.72 is the first to
 write protobuf 6 gencode (6.30.0); protobuf supports gencode of major V on runtimes V and V+1, so it
-loads without a warning on protobuf 6 and on the service's protobuf 7. That grpcio-tools needs
-protobuf<7, which the service cannot share, so it runs from its own virtualenv, made once under
-.cache/ with exactly GENERATOR installed.
+loads without a warning on protobuf 6 and on the service's protobuf 7 (protobuf 5 gencode would
+warn on protobuf 6.30-6.31 and is unsupported on 7). 1.72.2 rather than 1.72.1: grpcio 1.68.0 to
+1.72.1 (and 1.73.0) leave a channel unable to reconnect after the server restarts, which the
+client's retries rely on. That grpcio-tools needs protobuf<7, which the service cannot share, so it
+runs from its own virtualenv, made once under .cache/ with exactly GENERATOR installed.
 
     python tools/genproto.py
 """
@@ -29,7 +31,7 @@ PACKAGE = ROOT / "protos" / "python"
 CACHE = ROOT / ".cache" / "protogen-venv"
 # Exact versions: the committed code is compared byte for byte with this generator's output, and
 # protos/python/pyproject.toml and clients/python/pyproject.toml take their floors from it.
-GENERATOR = ("grpcio-tools==1.72.1", "grpcio==1.72.1", "protobuf==6.30.0")
+GENERATOR = ("grpcio-tools==1.72.2", "grpcio==1.72.2", "protobuf==6.30.0")
 _STAMP = "generator.txt"
 
 

@@ -5,7 +5,7 @@ import warnings
 
 from usage.v1 import usage_pb2 as usage_dot_v1_dot_usage__pb2
 
-GRPC_GENERATED_VERSION = '1.72.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
