@@ -21,8 +21,11 @@ RUN /opt/usage-service/bin/pip install --no-cache-dir --require-hashes -r requir
 # The local distributions of this checkout, without dependencies (all of them are locked above).
 COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
+COPY protos/python ./protos/python
+# This checkout's two distributions (the service and its generated usage.v1 package), in one call
+# so the package's name resolves to protos/python.
 RUN /opt/usage-service/bin/pip install --no-cache-dir --no-deps --no-build-isolation \
-        ./ \
+        ./protos/python ./ \
     && find /opt/usage-service -name '__pycache__' -prune -exec rm -rf {} +
 
 # --- runtime: the virtualenv only, run by an unprivileged user ---

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Fails when the committed generated code differs from what buf generates from the protos now:
-# the TypeScript in src/gen (both templates) and, through the root template, the Python stubs in
-# service/usage/v1. Generates into a temporary folder and compares; the work tree is not touched.
-# Needs the root node_modules (buf, protoc-gen-es) and .venv (grpcio-tools).
+# the TypeScript in src/gen (both templates). Generates into a temporary folder and compares; the
+# work tree is not touched. Needs the root node_modules (buf, protoc-gen-es).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -14,7 +13,6 @@ npx --no-install buf generate --template clients/typescript/buf.gen.yaml --outpu
 
 status=0
 diff -r "$out/clients/typescript/src/gen" clients/typescript/src/gen || status=1
-diff -r -x __pycache__ -x __init__.py "$out/service/usage/v1" service/usage/v1 || status=1
 if [ "$status" -ne 0 ]; then
   echo "generated code is stale: run 'npx buf generate && npx buf generate --template clients/typescript/buf.gen.yaml' at the repo root and commit" >&2
   exit 1

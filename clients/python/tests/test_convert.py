@@ -6,9 +6,9 @@ import dataclasses
 import datetime as dt
 
 import pytest
+from usage.v1 import customer_pb2, usage_pb2
 
 from usage_client import BillingInterval, Customer, PeriodSource, SubscriptionStatus, _convert
-from usage_client._gen.usage.v1 import customer_pb2, usage_pb2
 
 START = dt.datetime(2026, 1, 31, 9, 0, tzinfo=dt.UTC)
 END = dt.datetime(2026, 2, 28, 9, 0, tzinfo=dt.UTC)

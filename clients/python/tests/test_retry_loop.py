@@ -10,9 +10,9 @@ from typing import Any
 
 import grpc
 import pytest
+from usage.v1 import usage_pb2, usage_pb2_grpc
 
 import usage_client
-from usage_client._gen.usage.v1 import usage_pb2, usage_pb2_grpc
 
 QUICK = usage_client.RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.01)
 

@@ -9,16 +9,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
-
-from usage_client import _channel, _convert
-from usage_client import _errors as errors
-from usage_client import _types as records
-from usage_client._gen.usage.v1 import (
+from usage.v1 import (
     customer_pb2,
     customer_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
 )
+
+from usage_client import _channel, _convert
+from usage_client import _errors as errors
+from usage_client import _types as records
 from usage_client._retry import RetryPolicy, log_retry
 
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from google.protobuf import timestamp_pb2
+from usage.v1 import customer_pb2, usage_pb2
 
 from usage_client import _types as types
-from usage_client._gen.usage.v1 import customer_pb2, usage_pb2
 
 E = TypeVar("E", bound=enum.Enum)
 

@@ -1,5 +1,3 @@
-import datetime
-
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -99,7 +97,7 @@ class Customer(_message.Message):
     billing_interval_count: int
     billing_cycle_anchor_time: _timestamp_pb2.Timestamp
     current_period_source: PeriodSource
-    def __init__(self, customer_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., subscription_status: _Optional[_Union[SubscriptionStatus, str]] = ..., current_period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., provider: _Optional[_Union[Provider, str]] = ..., provider_customer_id: _Optional[str] = ..., subscription_items: _Optional[_Mapping[str, str]] = ..., billing_interval: _Optional[_Union[BillingInterval, str]] = ..., billing_interval_count: _Optional[int] = ..., billing_cycle_anchor_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_period_source: _Optional[_Union[PeriodSource, str]] = ...) -> None: ...
+    def __init__(self, customer_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., subscription_status: _Optional[_Union[SubscriptionStatus, str]] = ..., current_period_start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., current_period_end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., provider: _Optional[_Union[Provider, str]] = ..., provider_customer_id: _Optional[str] = ..., subscription_items: _Optional[_Mapping[str, str]] = ..., billing_interval: _Optional[_Union[BillingInterval, str]] = ..., billing_interval_count: _Optional[int] = ..., billing_cycle_anchor_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., current_period_source: _Optional[_Union[PeriodSource, str]] = ...) -> None: ...
 
 class UpsertCustomerRequest(_message.Message):
     __slots__ = ("customer",)

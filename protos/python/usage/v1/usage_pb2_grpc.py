@@ -5,7 +5,7 @@ import warnings
 
 from usage.v1 import usage_pb2 as usage_dot_v1_dot_usage__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in usage/v1/usage_pb2_grpc.py depends on'
+        + f' but the generated code in usage/v1/usage_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class UsageServiceStub:
+class UsageServiceStub(object):
     """UsageService records billable usage, answers entitlement checks and
     summarises a customer's usage for the current billing period.
     """
@@ -58,7 +58,7 @@ class UsageServiceStub:
                 _registered_method=True)
 
 
-class UsageServiceServicer:
+class UsageServiceServicer(object):
     """UsageService records billable usage, answers entitlement checks and
     summarises a customer's usage for the current billing period.
     """
@@ -122,7 +122,7 @@ def add_UsageServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class UsageService:
+class UsageService(object):
     """UsageService records billable usage, answers entitlement checks and
     summarises a customer's usage for the current billing period.
     """
