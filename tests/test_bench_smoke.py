@@ -44,8 +44,10 @@ def test_bench_prints_the_table(server_dsn: str) -> None:
 
 def test_drain_bench_reports_every_event(server_dsn: str) -> None:
     out = subprocess.run(
-        [sys.executable, str(BENCH.with_name("drain.py")), "--database-url", server_dsn]
-        + ["--events", "2000"],
+        [
+            *(sys.executable, str(BENCH.with_name("drain.py"))),
+            *("--database-url", server_dsn, "--events", "2000"),
+        ],
         capture_output=True,
         text=True,
         timeout=240,
