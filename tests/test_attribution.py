@@ -24,6 +24,7 @@ from test_drain import FAST, MakeDrain, drain_until_quiet, fakes, make_drain, su
 
 from usage.v1 import customer_pb2
 from usage_service.commands import drain as drain_commands
+from usage_service.providers.config import ProviderSettings
 from usage_service.storage import drain_store, history, migrate, ops_queries, queries
 
 __all__ = ["fakes", "make_drain"]  # fixtures
@@ -87,7 +88,7 @@ async def test_usage_before_the_first_webhook_takes_the_first_provider(
     status = await drain_store.DrainStore(service.db).status()
     assert [(s.provider, s.pending) for s in status] == [("?", 2)]
     out = io.StringIO()
-    drain_commands.write_status(status, fakes.env(), out)
+    drain_commands.write_status(status, ProviderSettings.from_env(fakes.env()), out)
     assert "(customer not known yet: not attributed to a provider): pending 2" in out.getvalue()
 
     await add(service, "c_early", STRIPE, "cus_early")
@@ -155,7 +156,7 @@ async def test_events_stranded_by_a_switch_are_named_and_moved_on_request(
     assert await store.requeue("stripe") == 0  # nothing parked: it is waiting, not failed
     env = {k: v for k, v in fakes.env().items() if not k.startswith("STRIPE_")}
     out = io.StringIO()
-    drain_commands.write_status(await store.status(), env, out)
+    drain_commands.write_status(await store.status(), ProviderSettings.from_env(env), out)
     text = out.getvalue()
     assert "stripe (no credentials: waiting): pending 1" in text
     assert "waiting 1: STRIPE_API_KEY is not set" in text
