@@ -6,7 +6,6 @@ them."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import io
 import os
@@ -143,7 +142,7 @@ async def test_events_stranded_by_a_switch_are_named_and_moved_on_request(
     await tokens(service, "c_st", 10, now - dt.timedelta(minutes=3))
     fakes.stripe.inject(Fault("status", 500, body={"error": {"message": "boom"}}))
     # a lease that runs out at once and a long backoff: the report stays open, retrying
-    short = dataclasses.replace(FAST, lease=0.001, backoff_base=30, backoff_cap=30)
+    short = FAST.model_copy(update={"lease": 0.001, "backoff_base": 30, "backoff_cap": 30})
     with_stripe = await make_drain(settings=short)
     await with_stripe.cycle()
     await add(service, "c_st", POLAR, POLAR_ID)
