@@ -12,17 +12,12 @@ Label values are bounded sets (methods, codes, providers, reasons): never ids, k
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
 
 import prometheus_client as prom
 
 from usage_service import domain
 from usage_service.settings import ConfigError
-
-if TYPE_CHECKING:
-    from usage_service.reconcile.reconciler import MeterErrorRow, Row
 
 RPC_CALLS = prom.Counter(
     "usage_rpc_calls", "gRPC calls answered, by method and status code", ["method", "code"]
@@ -153,20 +148,18 @@ def serving(address: str) -> Iterator[int]:
         thread.join()
 
 
-def reconciled(rows: Sequence[Row], errors: Sequence[MeterErrorRow] | None) -> None:
-    """Sets the reconciliation gauges from one run's rows (current and previous periods) and
-    Stripe's meter error reports (None: they could not be read; the gauge keeps its values)."""
-    if errors is not None:
-        by_code: Counter[str] = Counter()
-        for (_, code), count in {(e.stripe_event, e.code): e.count for e in errors}.items():
-            by_code[code] += count
+def reconciled(
+    verdicts: Mapping[tuple[str, str], int],
+    drift: Mapping[tuple[str, str], int],
+    meter_errors: Mapping[str, int] | None,
+) -> None:
+    """Sets the reconciliation gauges from one run: customer meters per (provider, verdict),
+    drift per (provider, meter), and Stripe's meter errors per code (None: they could not be
+    read, and the gauge keeps its values)."""
+    if meter_errors is not None:
         STRIPE_METER_ERRORS.clear()
-        for code, n in by_code.items():
+        for code, n in meter_errors.items():
             STRIPE_METER_ERRORS.labels(code).set(n)
-    verdicts: Counter[tuple[str, str]] = Counter((r.provider, r.verdict.value) for r in rows)
-    drift: Counter[tuple[str, str]] = Counter()
-    for r in rows:
-        drift[(r.provider, r.meter)] += r.drift or 0
     RECONCILED.clear()
     for (provider, verdict), n in verdicts.items():
         RECONCILED.labels(provider, verdict).set(n)

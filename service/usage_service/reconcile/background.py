@@ -8,13 +8,14 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from pydantic import Field
 
 from usage_service import domain, metrics, providers, settings
 from usage_service.domain.plans import Meter, Plans
-from usage_service.reconcile.reconciler import DEFAULT_SETTLE, DRIFT, Reconciler, Row
+from usage_service.reconcile.reconciler import DEFAULT_SETTLE, DRIFT, MeterErrorRow, Reconciler, Row
 from usage_service.storage import store
 from usage_service.storage.reconcile_store import ReconcileStore
 
@@ -89,7 +90,7 @@ class Background:
             *await self.reconciler.run(which="previous"),
         ]
         errors = await self.reconciler.meter_errors(dt.datetime.now(dt.UTC) - ERRORS_KEPT)
-        metrics.reconciled(rows, errors if isinstance(errors, list) else None)
+        _set_gauges(rows, errors if isinstance(errors, list) else None)
         for row in rows:
             key = (row.customer_id, row.provider, row.meter, row.period_start, row.drift)
             if row.verdict in DRIFT and key not in self._logged:
@@ -127,3 +128,18 @@ async def running(
     finally:
         if background is not None:
             await background.stop()
+
+
+def _set_gauges(rows: Sequence[Row], errors: Sequence[MeterErrorRow] | None) -> None:
+    """The reconciliation gauges from one run's rows (current and previous periods) and
+    Stripe's meter error reports (None: they could not be read)."""
+    by_code: Counter[str] | None = None
+    if errors is not None:
+        by_code = Counter()
+        for (_, code), count in {(e.stripe_event, e.code): e.count for e in errors}.items():
+            by_code[code] += count
+    verdicts: Counter[tuple[str, str]] = Counter((r.provider, r.verdict.value) for r in rows)
+    drift: Counter[tuple[str, str]] = Counter()
+    for r in rows:
+        drift[(r.provider, r.meter)] += r.drift or 0
+    metrics.reconciled(verdicts, drift, by_code)

@@ -35,7 +35,6 @@ from usage_service.domain.plans import (
     ProviderNaming,
 )
 
-
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 Whole = Annotated[int, Field(ge=0)]
 
