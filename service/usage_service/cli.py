@@ -56,8 +56,8 @@ def parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the gRPC server (and the drain)",
-        description="Run the gRPC server, the drain and, when USAGE_RECONCILE_INTERVAL_SECONDS "
-        "is set, the periodic reconciliation, until SIGTERM or SIGINT.",
+        description="Run the gRPC server, the drain and (with USAGE_RECONCILE_INTERVAL_SECONDS)\n"
+        "the periodic reconciliation until SIGTERM or SIGINT.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
