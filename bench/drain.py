@@ -29,9 +29,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fakes.ingest import POLAR_KEY  # noqa: E402
 
 from usage_service import domain, providers  # noqa: E402
-from usage_service.domain import ids, periods, plans  # noqa: E402
+from usage_service.domain import ids, periods  # noqa: E402
 from usage_service.drain.loop import Drain, DrainSettings  # noqa: E402
 from usage_service.providers.config import ProviderSettings  # noqa: E402
+from usage_service.settings import plans_file  # noqa: E402
 from usage_service.storage import connections, drain_store, history, migrate, store  # noqa: E402
 
 CUSTOMERS = 100
@@ -83,7 +84,7 @@ async def run(server_dsn: str, events: int, replicas: int) -> dict[str, float]:
     accepted = violations = -1
     try:
         await migrate.migrate_dsn(dsn)
-        loaded = plans.load(ROOT / "bench" / "plans.toml")
+        loaded = plans_file.load(ROOT / "bench" / "plans.toml")
         st = store.Store(await connections.create_pool(dsn, 10))
         now = dt.datetime.now(dt.UTC)
         for c in range(CUSTOMERS):

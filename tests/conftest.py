@@ -22,6 +22,7 @@ import pytest
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2_grpc
 from usage_service.api.server import start_server
 from usage_service.domain import plans as plans_mod
+from usage_service.settings import plans_file
 from usage_service.storage import connections, history, migrate, store
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
@@ -108,7 +109,7 @@ def dsn(server_dsn: str, template_db: str, request: pytest.FixtureRequest) -> It
 
 @pytest.fixture(scope="session")
 def plans() -> plans_mod.Plans:
-    return plans_mod.load(PLANS_FILE)
+    return plans_file.load(PLANS_FILE)
 
 
 @dataclasses.dataclass

@@ -12,8 +12,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from usage.v1 import customer_pb2, usage_pb2
 from usage_service import providers
-from usage_service.commands import drain as drain_commands
 from usage_service.domain.plans import Meter
+from usage_service.drain import background
 from usage_service.drain.loop import Drain, DrainSettings
 from usage_service.providers.config import ProviderSettings
 from usage_service.storage import connections, drain_store, store
@@ -132,5 +132,5 @@ class Drains:
 
     async def close(self) -> None:
         for d, pool in self.made:
-            await drain_commands.close(d)
+            await background.close(d)
             await pool.close()

@@ -152,7 +152,11 @@ async def test_tls_and_mutual_tls(
     server_cert = ca.issue("server", server=True)
     client_cert = ca.issue("client")
     stranger = Authority(tmp_path, "other-ca").issue("stranger")
-    tls = TlsFiles(str(server_cert.cert), str(server_cert.key), str(ca.cert_file))
+    tls = TlsFiles(
+        cert_file=str(server_cert.cert),
+        key_file=str(server_cert.key),
+        client_ca_file=str(ca.cert_file),
+    )
     running = await start_server(store.Store(pool), plans, "127.0.0.1:0", tls=tls)
     address = f"127.0.0.1:{running.port}"
     root = ca.cert_file.read_bytes()

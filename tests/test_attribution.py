@@ -6,7 +6,6 @@ them."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import io
 import os
@@ -24,6 +23,7 @@ from test_drain import FAST, MakeDrain, drain_until_quiet, fakes, make_drain, su
 
 from usage.v1 import customer_pb2
 from usage_service.commands import drain as drain_commands
+from usage_service.providers.config import ProviderSettings
 from usage_service.storage import backlog, history, migrate, ops_queries, queries
 
 __all__ = ["fakes", "make_drain"]  # fixtures
@@ -87,7 +87,7 @@ async def test_usage_before_the_first_webhook_takes_the_first_provider(
     status = await backlog.Backlog(service.db).status()
     assert [(s.provider, s.pending) for s in status] == [("?", 2)]
     out = io.StringIO()
-    drain_commands.write_status(status, fakes.env(), out)
+    drain_commands.write_status(status, ProviderSettings.from_env(fakes.env()), out)
     assert "(customer not known yet: not attributed to a provider): pending 2" in out.getvalue()
 
     await add(service, "c_early", STRIPE, "cus_early")
@@ -142,7 +142,7 @@ async def test_events_stranded_by_a_switch_are_named_and_moved_on_request(
     await tokens(service, "c_st", 10, now - dt.timedelta(minutes=3))
     fakes.stripe.inject(Fault("status", 500, body={"error": {"message": "boom"}}))
     # a lease that runs out at once and a long backoff: the report stays open, retrying
-    short = dataclasses.replace(FAST, lease=0.001, backoff_base=30, backoff_cap=30)
+    short = FAST.model_copy(update={"lease": 0.001, "backoff_base": 30, "backoff_cap": 30})
     with_stripe = await make_drain(settings=short)
     await with_stripe.cycle()
     await add(service, "c_st", POLAR, POLAR_ID)
@@ -155,7 +155,7 @@ async def test_events_stranded_by_a_switch_are_named_and_moved_on_request(
     assert await store.requeue("stripe") == 0  # nothing parked: it is waiting, not failed
     env = {k: v for k, v in fakes.env().items() if not k.startswith("STRIPE_")}
     out = io.StringIO()
-    drain_commands.write_status(await store.status(), env, out)
+    drain_commands.write_status(await store.status(), ProviderSettings.from_env(env), out)
     text = out.getvalue()
     assert "stripe (no credentials: waiting): pending 1" in text
     assert "waiting 1: STRIPE_API_KEY is not set" in text

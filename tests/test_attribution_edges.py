@@ -5,7 +5,6 @@ recorders with the first webhook and with moves, and ids/properties at providers
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import uuid
 
@@ -52,7 +51,7 @@ async def test_a_move_leaves_a_batch_polar_may_hold_to_polar(
         service, "c_mv", "tokens", [10], dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
     )
     fakes.polar.inject(Fault("drop"))
-    slow = dataclasses.replace(FAST, backoff_base=30, backoff_cap=30)
+    slow = FAST.model_copy(update={"backoff_base": 30, "backoff_cap": 30})
     d = await make_drain(settings=slow)
     await d.cycle()
     assert event_id in fakes.polar.accepted  # Polar holds it; we do not know

@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from usage_service import config
+from usage_service.settings import environment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -58,7 +58,7 @@ def test_deployments_use_the_documented_ports_probes_and_auth() -> None:
     grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", KUBERNETES)[1])  # type: ignore[index]
     shutdown = int(re.search(r'USAGE_SHUTDOWN_GRACE_SECONDS, value: "(\d+)"', KUBERNETES)[1])  # type: ignore[index]
     assert grace > shutdown >= 1
-    assert config.DEFAULT_GRPC_ADDRESS.startswith("127.0.0.1:")  # the bare default stays local
+    assert environment.DEFAULT_GRPC_ADDRESS.startswith("127.0.0.1:")  # the bare default stays local
 
 
 def test_compose_health_check_starts_no_python() -> None:

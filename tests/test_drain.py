@@ -27,6 +27,7 @@ from usage_service.drain.loop import Drain, DrainSettings
 from usage_service.drain.reports import build_reports
 from usage_service.providers import dodo_payments
 from usage_service.providers import polar as polar_wire
+from usage_service.providers.config import ProviderSettings
 from usage_service.providers.outcome import Reporting
 from usage_service.providers.stripe_meters import TOO_OLD, StripeMeters
 from usage_service.storage import backlog, drain_queries, drain_store
@@ -315,7 +316,7 @@ async def test_summary_counts_pending_reported_and_parked(
         ("the customer has no Stripe customer id (provider_customer_id)", 2),
     )
     out = io.StringIO()
-    drain_commands.write_status(status, fakes.env(), out)
+    drain_commands.write_status(status, ProviderSettings.from_env(fakes.env()), out)
     assert "stripe: pending 0 (oldest -), parked 2" in out.getvalue()
     assert "parked 2: the customer has no Stripe customer id" in out.getvalue()
 
@@ -348,9 +349,8 @@ async def test_a_provider_without_credentials_keeps_its_events_pending(
     assert fakes.polar.calls == []
     status = await backlog.Backlog(service.db).status()
     out = io.StringIO()
-    drain_commands.write_status(
-        status, {k: v for k, v in fakes.env().items() if "POLAR" not in k}, out
-    )
+    env = {k: v for k, v in fakes.env().items() if "POLAR" not in k}
+    drain_commands.write_status(status, ProviderSettings.from_env(env), out)
     assert "polar (no credentials: waiting): pending 3" in out.getvalue()
     on = await make_drain()
     await drain_until_quiet([on], service.db)

@@ -53,7 +53,7 @@ async def make_drain(
             "USAGE_PROVIDER_TIMEOUT_SECONDS": str(http_timeout),
             "LEMONSQUEEZY_SETTLE_SECONDS": str(SETTLE),
         }
-        return await drains.make(env, dataclasses.replace(FAST, lease=lease), owner)
+        return await drains.make(env, FAST.model_copy(update={"lease": lease}), owner)
 
     yield make
     await drains.close()

@@ -4,7 +4,6 @@ meters, and an operator move of a report whose increment may still land."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -59,7 +58,7 @@ async def make_drain(
             "STRIPE_API_KEY": STRIPE_KEY,
             "STRIPE_API_BASE": stripe_fake.url,
         }
-        return await drains.make(env, dataclasses.replace(FAST, lease=lease), owner)
+        return await drains.make(env, FAST.model_copy(update={"lease": lease}), owner)
 
     yield make
     await drains.close()

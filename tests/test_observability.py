@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import re
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -36,6 +37,19 @@ def _samples(text: str) -> dict[str, float]:
     return out
 
 
+def _scrape_until(url: str, line: str) -> str:
+    """The metrics text once it holds `line` (the database gauges are refreshed periodically),
+    or the last one read after 30 seconds."""
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert answer.status == 200
+            text = answer.read().decode()
+        if line in text.splitlines() or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
 def test_metrics_and_logs(dsn: str) -> None:
     tokens = {"app": {"token": TOKEN, "scopes": sorted(auth.SCOPES)}}
     service = ServiceProcess(
@@ -46,6 +60,7 @@ def test_metrics_and_logs(dsn: str) -> None:
             "STRIPE_API_KEY": STRIPE_KEY,
             "STRIPE_API_BASE": f"http://127.0.0.1:{_closed_port()}",
             "USAGE_DRAIN_INTERVAL_SECONDS": "0.2",
+            "USAGE_METRICS_REFRESH_SECONDS": "0.1",
         }
     )
     try:
@@ -82,9 +97,7 @@ def test_metrics_and_logs(dsn: str) -> None:
                 )
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
-        with urllib.request.urlopen(metrics_url, timeout=10) as answer:
-            assert answer.status == 200
-            text = answer.read().decode()
+        text = _scrape_until(metrics_url, 'usage_drain_backlog_events{provider="stripe"} 2.0')
     finally:
         assert service.terminate() == 0
     got = _samples(text)

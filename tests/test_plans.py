@@ -10,6 +10,7 @@ import pytest
 
 from usage_service.domain import plans
 from usage_service.domain.plans import Aggregation, Enforcement
+from usage_service.settings import plans_file
 
 GOOD = """
 [meters.tokens]
@@ -20,7 +21,7 @@ included = 5
 
 
 def test_the_shipped_example_loads() -> None:
-    loaded = plans.load()
+    loaded = plans_file.load()
     assert {"free", "pro"} <= set(loaded.plans)
     assert loaded.meters["llm_tokens"].polar.value_key == "tokens"
     assert loaded.plans["pro"].metered["api_calls"].enforcement is Enforcement.SOFT
@@ -29,7 +30,7 @@ def test_the_shipped_example_loads() -> None:
 def test_defaults_keep_the_file_short(tmp_path: pathlib.Path) -> None:
     f = tmp_path / "p.toml"
     f.write_text(GOOD)
-    loaded = plans.load(f)
+    loaded = plans_file.load(f)
     meter = loaded.meters["tokens"]
     assert meter.aggregation is Aggregation.SUM
     assert meter.stripe.event_name == meter.polar.event_name == "tokens"
@@ -86,7 +87,7 @@ def test_bad_files_name_file_key_and_reason(
     f = tmp_path / "bad.toml"
     f.write_text(text)
     with pytest.raises(plans.PlansError) as caught:
-        plans.load(f)
+        plans_file.load(f)
     message = str(caught.value)
     assert message.startswith(f"{f}: {key}")
     assert reason in message

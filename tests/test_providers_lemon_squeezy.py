@@ -15,13 +15,13 @@ from fakes.base import Fault
 from fakes.lemon_squeezy import JSON_API, KEY, FakeLemonSqueezy
 
 from usage_service import domain
-from usage_service.config import ConfigError
 from usage_service.domain import plans
 from usage_service.domain.reports import Report
 from usage_service.providers import outcome
 from usage_service.providers.config import DEFAULT_LEMONSQUEEZY_SETTLE, Endpoint, ProviderSettings
 from usage_service.providers.lemon_squeezy import CLOSED_PERIOD, HOLD, LemonSqueezy
 from usage_service.providers.outcome import Outcome
+from usage_service.settings import ConfigError
 
 LEMON = domain.Provider.LEMON_SQUEEZY
 TIMEOUT = 0.2  # seconds

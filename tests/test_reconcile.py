@@ -31,6 +31,7 @@ from usage_service import providers
 from usage_service.commands import reconcile as reconcile_commands
 from usage_service.domain import plans
 from usage_service.providers.config import ProviderSettings
+from usage_service.reconcile import background as periodic
 from usage_service.reconcile.reconciler import Reconciler, Row, Verdict
 from usage_service.storage import store
 from usage_service.storage.reconcile_store import ReconcileStore
@@ -341,7 +342,9 @@ async def test_the_periodic_reconciliation_sets_its_gauges_and_logs_a_drift_once
     env = {**fakes.env(), "USAGE_RECONCILE_INTERVAL_SECONDS": "3600"}
     env["USAGE_RECONCILE_SETTLE_SECONDS"] = "0.001"
     st = store.Store(service.db)
-    background = reconcile_commands.Background.start(st, plans, env)
+    background = periodic.Background.start(
+        st, plans, periodic.ReconcileSettings.from_env(env), ProviderSettings.from_env(env)
+    )
     assert background is not None
     try:
         await background.once()

@@ -12,10 +12,11 @@ from test_drain import MakeDrain, drain_until_quiet, fakes, make_drain, record_m
 from test_reconcile import MakeReconciler, _sent_ids, make_reconciler, setup
 
 from usage_service import domain
-from usage_service.commands import reconcile as reconcile_commands
 from usage_service.domain import plans as plans_mod
 from usage_service.drain.loop import Drain
+from usage_service.providers.config import ProviderSettings
 from usage_service.providers.readback import Held, Query, ReadBack
+from usage_service.reconcile import background
 from usage_service.reconcile.reconciler import Reconciler, Row, Verdict
 from usage_service.storage import connections, store
 
@@ -269,7 +270,12 @@ async def test_a_fix_queued_through_the_service_s_own_pool_is_stored_as_a_json_a
     fakes.polar.drop(_sent_ids(fakes, "polar", "tokens")[0])
     pool = await connections.create_pool(dsn, 2)
     env = {**fakes.env(), "USAGE_RECONCILE_SETTLE_SECONDS": "0.001"}
-    r, adapters = reconcile_commands.build(store.Store(pool), plans.meters, env)
+    r, adapters = background.build(
+        store.Store(pool),
+        plans.meters,
+        background.ReconcileSettings.from_env(env),
+        ProviderSettings.from_env(env),
+    )
     try:
         first = await r.run(fix=True)
         assert {x.provider for x in first if x.fix.startswith("queued")} == {"stripe", "polar"}
@@ -284,5 +290,5 @@ async def test_a_fix_queued_through_the_service_s_own_pool_is_stored_as_a_json_a
         assert stored == [("polar", "array"), ("stripe", "array")], (stored, again)
         await settle_reports(service, d)  # the drain sends both fixes: the fakes hold it all
     finally:
-        await reconcile_commands.close(adapters)
+        await background.close(adapters)
         await pool.close()

@@ -1,5 +1,6 @@
-"""The composition root of `usage-service serve`: settings, then the database, then the server,
-the metrics endpoint, the drain and the reconciler, each entered into one exit stack."""
+"""The composition root of `usage-service serve`: the validated settings, then the database,
+the metrics endpoint and its gauges, the gRPC server, the reconciliation and the drain, each
+entered into one exit stack, which stops them in the reverse order."""
 
 from __future__ import annotations
 
@@ -7,38 +8,36 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
 
-from usage_service import metrics, metrics_http, tracing
+from usage_service import metrics, tracing
 from usage_service.api import server
-from usage_service.commands import drain as drain_commands
-from usage_service.commands import reconcile as reconcile_commands
-from usage_service.config import ConfigError, Settings
-from usage_service.domain import plans as plans_mod
-from usage_service.storage import database
+from usage_service.drain import background as drain_background
+from usage_service.reconcile import background as reconcile_background
+from usage_service.settings import ConfigError, plans_file
+from usage_service.settings.environment import Settings
+from usage_service.storage import database, ops, store
 from usage_service.tls import TlsConfigError
 
 log = logging.getLogger(__name__)
+BACKLOG_QUERY_TIMEOUT = 2.0  # seconds one read of the drain backlog may take
 
 
 async def serve(settings: Settings) -> None:
-    """Every setting is read and checked, and the database reached, before anything listens;
-    a port that is taken is found before the server says it is listening."""
-    drain_commands.check_settings(settings.environ)
-    reconcile_commands.check_settings(settings.environ)
-    plans = plans_mod.load(settings.plans_file or None)
-    tokens = server.access(settings)
+    """Every setting, the plans and the tokens are checked, the database reached and the
+    metrics port taken before the gRPC server listens; a failure is a ConfigError naming the
+    variable. On SIGTERM or SIGINT: health NOT_SERVING, in-flight calls get the shutdown grace,
+    then the drain gets its own, then the reconciliation stops."""
+    plans = plans_file.load(settings.plans_file)
+    tokens = server.access(settings.grpc_address, settings.auth, settings.tls)
     tracing.setup(settings.tracing)
-    async with database.database(settings) as st, contextlib.AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack:
+        st = await stack.enter_async_context(database.database(settings.database))
         if settings.metrics_address:
-            scraper = await metrics_http.start(
-                settings.metrics_address, lambda: metrics.refresh(st.pool)
-            )
-            stack.callback(scraper.close)
-            metrics_host = settings.metrics_address.rsplit(":", 1)[0]
-            print(
-                f"usage-service metrics on {metrics_host}:{metrics_http.bound_port(scraper)}",
-                flush=True,
-            )
+            port = stack.enter_context(metrics.serving(settings.metrics_address))
+            host = settings.metrics_address.rsplit(":", 1)[0]
+            print(f"usage-service metrics on {host}:{port}", flush=True)
+            await stack.enter_async_context(_database_gauges(st, settings.metrics_refresh))
         try:
             running = await server.start_server(
                 st,
@@ -54,8 +53,12 @@ async def serve(settings: Settings) -> None:
             raise ConfigError(str(exc)) from None
         # Stops the server if anything below fails; after a graceful stop it returns at once.
         stack.push_async_callback(running.server.stop, 0)
-        drainer = drain_commands.Background.start(st, plans, settings.environ)
-        reconciler = reconcile_commands.Background.start(st, plans, settings.environ)
+        await stack.enter_async_context(
+            reconcile_background.running(st, plans, settings.reconcile, settings.providers)
+        )
+        await stack.enter_async_context(
+            drain_background.running(st, plans, settings.drain, settings.providers)
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,7 +69,33 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         log.info("shutting down", extra={"action": "shutdown"})
         await running.stop(settings.shutdown_grace)
-        await drainer.stop()
-        if reconciler is not None:
-            await reconciler.stop()
     log.info("stopped", extra={"action": "shutdown"})
+
+
+@contextlib.asynccontextmanager
+async def _database_gauges(st: store.Store, every: float) -> AsyncIterator[None]:
+    """Sets the gauges read from the database (pool use, drain backlog) now and every `every`
+    seconds while the block runs."""
+    task = asyncio.create_task(_refresh_gauges(st, every), name="metrics")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _refresh_gauges(st: store.Store, every: float) -> None:
+    while True:
+        use = ops.pool_use(st.pool)
+        metrics.pool_use(use.in_use, use.idle, use.max)
+        try:
+            backlog = await ops.drain_backlog(st.pool, BACKLOG_QUERY_TIMEOUT)
+        except Exception as exc:  # the database is slow or away: keep the last values
+            metrics.backlog_unread()
+            log.warning(
+                "drain backlog not read: %s", type(exc).__name__, extra={"action": "metrics"}
+            )
+        else:
+            metrics.backlog({b.provider: (b.events, b.oldest_age_seconds) for b in backlog})
+        await asyncio.sleep(every)

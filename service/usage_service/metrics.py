@@ -1,26 +1,23 @@
-"""Prometheus metrics, served as text on USAGE_METRICS_ADDRESS.
+"""Prometheus metrics, served by prometheus_client's own exposition server on
+USAGE_METRICS_ADDRESS (`serving`).
 
 Counters are updated where things happen (the RPC interceptor; the drain through
 `provider_call` and `events_reported`; the ingestion adapters through `provider_duplicates`).
-Gauges that describe the database (the drain backlog and the pool) are read at scrape time by
-`refresh`, so they are right even with many replicas.
+Gauges that describe the database (the drain backlog and the pool) are set by a periodic task
+of the server process (`backlog`, `pool_use`), from the database, so every replica reports the
+same backlog.
 Label values are bounded sets (methods, codes, providers, reasons): never ids, keys or tokens.
 """
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Mapping
 
-import asyncpg
 import prometheus_client as prom
 
 from usage_service import domain
-from usage_service.storage import ops
-
-log = logging.getLogger(__name__)
-BACKLOG_QUERY_TIMEOUT = 2.0  # seconds a scrape waits for the backlog query
+from usage_service.settings import ConfigError
 
 RPC_CALLS = prom.Counter(
     "usage_rpc_calls", "gRPC calls answered, by method and status code", ["method", "code"]
@@ -49,7 +46,7 @@ DRAIN_OLDEST_AGE = prom.Gauge(
     ["provider"],
 )
 DRAIN_BACKLOG_ERRORS = prom.Counter(
-    "usage_drain_backlog_read_errors", "scrapes whose backlog query failed (gauges kept stale)"
+    "usage_drain_backlog_read_errors", "backlog reads that failed (the gauges keep their values)"
 )
 PROVIDER_CALLS = prom.Counter(
     "usage_provider_calls", "calls to payment providers, by outcome", ["provider", "outcome"]
@@ -106,52 +103,63 @@ def provider_duplicates(provider: str, count: int) -> None:
     PROVIDER_DUPLICATES.labels(provider).inc(count)
 
 
-# --- scrape time ---
+# --- the database gauges, set periodically by the server process ---
 
 
-async def refresh(pool: asyncpg.Pool | None) -> None:
-    """Reads the gauges that live in the database. A failure keeps the previous values and is
-    counted, so a scrape never fails because the database is slow."""
-    if pool is None:
-        return
-    use = ops.pool_use(pool)
-    DB_POOL.labels("in_use").set(use.in_use)
-    DB_POOL.labels("idle").set(use.idle)
-    DB_POOL.labels("max").set(use.max)
+def pool_use(in_use: int, idle: int, most: int) -> None:
+    DB_POOL.labels("in_use").set(in_use)
+    DB_POOL.labels("idle").set(idle)
+    DB_POOL.labels("max").set(most)
+
+
+def backlog(by_provider: Mapping[str, tuple[int, float]]) -> None:
+    """Events waiting and the oldest one's age in seconds, per provider (absent ones: 0)."""
+    for provider in {*PROVIDERS, *by_provider}:
+        events, oldest = by_provider.get(provider, (0, 0.0))
+        DRAIN_BACKLOG.labels(provider).set(events)
+        DRAIN_OLDEST_AGE.labels(provider).set(oldest)
+
+
+def backlog_unread() -> None:
+    """The backlog could not be read: the gauges keep their values."""
+    DRAIN_BACKLOG_ERRORS.inc()
+
+
+# --- the exposition endpoint ---
+
+
+@contextlib.contextmanager
+def serving(address: str) -> Iterator[int]:
+    """prometheus_client's HTTP server on `address` (host:port) while the block runs; yields
+    the port it listens on (the one chosen, for port 0). A port it cannot listen on is a
+    ConfigError naming USAGE_METRICS_ADDRESS."""
+    host, _, port = address.rpartition(":")
     try:
-        backlog = await ops.drain_backlog(pool, BACKLOG_QUERY_TIMEOUT)
-    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        DRAIN_BACKLOG_ERRORS.inc()
-        log.warning("drain backlog not read: %s", type(exc).__name__, extra={"action": "metrics"})
-        return
-    seen = {b.provider: b for b in backlog}
-    for provider in {*PROVIDERS, *seen}:
-        b = seen.get(provider)
-        DRAIN_BACKLOG.labels(provider).set(b.events if b else 0)
-        DRAIN_OLDEST_AGE.labels(provider).set(b.oldest_age_seconds if b else 0)
-
-
-def render() -> bytes:
-    return prom.generate_latest(prom.REGISTRY)
+        server, thread = prom.start_http_server(int(port), host.strip("[]") or "0.0.0.0")
+    except OSError as exc:
+        raise ConfigError(
+            f"USAGE_METRICS_ADDRESS: cannot listen on {address}: {exc.strerror or exc}"
+        ) from None
+    try:
+        yield int(server.server_port)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def reconciled(
-    rows: Sequence[tuple[str, str, str, int | None]], errors: Sequence[tuple[str, str, int]] | None
+    verdicts: Mapping[tuple[str, str], int],
+    drift: Mapping[tuple[str, str], int],
+    meter_errors: Mapping[str, int] | None,
 ) -> None:
-    """Sets the reconciliation gauges from one run's rows, (provider, meter, verdict, drift) for
-    the current and previous periods, and Stripe's meter error reports, (event type, code,
-    count) (None: they could not be read; the gauge keeps its values)."""
-    if errors is not None:
-        by_code: Counter[str] = Counter()
-        for (_, code), count in {(event, code): n for event, code, n in errors}.items():
-            by_code[code] += count
+    """Sets the reconciliation gauges from one run: customer meters per (provider, verdict),
+    drift per (provider, meter), and Stripe's meter errors per code (None: they could not be
+    read, and the gauge keeps its values)."""
+    if meter_errors is not None:
         STRIPE_METER_ERRORS.clear()
-        for code, n in by_code.items():
+        for code, n in meter_errors.items():
             STRIPE_METER_ERRORS.labels(code).set(n)
-    verdicts: Counter[tuple[str, str]] = Counter((r[0], r[2]) for r in rows)
-    drift: Counter[tuple[str, str]] = Counter()
-    for provider, meter, _, amount in rows:
-        drift[(provider, meter)] += amount or 0
     RECONCILED.clear()
     for (provider, verdict), n in verdicts.items():
         RECONCILED.labels(provider, verdict).set(n)

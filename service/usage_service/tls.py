@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
+from typing import Self
 
 import grpc
+import pydantic
+from pydantic import Field
+
+from usage_service import settings
 
 
 class TlsConfigError(ValueError):
     """A TLS file is missing or unreadable (the message names the file, never its content)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TlsFiles:
-    cert_file: str = ""  # PEM certificate chain, leaf first
-    key_file: str = ""  # PEM private key
-    client_ca_file: str = ""  # PEM CA bundle; set: clients must present a certificate it signed
+class TlsFiles(settings.Group):
+    cert_file: str = Field(  # PEM certificate chain, leaf first
+        "", validation_alias="USAGE_TLS_CERT_FILE"
+    )
+    key_file: str = Field("", validation_alias="USAGE_TLS_KEY_FILE")  # PEM private key
+    client_ca_file: str = Field(  # PEM CA bundle; set: clients must present a certificate it signed
+        "", validation_alias="USAGE_TLS_CLIENT_CA_FILE"
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _paired(self) -> Self:
+        self.check()
+        return self
 
     @property
     def enabled(self) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from usage_service.config import ConfigError
+from usage_service.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

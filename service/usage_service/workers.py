@@ -10,6 +10,7 @@ SIGINT on, and exits with the first non-zero status of a worker.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -17,7 +18,8 @@ import sys
 import threading
 from collections.abc import Mapping
 
-from usage_service.config import ConfigError, Settings
+from usage_service.settings import ConfigError
+from usage_service.settings.environment import Settings
 
 REUSE_PORT_ENV = "USAGE_REUSE_PORT"  # set for each worker: bind with SO_REUSEPORT
 WORKER_ENV = "USAGE_WORKER"  # set for each worker: its index, 0..N-1
@@ -45,10 +47,12 @@ def _metrics_address(address: str, index: int) -> str:
 
 
 def serve(settings: Settings, workers: int) -> int:
-    if not settings.database_url:
+    """Each worker is started with this process's environment (already checked into
+    `settings`), its own address and metrics port added."""
+    if not settings.database.url:
         raise ConfigError("serve --workers needs DATABASE_URL (one database for every worker)")
     reserved, host, port = _reserve(settings.grpc_address)
-    base: Mapping[str, str] = {**settings.environ, "USAGE_GRPC_ADDRESS": f"{host}:{port}"}
+    base: Mapping[str, str] = {**os.environ, "USAGE_GRPC_ADDRESS": f"{host}:{port}"}
     procs: list[subprocess.Popen[str]] = []
     listening = threading.Semaphore(0)
     announced = [False] * workers
@@ -60,7 +64,7 @@ def serve(settings: Settings, workers: int) -> int:
             "USAGE_METRICS_ADDRESS": _metrics_address(settings.metrics_address, i),
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "usage_service.cli", "serve"],
+            [sys.executable, "-m", "usage_service", "serve"],
             env=env,
             stdout=subprocess.PIPE,
             text=True,

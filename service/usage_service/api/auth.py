@@ -16,9 +16,13 @@ import json
 import pathlib
 import tomllib
 from collections.abc import Mapping
-from typing import Any
+from typing import Self
+
+import pydantic
+from pydantic import Field, SecretStr
 
 from usage.v1 import customer_pb2, usage_pb2
+from usage_service import settings
 
 SCOPES = frozenset(
     {"usage:write", "usage:read", "entitlements:check", "customers:write", "customers:read"}
@@ -75,6 +79,59 @@ class Tokens:
         return found
 
 
+class AuthSettings(settings.Group):
+    tokens_file: str = Field("", validation_alias="USAGE_AUTH_TOKENS_FILE")
+    tokens_json: settings.Secret = Field(SecretStr(""), validation_alias="USAGE_AUTH_TOKENS")
+    # explicit opt-out of auth on a non-loopback address
+    allow_unauthenticated: settings.Flag = Field(
+        False, validation_alias="USAGE_ALLOW_UNAUTHENTICATED"
+    )
+
+
+class _Client(pydantic.BaseModel):
+    """One client's entry, in the file and in the JSON alike."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True)
+    token: str | None = Field(None, min_length=MIN_TOKEN_LENGTH, repr=False)
+    token_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    scopes: list[str] = Field(min_length=1)
+
+    @pydantic.field_validator("scopes")
+    @classmethod
+    def _known(cls, scopes: list[str]) -> list[str]:
+        bad = sorted(set(scopes) - SCOPES)
+        if bad:
+            raise ValueError(f"unknown {bad}; known: {sorted(SCOPES)}")
+        return scopes
+
+    @pydantic.model_validator(mode="after")
+    def _one_token(self) -> Self:
+        if (self.token is None) == (self.token_sha256 is None):
+            raise ValueError("give exactly one of token, token_sha256")
+        return self
+
+    def digest(self) -> bytes:
+        if self.token is not None:
+            return hashlib.sha256(self.token.encode()).digest()
+        return bytes.fromhex(self.token_sha256 or "")
+
+
+class _TokensFile(pydantic.BaseModel):
+    """USAGE_AUTH_TOKENS_FILE: `[clients.NAME]` tables."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    clients: dict[str, _Client] = {}
+
+
+_CLIENTS = pydantic.TypeAdapter(dict[str, _Client])  # USAGE_AUTH_TOKENS: a JSON object
+# What is wrong with a bad key of an entry, in words that never repeat its value (a token).
+_REASONS = {
+    "token": f"must be a string of at least {MIN_TOKEN_LENGTH} characters",
+    "token_sha256": "must be 64 hex digits",
+    "scopes": "must be a non-empty list of scopes",
+}
+
+
 def load(file: str, env_json: str) -> Tokens:
     """Tokens from the TOML file and the JSON text (either or both may be empty)."""
     clients: dict[str, Client] = {}
@@ -84,18 +141,21 @@ def load(file: str, env_json: str) -> Tokens:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise AuthConfigError(f"{path}: cannot read tokens: {type(exc).__name__}") from None
-        table = data.get("clients", {})
-        if not isinstance(table, dict) or set(data) - {"clients"}:
-            raise AuthConfigError(f"{path}: expected only [clients.NAME] tables")
-        clients.update(_parse(str(path), table))
+        try:
+            entries = _TokensFile.model_validate(data).clients
+        except pydantic.ValidationError as exc:
+            raise _problem(str(path), exc, in_file=True) from None
+        clients.update(_clients(entries))
     if env_json:
         try:
             table = json.loads(env_json)
         except json.JSONDecodeError:
             raise AuthConfigError("USAGE_AUTH_TOKENS: not valid JSON") from None
-        if not isinstance(table, dict):
-            raise AuthConfigError("USAGE_AUTH_TOKENS: expected an object of clients")
-        for name, client in _parse("USAGE_AUTH_TOKENS", table).items():
+        try:
+            entries = _CLIENTS.validate_python(table)
+        except pydantic.ValidationError as exc:
+            raise _problem("USAGE_AUTH_TOKENS", exc, in_file=False) from None
+        for name, client in _clients(entries).items():
             if name in clients:
                 raise AuthConfigError(f"USAGE_AUTH_TOKENS: client {name!r} is defined twice")
             clients[name] = client
@@ -105,43 +165,32 @@ def load(file: str, env_json: str) -> Tokens:
     return Tokens(tuple(clients.values()))
 
 
-def _parse(source: str, table: Mapping[str, Any]) -> dict[str, Client]:
-    out: dict[str, Client] = {}
-    for name, entry in table.items():
-        where = f"{source}: clients.{name}"
-        if not isinstance(entry, dict):
-            raise AuthConfigError(f"{where}: expected a table")
-        unknown = set(entry) - {"token", "token_sha256", "scopes"}
-        if unknown:
-            raise AuthConfigError(f"{where}: unknown keys {sorted(unknown)}")
-        if ("token" in entry) == ("token_sha256" in entry):
-            raise AuthConfigError(f"{where}: give exactly one of token, token_sha256")
-        if "token" in entry:
-            token = entry["token"]
-            if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
-                raise AuthConfigError(
-                    f"{where}.token: must be a string of at least {MIN_TOKEN_LENGTH} characters"
-                )
-            digest = hashlib.sha256(token.encode()).digest()
-        else:
-            try:
-                digest = bytes.fromhex(entry["token_sha256"])
-            except (TypeError, ValueError):
-                digest = b""
-            if len(digest) != 32:
-                raise AuthConfigError(f"{where}.token_sha256: must be 64 hex digits")
-        scopes = entry.get("scopes")
-        if (
-            not isinstance(scopes, list)
-            or not scopes
-            or not all(isinstance(s, str) for s in scopes)
-        ):
-            raise AuthConfigError(f"{where}.scopes: must be a non-empty list of scopes")
-        bad = sorted(set(scopes) - SCOPES)
-        if bad:
-            raise AuthConfigError(f"{where}.scopes: unknown {bad}; known: {sorted(SCOPES)}")
-        out[name] = Client(name=name, digest=digest, scopes=frozenset(scopes))
-    return out
+def _clients(entries: Mapping[str, _Client]) -> dict[str, Client]:
+    return {
+        name: Client(name=name, digest=entry.digest(), scopes=frozenset(entry.scopes))
+        for name, entry in entries.items()
+    }
+
+
+def _problem(source: str, exc: pydantic.ValidationError, in_file: bool) -> AuthConfigError:
+    """The first problem, naming the client and the key, never a value."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    if in_file:
+        if len(loc) < 2 or loc[0] != "clients":
+            return AuthConfigError(f"{source}: expected only [clients.NAME] tables")
+        loc = loc[1:]
+    elif not loc:
+        return AuthConfigError(f"{source}: expected an object of clients")
+    where = f"{source}: clients.{loc[0]}"
+    own = (error.get("ctx") or {}).get("error")  # our validators' words
+    if len(loc) == 1:
+        return AuthConfigError(f"{where}: {own or 'expected a table'}")
+    if error["type"] == "extra_forbidden":
+        reason = "unknown key (expected one of scopes, token, token_sha256)"
+    else:
+        reason = str(own) if own else _REASONS[loc[1]]
+    return AuthConfigError(f"{where}.{loc[1]}: {reason}")
 
 
 def is_loopback(address: str) -> bool:

@@ -15,13 +15,14 @@ from usage_service.api import auth
 from usage_service.api.customer_api import CustomerService
 from usage_service.api.interceptor import Interceptor
 from usage_service.api.usage_api import UsageService
-from usage_service.config import DEFAULT_MAX_IN_FLIGHT, ConfigError, Settings
 from usage_service.domain import plans as plans_mod
+from usage_service.settings import ConfigError
 from usage_service.storage import store
 from usage_service.tls import TlsConfigError, TlsFiles
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # largest request or response
+DEFAULT_MAX_IN_FLIGHT = 512  # usage.v1 calls served at once per process; more: RESOURCE_EXHAUSTED
 # Above the interceptor's limits on usage.v1 calls and on open health and reflection streams,
 # room for health checks and for calls being refused.
 EXTRA_CONCURRENT_RPCS = 64
@@ -89,21 +90,21 @@ async def start_server(
     return Running(server, health_servicer, port, interceptor)
 
 
-def access(settings: Settings) -> auth.Tokens:
-    """The configured tokens, after checking that the listen address may be served with them."""
+def access(address: str, settings: auth.AuthSettings, tls: TlsFiles) -> auth.Tokens:
+    """The configured tokens, after checking that `address` may be served with them."""
     try:
-        settings.tls.check()
-        tokens = auth.load(settings.auth_tokens_file, settings.auth_tokens_json)
+        tls.check()
+        tokens = auth.load(settings.tokens_file, settings.tokens_json.get_secret_value())
     except (TlsConfigError, auth.AuthConfigError) as exc:
         raise ConfigError(str(exc)) from None
     refuse, warning = auth.exposure_problem(
-        settings.grpc_address, tokens, settings.tls.mutual, settings.allow_unauthenticated
+        address, tokens, tls.mutual, settings.allow_unauthenticated
     )
     if refuse:
         raise ConfigError(warning)
     if warning:
         log.warning(warning, extra={"action": "start"})
-    if tokens.clients and not settings.tls.enabled and not auth.is_loopback(settings.grpc_address):
+    if tokens.clients and not tls.enabled and not auth.is_loopback(address):
         log.warning(
             "bearer tokens travel in plain text: set USAGE_TLS_CERT_FILE and USAGE_TLS_KEY_FILE "
             "unless a proxy or mesh terminates TLS in front of this port",

@@ -1,85 +1,38 @@
-"""Operator commands around the drain (`usage-service drain --once`, `requeue`, `status`) and
-the background drain that `usage-service serve` runs."""
+"""Operator commands around the drain: `usage-service drain --once`, `requeue`, `status`."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import datetime as dt
 import sys
-from collections.abc import Mapping
 from typing import TextIO
 
-from usage_service import providers
-from usage_service.config import Settings
-from usage_service.domain.plans import Meter, Plans
-from usage_service.drain import loop as drain
+from usage_service.commands import ops as ops_commands
+from usage_service.domain.plans import Plans
+from usage_service.drain import background
 from usage_service.providers.config import ALL, ProviderSettings
-from usage_service.storage import database, store
+from usage_service.settings.environment import Settings
+from usage_service.storage import database
 from usage_service.storage.backlog import Backlog, Moved, ProviderStatus
-from usage_service.storage.drain_store import DrainStore
 
 COMMANDS = ("drain", "requeue", "status")
-_KEYS = {
-    "stripe": "STRIPE_API_KEY",
-    "lemon_squeezy": "LEMONSQUEEZY_API_KEY",
-    "polar": "POLAR_ACCESS_TOKEN",
-    "dodo_payments": "DODO_PAYMENTS_API_KEY",
-    "creem": "CREEM_API_KEY",
-}
-STOP_GRACE = 30.0  # seconds the current cycle gets to finish on shutdown
-
-
-def check_settings(environ: Mapping[str, str]) -> None:
-    """Reads the drain's and the providers' settings: a bad one raises ConfigError before the
-    server starts, rather than when the drain does."""
-    drain.DrainSettings.from_env(environ)
-    ProviderSettings.from_env(environ)
-
-
-def build(
-    pool_store: store.Store, meters: Mapping[str, Meter], environ: Mapping[str, str]
-) -> drain.Drain:
-    adapters = providers.adapters(ProviderSettings.from_env(environ), meters)
-    return drain.Drain(
-        DrainStore(pool_store.pool), adapters, meters, drain.DrainSettings.from_env(environ)
-    )
-
-
-async def close(d: drain.Drain) -> None:
-    for adapter in d.adapters.values():
-        await adapter.aclose()
-
-
-@dataclasses.dataclass
-class Background:
-    """The drain as a task of the server process."""
-
-    drain: drain.Drain
-    task: asyncio.Task[None]
-
-    @classmethod
-    def start(cls, st: store.Store, plans: Plans, environ: Mapping[str, str]) -> Background:
-        d = build(st, plans.meters, environ)
-        return cls(d, asyncio.create_task(d.run(), name="drain"))
-
-    async def stop(self, grace: float = STOP_GRACE) -> None:
-        """Lets the current cycle finish (up to `grace` seconds), then closes the adapters.
-        Whatever is cut short is safe: its reports are re-sent under the same ids."""
-        self.drain.stop()
-        try:
-            await asyncio.wait_for(self.task, grace)
-        except TimeoutError:
-            pass
-        finally:
-            await close(self.drain)
+MAX_CYCLES = 1000  # cycles one `drain --once` runs at most
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    d = commands.add_parser("drain", help="report due usage to the providers, then exit")
+    d = commands.add_parser(
+        "drain",
+        help="report due usage to the providers, then exit",
+        description="Report the usage that is due to the providers with credentials, then "
+        "exit. Progress goes to stderr.",
+    )
     d.add_argument("--once", action="store_true", required=True, help="one pass, then exit")
-    r = commands.add_parser("requeue", help="put parked (failed) events back in the queue")
+    r = commands.add_parser(
+        "requeue",
+        help="put parked (failed) events back in the queue",
+        description="Put parked (failed) events back in the queue, or move events to their "
+        "customer's current provider.",
+    )
     r.add_argument("--provider", default="", choices=["", *ALL], help="only this provider's")
     r.add_argument(
         "--move-to-current-provider",
@@ -97,24 +50,29 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "(check it does not first)",
     )
     r.add_argument("event_ids", nargs="*", help="only these events (default: every parked one)")
-    commands.add_parser("status", help="per provider: pending, oldest pending, parked failures")
+    commands.add_parser(
+        "status",
+        help="per provider: pending, oldest pending, parked failures",
+        description="Per provider: events pending, the oldest pending, parked failures.",
+    )
 
 
 async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int:
-
-    async with database.database(settings) as st:
+    async with database.database(settings.database) as st:
         if args.command == "drain":
-            d = build(st, plans.meters, settings.environ)
+            d = background.build(st, plans.meters, settings.drain, settings.providers)
+            progress = ops_commands.progress_printer("drain", "reports handled")
             try:
-                handled = await d.drain_due(max_cycles=1000)
+                handled = await d.drain_due(MAX_CYCLES, progress)
             finally:
-                await close(d)
+                await background.close(d)
+            progress.show(handled)
             off = [p for p in ALL if p not in d.adapters]
             print(
                 f"drain: {handled} reports handled"
                 + (f"; no credentials: {', '.join(off)}" if off else "")
             )
-            write_status(await Backlog(st.pool).status(), settings.environ, sys.stdout)
+            write_status(await Backlog(st.pool).status(), settings.providers, sys.stdout)
         elif args.command == "requeue" and args.move_to_current_provider:
             if args.event_ids:
                 print("requeue: --move-to-current-provider takes --customer, not event ids")
@@ -127,7 +85,7 @@ async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int
             count = await Backlog(st.pool).requeue(args.provider, args.event_ids)
             print(f"requeued {count} events")
         else:
-            write_status(await Backlog(st.pool).status(), settings.environ, sys.stdout)
+            write_status(await Backlog(st.pool).status(), settings.providers, sys.stdout)
     return 0
 
 
@@ -150,8 +108,8 @@ def write_moved(moved: Moved, out: TextIO) -> None:
         )
 
 
-def write_status(rows: list[ProviderStatus], environ: Mapping[str, str], out: TextIO) -> None:
-    configured = set(ProviderSettings.from_env(environ).configured())
+def write_status(rows: list[ProviderStatus], providers: ProviderSettings, out: TextIO) -> None:
+    configured = set(providers.configured())
     if not rows:
         print("nothing pending, nothing parked", file=out)
     for row in rows:
@@ -161,7 +119,7 @@ def write_status(rows: list[ProviderStatus], environ: Mapping[str, str], out: Te
             name = "(customer not known yet: not attributed to a provider)"
         elif row.provider and row.provider not in configured:
             name += " (no credentials: waiting)"
-            why = f"{_KEYS[row.provider]} is not set"
+            why = f"{ProviderSettings.key_variable(row.provider)} is not set"
         age = _age(row.oldest_pending_age)
         print(f"{name}: pending {row.pending} (oldest {age}), parked {row.failed}", file=out)
         if why and row.pending:

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from usage_service.config import Settings
+from usage_service.settings.environment import Settings
 from usage_service.storage import database, history, ops
 
 COMMANDS = ("health", "prune", "verify")
@@ -25,19 +25,33 @@ MIN_PRUNE_DAYS = 1
 
 def add_commands(commands: Any) -> None:
     health = commands.add_parser(
-        "health", help="ask the running server's gRPC health service; exit 0 when SERVING"
+        "health",
+        help="ask the running server's gRPC health service; exit 0 when SERVING",
+        description="Ask the running server's gRPC health service; exit 0 when SERVING. Over "
+        "TLS it trusts USAGE_HEALTH_CA_FILE (default: the server's own certificate) and "
+        "expects the name USAGE_HEALTH_SERVER_NAME.",
     )
     health.add_argument("--address", help="host:port (default: USAGE_GRPC_ADDRESS, on loopback)")
     health.add_argument("--service", default="", help="service name ('' = the whole server)")
     health.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT, help="seconds")
     prune = commands.add_parser(
-        "prune", help="delete events reported to their provider more than DAYS ago"
+        "prune",
+        help="delete events reported to their provider more than DAYS ago",
+        description="Delete events reported to their provider more than DAYS ago, in past "
+        "periods, customer by customer; totals stay. Progress goes to stderr.",
     )
-    prune.add_argument("--older-than", type=int, required=True, metavar="DAYS")
-    prune.add_argument("--batch-size", type=int, default=ops.DEFAULT_PRUNE_BATCH)
+    prune.add_argument("--older-than", type=int, required=True, metavar="DAYS", help="at least 1")
+    prune.add_argument(
+        "--batch-size",
+        type=int,
+        default=ops.DEFAULT_PRUNE_BATCH,
+        help="events deleted per transaction (default %(default)s)",
+    )
     verify = commands.add_parser(
         "verify",
         help="recompute every totals row from the events; print each difference, exit 1 if any",
+        description="Recompute every totals row from the events; print each difference, exit "
+        "1 if any. Progress goes to stderr.",
     )
     verify.add_argument("--customer", action="append", default=[], help="only this customer")
     verify.add_argument(
@@ -79,11 +93,10 @@ def local_address(address: str) -> str:
 def health(settings: Settings, address: str | None, service: str, timeout: float) -> int:
     target = address or local_address(settings.grpc_address)
     options: list[tuple[str, Any]] = []
-    name = settings.environ.get("USAGE_HEALTH_SERVER_NAME", "")
-    if name:
-        options.append(("grpc.ssl_target_name_override", name))
+    if settings.health_server_name:
+        options.append(("grpc.ssl_target_name_override", settings.health_server_name))
     if settings.tls.enabled:
-        creds = settings.tls.channel_credentials(settings.environ.get("USAGE_HEALTH_CA_FILE", ""))
+        creds = settings.tls.channel_credentials(settings.health_ca_file)
         channel = grpc.secure_channel(target, creds, options=options)
     else:
         channel = grpc.insecure_channel(target, options=options)
@@ -100,25 +113,40 @@ def health(settings: Settings, address: str | None, service: str, timeout: float
     return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def progress_printer(command: str) -> Callable[[int, int], None]:
-    """Prints `command: done/total customers` to stderr, at most every PROGRESS_EVERY seconds
-    and at the end."""
-    last = time.monotonic()
+class Progress:
+    """Prints `command: done/total unit` (`command: done unit` with no total) to stderr, at
+    most every PROGRESS_EVERY seconds, and when done reaches the total."""
 
-    def progress(done: int, total: int) -> None:
-        nonlocal last
-        if time.monotonic() - last >= PROGRESS_EVERY or done == total:
-            last = time.monotonic()
-            print(f"{command}: {done}/{total} customers", file=sys.stderr, flush=True)
+    def __init__(
+        self, command: str, unit: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.command = command
+        self.unit = unit
+        self.clock = clock
+        self.last = clock()
 
-    return progress
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if done == total or self.clock() - self.last >= PROGRESS_EVERY:
+            self.show(done, total)
+
+    def show(self, done: int, total: int | None = None) -> None:
+        """Prints the line now (e.g. at the end of a run with no known total)."""
+        self.last = self.clock()
+        count = str(done) if total is None else f"{done}/{total}"
+        print(f"{self.command}: {count} {self.unit}", file=sys.stderr, flush=True)
+
+
+def progress_printer(command: str, unit: str = "customers") -> Progress:
+    return Progress(command, unit)
 
 
 async def _verify(settings: Settings, customers: list[str], fix: bool) -> list[history.Difference]:
-    async with database.database(settings) as st:
+    async with database.database(settings.database) as st:
         return await history.verify(st.pool, customers, progress_printer("verify"), fix)
 
 
 async def _prune(settings: Settings, days: int, batch: int) -> int:
-    async with database.database(settings) as st:
-        return await ops.prune_reported(st.pool, dt.timedelta(days=days), batch)
+    async with database.database(settings.database) as st:
+        return await ops.prune_reported(
+            st.pool, dt.timedelta(days=days), batch, progress_printer("prune")
+        )

@@ -1,43 +1,33 @@
-"""`usage-service reconcile`, and the periodic reconciliation `serve` runs when asked to."""
+"""`usage-service reconcile`: what each provider holds against what was reported to it."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import dataclasses
 import datetime as dt
 import json
-import logging
 import sys
-from collections.abc import Mapping
 from typing import TextIO
 
-from usage_service import domain, metrics, providers
 from usage_service.commands import ops as ops_commands
-from usage_service.config import Settings, positive_number
 from usage_service.domain import periods
-from usage_service.domain.plans import Meter, Plans
-from usage_service.providers.config import ALL, ProviderSettings
-from usage_service.reconcile.reconciler import (
-    DEFAULT_SETTLE,
-    DRIFT,
-    MeterErrorRow,
-    Reconciler,
-    Row,
-    Verdict,
-)
-from usage_service.storage import database, store
-from usage_service.storage.reconcile_store import ReconcileStore
+from usage_service.domain.plans import Plans
+from usage_service.providers.config import ALL
+from usage_service.reconcile import background
+from usage_service.reconcile.background import ERRORS_KEPT
+from usage_service.reconcile.reconciler import DRIFT, MeterErrorRow, Row, Verdict
+from usage_service.settings.environment import Settings
+from usage_service.storage import database
 
-log = logging.getLogger(__name__)
 COMMANDS = ("reconcile",)
-ERRORS_KEPT = dt.timedelta(days=30)  # how long Stripe keeps the events that carry error reports
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = commands.add_parser(
-        "reconcile", help="compare what each provider holds with what was reported to it"
+        "reconcile",
+        help="compare what each provider holds with what was reported to it",
+        description="Compare what each provider holds with what was reported to it, per "
+        "customer, meter and period; exit 1 on drift. Progress goes to stderr. "
+        "USAGE_RECONCILE_SETTLE_SECONDS: how long a provider may take to show what it accepted.",
     )
     r.add_argument("--customer", action="append", default=[], help="only this customer's")
     r.add_argument("--provider", default="", choices=["", *ALL], help="only this provider's")
@@ -70,49 +60,18 @@ def _period(text: str) -> str | dt.datetime:
     return when
 
 
-def settle(environ: Mapping[str, str]) -> float:
-    return positive_number(environ, "USAGE_RECONCILE_SETTLE_SECONDS", DEFAULT_SETTLE)
-
-
-def interval(environ: Mapping[str, str]) -> float:
-    """Seconds between periodic reconciliations in `serve`; 0 (the default): none."""
-    if environ.get("USAGE_RECONCILE_INTERVAL_SECONDS", "").strip() in ("", "0"):
-        return 0.0
-    return positive_number(environ, "USAGE_RECONCILE_INTERVAL_SECONDS", 0.0)
-
-
-def check_settings(environ: Mapping[str, str]) -> None:
-    """Reads the reconciliation settings: a bad one raises ConfigError before the server starts."""
-    settle(environ)
-    interval(environ)
-
-
-def build(
-    st: store.Store, meters: Mapping[str, Meter], environ: Mapping[str, str]
-) -> tuple[Reconciler, Mapping[domain.Provider, providers.Adapter]]:
-    """A reconciler reading back through one adapter per provider with credentials; the
-    adapters are returned too, to be closed."""
-    adapters = providers.adapters(ProviderSettings.from_env(environ), meters)
-    return Reconciler(ReconcileStore(st.pool), adapters, meters, settle(environ)), adapters
-
-
-async def close(adapters: Mapping[domain.Provider, providers.Adapter]) -> None:
-    for adapter in adapters.values():
-        await adapter.aclose()
-
-
 async def run(args: argparse.Namespace, settings: Settings, plans: Plans) -> int:
 
     progress = ops_commands.progress_printer("reconcile")
-    async with database.database(settings) as st:
-        r, adapters = build(st, plans.meters, settings.environ)
+    async with database.database(settings.database) as st:
+        r, adapters = background.build(st, plans.meters, settings.reconcile, settings.providers)
         try:
             rows = await r.run(args.customer, args.provider, args.period, args.fix, progress)
             errors: list[MeterErrorRow] | str = []
             if args.provider in ("", "stripe"):
                 errors = await r.meter_errors(dt.datetime.now(dt.UTC) - ERRORS_KEPT)
         finally:
-            await close(adapters)
+            await background.close(adapters)
     write(rows, sys.stdout, as_json=args.json)
     write_errors(errors, sys.stdout, as_json=args.json)
     return 1 if any(row.verdict in DRIFT for row in rows) else 0
@@ -176,67 +135,3 @@ def write_errors(errors: list[MeterErrorRow] | str, out: TextIO, as_json: bool =
 
 def _n(value: int | None) -> str:
     return "-" if value is None else str(value)
-
-
-@dataclasses.dataclass
-class Background:
-    """Reconciliation of every customer's current and previous periods, every `interval`."""
-
-    reconciler: Reconciler
-    adapters: Mapping[domain.Provider, providers.Adapter]
-    interval: float
-    task: asyncio.Task[None] | None = None
-    _logged: set[tuple[str, str, str, dt.datetime, int | None]] = dataclasses.field(
-        default_factory=set
-    )
-
-    @classmethod
-    def start(cls, st: store.Store, plans: Plans, environ: Mapping[str, str]) -> Background | None:
-        every = interval(environ)
-        if not every:
-            return None
-        b = cls(*build(st, plans.meters, environ), every)
-        b.task = asyncio.create_task(b._loop(), name="reconcile")
-        return b
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.once()
-            except Exception:
-                log.exception("reconciliation failed", extra={"action": "reconcile"})
-            await asyncio.sleep(self.interval)
-
-    async def once(self) -> list[Row]:
-        rows = [
-            *await self.reconciler.run(which="current"),
-            *await self.reconciler.run(which="previous"),
-        ]
-        errors = await self.reconciler.meter_errors(dt.datetime.now(dt.UTC) - ERRORS_KEPT)
-        metrics.reconciled(
-            [(r.provider, r.meter, r.verdict.value, r.drift) for r in rows],
-            [(e.stripe_event, e.code, e.count) for e in errors]
-            if isinstance(errors, list)
-            else None,
-        )
-        for row in rows:
-            key = (row.customer_id, row.provider, row.meter, row.period_start, row.drift)
-            if row.verdict in DRIFT and key not in self._logged:
-                self._logged.add(key)
-                log.warning(
-                    "%s %s %s: %s (%s)",
-                    row.customer_id,
-                    row.provider,
-                    row.meter,
-                    row.verdict.value,
-                    row.why,
-                    extra={"action": "reconcile", "provider": row.provider},
-                )
-        return rows
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-        await close(self.adapters)

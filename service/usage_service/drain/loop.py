@@ -18,10 +18,11 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from usage_service import domain, metrics
-from usage_service.config import positive_number
+from pydantic import Field
+
+from usage_service import domain, metrics, settings
 from usage_service.domain.plans import Aggregation, Meter
 from usage_service.domain.reports import Report
 from usage_service.drain.reports import build_reports
@@ -41,30 +42,21 @@ MAX_CYCLES_PER_WAKE = 100  # cycles run back to back while there is work, before
 MAX_CHECKPOINTS = 3  # checkpoints one send may ask for
 
 
-@dataclasses.dataclass(frozen=True)
-class DrainSettings:
-    interval: float = DEFAULT_INTERVAL
-    lease: float = DEFAULT_LEASE
-    claim: int = DEFAULT_CLAIM
-    backoff_base: float = DEFAULT_BACKOFF_BASE
-    backoff_cap: float = DEFAULT_BACKOFF_CAP
-    concurrency: int = DEFAULT_CONCURRENCY
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> DrainSettings:
-        env = os.environ if environ is None else environ
-
-        def number(name: str, default: float) -> float:
-            return positive_number(env, name, default)
-
-        return cls(
-            interval=number("USAGE_DRAIN_INTERVAL_SECONDS", DEFAULT_INTERVAL),
-            lease=number("USAGE_DRAIN_LEASE_SECONDS", DEFAULT_LEASE),
-            claim=int(number("USAGE_DRAIN_CLAIM_EVENTS", DEFAULT_CLAIM)),
-            backoff_base=number("USAGE_DRAIN_BACKOFF_BASE_SECONDS", DEFAULT_BACKOFF_BASE),
-            backoff_cap=number("USAGE_DRAIN_BACKOFF_CAP_SECONDS", DEFAULT_BACKOFF_CAP),
-            concurrency=int(number("USAGE_DRAIN_CONCURRENCY", DEFAULT_CONCURRENCY)),
-        )
+class DrainSettings(settings.Group):
+    interval: settings.Seconds = Field(
+        DEFAULT_INTERVAL, validation_alias="USAGE_DRAIN_INTERVAL_SECONDS"
+    )
+    lease: settings.Seconds = Field(DEFAULT_LEASE, validation_alias="USAGE_DRAIN_LEASE_SECONDS")
+    claim: settings.Count = Field(DEFAULT_CLAIM, validation_alias="USAGE_DRAIN_CLAIM_EVENTS")
+    backoff_base: settings.Seconds = Field(
+        DEFAULT_BACKOFF_BASE, validation_alias="USAGE_DRAIN_BACKOFF_BASE_SECONDS"
+    )
+    backoff_cap: settings.Seconds = Field(
+        DEFAULT_BACKOFF_CAP, validation_alias="USAGE_DRAIN_BACKOFF_CAP_SECONDS"
+    )
+    concurrency: settings.Count = Field(
+        DEFAULT_CONCURRENCY, validation_alias="USAGE_DRAIN_CONCURRENCY"
+    )
 
     def backoff(self, attempts: int) -> float:
         """Capped exponential backoff with full jitter above half the step."""
@@ -125,14 +117,19 @@ class Drain:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.interval)
         log.info("drain stopped", extra={"action": "drain_stop", "owner": self.owner})
 
-    async def drain_due(self, max_cycles: int = MAX_CYCLES_PER_WAKE) -> int:
-        """Cycles until nothing is due (or `max_cycles`, or `stop`); returns the reports handled.
-        A cycle's settling overlaps the next cycle's claim and sends; all is settled on return."""
+    async def drain_due(
+        self, max_cycles: int = MAX_CYCLES_PER_WAKE, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Cycles until nothing is due (or `max_cycles`, or `stop`); returns the reports handled
+        (`progress(handled so far)` after each cycle). A cycle's settling overlaps the next
+        cycle's claim and sends; all is settled on return."""
         total = 0
         try:
             for _ in range(max_cycles):
                 handled = await self._cycle()
                 total += handled
+                if progress is not None:
+                    progress(total)
                 if not handled or self._stopping.is_set():
                     break
         finally:

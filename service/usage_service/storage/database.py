@@ -4,28 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+from pydantic import Field
 
-from usage_service.config import ConfigError, Settings
+from usage_service import settings
 from usage_service.storage import connections, embedded, migrate, store
+
+DEFAULT_DATA_DIR = ".data"  # embedded PostgreSQL lives in DATA_DIR/postgres
+DEFAULT_POOL_SIZE = 10  # database connections per process
+
+
+class DatabaseSettings(settings.Group):
+    url: str = Field(  # empty: start an embedded PostgreSQL under data_dir
+        "", validation_alias="DATABASE_URL", repr=False
+    )
+    data_dir: pathlib.Path = Field(
+        pathlib.Path(DEFAULT_DATA_DIR), validation_alias="USAGE_DATA_DIR"
+    )
+    pool_size: settings.Count = Field(DEFAULT_POOL_SIZE, validation_alias="USAGE_DB_POOL_SIZE")
 
 
 @contextlib.asynccontextmanager
-async def database(settings: Settings) -> AsyncIterator[store.Store]:
+async def database(config: DatabaseSettings) -> AsyncIterator[store.Store]:
     """Migrated storage on DATABASE_URL, or on an embedded PostgreSQL when it is unset."""
     handle: Any = None
-    dsn = settings.database_url
+    dsn = config.url
     if not dsn:
-        dsn, handle = await asyncio.to_thread(embedded.start, settings.data_dir)
+        dsn, handle = await asyncio.to_thread(embedded.start, config.data_dir)
     try:
         await migrate.migrate_dsn(dsn)
-        st = store.Store(await connections.create_pool(dsn, settings.pool_size))
+        st = store.Store(await connections.create_pool(dsn, config.pool_size))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = " ".join(str(exc).split()) or "no reason given"
-        raise ConfigError(
+        raise settings.ConfigError(
             f"DATABASE_URL: cannot use the database: {type(exc).__name__}: {reason}"
         ) from None
     try:

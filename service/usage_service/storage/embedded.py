@@ -8,7 +8,7 @@ import pathlib
 import warnings
 from typing import Any
 
-from usage_service.config import ConfigError
+from usage_service.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

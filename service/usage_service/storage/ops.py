@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections import defaultdict
+from collections.abc import Callable
 
 import asyncpg
 
@@ -38,21 +39,28 @@ def pool_use(pool: asyncpg.Pool) -> PoolUse:
 
 
 async def prune_reported(
-    pool: asyncpg.Pool, older_than: dt.timedelta, batch: int = DEFAULT_PRUNE_BATCH
+    pool: asyncpg.Pool,
+    older_than: dt.timedelta,
+    batch: int = DEFAULT_PRUNE_BATCH,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Deletes reported events recorded more than `older_than` ago that belong to a period
     before their customer's last confirmed one, customer by customer in order, `batch` per
     transaction; returns how many were deleted. Each transaction records what it deleted in the
     lifetime totals and closes the customer's periods before that horizon for good: their
-    totals stay as they are, and no webhook may move their boundaries."""
+    totals stay as they are, and no webhook may move their boundaries. `progress(done,
+    total)` after each customer."""
     cutoff = dt.datetime.now(dt.UTC) - older_than
     deleted = 0
-    for row in await pool.fetch(ops_queries.PRUNABLE_CUSTOMERS, cutoff):
+    customers = await pool.fetch(ops_queries.PRUNABLE_CUSTOMERS, cutoff)
+    for done, row in enumerate(customers, 1):
         while True:
             count = await _prune_batch(pool, row["customer_id"], cutoff, batch)
             deleted += count
             if count < batch:
                 break
+        if progress is not None:
+            progress(done, len(customers))
     return deleted
 
 
