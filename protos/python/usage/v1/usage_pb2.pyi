@@ -19,6 +19,22 @@ class EntitlementReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENTITLEMENT_REASON_FEATURE_NOT_IN_PLAN: _ClassVar[EntitlementReason]
     ENTITLEMENT_REASON_SUBSCRIPTION_INACTIVE: _ClassVar[EntitlementReason]
     ENTITLEMENT_REASON_CUSTOMER_NOT_FOUND: _ClassVar[EntitlementReason]
+
+class UsageChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_CHANGE_KIND_UNSPECIFIED: _ClassVar[UsageChangeKind]
+    USAGE_CHANGE_KIND_SNAPSHOT: _ClassVar[UsageChangeKind]
+    USAGE_CHANGE_KIND_USAGE: _ClassVar[UsageChangeKind]
+    USAGE_CHANGE_KIND_ROLLOVER: _ClassVar[UsageChangeKind]
+    USAGE_CHANGE_KIND_CUSTOMER: _ClassVar[UsageChangeKind]
+    USAGE_CHANGE_KIND_DRAIN: _ClassVar[UsageChangeKind]
+    USAGE_CHANGE_KIND_THRESHOLD: _ClassVar[UsageChangeKind]
+
+class SnapshotReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SNAPSHOT_REASON_UNSPECIFIED: _ClassVar[SnapshotReason]
+    SNAPSHOT_REASON_INITIAL: _ClassVar[SnapshotReason]
+    SNAPSHOT_REASON_RESUME_TOO_OLD: _ClassVar[SnapshotReason]
 ENTITLEMENT_REASON_UNSPECIFIED: EntitlementReason
 ENTITLEMENT_REASON_WITHIN_LIMIT: EntitlementReason
 ENTITLEMENT_REASON_FEATURE_ENABLED: EntitlementReason
@@ -27,6 +43,16 @@ ENTITLEMENT_REASON_LIMIT_EXCEEDED: EntitlementReason
 ENTITLEMENT_REASON_FEATURE_NOT_IN_PLAN: EntitlementReason
 ENTITLEMENT_REASON_SUBSCRIPTION_INACTIVE: EntitlementReason
 ENTITLEMENT_REASON_CUSTOMER_NOT_FOUND: EntitlementReason
+USAGE_CHANGE_KIND_UNSPECIFIED: UsageChangeKind
+USAGE_CHANGE_KIND_SNAPSHOT: UsageChangeKind
+USAGE_CHANGE_KIND_USAGE: UsageChangeKind
+USAGE_CHANGE_KIND_ROLLOVER: UsageChangeKind
+USAGE_CHANGE_KIND_CUSTOMER: UsageChangeKind
+USAGE_CHANGE_KIND_DRAIN: UsageChangeKind
+USAGE_CHANGE_KIND_THRESHOLD: UsageChangeKind
+SNAPSHOT_REASON_UNSPECIFIED: SnapshotReason
+SNAPSHOT_REASON_INITIAL: SnapshotReason
+SNAPSHOT_REASON_RESUME_TOO_OLD: SnapshotReason
 
 class RecordUsageRequest(_message.Message):
     __slots__ = ("customer_id", "meter", "quantity", "idempotency_key", "event_time", "properties")
@@ -95,7 +121,7 @@ class CheckEntitlementRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., feature: _Optional[str] = ..., quantity: _Optional[int] = ..., consume: bool = ..., idempotency_key: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CheckEntitlementResponse(_message.Message):
-    __slots__ = ("allowed", "reason", "used", "included", "limit", "remaining", "period_start_time", "period_end_time", "event_id", "duplicate", "period_source")
+    __slots__ = ("allowed", "reason", "used", "included", "limit", "remaining", "period_start_time", "period_end_time", "event_id", "duplicate", "period_source", "decision_id", "as_of_time", "totals_version", "rule")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +133,10 @@ class CheckEntitlementResponse(_message.Message):
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     PERIOD_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_TIME_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reason: EntitlementReason
     used: int
@@ -118,7 +148,27 @@ class CheckEntitlementResponse(_message.Message):
     event_id: str
     duplicate: bool
     period_source: _customer_pb2.PeriodSource
-    def __init__(self, allowed: bool = ..., reason: _Optional[_Union[EntitlementReason, str]] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., period_start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., event_id: _Optional[str] = ..., duplicate: bool = ..., period_source: _Optional[_Union[_customer_pb2.PeriodSource, str]] = ...) -> None: ...
+    decision_id: str
+    as_of_time: _timestamp_pb2.Timestamp
+    totals_version: int
+    rule: DecisionRule
+    def __init__(self, allowed: bool = ..., reason: _Optional[_Union[EntitlementReason, str]] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., period_start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., event_id: _Optional[str] = ..., duplicate: bool = ..., period_source: _Optional[_Union[_customer_pb2.PeriodSource, str]] = ..., decision_id: _Optional[str] = ..., as_of_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., totals_version: _Optional[int] = ..., rule: _Optional[_Union[DecisionRule, _Mapping]] = ...) -> None: ...
+
+class DecisionRule(_message.Message):
+    __slots__ = ("plan_id", "feature", "included", "limit", "enforcement", "enabled")
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ENFORCEMENT_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    plan_id: str
+    feature: str
+    included: int
+    limit: int
+    enforcement: str
+    enabled: bool
+    def __init__(self, plan_id: _Optional[str] = ..., feature: _Optional[str] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., enforcement: _Optional[str] = ..., enabled: bool = ...) -> None: ...
 
 class GetUsageSummaryRequest(_message.Message):
     __slots__ = ("customer_id", "meter")
@@ -173,3 +223,73 @@ class GetUsageSummaryResponse(_message.Message):
     subscription_status: _customer_pb2.SubscriptionStatus
     period_source: _customer_pb2.PeriodSource
     def __init__(self, customer_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., period_start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., meters: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., subscription_status: _Optional[_Union[_customer_pb2.SubscriptionStatus, str]] = ..., period_source: _Optional[_Union[_customer_pb2.PeriodSource, str]] = ...) -> None: ...
+
+class WatchUsageRequest(_message.Message):
+    __slots__ = ("customer_id", "meters", "resume_after_version")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    METERS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_AFTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    meters: _containers.RepeatedScalarFieldContainer[str]
+    resume_after_version: int
+    def __init__(self, customer_id: _Optional[str] = ..., meters: _Optional[_Iterable[str]] = ..., resume_after_version: _Optional[int] = ...) -> None: ...
+
+class WatchUsageResponse(_message.Message):
+    __slots__ = ("version", "kind", "commit_time", "snapshot_reason", "plan_id", "subscription_status", "period_start_time", "period_end_time", "meters", "threshold")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_TIME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_REASON_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTION_STATUS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_TIME_FIELD_NUMBER: _ClassVar[int]
+    METERS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    kind: UsageChangeKind
+    commit_time: _timestamp_pb2.Timestamp
+    snapshot_reason: SnapshotReason
+    plan_id: str
+    subscription_status: _customer_pb2.SubscriptionStatus
+    period_start_time: _timestamp_pb2.Timestamp
+    period_end_time: _timestamp_pb2.Timestamp
+    meters: _containers.RepeatedCompositeFieldContainer[MeterUsage]
+    threshold: ThresholdCrossing
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[UsageChangeKind, str]] = ..., commit_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot_reason: _Optional[_Union[SnapshotReason, str]] = ..., plan_id: _Optional[str] = ..., subscription_status: _Optional[_Union[_customer_pb2.SubscriptionStatus, str]] = ..., period_start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., meters: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., threshold: _Optional[_Union[ThresholdCrossing, _Mapping]] = ...) -> None: ...
+
+class ThresholdCrossing(_message.Message):
+    __slots__ = ("alert_id", "feature", "threshold", "amount", "used")
+    ALERT_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    alert_id: str
+    feature: str
+    threshold: str
+    amount: int
+    used: int
+    def __init__(self, alert_id: _Optional[str] = ..., feature: _Optional[str] = ..., threshold: _Optional[str] = ..., amount: _Optional[int] = ..., used: _Optional[int] = ...) -> None: ...
+
+class GetDecisionRequest(_message.Message):
+    __slots__ = ("decision_id",)
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    def __init__(self, decision_id: _Optional[str] = ...) -> None: ...
+
+class GetDecisionResponse(_message.Message):
+    __slots__ = ("decision_id", "customer_id", "feature", "quantity", "consume", "response")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    CONSUME_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    customer_id: str
+    feature: str
+    quantity: int
+    consume: bool
+    response: CheckEntitlementResponse
+    def __init__(self, decision_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., feature: _Optional[str] = ..., quantity: _Optional[int] = ..., consume: bool = ..., response: _Optional[_Union[CheckEntitlementResponse, _Mapping]] = ...) -> None: ...

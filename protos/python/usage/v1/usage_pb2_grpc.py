@@ -56,6 +56,16 @@ class UsageServiceStub(object):
                 request_serializer=usage_dot_v1_dot_usage__pb2.GetUsageSummaryRequest.SerializeToString,
                 response_deserializer=usage_dot_v1_dot_usage__pb2.GetUsageSummaryResponse.FromString,
                 _registered_method=True)
+        self.WatchUsage = channel.unary_stream(
+                '/usage.v1.UsageService/WatchUsage',
+                request_serializer=usage_dot_v1_dot_usage__pb2.WatchUsageRequest.SerializeToString,
+                response_deserializer=usage_dot_v1_dot_usage__pb2.WatchUsageResponse.FromString,
+                _registered_method=True)
+        self.GetDecision = channel.unary_unary(
+                '/usage.v1.UsageService/GetDecision',
+                request_serializer=usage_dot_v1_dot_usage__pb2.GetDecisionRequest.SerializeToString,
+                response_deserializer=usage_dot_v1_dot_usage__pb2.GetDecisionResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer(object):
@@ -91,6 +101,23 @@ class UsageServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchUsage(self, request, context):
+        """Streams a customer's usage: first the current state (a snapshot), then one message per
+        committed change, in commit order, each with a strictly increasing version. A stream that
+        ends (a dropped connection, a restart) resumes with resume_after_version and misses nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDecision(self, request, context):
+        """Returns an entitlement decision as the check answered it: every consume is kept, and
+        denials when the service keeps them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +140,16 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.GetUsageSummary,
                     request_deserializer=usage_dot_v1_dot_usage__pb2.GetUsageSummaryRequest.FromString,
                     response_serializer=usage_dot_v1_dot_usage__pb2.GetUsageSummaryResponse.SerializeToString,
+            ),
+            'WatchUsage': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchUsage,
+                    request_deserializer=usage_dot_v1_dot_usage__pb2.WatchUsageRequest.FromString,
+                    response_serializer=usage_dot_v1_dot_usage__pb2.WatchUsageResponse.SerializeToString,
+            ),
+            'GetDecision': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDecision,
+                    request_deserializer=usage_dot_v1_dot_usage__pb2.GetDecisionRequest.FromString,
+                    response_serializer=usage_dot_v1_dot_usage__pb2.GetDecisionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +262,60 @@ class UsageService(object):
             '/usage.v1.UsageService/GetUsageSummary',
             usage_dot_v1_dot_usage__pb2.GetUsageSummaryRequest.SerializeToString,
             usage_dot_v1_dot_usage__pb2.GetUsageSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/usage.v1.UsageService/WatchUsage',
+            usage_dot_v1_dot_usage__pb2.WatchUsageRequest.SerializeToString,
+            usage_dot_v1_dot_usage__pb2.WatchUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDecision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usage.v1.UsageService/GetDecision',
+            usage_dot_v1_dot_usage__pb2.GetDecisionRequest.SerializeToString,
+            usage_dot_v1_dot_usage__pb2.GetDecisionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file usage/v1/usage.proto.
  */
 export const file_usage_v1_usage: GenFile = /*@__PURE__*/
-  fileDesc("ChR1c2FnZS92MS91c2FnZS5wcm90bxIIdXNhZ2UudjEiiAIKElJlY29yZFVzYWdlUmVxdWVzdBITCgtjdXN0b21lcl9pZBgBIAEoCRINCgVtZXRlchgCIAEoCRIQCghxdWFudGl0eRgDIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYBCABKAkSLgoKZXZlbnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASQAoKcHJvcGVydGllcxgGIAMoCzIsLnVzYWdlLnYxLlJlY29yZFVzYWdlUmVxdWVzdC5Qcm9wZXJ0aWVzRW50cnkaMQoPUHJvcGVydGllc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiOgoTUmVjb3JkVXNhZ2VSZXNwb25zZRIQCghldmVudF9pZBgBIAEoCRIRCglkdXBsaWNhdGUYAiABKAgiSQoXQmF0Y2hSZWNvcmRVc2FnZVJlcXVlc3QSLgoIcmVxdWVzdHMYASADKAsyHC51c2FnZS52MS5SZWNvcmRVc2FnZVJlcXVlc3QiTAoYQmF0Y2hSZWNvcmRVc2FnZVJlc3BvbnNlEjAKCXJlc3BvbnNlcxgBIAMoCzIdLnVzYWdlLnYxLlJlY29yZFVzYWdlUmVzcG9uc2Ui9QEKF0NoZWNrRW50aXRsZW1lbnRSZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgJEg8KB2ZlYXR1cmUYAiABKAkSEAoIcXVhbnRpdHkYAyABKAMSDwoHY29uc3VtZRgEIAEoCBIXCg9pZGVtcG90ZW5jeV9rZXkYBSABKAkSRQoKcHJvcGVydGllcxgGIAMoCzIxLnVzYWdlLnYxLkNoZWNrRW50aXRsZW1lbnRSZXF1ZXN0LlByb3BlcnRpZXNFbnRyeRoxCg9Qcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASL8AgoYQ2hlY2tFbnRpdGxlbWVudFJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSKwoGcmVhc29uGAIgASgOMhsudXNhZ2UudjEuRW50aXRsZW1lbnRSZWFzb24SDAoEdXNlZBgDIAEoAxIQCghpbmNsdWRlZBgEIAEoAxISCgVsaW1pdBgFIAEoA0gAiAEBEhYKCXJlbWFpbmluZxgGIAEoA0gBiAEBEjUKEXBlcmlvZF9zdGFydF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9wZXJpb2RfZW5kX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGV2ZW50X2lkGAkgASgJEhEKCWR1cGxpY2F0ZRgKIAEoCBItCg1wZXJpb2Rfc291cmNlGAsgASgOMhYudXNhZ2UudjEuUGVyaW9kU291cmNlQggKBl9saW1pdEIMCgpfcmVtYWluaW5nIjwKFkdldFVzYWdlU3VtbWFyeVJlcXVlc3QSEwoLY3VzdG9tZXJfaWQYASABKAkSDQoFbWV0ZXIYAiABKAki+AEKCk1ldGVyVXNhZ2USDQoFbWV0ZXIYASABKAkSDAoEdXNlZBgCIAEoAxIQCghpbmNsdWRlZBgDIAEoAxISCgVsaW1pdBgEIAEoA0gAiAEBEhYKCXJlbWFpbmluZxgFIAEoA0gBiAEBEg8KB292ZXJhZ2UYBiABKAMSEAoIcmVwb3J0ZWQYByABKAMSDwoHcGVuZGluZxgIIAEoAxIOCgZmYWlsZWQYCSABKAMSEwoLYWdncmVnYXRpb24YCiABKAkSDAoEdW5pdBgLIAEoCRIQCgh1bmJpbGxlZBgMIAEoA0IICgZfbGltaXRCDAoKX3JlbWFpbmluZyK7AgoXR2V0VXNhZ2VTdW1tYXJ5UmVzcG9uc2USEwoLY3VzdG9tZXJfaWQYASABKAkSDwoHcGxhbl9pZBgCIAEoCRI1ChFwZXJpb2Rfc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPcGVyaW9kX2VuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIkCgZtZXRlcnMYBSADKAsyFC51c2FnZS52MS5NZXRlclVzYWdlEjkKE3N1YnNjcmlwdGlvbl9zdGF0dXMYBiABKA4yHC51c2FnZS52MS5TdWJzY3JpcHRpb25TdGF0dXMSLQoNcGVyaW9kX3NvdXJjZRgHIAEoDjIWLnVzYWdlLnYxLlBlcmlvZFNvdXJjZSrcAgoRRW50aXRsZW1lbnRSZWFzb24SIgoeRU5USVRMRU1FTlRfUkVBU09OX1VOU1BFQ0lGSUVEEAASIwofRU5USVRMRU1FTlRfUkVBU09OX1dJVEhJTl9MSU1JVBABEiYKIkVOVElUTEVNRU5UX1JFQVNPTl9GRUFUVVJFX0VOQUJMRUQQAhIqCiZFTlRJVExFTUVOVF9SRUFTT05fU09GVF9MSU1JVF9FWENFRURFRBADEiUKIUVOVElUTEVNRU5UX1JFQVNPTl9MSU1JVF9FWENFRURFRBAEEioKJkVOVElUTEVNRU5UX1JFQVNPTl9GRUFUVVJFX05PVF9JTl9QTEFOEAUSLAooRU5USVRMRU1FTlRfUkVBU09OX1NVQlNDUklQVElPTl9JTkFDVElWRRAGEikKJUVOVElUTEVNRU5UX1JFQVNPTl9DVVNUT01FUl9OT1RfRk9VTkQQBzLoAgoMVXNhZ2VTZXJ2aWNlEkoKC1JlY29yZFVzYWdlEhwudXNhZ2UudjEuUmVjb3JkVXNhZ2VSZXF1ZXN0Gh0udXNhZ2UudjEuUmVjb3JkVXNhZ2VSZXNwb25zZRJZChBCYXRjaFJlY29yZFVzYWdlEiEudXNhZ2UudjEuQmF0Y2hSZWNvcmRVc2FnZVJlcXVlc3QaIi51c2FnZS52MS5CYXRjaFJlY29yZFVzYWdlUmVzcG9uc2USWQoQQ2hlY2tFbnRpdGxlbWVudBIhLnVzYWdlLnYxLkNoZWNrRW50aXRsZW1lbnRSZXF1ZXN0GiIudXNhZ2UudjEuQ2hlY2tFbnRpdGxlbWVudFJlc3BvbnNlElYKD0dldFVzYWdlU3VtbWFyeRIgLnVzYWdlLnYxLkdldFVzYWdlU3VtbWFyeVJlcXVlc3QaIS51c2FnZS52MS5HZXRVc2FnZVN1bW1hcnlSZXNwb25zZUIiCgxjb20udXNhZ2UudjFQAVoQdXNhZ2UvdjE7dXNhZ2V2MWIGcHJvdG8z", [file_google_protobuf_timestamp, file_usage_v1_customer]);
+  fileDesc("ChR1c2FnZS92MS91c2FnZS5wcm90bxIIdXNhZ2UudjEiiAIKElJlY29yZFVzYWdlUmVxdWVzdBITCgtjdXN0b21lcl9pZBgBIAEoCRINCgVtZXRlchgCIAEoCRIQCghxdWFudGl0eRgDIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYBCABKAkSLgoKZXZlbnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASQAoKcHJvcGVydGllcxgGIAMoCzIsLnVzYWdlLnYxLlJlY29yZFVzYWdlUmVxdWVzdC5Qcm9wZXJ0aWVzRW50cnkaMQoPUHJvcGVydGllc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiOgoTUmVjb3JkVXNhZ2VSZXNwb25zZRIQCghldmVudF9pZBgBIAEoCRIRCglkdXBsaWNhdGUYAiABKAgiSQoXQmF0Y2hSZWNvcmRVc2FnZVJlcXVlc3QSLgoIcmVxdWVzdHMYASADKAsyHC51c2FnZS52MS5SZWNvcmRVc2FnZVJlcXVlc3QiTAoYQmF0Y2hSZWNvcmRVc2FnZVJlc3BvbnNlEjAKCXJlc3BvbnNlcxgBIAMoCzIdLnVzYWdlLnYxLlJlY29yZFVzYWdlUmVzcG9uc2Ui9QEKF0NoZWNrRW50aXRsZW1lbnRSZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgJEg8KB2ZlYXR1cmUYAiABKAkSEAoIcXVhbnRpdHkYAyABKAMSDwoHY29uc3VtZRgEIAEoCBIXCg9pZGVtcG90ZW5jeV9rZXkYBSABKAkSRQoKcHJvcGVydGllcxgGIAMoCzIxLnVzYWdlLnYxLkNoZWNrRW50aXRsZW1lbnRSZXF1ZXN0LlByb3BlcnRpZXNFbnRyeRoxCg9Qcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASL/AwoYQ2hlY2tFbnRpdGxlbWVudFJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSKwoGcmVhc29uGAIgASgOMhsudXNhZ2UudjEuRW50aXRsZW1lbnRSZWFzb24SDAoEdXNlZBgDIAEoAxIQCghpbmNsdWRlZBgEIAEoAxISCgVsaW1pdBgFIAEoA0gAiAEBEhYKCXJlbWFpbmluZxgGIAEoA0gBiAEBEjUKEXBlcmlvZF9zdGFydF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9wZXJpb2RfZW5kX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGV2ZW50X2lkGAkgASgJEhEKCWR1cGxpY2F0ZRgKIAEoCBItCg1wZXJpb2Rfc291cmNlGAsgASgOMhYudXNhZ2UudjEuUGVyaW9kU291cmNlEhMKC2RlY2lzaW9uX2lkGAwgASgJEi4KCmFzX29mX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDnRvdGFsc192ZXJzaW9uGA4gASgDEiQKBHJ1bGUYDyABKAsyFi51c2FnZS52MS5EZWNpc2lvblJ1bGVCCAoGX2xpbWl0QgwKCl9yZW1haW5pbmcihgEKDERlY2lzaW9uUnVsZRIPCgdwbGFuX2lkGAEgASgJEg8KB2ZlYXR1cmUYAiABKAkSEAoIaW5jbHVkZWQYAyABKAMSEgoFbGltaXQYBCABKANIAIgBARITCgtlbmZvcmNlbWVudBgFIAEoCRIPCgdlbmFibGVkGAYgASgIQggKBl9saW1pdCI8ChZHZXRVc2FnZVN1bW1hcnlSZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgJEg0KBW1ldGVyGAIgASgJIvgBCgpNZXRlclVzYWdlEg0KBW1ldGVyGAEgASgJEgwKBHVzZWQYAiABKAMSEAoIaW5jbHVkZWQYAyABKAMSEgoFbGltaXQYBCABKANIAIgBARIWCglyZW1haW5pbmcYBSABKANIAYgBARIPCgdvdmVyYWdlGAYgASgDEhAKCHJlcG9ydGVkGAcgASgDEg8KB3BlbmRpbmcYCCABKAMSDgoGZmFpbGVkGAkgASgDEhMKC2FnZ3JlZ2F0aW9uGAogASgJEgwKBHVuaXQYCyABKAkSEAoIdW5iaWxsZWQYDCABKANCCAoGX2xpbWl0QgwKCl9yZW1haW5pbmciuwIKF0dldFVzYWdlU3VtbWFyeVJlc3BvbnNlEhMKC2N1c3RvbWVyX2lkGAEgASgJEg8KB3BsYW5faWQYAiABKAkSNQoRcGVyaW9kX3N0YXJ0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD3BlcmlvZF9lbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGbWV0ZXJzGAUgAygLMhQudXNhZ2UudjEuTWV0ZXJVc2FnZRI5ChNzdWJzY3JpcHRpb25fc3RhdHVzGAYgASgOMhwudXNhZ2UudjEuU3Vic2NyaXB0aW9uU3RhdHVzEi0KDXBlcmlvZF9zb3VyY2UYByABKA4yFi51c2FnZS52MS5QZXJpb2RTb3VyY2UidAoRV2F0Y2hVc2FnZVJlcXVlc3QSEwoLY3VzdG9tZXJfaWQYASABKAkSDgoGbWV0ZXJzGAIgAygJEiEKFHJlc3VtZV9hZnRlcl92ZXJzaW9uGAMgASgDSACIAQFCFwoVX3Jlc3VtZV9hZnRlcl92ZXJzaW9uIsADChJXYXRjaFVzYWdlUmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoAxInCgRraW5kGAIgASgOMhkudXNhZ2UudjEuVXNhZ2VDaGFuZ2VLaW5kEi8KC2NvbW1pdF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIxCg9zbmFwc2hvdF9yZWFzb24YBCABKA4yGC51c2FnZS52MS5TbmFwc2hvdFJlYXNvbhIPCgdwbGFuX2lkGAUgASgJEjkKE3N1YnNjcmlwdGlvbl9zdGF0dXMYBiABKA4yHC51c2FnZS52MS5TdWJzY3JpcHRpb25TdGF0dXMSNQoRcGVyaW9kX3N0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD3BlcmlvZF9lbmRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGbWV0ZXJzGAkgAygLMhQudXNhZ2UudjEuTWV0ZXJVc2FnZRIuCgl0aHJlc2hvbGQYCiABKAsyGy51c2FnZS52MS5UaHJlc2hvbGRDcm9zc2luZyJnChFUaHJlc2hvbGRDcm9zc2luZxIQCghhbGVydF9pZBgBIAEoCRIPCgdmZWF0dXJlGAIgASgJEhEKCXRocmVzaG9sZBgDIAEoCRIOCgZhbW91bnQYBCABKAMSDAoEdXNlZBgFIAEoAyIpChJHZXREZWNpc2lvblJlcXVlc3QSEwoLZGVjaXNpb25faWQYASABKAkiqQEKE0dldERlY2lzaW9uUmVzcG9uc2USEwoLZGVjaXNpb25faWQYASABKAkSEwoLY3VzdG9tZXJfaWQYAiABKAkSDwoHZmVhdHVyZRgDIAEoCRIQCghxdWFudGl0eRgEIAEoAxIPCgdjb25zdW1lGAUgASgIEjQKCHJlc3BvbnNlGAYgASgLMiIudXNhZ2UudjEuQ2hlY2tFbnRpdGxlbWVudFJlc3BvbnNlKtwCChFFbnRpdGxlbWVudFJlYXNvbhIiCh5FTlRJVExFTUVOVF9SRUFTT05fVU5TUEVDSUZJRUQQABIjCh9FTlRJVExFTUVOVF9SRUFTT05fV0lUSElOX0xJTUlUEAESJgoiRU5USVRMRU1FTlRfUkVBU09OX0ZFQVRVUkVfRU5BQkxFRBACEioKJkVOVElUTEVNRU5UX1JFQVNPTl9TT0ZUX0xJTUlUX0VYQ0VFREVEEAMSJQohRU5USVRMRU1FTlRfUkVBU09OX0xJTUlUX0VYQ0VFREVEEAQSKgomRU5USVRMRU1FTlRfUkVBU09OX0ZFQVRVUkVfTk9UX0lOX1BMQU4QBRIsCihFTlRJVExFTUVOVF9SRUFTT05fU1VCU0NSSVBUSU9OX0lOQUNUSVZFEAYSKQolRU5USVRMRU1FTlRfUkVBU09OX0NVU1RPTUVSX05PVF9GT1VORBAHKu8BCg9Vc2FnZUNoYW5nZUtpbmQSIQodVVNBR0VfQ0hBTkdFX0tJTkRfVU5TUEVDSUZJRUQQABIeChpVU0FHRV9DSEFOR0VfS0lORF9TTkFQU0hPVBABEhsKF1VTQUdFX0NIQU5HRV9LSU5EX1VTQUdFEAISHgoaVVNBR0VfQ0hBTkdFX0tJTkRfUk9MTE9WRVIQAxIeChpVU0FHRV9DSEFOR0VfS0lORF9DVVNUT01FUhAEEhsKF1VTQUdFX0NIQU5HRV9LSU5EX0RSQUlOEAUSHwobVVNBR0VfQ0hBTkdFX0tJTkRfVEhSRVNIT0xEEAYqcgoOU25hcHNob3RSZWFzb24SHwobU05BUFNIT1RfUkVBU09OX1VOU1BFQ0lGSUVEEAASGwoXU05BUFNIT1RfUkVBU09OX0lOSVRJQUwQARIiCh5TTkFQU0hPVF9SRUFTT05fUkVTVU1FX1RPT19PTEQQAjL/AwoMVXNhZ2VTZXJ2aWNlEkoKC1JlY29yZFVzYWdlEhwudXNhZ2UudjEuUmVjb3JkVXNhZ2VSZXF1ZXN0Gh0udXNhZ2UudjEuUmVjb3JkVXNhZ2VSZXNwb25zZRJZChBCYXRjaFJlY29yZFVzYWdlEiEudXNhZ2UudjEuQmF0Y2hSZWNvcmRVc2FnZVJlcXVlc3QaIi51c2FnZS52MS5CYXRjaFJlY29yZFVzYWdlUmVzcG9uc2USWQoQQ2hlY2tFbnRpdGxlbWVudBIhLnVzYWdlLnYxLkNoZWNrRW50aXRsZW1lbnRSZXF1ZXN0GiIudXNhZ2UudjEuQ2hlY2tFbnRpdGxlbWVudFJlc3BvbnNlElYKD0dldFVzYWdlU3VtbWFyeRIgLnVzYWdlLnYxLkdldFVzYWdlU3VtbWFyeVJlcXVlc3QaIS51c2FnZS52MS5HZXRVc2FnZVN1bW1hcnlSZXNwb25zZRJJCgpXYXRjaFVzYWdlEhsudXNhZ2UudjEuV2F0Y2hVc2FnZVJlcXVlc3QaHC51c2FnZS52MS5XYXRjaFVzYWdlUmVzcG9uc2UwARJKCgtHZXREZWNpc2lvbhIcLnVzYWdlLnYxLkdldERlY2lzaW9uUmVxdWVzdBodLnVzYWdlLnYxLkdldERlY2lzaW9uUmVzcG9uc2VCIgoMY29tLnVzYWdlLnYxUAFaEHVzYWdlL3YxO3VzYWdldjFiBnByb3RvMw", [file_google_protobuf_timestamp, file_usage_v1_customer]);
 
 /**
  * @generated from message usage.v1.RecordUsageRequest
@@ -259,6 +259,36 @@ export type CheckEntitlementResponse = Message<"usage.v1.CheckEntitlementRespons
    * @generated from field: usage.v1.PeriodSource period_source = 11;
    */
   periodSource: PeriodSource;
+
+  /**
+   * Names this decision for GetDecision: every consume is kept, and denials when the service
+   * keeps them (USAGE_KEEP_DENIALS). Empty when the decision is not kept.
+   *
+   * @generated from field: string decision_id = 12;
+   */
+  decisionId: string;
+
+  /**
+   * When the decision was taken.
+   *
+   * @generated from field: google.protobuf.Timestamp as_of_time = 13;
+   */
+  asOfTime?: Timestamp | undefined;
+
+  /**
+   * The version of the customer's figures the decision read (the WatchUsage version); for a
+   * consume, the version its own usage committed as.
+   *
+   * @generated from field: int64 totals_version = 14;
+   */
+  totalsVersion: bigint;
+
+  /**
+   * The rule that decided.
+   *
+   * @generated from field: usage.v1.DecisionRule rule = 15;
+   */
+  rule?: DecisionRule | undefined;
 };
 
 /**
@@ -267,6 +297,53 @@ export type CheckEntitlementResponse = Message<"usage.v1.CheckEntitlementRespons
  */
 export const CheckEntitlementResponseSchema: GenMessage<CheckEntitlementResponse> = /*@__PURE__*/
   messageDesc(file_usage_v1_usage, 5);
+
+/**
+ * The plan rule an entitlement decision applied.
+ *
+ * @generated from message usage.v1.DecisionRule
+ */
+export type DecisionRule = Message<"usage.v1.DecisionRule"> & {
+  /**
+   * @generated from field: string plan_id = 1;
+   */
+  planId: string;
+
+  /**
+   * @generated from field: string feature = 2;
+   */
+  feature: string;
+
+  /**
+   * Metered features: the allowance and limit of the plan, and how the limit is enforced
+   * ("hard" or "soft"). Boolean features: enabled.
+   *
+   * @generated from field: int64 included = 3;
+   */
+  included: bigint;
+
+  /**
+   * @generated from field: optional int64 limit = 4;
+   */
+  limit?: bigint | undefined;
+
+  /**
+   * @generated from field: string enforcement = 5;
+   */
+  enforcement: string;
+
+  /**
+   * @generated from field: bool enabled = 6;
+   */
+  enabled: boolean;
+};
+
+/**
+ * Describes the message usage.v1.DecisionRule.
+ * Use `create(DecisionRuleSchema)` to create a new message.
+ */
+export const DecisionRuleSchema: GenMessage<DecisionRule> = /*@__PURE__*/
+  messageDesc(file_usage_v1_usage, 6);
 
 /**
  * @generated from message usage.v1.GetUsageSummaryRequest
@@ -290,7 +367,7 @@ export type GetUsageSummaryRequest = Message<"usage.v1.GetUsageSummaryRequest"> 
  * Use `create(GetUsageSummaryRequestSchema)` to create a new message.
  */
 export const GetUsageSummaryRequestSchema: GenMessage<GetUsageSummaryRequest> = /*@__PURE__*/
-  messageDesc(file_usage_v1_usage, 6);
+  messageDesc(file_usage_v1_usage, 7);
 
 /**
  * @generated from message usage.v1.MeterUsage
@@ -382,7 +459,7 @@ export type MeterUsage = Message<"usage.v1.MeterUsage"> & {
  * Use `create(MeterUsageSchema)` to create a new message.
  */
 export const MeterUsageSchema: GenMessage<MeterUsage> = /*@__PURE__*/
-  messageDesc(file_usage_v1_usage, 7);
+  messageDesc(file_usage_v1_usage, 8);
 
 /**
  * @generated from message usage.v1.GetUsageSummaryResponse
@@ -431,7 +508,227 @@ export type GetUsageSummaryResponse = Message<"usage.v1.GetUsageSummaryResponse"
  * Use `create(GetUsageSummaryResponseSchema)` to create a new message.
  */
 export const GetUsageSummaryResponseSchema: GenMessage<GetUsageSummaryResponse> = /*@__PURE__*/
-  messageDesc(file_usage_v1_usage, 8);
+  messageDesc(file_usage_v1_usage, 9);
+
+/**
+ * @generated from message usage.v1.WatchUsageRequest
+ */
+export type WatchUsageRequest = Message<"usage.v1.WatchUsageRequest"> & {
+  /**
+   * Required.
+   *
+   * @generated from field: string customer_id = 1;
+   */
+  customerId: string;
+
+  /**
+   * Only these meters (or metered features); empty: all of them.
+   *
+   * @generated from field: repeated string meters = 2;
+   */
+  meters: string[];
+
+  /**
+   * Resume after this version (the last one received): every later change is sent, in order. When
+   * it is too old for the changes still kept, a snapshot says so. Absent: start with a snapshot.
+   *
+   * @generated from field: optional int64 resume_after_version = 3;
+   */
+  resumeAfterVersion?: bigint | undefined;
+};
+
+/**
+ * Describes the message usage.v1.WatchUsageRequest.
+ * Use `create(WatchUsageRequestSchema)` to create a new message.
+ */
+export const WatchUsageRequestSchema: GenMessage<WatchUsageRequest> = /*@__PURE__*/
+  messageDesc(file_usage_v1_usage, 10);
+
+/**
+ * @generated from message usage.v1.WatchUsageResponse
+ */
+export type WatchUsageResponse = Message<"usage.v1.WatchUsageResponse"> & {
+  /**
+   * Strictly increasing within a customer's stream, in commit order. Resume after the last one.
+   *
+   * @generated from field: int64 version = 1;
+   */
+  version: bigint;
+
+  /**
+   * @generated from field: usage.v1.UsageChangeKind kind = 2;
+   */
+  kind: UsageChangeKind;
+
+  /**
+   * When the change committed (a snapshot: when it was read).
+   *
+   * @generated from field: google.protobuf.Timestamp commit_time = 3;
+   */
+  commitTime?: Timestamp | undefined;
+
+  /**
+   * Snapshots only: why one was sent.
+   *
+   * @generated from field: usage.v1.SnapshotReason snapshot_reason = 4;
+   */
+  snapshotReason: SnapshotReason;
+
+  /**
+   * @generated from field: string plan_id = 5;
+   */
+  planId: string;
+
+  /**
+   * @generated from field: usage.v1.SubscriptionStatus subscription_status = 6;
+   */
+  subscriptionStatus: SubscriptionStatus;
+
+  /**
+   * The billing period the figures below belong to (a late event can change an earlier period).
+   *
+   * @generated from field: google.protobuf.Timestamp period_start_time = 7;
+   */
+  periodStartTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp period_end_time = 8;
+   */
+  periodEndTime?: Timestamp | undefined;
+
+  /**
+   * The figures of the period, as GetUsageSummary shows them, after this change.
+   *
+   * @generated from field: repeated usage.v1.MeterUsage meters = 9;
+   */
+  meters: MeterUsage[];
+
+  /**
+   * USAGE_CHANGE_KIND_THRESHOLD only.
+   *
+   * @generated from field: usage.v1.ThresholdCrossing threshold = 10;
+   */
+  threshold?: ThresholdCrossing | undefined;
+};
+
+/**
+ * Describes the message usage.v1.WatchUsageResponse.
+ * Use `create(WatchUsageResponseSchema)` to create a new message.
+ */
+export const WatchUsageResponseSchema: GenMessage<WatchUsageResponse> = /*@__PURE__*/
+  messageDesc(file_usage_v1_usage, 11);
+
+/**
+ * A threshold of the plans file reached by a customer's usage in a period.
+ *
+ * @generated from message usage.v1.ThresholdCrossing
+ */
+export type ThresholdCrossing = Message<"usage.v1.ThresholdCrossing"> & {
+  /**
+   * Stable: the same id in every stream and in the webhook (its event id), for de-duplication.
+   *
+   * @generated from field: string alert_id = 1;
+   */
+  alertId: string;
+
+  /**
+   * @generated from field: string feature = 2;
+   */
+  feature: string;
+
+  /**
+   * The threshold as declared, e.g. "80% of included", "100% of limit", "1000".
+   *
+   * @generated from field: string threshold = 3;
+   */
+  threshold: string;
+
+  /**
+   * The amount of usage the threshold stands for in this period.
+   *
+   * @generated from field: int64 amount = 4;
+   */
+  amount: bigint;
+
+  /**
+   * The usage that crossed it.
+   *
+   * @generated from field: int64 used = 5;
+   */
+  used: bigint;
+};
+
+/**
+ * Describes the message usage.v1.ThresholdCrossing.
+ * Use `create(ThresholdCrossingSchema)` to create a new message.
+ */
+export const ThresholdCrossingSchema: GenMessage<ThresholdCrossing> = /*@__PURE__*/
+  messageDesc(file_usage_v1_usage, 12);
+
+/**
+ * @generated from message usage.v1.GetDecisionRequest
+ */
+export type GetDecisionRequest = Message<"usage.v1.GetDecisionRequest"> & {
+  /**
+   * Required: a decision_id from CheckEntitlementResponse.
+   *
+   * @generated from field: string decision_id = 1;
+   */
+  decisionId: string;
+};
+
+/**
+ * Describes the message usage.v1.GetDecisionRequest.
+ * Use `create(GetDecisionRequestSchema)` to create a new message.
+ */
+export const GetDecisionRequestSchema: GenMessage<GetDecisionRequest> = /*@__PURE__*/
+  messageDesc(file_usage_v1_usage, 13);
+
+/**
+ * @generated from message usage.v1.GetDecisionResponse
+ */
+export type GetDecisionResponse = Message<"usage.v1.GetDecisionResponse"> & {
+  /**
+   * @generated from field: string decision_id = 1;
+   */
+  decisionId: string;
+
+  /**
+   * @generated from field: string customer_id = 2;
+   */
+  customerId: string;
+
+  /**
+   * The request as it was checked.
+   *
+   * @generated from field: string feature = 3;
+   */
+  feature: string;
+
+  /**
+   * @generated from field: int64 quantity = 4;
+   */
+  quantity: bigint;
+
+  /**
+   * @generated from field: bool consume = 5;
+   */
+  consume: boolean;
+
+  /**
+   * The answer, exactly as CheckEntitlement gave it.
+   *
+   * @generated from field: usage.v1.CheckEntitlementResponse response = 6;
+   */
+  response?: CheckEntitlementResponse | undefined;
+};
+
+/**
+ * Describes the message usage.v1.GetDecisionResponse.
+ * Use `create(GetDecisionResponseSchema)` to create a new message.
+ */
+export const GetDecisionResponseSchema: GenMessage<GetDecisionResponse> = /*@__PURE__*/
+  messageDesc(file_usage_v1_usage, 14);
 
 /**
  * Why an entitlement check was answered the way it was.
@@ -501,6 +798,97 @@ export const EntitlementReasonSchema: GenEnum<EntitlementReason> = /*@__PURE__*/
   enumDesc(file_usage_v1_usage, 0);
 
 /**
+ * What a WatchUsage message carries.
+ *
+ * @generated from enum usage.v1.UsageChangeKind
+ */
+export enum UsageChangeKind {
+  /**
+   * @generated from enum value: USAGE_CHANGE_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The current state of every meter watched (the first message, or a resume that was too old).
+   *
+   * @generated from enum value: USAGE_CHANGE_KIND_SNAPSHOT = 1;
+   */
+  SNAPSHOT = 1,
+
+  /**
+   * Usage was recorded or consumed: the meters it changed, as they stood after it.
+   *
+   * @generated from enum value: USAGE_CHANGE_KIND_USAGE = 2;
+   */
+  USAGE = 2,
+
+  /**
+   * A new billing period began: the meters start again from the new period's figures.
+   *
+   * @generated from enum value: USAGE_CHANGE_KIND_ROLLOVER = 3;
+   */
+  ROLLOVER = 3,
+
+  /**
+   * UpsertCustomer changed the plan, the status or the period: every meter watched.
+   *
+   * @generated from enum value: USAGE_CHANGE_KIND_CUSTOMER = 4;
+   */
+  CUSTOMER = 4,
+
+  /**
+   * A provider accepted (or refused) reported usage: the meters whose reported / pending changed.
+   *
+   * @generated from enum value: USAGE_CHANGE_KIND_DRAIN = 5;
+   */
+  DRAIN = 5,
+
+  /**
+   * A threshold of the plan was crossed (once per period and threshold).
+   *
+   * @generated from enum value: USAGE_CHANGE_KIND_THRESHOLD = 6;
+   */
+  THRESHOLD = 6,
+}
+
+/**
+ * Describes the enum usage.v1.UsageChangeKind.
+ */
+export const UsageChangeKindSchema: GenEnum<UsageChangeKind> = /*@__PURE__*/
+  enumDesc(file_usage_v1_usage, 1);
+
+/**
+ * @generated from enum usage.v1.SnapshotReason
+ */
+export enum SnapshotReason {
+  /**
+   * @generated from enum value: SNAPSHOT_REASON_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The first message of a stream started without resume_after_version.
+   *
+   * @generated from enum value: SNAPSHOT_REASON_INITIAL = 1;
+   */
+  INITIAL = 1,
+
+  /**
+   * The changes after resume_after_version are no longer kept (or never were): start again from
+   * this state.
+   *
+   * @generated from enum value: SNAPSHOT_REASON_RESUME_TOO_OLD = 2;
+   */
+  RESUME_TOO_OLD = 2,
+}
+
+/**
+ * Describes the enum usage.v1.SnapshotReason.
+ */
+export const SnapshotReasonSchema: GenEnum<SnapshotReason> = /*@__PURE__*/
+  enumDesc(file_usage_v1_usage, 2);
+
+/**
  * UsageService records billable usage, answers entitlement checks and
  * summarises a customer's usage for the current billing period.
  *
@@ -546,6 +934,29 @@ export const UsageService: GenService<{
     methodKind: "unary";
     input: typeof GetUsageSummaryRequestSchema;
     output: typeof GetUsageSummaryResponseSchema;
+  },
+  /**
+   * Streams a customer's usage: first the current state (a snapshot), then one message per
+   * committed change, in commit order, each with a strictly increasing version. A stream that
+   * ends (a dropped connection, a restart) resumes with resume_after_version and misses nothing.
+   *
+   * @generated from rpc usage.v1.UsageService.WatchUsage
+   */
+  watchUsage: {
+    methodKind: "server_streaming";
+    input: typeof WatchUsageRequestSchema;
+    output: typeof WatchUsageResponseSchema;
+  },
+  /**
+   * Returns an entitlement decision as the check answered it: every consume is kept, and
+   * denials when the service keeps them.
+   *
+   * @generated from rpc usage.v1.UsageService.GetDecision
+   */
+  getDecision: {
+    methodKind: "unary";
+    input: typeof GetDecisionRequestSchema;
+    output: typeof GetDecisionResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_usage_v1_usage, 0);
