@@ -1,0 +1,170 @@
+"""The change log that WatchUsage streams: each committed change of a customer's figures, with a
+version strictly increasing per customer in commit order, and a NOTIFY at commit.
+
+A writing transaction appends its changes last, after every other lock it takes (customers,
+events, totals rows), so the head row's lock, held to the commit, orders commits and versions
+the same way and never deadlocks with the core's lock order. Statements: changes_queries.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from usage_service import domain
+from usage_service.storage import changes_queries as q
+from usage_service.storage.rows import Conn
+
+KINDS = ("usage", "rollover", "customer", "drain", "threshold")
+# The totals columns a change keeps per meter, in this order.
+FIGURES = (
+    "event_count",
+    "quantity_sum",
+    "quantity_max",
+    "last_quantity",
+    "reported_count",
+    "reported_sum",
+    "failed_count",
+    "failed_sum",
+    "unbilled_count",
+    "unbilled_sum",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One committed change of a customer's figures in one period (None: outside every known
+    period, a customer known only by its usage)."""
+
+    customer_id: str
+    kind: str
+    period_start: dt.datetime | None
+    period_end: dt.datetime | None
+    figures: Mapping[str, domain.Totals]  # meter -> the period's totals after the change
+
+
+@dataclasses.dataclass(frozen=True)
+class Logged:
+    """A change as the log keeps it."""
+
+    change: Change
+    version: int
+    committed_at: dt.datetime
+
+
+def figures_json(figures: Mapping[str, domain.Totals]) -> dict[str, list[int]]:
+    return {m: [getattr(t, f) for f in FIGURES] for m, t in figures.items()}
+
+
+def figures_from_json(raw: Mapping[str, Sequence[int]]) -> dict[str, domain.Totals]:
+    return {m: _totals(dict(zip(FIGURES, values, strict=True))) for m, values in raw.items()}
+
+
+def _totals(values: Mapping[str, int]) -> domain.Totals:
+    v = values
+    return domain.Totals(
+        event_count=v["event_count"],
+        quantity_sum=v["quantity_sum"],
+        quantity_max=v["quantity_max"],
+        last_quantity=v["last_quantity"],
+        reported_count=v["reported_count"],
+        reported_sum=v["reported_sum"],
+        failed_count=v["failed_count"],
+        failed_sum=v["failed_sum"],
+        unbilled_count=v["unbilled_count"],
+        unbilled_sum=v["unbilled_sum"],
+    )
+
+
+def from_totals_rows(kind: str, rows: Iterable[asyncpg.Record]) -> list[Change]:
+    """One change per customer and period from usage_totals rows (as RETURNING gives them)."""
+    grouped: dict[tuple[str, dt.datetime, dt.datetime], dict[str, domain.Totals]] = {}
+    for r in rows:
+        key = (r["customer_id"], r["period_start"], r["period_end"])
+        grouped.setdefault(key, {})[r["meter"]] = _totals({f: r[f] for f in FIGURES})
+    return [Change(c, kind, ps, pe, figures) for (c, ps, pe), figures in sorted(grouped.items())]
+
+
+async def append(conn: Conn, changes: Sequence[Change], now: dt.datetime) -> dict[str, int]:
+    """Appends changes inside the writing transaction, as its last statement; returns each
+    customer's latest version. Watchers are notified when the transaction commits."""
+    if not changes:
+        return {}
+    ordered = sorted(changes, key=lambda c: c.customer_id)  # stable: a customer's order stays
+    rows = await conn.fetch(
+        q.APPEND,
+        [c.customer_id for c in ordered],
+        [c.kind for c in ordered],
+        [c.period_start for c in ordered],
+        [c.period_end for c in ordered],
+        [figures_json(c.figures) for c in ordered],
+        now,
+    )
+    return {r["customer_id"]: r["version"] for r in rows}
+
+
+async def rollover(
+    conn: Conn,
+    customer_id: str,
+    start: dt.datetime,
+    end: dt.datetime,
+    figures: Mapping[str, domain.Totals],
+    now: dt.datetime,
+) -> int | None:
+    """Records that the period [start, end) began, unless a change in it (or later) already
+    did; returns its version, or None."""
+    row = await conn.fetchrow(q.ROLLOVER, customer_id, start, end, figures_json(figures), now)
+    return None if row is None else int(row["version"])
+
+
+async def head(conn: Conn | asyncpg.Pool, customer_id: str) -> int:
+    """The customer's latest version (0 before any change)."""
+    row = await conn.fetchrow(q.HEAD, customer_id)
+    return 0 if row is None else int(row["version"])
+
+
+async def since(
+    conn: Conn | asyncpg.Pool, customer_id: str, version: int, limit: int
+) -> list[Logged]:
+    """The customer's changes after `version`, oldest first, at most `limit`."""
+    rows = await conn.fetch(q.SINCE, customer_id, version, limit)
+    return [
+        Logged(
+            Change(
+                customer_id,
+                r["kind"],
+                r["period_start"],
+                r["period_end"],
+                figures_from_json(_json(r["figures"])),
+            ),
+            r["version"],
+            r["committed_at"],
+        )
+        for r in rows
+    ]
+
+
+async def oldest(conn: Conn | asyncpg.Pool, customer_id: str) -> int | None:
+    """The oldest version still kept, None when none is."""
+    value = await conn.fetchval(q.OLDEST, customer_id)
+    return None if value is None else int(value)
+
+
+async def forget(pool: asyncpg.Pool, before: dt.datetime, batch: int) -> int:
+    """Deletes changes committed before `before`; returns how many."""
+    deleted = 0
+    while True:
+        status = await pool.execute(q.FORGET, before, batch)
+        count = int(status.split()[-1])
+        deleted += count
+        if count < batch:
+            return deleted
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value

@@ -1,0 +1,69 @@
+"""Every SQL statement of the change log (WatchUsage), by name."""
+
+from __future__ import annotations
+
+CHANNEL = "usage_changes"  # NOTIFY payload: '<version>:<customer_id>'
+
+# Appends changes (one or more per customer, customers sorted) and notifies each customer's last
+# version at commit. A usage change in a later period than the customer's latest is a rollover.
+# $1 customer_id[], $2 kind[], $3 period_start[], $4 period_end[], $5 figures jsonb[],
+# $6 committed_at
+APPEND = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                         $5::jsonb[]) WITH ORDINALITY AS u(c, k, ps, pe, f, n)
+), heads AS (
+    INSERT INTO usage_change_heads AS h (customer_id, version, period_start)
+    SELECT c, count(*), max(ps) FROM input GROUP BY c ORDER BY c
+    ON CONFLICT (customer_id) DO UPDATE SET
+        version = h.version + excluded.version,
+        period_start = greatest(h.period_start, excluded.period_start),
+        rolled = h.period_start IS NOT NULL AND excluded.period_start > h.period_start
+    RETURNING customer_id, version, period_start, rolled
+), numbered AS (
+    SELECT i.c, i.ps, i.pe, i.f,
+        h.version - count(*) OVER (PARTITION BY i.c)
+            + row_number() OVER (PARTITION BY i.c ORDER BY i.n) AS v,
+        CASE WHEN h.rolled AND i.k = 'usage' AND i.ps = h.period_start
+            AND row_number() OVER (PARTITION BY i.c, i.ps ORDER BY i.n) = 1
+            THEN 'rollover' ELSE i.k END AS k
+    FROM input i JOIN heads h ON h.customer_id = i.c
+), added AS (
+    INSERT INTO usage_changes (customer_id, version, kind, committed_at, period_start,
+        period_end, figures)
+    SELECT c, v, k, $6, ps, pe, f FROM numbered
+    RETURNING customer_id, version
+)
+SELECT customer_id, max(version) AS version,
+    pg_notify('{CHANNEL}', max(version)::text || ':' || customer_id) AS notified
+FROM added GROUP BY customer_id"""
+
+# A rollover of a customer with no usage since its period began, written once (by whichever
+# replica's watcher sees the boundary pass first). $1 customer_id, $2 period_start,
+# $3 period_end, $4 figures, $5 committed_at
+ROLLOVER = f"""
+WITH h AS (
+    UPDATE usage_change_heads SET version = version + 1, period_start = $2, rolled = false
+    WHERE customer_id = $1 AND (period_start IS NULL OR period_start < $2)
+    RETURNING version
+)
+INSERT INTO usage_changes (customer_id, version, kind, committed_at, period_start, period_end,
+    figures)
+SELECT $1, version, 'rollover', $5, $2, $3, $4 FROM h
+RETURNING version, pg_notify('{CHANNEL}', version::text || ':' || $1) AS notified"""
+
+# The customer's latest version (0 before any change). $1 customer_id
+HEAD = "SELECT version, period_start FROM usage_change_heads WHERE customer_id = $1"
+
+# Changes after a version, oldest first. $1 customer_id, $2 after version, $3 limit
+SINCE = """
+SELECT version, kind, committed_at, period_start, period_end, figures FROM usage_changes
+WHERE customer_id = $1 AND version > $2 ORDER BY version LIMIT $3"""
+
+# The oldest version still kept. $1 customer_id
+OLDEST = "SELECT min(version) FROM usage_changes WHERE customer_id = $1"
+
+# Forgets changes committed before a time, a batch at a time. $1 before, $2 limit
+FORGET = """
+DELETE FROM usage_changes WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM usage_changes WHERE committed_at < $1 LIMIT $2))"""
