@@ -46,6 +46,7 @@ class Change:
     period_start: dt.datetime | None
     period_end: dt.datetime | None
     figures: Mapping[str, domain.Totals]  # meter -> the period's totals after the change
+    detail: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # a crossing's alert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,7 @@ async def append(conn: Conn, changes: Sequence[Change], now: dt.datetime) -> dic
         [c.period_end for c in ordered],
         [figures_json(c.figures) for c in ordered],
         now,
+        [dict(c.detail) for c in ordered],
     )
     return {r["customer_id"]: r["version"] for r in rows}
 
@@ -141,6 +143,7 @@ async def since(
                 r["period_start"],
                 r["period_end"],
                 figures_from_json(_json(r["figures"])),
+                _json(r["detail"]),
             ),
             r["version"],
             r["committed_at"],

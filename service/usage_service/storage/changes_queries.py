@@ -7,11 +7,11 @@ CHANNEL = "usage_changes"  # NOTIFY payload: '<version>:<customer_id>'
 # Appends changes (one or more per customer, customers sorted) and notifies each customer's last
 # version at commit. A usage change in a later period than the customer's latest is a rollover.
 # $1 customer_id[], $2 kind[], $3 period_start[], $4 period_end[], $5 figures jsonb[],
-# $6 committed_at
+# $6 committed_at, $7 detail jsonb[]
 APPEND = f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                         $5::jsonb[]) WITH ORDINALITY AS u(c, k, ps, pe, f, n)
+                         $5::jsonb[], $7::jsonb[]) WITH ORDINALITY AS u(c, k, ps, pe, f, d, n)
 ), heads AS (
     INSERT INTO usage_change_heads AS h (customer_id, version, period_start)
     SELECT c, count(*), max(ps) FROM input GROUP BY c ORDER BY c
@@ -21,7 +21,7 @@ WITH input AS (
         rolled = h.period_start IS NOT NULL AND excluded.period_start > h.period_start
     RETURNING customer_id, version, period_start, rolled
 ), numbered AS (
-    SELECT i.c, i.ps, i.pe, i.f,
+    SELECT i.c, i.ps, i.pe, i.f, i.d,
         h.version - count(*) OVER (PARTITION BY i.c)
             + row_number() OVER (PARTITION BY i.c ORDER BY i.n) AS v,
         CASE WHEN h.rolled AND i.k = 'usage' AND i.ps = h.period_start
@@ -30,8 +30,8 @@ WITH input AS (
     FROM input i JOIN heads h ON h.customer_id = i.c
 ), added AS (
     INSERT INTO usage_changes (customer_id, version, kind, committed_at, period_start,
-        period_end, figures)
-    SELECT c, v, k, $6, ps, pe, f FROM numbered
+        period_end, figures, detail)
+    SELECT c, v, k, $6, ps, pe, f, d FROM numbered
     RETURNING customer_id, version
 )
 SELECT customer_id, max(version) AS version,
@@ -57,7 +57,7 @@ HEAD = "SELECT version, period_start FROM usage_change_heads WHERE customer_id =
 
 # Changes after a version, oldest first. $1 customer_id, $2 after version, $3 limit
 SINCE = """
-SELECT version, kind, committed_at, period_start, period_end, figures FROM usage_changes
+SELECT version, kind, committed_at, period_start, period_end, figures, detail FROM usage_changes
 WHERE customer_id = $1 AND version > $2 ORDER BY version LIMIT $3"""
 
 # The oldest version still kept. $1 customer_id

@@ -18,6 +18,8 @@ CREATE TABLE usage_changes (
     period_end   timestamptz,
     -- meter -> the period's totals after the change (storage/changes.py, FIGURES)
     figures      jsonb NOT NULL,
+    -- what else the change says (a threshold crossing: its alert)
+    detail       jsonb NOT NULL DEFAULT '{}'::jsonb,
     PRIMARY KEY (customer_id, version),
     CHECK (kind IN ('usage', 'rollover', 'customer', 'drain', 'threshold'))
 );
