@@ -46,10 +46,10 @@ class Backlog:
             await conn.execute(q.LOCK_PARKED_CUSTOMERS, provider, list(event_ids))
             moved = await conn.fetch(q.REQUEUE, provider, list(event_ids))
             unbilled = [r for r in moved if r["report_state"] == "unbilled"]
-            await drain_store.adjust(
-                conn, [r for r in moved if r["report_state"] != "unbilled"], 0, -1
-            )
-            await drain_store.adjust(conn, unbilled, reported=0, failed=-1, unbilled=1)
+            billed = [r for r in moved if r["report_state"] != "unbilled"]
+            changed = await drain_store.adjust(conn, billed, reported=0, failed=-1)
+            changed += await drain_store.adjust(conn, unbilled, reported=0, failed=-1, unbilled=1)
+            await drain_store.log_drained(conn, changed)
         return len(moved)
 
     async def move_to_current_provider(
@@ -73,10 +73,11 @@ class Backlog:
                 await conn.execute(
                     q.ABANDON_REPORTS, abandoned, "abandoned: its events moved to another provider"
                 )
+            changed = []
             for was in ("pending", "failed"):
                 for now in ("pending", "unbilled"):
                     part = [r for r in moved if r["was"] == was and r["report_state"] == now]
-                    await drain_store.adjust(
+                    changed += await drain_store.adjust(
                         conn,
                         part,
                         reported=0,
@@ -84,6 +85,7 @@ class Backlog:
                         unbilled=1 if now == "unbilled" else 0,
                     )
             left = await conn.fetchval(q.COUNT_IN_OPEN_REPORTS, provider, ids)
+            await drain_store.log_drained(conn, changed)
         routes: dict[tuple[str, str], int] = {}
         for r in moved:
             key = (r["was_provider"], r["target"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from usage_service.storage.queries import CHANGED_TOTALS
+
 LANE_SEPARATOR = "\x1f"  # chr(31) in SQL
 
 _EVENT_FIELDS = """e.event_id, e.customer_id, e.meter, e.quantity, e.event_time, e.properties,
@@ -178,7 +180,8 @@ FROM (
     {_EVENTS_IN_TOTALS}
     GROUP BY 1, 2, 3
 ) a
-WHERE t.customer_id = a.customer_id AND t.meter = a.meter AND t.period_start = a.period_start"""
+WHERE t.customer_id = a.customer_id AND t.meter = a.meter AND t.period_start = a.period_start
+RETURNING {CHANGED_TOTALS}"""
 
 # Events of a customer known only by its usage (a placeholder) are not attributed yet: '?'.
 _PROVIDER = "coalesce(e.provider, '?')"

@@ -19,6 +19,7 @@ import asyncpg
 
 from usage_service import domain
 from usage_service.domain.reports import Report, ReportEvent
+from usage_service.storage import changes
 from usage_service.storage import drain_queries as q
 from usage_service.storage.rows import Conn
 
@@ -171,11 +172,14 @@ class DrainStore:
             if await conn.fetchval(q.CLOSE_REPORT, report_id, "delivered", "") is None:
                 return False
             await conn.execute(q.LOCK_REPORT_CUSTOMERS, [report_id])
+            changed = []
             if rejected:
                 ids = list(rejected)
                 parked = await conn.fetch(q.PARK_EVENTS, report_id, ids, [rejected[i] for i in ids])
-                await adjust(conn, parked, reported=0, failed=1)
-            await adjust(conn, await conn.fetch(q.MARK_REPORTED, [report_id]), reported=1, failed=0)
+                changed += await adjust(conn, parked, reported=0, failed=1)
+            reported = await conn.fetch(q.MARK_REPORTED, [report_id])
+            changed += await adjust(conn, reported, reported=1, failed=0)
+            await log_drained(conn, changed)
         return True
 
     async def delivered_all(self, report_ids: Sequence[str]) -> set[str]:
@@ -188,7 +192,7 @@ class DrainStore:
             if closed:
                 await conn.execute(q.LOCK_REPORT_CUSTOMERS, closed)
                 moved = await conn.fetch(q.MARK_REPORTED, closed)
-                await adjust(conn, moved, reported=1, failed=0)
+                await log_drained(conn, await adjust(conn, moved, reported=1, failed=0))
         return {str(r) for r in closed}
 
     async def failed(self, report_id: str, reason: str) -> bool:
@@ -198,7 +202,7 @@ class DrainStore:
                 return False
             await conn.execute(q.LOCK_REPORT_CUSTOMERS, [report_id])
             parked = await conn.fetch(q.PARK_REPORT_EVENTS, report_id, reason)
-            await adjust(conn, parked, reported=0, failed=1)
+            await log_drained(conn, await adjust(conn, parked, reported=0, failed=1))
         return True
 
 
@@ -229,9 +233,10 @@ async def _with_figures(
 
 async def adjust(
     conn: Conn, moved: Sequence[asyncpg.Record], reported: int, failed: int, unbilled: int = 0
-) -> None:
+) -> list[asyncpg.Record]:
+    """Moves events between the drain counters of their totals rows; returns the rows after."""
     if not moved:
-        return
+        return []
     args = (
         [r["customer_id"] for r in moved],
         [r["meter"] for r in moved],
@@ -239,4 +244,10 @@ async def adjust(
         [r["quantity"] for r in moved],
     )
     await conn.execute(q.LOCK_TOTALS, *args)
-    await conn.execute(q.ADJUST_TOTALS, *args, reported, failed, unbilled)
+    return await conn.fetch(q.ADJUST_TOTALS, *args, reported, failed, unbilled)
+
+
+async def log_drained(conn: Conn, rows: Sequence[asyncpg.Record]) -> None:
+    """The transaction's last statement: the totals rows whose drain counters moved, as
+    changes for WatchUsage (a row adjusted twice: its latest values)."""
+    await changes.append(conn, changes.from_totals_rows("drain", rows), dt.datetime.now(dt.UTC))

@@ -164,6 +164,11 @@ LIFETIME_SUMS = """
 SELECT l.customer_id, l.meter, l.quantity_sum FROM usage_lifetime l
 JOIN unnest($1::text[], $2::text[]) AS u(c, m) ON l.customer_id = u.c AND l.meter = u.m"""
 
+# A totals row as the change log keeps it (storage/changes.py FIGURES), after a change.
+CHANGED_TOTALS = """t.customer_id, t.meter, t.period_start, t.period_end, t.event_count,
+    t.quantity_sum, t.quantity_max, t.last_quantity, t.reported_count, t.reported_sum,
+    t.failed_count, t.failed_sum, t.unbilled_count, t.unbilled_sum"""
+
 # Adds events, folded per customer, meter and period, to the lifetime totals of their customers
 # and meters (an overflow there refuses them) and to the running totals of their periods (rows
 # without a period, of placeholders, count in the lifetime totals only). Rows come sorted by
@@ -171,7 +176,7 @@ JOIN unnest($1::text[], $2::text[]) AS u(c, m) ON l.customer_id = u.c AND l.mete
 # $1 customer_id[], $2 meter[], $3 period_start[] (NULL: no period), $4 period_end[],
 # $5 event_count[], $6 quantity_sum[], $7 quantity_max[], $8 last_quantity[],
 # $9 last_event_time[], $10 last_seq[], $11 unbilled[] (the customer has no provider)
-ADD_TOTALS = """
+ADD_TOTALS = f"""
 WITH folded AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
                          $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[],
@@ -204,7 +209,8 @@ ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET
         WHEN t.last_event_time IS NULL
             OR (excluded.last_event_time, excluded.last_seq) > (t.last_event_time, t.last_seq)
         THEN excluded.last_seq ELSE t.last_seq END,
-    last_event_time = greatest(t.last_event_time, excluded.last_event_time)"""
+    last_event_time = greatest(t.last_event_time, excluded.last_event_time)
+RETURNING {CHANGED_TOTALS}"""
 
 _TOTALS_COLUMNS = """meter, event_count, quantity_sum, quantity_max, last_quantity,
     last_event_time, last_seq, reported_count, reported_sum, failed_count, failed_sum,

@@ -14,7 +14,7 @@ import asyncpg
 from usage_service import domain
 from usage_service.domain import periods
 from usage_service.domain.errors import KeyConflict, TotalOutOfRange
-from usage_service.storage import coalesce, history, idempotency, queries
+from usage_service.storage import changes, coalesce, history, idempotency, queries
 from usage_service.storage.rows import (
     Conn,
     customer_from_row,
@@ -142,7 +142,15 @@ class Store:
         start on and rebuilding exactly the totals whose periods changed, in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
             saved = await history.confirm(conn, c, cadence, now)
-        return saved, await self.period_now(saved, now)
+            period = await self.period_now(saved, now, conn)
+            rows = await conn.fetch(queries.PERIOD_TOTALS, saved.customer_id, period.start)
+            figures = {r["meter"]: totals_from_row(r) for r in rows}
+            await changes.append(
+                conn,
+                [changes.Change(saved.customer_id, "customer", *period.bounds, figures)],
+                dt.datetime.now(dt.UTC),
+            )
+        return saved, period
 
     # --- usage ---
 
@@ -274,7 +282,10 @@ class Store:
                     if seen is None or seen[1] != e.payload_hash:
                         raise idempotency.Replan
                 answers, _ = idempotency.resolve(requests, known)
-            await self._add_totals(conn, locked, added)
+            changed = await self._add_totals(conn, locked, added)
+            await changes.append(
+                conn, changes.from_totals_rows("usage", changed), dt.datetime.now(dt.UTC)
+            )
         return answers
 
     async def _lock_customers(self, conn: Conn, events: Sequence[domain.UsageEvent]) -> _Locked:
@@ -299,12 +310,13 @@ class Store:
         conn: Conn,
         locked: _Locked,
         events: Sequence[tuple[domain.UsageEvent, int]],
-    ) -> None:
+    ) -> list[asyncpg.Record]:
         """Adds (event, seq) pairs to their customers' and meters' lifetime totals and to the
         totals of the periods containing them (`schedules`: customer_id -> confirmed periods;
-        a placeholder's events count in its lifetime totals only)."""
+        a placeholder's events count in its lifetime totals only). Returns the period totals
+        rows after the change."""
         if not events:
-            return
+            return []
         # (customer, meter, period start or None for a placeholder) -> (event, seq) pairs
         groups: dict[tuple[str, str, dt.datetime | None], list[tuple[domain.UsageEvent, int]]] = (
             defaultdict(list)
@@ -321,7 +333,7 @@ class Store:
             groups[(customer_id, e.meter, bounds[2])].append(pair)
         keys = sorted(groups, key=_group_order)
         folded = [domain.fold(groups[k]) for k in keys]
-        await conn.execute(
+        return await conn.fetch(
             queries.ADD_TOTALS,
             [c for c, _, _ in keys],
             [m for _, m, _ in keys],
