@@ -52,7 +52,7 @@ async def serve(settings: Settings) -> None:
         except TlsConfigError as exc:
             raise ConfigError(str(exc)) from None
         # Stops the server if anything below fails; after a graceful stop it returns at once.
-        stack.push_async_callback(running.server.stop, 0)
+        stack.push_async_callback(running.stop, 0)
         await stack.enter_async_context(
             reconcile_background.running(st, plans, settings.reconcile, settings.providers)
         )

@@ -52,6 +52,7 @@ class Hub:
         self._again: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
+        self.closing = asyncio.Event()  # set when the server stops: streams end
 
     @property
     def watchers(self) -> int:
@@ -65,6 +66,10 @@ class Hub:
         waiting.cancel()
         if self._listener.done():
             self._listener.result()  # raises what stopped it
+
+    def close(self) -> None:
+        """Ends every stream (they answer UNAVAILABLE, and their callers resume elsewhere)."""
+        self.closing.set()
 
     async def stop(self) -> None:
         tasks = [t for t in (self._listener, *self._reading.values()) if t is not None]
