@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
 from conftest import Service
 from helpers import details, record
 
-from usage.v1 import customer_pb2, usage_pb2
+from usage.v1 import customer_pb2, usage_pb2, usage_pb2_grpc
+from usage_service.api.server import Running, start_server
+from usage_service.domain import plans as plans_mod
+from usage_service.storage import connections, store
+from usage_service.storage import watch as watch_store
 
 WAIT = 30.0  # seconds a test waits for a message at most
 
@@ -34,6 +39,13 @@ async def take(
             if len(out) == count:
                 break
     return out
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+        await asyncio.sleep(0.01)
 
 
 def used(message: usage_pb2.WatchUsageResponse) -> dict[str, int]:
@@ -227,3 +239,118 @@ async def test_concurrent_writers_reach_the_watcher_in_commit_order(service: Ser
     figures = [used(m)["tokens"] for m in got]
     assert figures == sorted(set(figures))  # each commit adds to the one before
     call.cancel()
+
+
+@contextlib.asynccontextmanager
+async def replica(
+    dsn: str, plans: plans_mod.Plans
+) -> AsyncIterator[tuple[Running, usage_pb2_grpc.UsageServiceStub]]:
+    """Another server on the same database."""
+    st = store.Store(await connections.create_pool(dsn, 5))
+    running = await start_server(st, plans, "127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield running, usage_pb2_grpc.UsageServiceStub(channel)
+    finally:
+        await running.stop(0)
+        await st.close()
+
+
+async def test_a_change_through_one_replica_reaches_a_watcher_on_another(
+    service: Service, dsn: str, plans: plans_mod.Plans
+) -> None:
+    await service.add_customer()
+    async with replica(dsn, plans) as (_, other):
+        call = other.WatchUsage(usage_pb2.WatchUsageRequest(customer_id="cus_1"))
+        stream = call.__aiter__()
+        (snap,) = await take(stream, 1)
+        for i in range(10):  # recorded through the first server
+            await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
+        got = await take(stream, 10)
+        assert [m.version for m in got] == list(range(snap.version + 1, snap.version + 11))
+        assert used(got[-1])["tokens"] == 10
+        call.cancel()
+
+
+async def test_a_restart_ends_the_stream_and_a_resume_on_the_next_server_misses_nothing(
+    service: Service, dsn: str, plans: plans_mod.Plans
+) -> None:
+    await service.add_customer()
+    async with replica(dsn, plans) as (first, first_stub):
+        call = first_stub.WatchUsage(usage_pb2.WatchUsageRequest(customer_id="cus_1"))
+        stream = call.__aiter__()
+        (snap,) = await take(stream, 1)
+        await service.usage.RecordUsage(record(quantity=1, key="a"))
+        (seen,) = await take(stream, 1)
+        await first.stop(5)  # a deploy: the stream ends at once, and says why
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await take(stream, 1)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details(caught.value).reason == "SERVER_SHUTTING_DOWN"
+    for i in range(3):  # while no server of the watcher's is up
+        await service.usage.RecordUsage(record(quantity=1, key=f"gap{i}"))
+    async with replica(dsn, plans) as (_, second):
+        call = second.WatchUsage(
+            usage_pb2.WatchUsageRequest(customer_id="cus_1", resume_after_version=seen.version)
+        )
+        got = await take(call.__aiter__(), 3)
+        assert [m.version for m in got] == [seen.version + 1, seen.version + 2, seen.version + 3]
+        assert [used(m)["tokens"] for m in got] == [2, 3, 4]
+        call.cancel()
+    assert snap.version < seen.version
+
+
+async def test_a_caller_that_stops_reading_is_ended_and_others_are_not_slowed(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watch_store, "QUEUE", 8)
+    await service.add_customer()
+    # A plain HTTP/2 window (no growth by bandwidth probes), so that not reading fills it.
+    slow_channel = grpc.aio.insecure_channel(service.address, options=[("grpc.http2.bdp_probe", 0)])
+    stuck = usage_pb2_grpc.UsageServiceStub(slow_channel).WatchUsage(
+        usage_pb2.WatchUsageRequest(customer_id="cus_1")
+    )  # never read until the end
+    stuck_stream = stuck.__aiter__()
+    (first,) = await take(stuck_stream, 1)
+    reader = watch(service)
+    reader_stream = reader.__aiter__()
+    (snap,) = await take(reader_stream, 1)
+    count = 1500  # more than HTTP/2's window (64 KiB) and the queue hold
+    for i in range(count):
+        await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
+    got = await take(reader_stream, count)  # the reader got every change
+    assert [m.version for m in got] == list(range(snap.version + 1, snap.version + 1 + count))
+    reader.cancel()
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with asyncio.timeout(WAIT):
+            async for message in stuck_stream:
+                received.append(message.version)
+    assert details(caught.value).reason == "SLOW_CONSUMER"
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # What it got before the end has no gap: it resumes after the last one.
+    assert received == list(range(first.version + 1, first.version + 1 + len(received)))
+    assert len(received) < count
+    await slow_channel.close()
+
+
+async def test_one_caller_may_hold_only_so_many_streams(
+    service: Service, dsn: str, plans: plans_mod.Plans
+) -> None:
+    await service.add_customer()
+    async with replica(dsn, plans) as (running, stub):
+        running.interceptor.max_watches_per_caller = 2
+        request = usage_pb2.WatchUsageRequest(customer_id="cus_1")
+        calls = [stub.WatchUsage(request), stub.WatchUsage(request)]
+        for call in calls:
+            await take(call.__aiter__(), 1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await take(stub.WatchUsage(request).__aiter__(), 1)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details(caught.value).reason == "TOO_MANY_WATCHES"
+        calls[0].cancel()
+        await until(lambda: sum(running.interceptor.watches.values()) == 1)
+        third = stub.WatchUsage(request)
+        await take(third.__aiter__(), 1)
+        third.cancel()
+        calls[1].cancel()

@@ -203,7 +203,7 @@ class Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             except Exception:
                 return UNDECODABLE
 
-        async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def behaviour(request: Any, context: Context) -> None:
             authorization = None
             for key, value in context.invocation_metadata() or ():
                 if key == "authorization" and isinstance(value, str):
@@ -224,8 +224,7 @@ class Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             metrics.WATCHES.inc()
             code = "OK"
             try:
-                async for response in inner(request, context):
-                    yield response
+                await inner(request, context)
             except grpc.aio.AbortError:
                 code = _code_name(context)
                 raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -186,6 +185,5 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
 
     async def WatchUsage(
         self, request: usage_pb2.WatchUsageRequest, context: Context
-    ) -> AsyncIterator[usage_pb2.WatchUsageResponse]:
-        async for message in watch.stream(self.hub, self.plans, request, context):
-            yield message
+    ) -> None:
+        await watch.serve(self.hub, self.plans, request, context)

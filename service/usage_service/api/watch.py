@@ -57,9 +57,11 @@ class _State:
     period: periods.Period
 
 
-async def stream(
+async def serve(
     hub: watch.Hub, plans: Plans, request: usage_pb2.WatchUsageRequest, context: Context
-) -> AsyncIterator[usage_pb2.WatchUsageResponse]:
+) -> None:
+    """Writes the stream to `context`. A caller that stops reading is ended with SLOW_CONSUMER
+    once its watcher's queue is full: its messages are never buffered without bound."""
     v = Violations()
     validation.text(v, "customer_id", request.customer_id)
     for i, name in enumerate(request.meters):
@@ -71,12 +73,25 @@ async def stream(
         v.check()
         with hub.watching(request.customer_id) as watcher:
             async for message in _watch(hub, plans, request, watcher):
-                yield message
+                await _write(context, message, watcher)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
         error = to_api_error(exc, "WatchUsage")
         await context.abort_with_status(error.status())  # type: ignore[attr-defined]
+
+
+async def _write(context: Context, message: usage_pb2.WatchUsageResponse, w: watch.Watcher) -> None:
+    write = asyncio.ensure_future(context.write(message))
+    slow = asyncio.ensure_future(w.too_slow.wait())
+    try:
+        await asyncio.wait({write, slow}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        slow.cancel()
+    if not write.done():  # the caller stopped reading and its queue filled up meanwhile
+        write.cancel()
+        raise TOO_SLOW
+    write.result()
 
 
 async def _watch(
