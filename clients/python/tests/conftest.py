@@ -57,6 +57,7 @@ class Retry:
     method: str
     attempt: int
     code: str
+    reason: str = ""  # the ErrorInfo reason, when the service gave one
 
 
 class RetryLog(logging.Handler):
@@ -69,7 +70,14 @@ class RetryLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "action", None) == "retry":
-            self.retries.append(Retry(record.method, record.attempt, record.code))  # type: ignore[attr-defined]
+            self.retries.append(
+                Retry(
+                    record.method,  # type: ignore[attr-defined]
+                    record.attempt,  # type: ignore[attr-defined]
+                    record.code,  # type: ignore[attr-defined]
+                    getattr(record, "reason", ""),
+                )
+            )
             self.first.set()
 
 

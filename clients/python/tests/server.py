@@ -115,6 +115,7 @@ class Server:
         self.port = port
         self.address = f"127.0.0.1:{port}"
         self.log = log
+        self.database_env = dict(env)
         self._env = {
             **os.environ,
             **env,
@@ -130,6 +131,11 @@ class Server:
             return subprocess.Popen(
                 [executable(), "serve"], env=self._env, stdout=out, stderr=subprocess.STDOUT
             )
+
+    def replica(self, log: pathlib.Path) -> Server:
+        """Another server process on the same database, on a port of its own (not yet serving:
+        call wait_serving)."""
+        return Server(self.database_env, free_port(), log)
 
     def start(self) -> None:
         """Starts the process again (same port, same database) after `stop`."""

@@ -9,6 +9,8 @@
 
 `AsyncUsageClient` has the same methods as coroutines. Calls have a deadline and are retried on
 transient failures with the same idempotency key, so a retry never records twice.
+`watch_usage` iterates over a customer's changes (`UsageChange`), resuming by itself after a
+dropped stream without missing or repeating one.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ from usage_client._types import (
     PeriodSource,
     Provider,
     RecordResult,
+    SnapshotReason,
     SubscriptionStatus,
+    ThresholdCrossing,
+    UsageChange,
+    UsageChangeKind,
     UsageEvent,
     UsageSummary,
 )
@@ -76,10 +82,14 @@ __all__ = [
     "ResourceExhausted",
     "RetryPolicy",
     "ServerError",
+    "SnapshotReason",
     "SubscriptionStatus",
+    "ThresholdCrossing",
     "TransientError",
     "Unauthenticated",
     "Unavailable",
+    "UsageChange",
+    "UsageChangeKind",
     "UsageClient",
     "UsageError",
     "UsageEvent",

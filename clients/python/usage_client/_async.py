@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -16,7 +17,7 @@ from usage.v1 import (
     usage_pb2_grpc,
 )
 
-from usage_client import _channel, _convert
+from usage_client import _channel, _convert, _watch
 from usage_client import _errors as errors
 from usage_client import _types as records
 from usage_client._retry import RetryPolicy, log_retry
@@ -30,9 +31,10 @@ def _untyped(interceptors: Sequence[Any]) -> list[Any]:
 class AsyncUsageClient:
     """An asyncio client of usage.v1's UsageService and CustomerService.
 
-    Every call has a deadline (`timeout` seconds per attempt; the constructor's default or the
+    Every call but `watch_usage` has a deadline (`timeout` seconds per attempt; the default or the
     call's own) and is retried on UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED by `retry`, sending
     the very same request, idempotency key included. Failures raise `UsageError` subclasses.
+    `watch_usage` is a stream without a deadline that resumes by itself where it ended.
     Create it inside the event loop that uses it; close it when done, or use `async with`.
     """
 
@@ -150,6 +152,43 @@ class AsyncUsageClient:
             "GetUsageSummary", self._usage.GetUsageSummary, request, timeout
         )
         return _convert.summary(response)
+
+    async def watch_usage(
+        self,
+        customer_id: str,
+        meters: Sequence[str] = (),
+        resume_after_version: int | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> AsyncGenerator[records.UsageChange, None]:
+        """The customer's usage as it changes: a SNAPSHOT, then one `UsageChange` per committed
+        change, in order (`async for change in client.watch_usage(...)`); only `meters` when
+        given; after `resume_after_version` when given (a SNAPSHOT with reason RESUME_TOO_OLD when
+        the service no longer keeps the changes after it).
+
+        The stream has no deadline. When it ends with UNAVAILABLE (a dropped connection, a
+        server shutting down), a retryable code of `retry` (default the client's) or
+        RESOURCE_EXHAUSTED SLOW_CONSUMER, it is resumed after the last version yielded, with
+        backoff: nothing is missed or repeated. Other ends raise their `UsageError` (NotFound
+        for an unknown customer); so does a stream that cannot be resumed within `max_attempts`
+        attempts in a row. Stop by leaving the loop: the stream is cancelled when the generator is
+        closed (at once with `contextlib.aclosing`, else when it is collected).
+        """
+        watch = _watch.Watch.start(
+            customer_id, meters, resume_after_version, self._retry if retry is None else retry
+        )
+        while True:
+            call = self._usage.WatchUsage(watch.request(), metadata=self._metadata)
+            started = time.monotonic()
+            try:
+                async for message in call:
+                    yield watch.received(message)
+                return  # the server ended the stream: the watch is over
+            except grpc.RpcError as exc:
+                delay = watch.ended(exc, time.monotonic() - started)
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def upsert_customer(
         self, customer: records.Customer, *, timeout: float | None = None

@@ -162,6 +162,48 @@ def summary(response: usage_pb2.GetUsageSummaryResponse) -> types.UsageSummary:
     )
 
 
+def watch_request(
+    customer_id: str, meters: Sequence[str], resume_after_version: int | None
+) -> usage_pb2.WatchUsageRequest:
+    request = usage_pb2.WatchUsageRequest(customer_id=customer_id, meters=list(meters))
+    if resume_after_version is not None:
+        request.resume_after_version = resume_after_version
+    return request
+
+
+def _optional_datetime(stamp: timestamp_pb2.Timestamp, present: bool) -> dt.datetime | None:
+    return _datetime(stamp) if present else None
+
+
+def usage_change(message: usage_pb2.WatchUsageResponse) -> types.UsageChange:
+    threshold = None
+    if message.HasField("threshold"):
+        crossing = message.threshold
+        threshold = types.ThresholdCrossing(
+            alert_id=crossing.alert_id,
+            feature=crossing.feature,
+            threshold=crossing.threshold,
+            amount=crossing.amount,
+            used=crossing.used,
+        )
+    return types.UsageChange(
+        version=message.version,
+        kind=_enum(types.UsageChangeKind, message.kind),
+        commit_time=_optional_datetime(message.commit_time, message.HasField("commit_time")),
+        snapshot_reason=_enum(types.SnapshotReason, message.snapshot_reason),
+        plan_id=message.plan_id,
+        subscription_status=_enum(types.SubscriptionStatus, message.subscription_status),
+        period_start_time=_optional_datetime(
+            message.period_start_time, message.HasField("period_start_time")
+        ),
+        period_end_time=_optional_datetime(
+            message.period_end_time, message.HasField("period_end_time")
+        ),
+        meters=tuple(meter_usage(m) for m in message.meters),
+        threshold=threshold,
+    )
+
+
 def customer_message(customer: types.Customer) -> customer_pb2.Customer:
     message = customer_pb2.Customer(
         customer_id=customer.customer_id,

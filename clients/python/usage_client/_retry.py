@@ -66,12 +66,21 @@ class RetryPolicy:
         return ceiling * (1 - self.jitter * uniform())
 
 
-def log_retry(method: str, attempt: int, code: grpc.StatusCode, delay: float) -> None:
+def log_retry(
+    method: str, attempt: int, code: grpc.StatusCode, delay: float, reason: str = ""
+) -> None:
     log.warning(
-        "%s: attempt %d failed with %s; retrying in %.3fs",
+        "%s: attempt %d failed with %s%s; retrying in %.3fs",
         method,
         attempt,
         code.name,
+        f" [{reason}]" if reason else "",
         delay,
-        extra={"action": "retry", "method": method, "attempt": attempt, "code": code.name},
+        extra={
+            "action": "retry",
+            "method": method,
+            "attempt": attempt,
+            "code": code.name,
+            "reason": reason,
+        },
     )

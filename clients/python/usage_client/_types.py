@@ -53,6 +53,27 @@ class PeriodSource(enum.Enum):
     PROJECTED = 2
 
 
+class UsageChangeKind(enum.Enum):
+    """What a `UsageChange` carries."""
+
+    UNSPECIFIED = 0
+    SNAPSHOT = 1  # the state of every meter watched: a stream's first message, or a resume too old
+    USAGE = 2  # usage was recorded or consumed: the meters it changed
+    ROLLOVER = 3  # a new billing period began: every meter watched, from the new period's figures
+    CUSTOMER = 4  # the plan, status or period changed: every meter watched
+    DRAIN = 5  # a provider accepted (or refused) reported usage: the meters whose figures moved
+    THRESHOLD = 6  # a threshold of the plan was crossed (see `UsageChange.threshold`)
+
+
+class SnapshotReason(enum.Enum):
+    """Why a SNAPSHOT was sent (UNSPECIFIED for other kinds)."""
+
+    UNSPECIFIED = 0
+    INITIAL = 1  # the watch started without a version to resume after
+    # The changes after the version resumed from are no longer kept: start again from this state.
+    RESUME_TOO_OLD = 2
+
+
 class EntitlementReason(enum.Enum):
     UNSPECIFIED = 0
     WITHIN_LIMIT = 1  # metered feature with room left (or no limit)
@@ -152,6 +173,46 @@ class UsageSummary:
 
     def meter(self, name: str) -> MeterUsage:
         """The usage of one meter; KeyError when the summary has no such meter."""
+        for usage in self.meters:
+            if usage.meter == name:
+                return usage
+        raise KeyError(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdCrossing:
+    """A threshold of the plan reached by a customer's usage in a period."""
+
+    alert_id: str  # stable: the same in every stream and in the webhook, for de-duplication
+    feature: str
+    threshold: str  # as declared, e.g. "80% of included", "100% of limit", "1000"
+    amount: int  # the usage the threshold stands for in this period
+    used: int  # the usage that crossed it
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageChange:
+    """One message of `watch_usage`: a snapshot, or a committed change and the figures after it.
+
+    `version` increases strictly (it may skip numbers: changes to meters not watched are left
+    out); resume after the last one seen. A SNAPSHOT carries every meter watched, as do ROLLOVER
+    and CUSTOMER; USAGE and DRAIN carry the meters they changed; THRESHOLD carries `threshold`.
+    """
+
+    version: int
+    kind: UsageChangeKind
+    commit_time: dt.datetime | None  # when the change committed (a snapshot: when it was read)
+    snapshot_reason: SnapshotReason  # SNAPSHOT only; UNSPECIFIED otherwise
+    plan_id: str
+    subscription_status: SubscriptionStatus
+    # The billing period the figures belong to (a late event can change an earlier period).
+    period_start_time: dt.datetime | None
+    period_end_time: dt.datetime | None
+    meters: tuple[MeterUsage, ...]
+    threshold: ThresholdCrossing | None = None  # THRESHOLD only
+
+    def meter(self, name: str) -> MeterUsage:
+        """The figures of one meter; KeyError when this message does not carry it."""
         for usage in self.meters:
             if usage.meter == name:
                 return usage
