@@ -3,7 +3,7 @@ import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/prot
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
-import { UsageServiceError } from "./errors.js";
+import { isResumableWatchEnd, toUsageServiceError, type UsageServiceError } from "./errors.js";
 import {
   Health,
   HealthCheckRequestSchema,
@@ -21,14 +21,17 @@ import {
 import {
   EntitlementReason,
   RecordUsageRequestSchema,
+  SnapshotReason,
+  UsageChangeKind,
   UsageService,
   type CheckEntitlementResponse,
   type GetUsageSummaryResponse,
   type MeterUsage as MeterUsageMessage,
   type RecordUsageRequest,
   type RecordUsageResponse,
+  type WatchUsageResponse,
 } from "./gen/usage/v1/usage_pb.js";
-import { retryPolicy, withRetry, type RetryPolicy } from "./retry.js";
+import { backoffMs, delay, retryPolicy, withRetry, type RetryPolicy } from "./retry.js";
 
 /** Default deadline of each attempt, in milliseconds. */
 export const DEFAULT_TIMEOUT_MS = 5_000;
@@ -42,6 +45,11 @@ export type ProviderName = keyof typeof Provider;
 export type BillingIntervalName = keyof typeof BillingInterval;
 export type PeriodSourceName = keyof typeof PeriodSource;
 export type ServingStatusName = keyof typeof HealthCheckResponse_ServingStatus;
+export type UsageChangeKindName = keyof typeof UsageChangeKind;
+export type SnapshotReasonName = keyof typeof SnapshotReason;
+
+/** A watch stream open this long had connected: its end starts the count of failed attempts anew. */
+export const WATCH_STEADY_MS = 5_000;
 
 export interface UsageClientOptions {
   /** "host:port" (plaintext HTTP/2) or a URL such as "http://host:port" / "https://host". */
@@ -142,6 +150,56 @@ export interface UsageSummary {
   readonly meters: readonly MeterUsage[];
   /** Whether the period was confirmed by a webhook (CONFIRMED) or projected from the cadence. */
   readonly periodSource: PeriodSourceName;
+}
+
+/** A threshold of the plan reached by a customer's usage in a period. */
+export interface ThresholdCrossing {
+  /** Stable: the same in every stream and in the webhook, for de-duplication. */
+  readonly alertId: string;
+  readonly feature: string;
+  /** As declared, e.g. "80% of included", "100% of limit", "1000". */
+  readonly threshold: string;
+  /** The usage the threshold stands for in this period. */
+  readonly amount: bigint;
+  /** The usage that crossed it. */
+  readonly used: bigint;
+}
+
+/**
+ * One message of watchUsage: a snapshot, or a committed change and the figures after it.
+ * `version` increases strictly (it may skip numbers: changes to meters not watched are left out).
+ * SNAPSHOT, ROLLOVER and CUSTOMER carry every meter watched; USAGE and DRAIN the meters they
+ * changed; THRESHOLD carries `threshold`.
+ */
+export interface UsageChange {
+  readonly version: bigint;
+  /** SNAPSHOT, USAGE, ROLLOVER, CUSTOMER, DRAIN or THRESHOLD. */
+  readonly kind: UsageChangeKindName;
+  /** When the change committed (a snapshot: when it was read). */
+  readonly commitTime: Date | undefined;
+  /** SNAPSHOT only: INITIAL, or RESUME_TOO_OLD when the changes after the version resumed from
+   * are no longer kept; UNSPECIFIED for other kinds. */
+  readonly snapshotReason: SnapshotReasonName;
+  readonly planId: string;
+  readonly subscriptionStatus: SubscriptionStatusName;
+  /** The billing period the figures belong to (a late event can change an earlier period). */
+  readonly periodStartTime: Date | undefined;
+  readonly periodEndTime: Date | undefined;
+  readonly meters: readonly MeterUsage[];
+  /** THRESHOLD only. */
+  readonly threshold: ThresholdCrossing | undefined;
+}
+
+export interface WatchUsageInput {
+  readonly customerId: string;
+  /** Only these meters; default all of them. */
+  readonly meters?: readonly string[];
+  /** Start after this version (the last one you saw) instead of with a snapshot. */
+  readonly resumeAfterVersion?: bigint | number;
+  /** Stops the watch: the iteration ends, without an error. */
+  readonly signal?: AbortSignal;
+  /** How a stream that ended is resumed (default: the client's retry policy). */
+  readonly retry?: Partial<RetryPolicy>;
 }
 
 export interface Customer {
@@ -265,6 +323,31 @@ export function usageSummary(response: GetUsageSummaryResponse): UsageSummary {
   };
 }
 
+export function usageChange(message: WatchUsageResponse): UsageChange {
+  const threshold = message.threshold;
+  return {
+    version: message.version,
+    kind: enumName<UsageChangeKindName>(UsageChangeKind, message.kind),
+    commitTime: toDate(message.commitTime),
+    snapshotReason: enumName<SnapshotReasonName>(SnapshotReason, message.snapshotReason),
+    planId: message.planId,
+    subscriptionStatus: enumName<SubscriptionStatusName>(SubscriptionStatus, message.subscriptionStatus),
+    periodStartTime: toDate(message.periodStartTime),
+    periodEndTime: toDate(message.periodEndTime),
+    meters: message.meters.map(meterUsage),
+    threshold:
+      threshold === undefined
+        ? undefined
+        : {
+            alertId: threshold.alertId,
+            feature: threshold.feature,
+            threshold: threshold.threshold,
+            amount: threshold.amount,
+            used: threshold.used,
+          },
+  };
+}
+
 export function customerMessage(input: CustomerInput): CustomerMessage {
   return create(CustomerSchema, {
     customerId: input.customerId,
@@ -320,6 +403,8 @@ export class UsageClient {
   private readonly retry: RetryPolicy;
   private readonly headers: Readonly<Record<string, string>>;
   private readonly onRetry: UsageClientOptions["onRetry"];
+  /** Aborted by close(), which ends the watches under way. */
+  private closing = new AbortController();
 
   constructor(options: UsageClientOptions) {
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
@@ -340,8 +425,10 @@ export class UsageClient {
     this.health = createClient(Health, transport);
   }
 
-  /** Closes the connection; calls made afterwards open a new one. */
+  /** Closes the connection and ends every watchUsage iteration; calls made afterwards open a new one. */
   close(): void {
+    this.closing.abort();
+    this.closing = new AbortController();
     this.sessionManager?.abort();
   }
 
@@ -396,6 +483,69 @@ export class UsageClient {
   ): Promise<UsageSummary> {
     const request = { customerId, meter: filter.meter ?? "" };
     return usageSummary(await this.call(options, (o) => this.usage.getUsageSummary(request, o)));
+  }
+
+  /**
+   * The customer's usage as it changes: a SNAPSHOT, then one UsageChange per committed change, in
+   * order (`for await (const change of client.watchUsage({ customerId }))`).
+   *
+   * The stream has no deadline. When it ends in a way that says nothing about the watch (see
+   * isResumableWatchEnd: UNAVAILABLE, e.g. a server shutting down; a dropped connection; a caller
+   * that read too slowly, RESOURCE_EXHAUSTED SLOW_CONSUMER), it is resumed after the last version
+   * yielded, with backoff (onRetry is told): nothing is missed or repeated. Other ends throw their
+   * UsageServiceError (NOT_FOUND for an unknown customer), and so does a stream that cannot be
+   * resumed within `retry.maxAttempts` attempts in a row. Aborting `signal`, close(), or leaving
+   * the loop cancels the stream and ends the iteration without an error.
+   */
+  async *watchUsage(input: WatchUsageInput): AsyncGenerator<UsageChange, void, undefined> {
+    const policy = input.retry === undefined ? this.retry : retryPolicy(input.retry, this.retry);
+    const meters = [...(input.meters ?? [])];
+    let last = input.resumeAfterVersion === undefined ? undefined : BigInt(input.resumeAfterVersion);
+    let failures = 0; // attempts in a row that ended without a sign the stream worked
+    // Aborted by the caller's signal or close(), and when the iteration ends: cancels the stream.
+    const stop = new AbortController();
+    const sources = [input.signal, this.closing.signal];
+    const onStop = () => stop.abort();
+    for (const source of sources) {
+      if (source?.aborted) stop.abort();
+      source?.addEventListener("abort", onStop, { once: true });
+    }
+    try {
+      while (!stop.signal.aborted) {
+        const started = performance.now();
+        let waitMs: number;
+        try {
+          const request = { customerId: input.customerId, meters, resumeAfterVersion: last };
+          const options = { signal: stop.signal, headers: { ...this.headers } };
+          for await (const message of this.usage.watchUsage(request, options)) {
+            const change = usageChange(message);
+            last = change.version;
+            failures = 0;
+            yield change;
+          }
+          return; // the server ended the stream: the watch is over
+        } catch (thrown) {
+          if (stop.signal.aborted) {
+            return;
+          }
+          failures = performance.now() - started >= WATCH_STEADY_MS ? 1 : failures + 1;
+          const error = toUsageServiceError(thrown, failures);
+          if (failures >= policy.maxAttempts || !isResumableWatchEnd(error)) {
+            throw error;
+          }
+          waitMs = backoffMs(policy, failures);
+          this.onRetry?.(error, failures, waitMs);
+        }
+        try {
+          await delay(waitMs, stop.signal);
+        } catch {
+          return; // stopped while waiting
+        }
+      }
+    } finally {
+      for (const source of sources) source?.removeEventListener("abort", onStop);
+      stop.abort();
+    }
   }
 
   /** Creates or replaces a customer (plan, subscription status, billing period and cadence, provider). */

@@ -124,6 +124,21 @@ export function isRetryableCode(code: Code): boolean {
   return code === Code.Unavailable || code === Code.DeadlineExceeded || code === Code.Aborted;
 }
 
+/**
+ * Whether a WatchUsage stream that ended with `error` is resumed (after the last version seen):
+ * the retryable codes; RESOURCE_EXHAUSTED with reason SLOW_CONSUMER (the caller fell behind; its
+ * other reasons, such as TOO_MANY_WATCHES, are not resumed); and CANCELLED, which the service never
+ * answers but the HTTP/2 transport reports when the connection under a stream closes (watchUsage
+ * checks first that the caller did not cancel it).
+ */
+export function isResumableWatchEnd(error: UsageServiceError): boolean {
+  return (
+    isRetryableCode(error.code) ||
+    error.code === Code.Canceled ||
+    (error.code === Code.ResourceExhausted && error.reason === "SLOW_CONSUMER")
+  );
+}
+
 /** Maps anything a call threw to a UsageServiceError; the one place that reads ConnectError. */
 export function toUsageServiceError(error: unknown, attempts: number): UsageServiceError {
   if (error instanceof UsageServiceError) {

@@ -8,6 +8,7 @@
 export {
   DEFAULT_TIMEOUT_MS,
   UsageClient,
+  WATCH_STEADY_MS,
   type BillingIntervalName,
   type CallOptions,
   type CheckEntitlementInput,
@@ -22,12 +23,18 @@ export {
   type RecordUsageInput,
   type RecordUsageResult,
   type ServingStatusName,
+  type SnapshotReasonName,
   type SubscriptionStatusName,
+  type ThresholdCrossing,
+  type UsageChange,
+  type UsageChangeKindName,
   type UsageClientOptions,
   type UsageSummary,
+  type WatchUsageInput,
 } from "./client.js";
 export {
   UsageServiceError,
+  isResumableWatchEnd,
   isRetryableCode,
   type FieldViolation,
   type GrpcCodeName,

@@ -42,7 +42,8 @@ export function backoffMs(policy: RetryPolicy, retry: number, random: () => numb
   return ceiling * (1 - policy.jitter * random());
 }
 
-function delay(ms: number, signal: AbortSignal | undefined): Promise<void> {
+/** Resolves after `ms`; rejects with the signal's reason when it is aborted first. */
+export function delay(ms: number, signal: AbortSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
     if (signal?.aborted) {
       reject(signal.reason);
