@@ -3,6 +3,7 @@ which ends are resumed, from which version, how often, and what is raised."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import threading
@@ -21,6 +22,7 @@ from usage_client._errors import STATUS_DETAILS_KEY
 
 QUICK = usage_client.RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.01)
 OK = None  # an attempt that ends the stream with OK
+WAIT = 30.0  # seconds a test waits at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Attempt:
     versions: Sequence[int]
     code: grpc.StatusCode | None
     reason: str = ""
+    hold: bool = False  # keep the stream open after the versions, until the client ends it
 
 
 class Scripted(usage_pb2_grpc.UsageServiceServicer):  # type: ignore[misc]
@@ -56,6 +59,11 @@ class Scripted(usage_pb2_grpc.UsageServiceServicer):  # type: ignore[misc]
                 kind=usage_pb2.USAGE_CHANGE_KIND_USAGE,
                 meters=[usage_pb2.MeterUsage(meter="tokens", used=version * 10)],
             )
+        if attempt.hold:
+            ended = threading.Event()
+            context.add_callback(ended.set)
+            ended.wait(WAIT)
+            return
         if attempt.code is not None:
             info = any_pb2.Any()
             info.Pack(error_details_pb2.ErrorInfo(reason=attempt.reason, domain="usage.v1"))
@@ -215,3 +223,30 @@ def test_a_stream_that_stayed_open_starts_the_count_anew() -> None:
 def test_meters_must_be_names_not_one_string() -> None:
     with pytest.raises(TypeError):
         _watch.Watch.start("cus_1", "tokens", None, QUICK)
+
+
+async def test_closing_the_async_client_ends_the_iteration(fake: tuple[Scripted, str]) -> None:
+    servicer, address = fake
+    servicer.script = [Attempt((1,), OK, hold=True)]
+    c = usage_client.AsyncUsageClient(address, retry=QUICK)
+    watch = c.watch_usage("cus_1")
+    assert (await anext(watch)).version == 1
+    pending = asyncio.ensure_future(anext(watch))
+    await c.close()
+    async with asyncio.timeout(WAIT):
+        with pytest.raises(StopAsyncIteration):
+            await pending
+    assert len(servicer.requests) == 1
+
+
+def test_closing_the_blocking_client_ends_the_iteration(fake: tuple[Scripted, str]) -> None:
+    servicer, address = fake
+    servicer.script = [Attempt((1,), OK, hold=True)]
+    c = usage_client.UsageClient(address, retry=QUICK)
+    watch = c.watch_usage("cus_1")
+    assert next(watch).version == 1
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        rest = pool.submit(list, watch)
+        c.close()
+        assert rest.result(WAIT) == []
+    assert len(servicer.requests) == 1

@@ -23,6 +23,12 @@ from usage_client import _types as records
 from usage_client._retry import RetryPolicy, log_retry
 
 
+def _cancelling() -> bool:
+    """Whether the current task is being cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _untyped(interceptors: Sequence[Any]) -> list[Any]:
     """grpc-stubs leaves aio channels' interceptor type open; the channel takes a list."""
     return list(interceptors)
@@ -65,8 +71,11 @@ class AsyncUsageClient:
             )
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
         self._customers = customer_pb2_grpc.CustomerServiceStub(self._channel)
+        self._closed = False
 
     async def close(self, grace: float | None = None) -> None:
+        """Closes the channel; watches under way end (their iteration stops)."""
+        self._closed = True
         await self._channel.close(grace)
 
     async def __aenter__(self) -> AsyncUsageClient:
@@ -171,20 +180,27 @@ class AsyncUsageClient:
         RESOURCE_EXHAUSTED SLOW_CONSUMER, it is resumed after the last version yielded, with
         backoff: nothing is missed or repeated. Other ends raise their `UsageError` (NotFound
         for an unknown customer); so does a stream that cannot be resumed within `max_attempts`
-        attempts in a row. Stop by leaving the loop: the stream is cancelled when the generator is
-        closed (at once with `contextlib.aclosing`, else when it is collected).
+        attempts in a row. Closing the client ends the iteration. Or leave the loop: the stream is
+        cancelled when the generator is closed (at once with `contextlib.aclosing`, else when it
+        is collected).
         """
         watch = _watch.Watch.start(
             customer_id, meters, resume_after_version, self._retry if retry is None else retry
         )
-        while True:
+        while not self._closed:
             call = self._usage.WatchUsage(watch.request(), metadata=self._metadata)
             started = time.monotonic()
             try:
                 async for message in call:
                     yield watch.received(message)
                 return  # the server ended the stream: the watch is over
+            except asyncio.CancelledError:
+                if self._closed and not _cancelling():
+                    return  # the channel was closed under the stream, not the task cancelled
+                raise
             except grpc.RpcError as exc:
+                if self._closed:
+                    return
                 delay = watch.ended(exc, time.monotonic() - started)
             finally:
                 call.cancel()

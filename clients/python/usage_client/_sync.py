@@ -56,8 +56,11 @@ class UsageClient:
         channel = grpc.intercept_channel(self._channel, *interceptors)
         self._usage = usage_pb2_grpc.UsageServiceStub(channel)
         self._customers = customer_pb2_grpc.CustomerServiceStub(channel)
+        self._closed = False
 
     def close(self) -> None:
+        """Closes the channel; watches under way end (their iteration stops)."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> UsageClient:
@@ -164,12 +167,12 @@ class UsageClient:
         backoff: nothing is missed or repeated. Other ends raise their `UsageError` (NotFound
         for an unknown customer); so does a stream that cannot be resumed within `max_attempts`
         attempts in a row. Stop by leaving the loop (or `close()` the generator): the stream is
-        cancelled.
+        cancelled. Closing the client, from another thread, ends the iteration too.
         """
         watch = _watch.Watch.start(
             customer_id, meters, resume_after_version, self._retry if retry is None else retry
         )
-        while True:
+        while not self._closed:
             call = self._usage.WatchUsage(watch.request(), metadata=self._metadata)
             started = time.monotonic()
             try:
@@ -177,6 +180,8 @@ class UsageClient:
                     yield watch.received(message)
                 return  # the server ended the stream: the watch is over
             except grpc.RpcError as exc:
+                if self._closed:
+                    return  # the channel was closed under the stream
                 delay = watch.ended(exc, time.monotonic() - started)
             finally:
                 call.cancel()
