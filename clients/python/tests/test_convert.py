@@ -1,4 +1,5 @@
-"""Records <-> usage.v1 messages for the billing cadence, period source and unbilled fields."""
+"""Records <-> usage.v1 messages for the billing cadence, period source and unbilled fields, and
+the messages of WatchUsage."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import datetime as dt
 import pytest
 from usage.v1 import customer_pb2, usage_pb2
 
-from usage_client import BillingInterval, Customer, PeriodSource, SubscriptionStatus, _convert
+from usage_client import (
+    BillingInterval,
+    Customer,
+    PeriodSource,
+    SnapshotReason,
+    SubscriptionStatus,
+    ThresholdCrossing,
+    UsageChangeKind,
+    _convert,
+)
 
 START = dt.datetime(2026, 1, 31, 9, 0, tzinfo=dt.UTC)
 END = dt.datetime(2026, 2, 28, 9, 0, tzinfo=dt.UTC)
@@ -94,3 +104,55 @@ def test_summary_carries_the_period_source_and_unbilled_usage() -> None:
     assert result.period_source is PeriodSource.PROJECTED
     assert result.meter("tokens").unbilled == 120
     assert result.meter("tokens").pending == 0
+
+
+def test_a_watch_message_reads_as_a_usage_change() -> None:
+    message = usage_pb2.WatchUsageResponse(
+        version=42,
+        kind=usage_pb2.USAGE_CHANGE_KIND_THRESHOLD,
+        plan_id="starter",
+        subscription_status=customer_pb2.SUBSCRIPTION_STATUS_PAST_DUE,
+        meters=[usage_pb2.MeterUsage(meter="tokens", used=800, included=1000, limit=5000)],
+        threshold=usage_pb2.ThresholdCrossing(
+            alert_id="al_1", feature="tokens", threshold="80% of included", amount=800, used=801
+        ),
+    )
+    message.commit_time.FromDatetime(START)
+    message.period_start_time.FromDatetime(START)
+    message.period_end_time.FromDatetime(END)
+    change = _convert.usage_change(message)
+    assert (change.version, change.kind, change.snapshot_reason) == (
+        42,
+        UsageChangeKind.THRESHOLD,
+        SnapshotReason.UNSPECIFIED,
+    )
+    assert (change.commit_time, change.period_start_time, change.period_end_time) == (
+        START,
+        START,
+        END,
+    )
+    assert (change.plan_id, change.subscription_status) == ("starter", SubscriptionStatus.PAST_DUE)
+    assert (change.meter("tokens").used, change.meter("tokens").limit) == (800, 5000)
+    assert change.meter("tokens").remaining is None  # not sent: unlimited
+    assert change.threshold == ThresholdCrossing("al_1", "tokens", "80% of included", 800, 801)
+    with pytest.raises(KeyError):
+        change.meter("calls")
+
+
+def test_a_bare_snapshot_and_unknown_values() -> None:
+    message = usage_pb2.WatchUsageResponse(
+        version=1, snapshot_reason=usage_pb2.SNAPSHOT_REASON_RESUME_TOO_OLD
+    )
+    message.kind = 99  # type: ignore[assignment]  # a kind added after this client was built
+    change = _convert.usage_change(message)
+    assert change.kind is UsageChangeKind.UNSPECIFIED
+    assert change.snapshot_reason is SnapshotReason.RESUME_TOO_OLD
+    assert (change.commit_time, change.period_start_time, change.threshold) == (None, None, None)
+    assert change.meters == ()
+
+
+def test_a_watch_request_resumes_only_when_told() -> None:
+    fresh = _convert.watch_request("cus_1", ["tokens"], None)
+    assert not fresh.HasField("resume_after_version") and list(fresh.meters) == ["tokens"]
+    resumed = _convert.watch_request("cus_1", (), 0)
+    assert resumed.HasField("resume_after_version") and resumed.resume_after_version == 0

@@ -23,6 +23,8 @@ import usage_client
         (usage_client.BillingInterval, customer_pb2.BillingInterval, "BILLING_INTERVAL_"),
         (usage_client.PeriodSource, customer_pb2.PeriodSource, "PERIOD_SOURCE_"),
         (usage_client.EntitlementReason, usage_pb2.EntitlementReason, "ENTITLEMENT_REASON_"),
+        (usage_client.UsageChangeKind, usage_pb2.UsageChangeKind, "USAGE_CHANGE_KIND_"),
+        (usage_client.SnapshotReason, usage_pb2.SnapshotReason, "SNAPSHOT_REASON_"),
     ],
 )
 def test_python_enums_match_the_contract(
@@ -40,6 +42,8 @@ def test_records_cover_every_response_field() -> None:
         usage_client.MeterUsage: usage_pb2.MeterUsage,
         usage_client.UsageSummary: usage_pb2.GetUsageSummaryResponse,
         usage_client.Customer: customer_pb2.Customer,
+        usage_client.UsageChange: usage_pb2.WatchUsageResponse,
+        usage_client.ThresholdCrossing: usage_pb2.ThresholdCrossing,
     }
     for record, message in expected.items():
         fields = {f.name for f in message.DESCRIPTOR.fields}

@@ -3,10 +3,14 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createRouterTransport } from "@connectrpc/connect";
 
+import { usageChange } from "../src/client.js";
 import { ErrorInfoSchema } from "../src/gen/google/rpc/error_details_pb.js";
+import { SubscriptionStatus } from "../src/gen/usage/v1/customer_pb.js";
 import {
+  SnapshotReason,
   UsageChangeKind,
   UsageService,
   WatchUsageResponseSchema,
@@ -272,5 +276,64 @@ describe("watchUsage stops", () => {
     const changes = await collect(f.client.watchUsage({ customerId: "cus_1", signal: AbortSignal.abort() }));
     assert.deepEqual(changes, []);
     assert.equal(f.requests.length, 0);
+  });
+});
+
+describe("usageChange", () => {
+  test("reads every field of a message", () => {
+    const start = new Date("2026-01-31T09:00:00Z");
+    const end = new Date("2026-02-28T09:00:00Z");
+    const change = usageChange(
+      create(WatchUsageResponseSchema, {
+        version: 42n,
+        kind: UsageChangeKind.THRESHOLD,
+        commitTime: timestampFromDate(start),
+        planId: "starter",
+        subscriptionStatus: SubscriptionStatus.PAST_DUE,
+        periodStartTime: timestampFromDate(start),
+        periodEndTime: timestampFromDate(end),
+        meters: [{ meter: "llm_tokens", used: 800n, included: 1000n, limit: 5000n }],
+        threshold: {
+          alertId: "al_1",
+          feature: "llm_tokens",
+          threshold: "80% of included",
+          amount: 800n,
+          used: 801n,
+        },
+      }),
+    );
+    assert.equal(change.version, 42n);
+    assert.equal(change.kind, "THRESHOLD");
+    assert.equal(change.snapshotReason, "UNSPECIFIED");
+    assert.deepEqual([change.commitTime, change.periodStartTime, change.periodEndTime], [start, start, end]);
+    assert.equal(change.planId, "starter");
+    assert.equal(change.subscriptionStatus, "PAST_DUE");
+    assert.deepEqual(
+      change.meters.map((m) => [m.meter, m.used, m.limit, m.remaining]),
+      [["llm_tokens", 800n, 5000n, undefined]],
+    );
+    assert.deepEqual(change.threshold, {
+      alertId: "al_1",
+      feature: "llm_tokens",
+      threshold: "80% of included",
+      amount: 800n,
+      used: 801n,
+    });
+  });
+
+  test("a bare snapshot, and values this client does not know, read as UNSPECIFIED", () => {
+    const change = usageChange(
+      create(WatchUsageResponseSchema, {
+        version: 1n,
+        kind: 99 as UsageChangeKind,
+        snapshotReason: SnapshotReason.RESUME_TOO_OLD,
+      }),
+    );
+    assert.equal(change.kind, "UNSPECIFIED");
+    assert.equal(change.snapshotReason, "RESUME_TOO_OLD");
+    assert.equal(change.commitTime, undefined);
+    assert.equal(change.periodStartTime, undefined);
+    assert.equal(change.threshold, undefined);
+    assert.deepEqual(change.meters, []);
   });
 });
