@@ -316,9 +316,10 @@ async def test_a_caller_that_stops_reading_is_ended_and_others_are_not_slowed(
     reader_stream = reader.__aiter__()
     (snap,) = await take(reader_stream, 1)
     count = 1500  # more than HTTP/2's window (64 KiB) and the queue hold
+    reading = asyncio.create_task(take(reader_stream, count))  # reads as they come
     for i in range(count):
         await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
-    got = await take(reader_stream, count)  # the reader got every change
+    got = await reading  # the reader got every change
     assert [m.version for m in got] == list(range(snap.version + 1, snap.version + 1 + count))
     reader.cancel()
     received = []

@@ -51,21 +51,16 @@ class Hub:
         self._reading: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
         self.closing = asyncio.Event()  # set when the server stops: streams end
 
     @property
     def watchers(self) -> int:
         return sum(len(ws) for ws in self._watchers.values())
 
-    async def start(self) -> None:
-        """Listens for changes; returns once the first LISTEN is in place."""
+    def start(self) -> None:
+        """Listens for changes from now on, in the background: a database that is away is
+        retried, and whatever committed meanwhile is read when the LISTEN is in place."""
         self._listener = asyncio.create_task(self._listen(), name="watch-listen")
-        waiting = asyncio.create_task(self._listening.wait())
-        await asyncio.wait({waiting, self._listener}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        if self._listener.done():
-            self._listener.result()  # raises what stopped it
 
     def close(self) -> None:
         """Ends every stream (they answer UNAVAILABLE, and their callers resume elsewhere)."""
@@ -147,7 +142,6 @@ class Hub:
                     conn.add_termination_listener(functools.partial(_set, lost))
                     await conn.add_listener(q.CHANNEL, self._notified)
                     try:
-                        self._listening.set()
                         for customer_id in list(self._watchers):  # missed while away
                             self.wake(customer_id)
                         await lost.wait()
@@ -156,10 +150,8 @@ class Hub:
                             await conn.remove_listener(q.CHANNEL, self._notified)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                if not self._listening.is_set():
-                    raise
-                log.warning("listening for changes failed; again soon", exc_info=True)
+            except Exception as exc:
+                log.warning("listening for changes failed (%r); again soon", exc)
             await asyncio.sleep(RELISTEN_DELAY)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
