@@ -4,8 +4,8 @@ A NOTIFY only says that a customer's log grew; what a watcher receives is always
 log itself, every change after the last one it was given, in version order. So a notification
 that arrives early, late, twice or never (the listening connection dropped: every watched
 customer is read again when it is back) can neither reorder nor lose a change. Each watcher has
-a bounded queue: one that falls behind by more than its queue holds is ended, never buffered
-without bound, and never slows the others.
+a bounded queue: one whose queue is full is left behind (the log holds its changes, not memory)
+and catches up when it has room again, so it never slows the others.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from usage_service.storage import changes, queries, rows
 from usage_service.storage import changes_queries as q
 
 log = logging.getLogger(__name__)
-QUEUE = 256  # changes a watcher may have waiting; one more and it is ended as too slow
+QUEUE = 256  # changes a watcher may have waiting; more wait in the log until it has room
 READ_BATCH = 200  # changes read from the log per query
 RELISTEN_DELAY = 1.0  # seconds between attempts to listen again after the connection dropped
 
@@ -41,7 +41,14 @@ class Watcher:
     queue: asyncio.Queue[changes.Logged] = dataclasses.field(
         default_factory=lambda: asyncio.Queue(QUEUE)
     )
-    too_slow: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    behind: bool = False  # its queue filled up: more changes wait in the log
+
+    def taken(self, hub: Hub) -> None:
+        """Call after taking from the queue: an emptied queue of a watcher left behind is
+        filled again from the log."""
+        if self.behind and self.queue.empty():
+            self.behind = False
+            hub.wake(self.customer_id)
 
 
 class Hub:
@@ -115,7 +122,7 @@ class Hub:
             ready = [
                 w
                 for w in self._watchers.get(customer_id, ())
-                if w.after is not None and not w.too_slow.is_set()
+                if w.after is not None and not w.behind
             ]
             if not ready:
                 return
@@ -125,11 +132,10 @@ class Hub:
                 for logged in rows:
                     if w.after is None or logged.version <= w.after:
                         continue
-                    try:
-                        w.queue.put_nowait(logged)
-                    except asyncio.QueueFull:
-                        w.too_slow.set()
+                    if w.queue.full():
+                        w.behind = True
                         break
+                    w.queue.put_nowait(logged)
                     w.after = logged.version
             if len(rows) < READ_BATCH:
                 return
