@@ -449,19 +449,6 @@ async def test_stop_lets_the_current_cycle_finish(
     assert (row["state"], row["attempts"], row["lease_until"]) == ("open", 1, None)
 
 
-def test_claim_uses_its_index(dsn: str) -> None:
-    async def plan() -> str:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute("SET enable_seqscan = off")
-            rows = await conn.fetch("EXPLAIN " + drain_store.CLAIM_EVENTS, "stripe", 10)
-        finally:
-            await conn.close()
-        return "\n".join(r[0] for r in rows)
-
-    assert "usage_events_unclaimed" in asyncio.run(plan())
-
-
 def claimed(
     customer_id: str, meter: str, quantity: int, period: dt.datetime | None, **totals: int
 ) -> drain_store.Claimed:
