@@ -23,6 +23,8 @@ from usage_service.providers.config import DEFAULT_LEMONSQUEEZY_SETTLE, Endpoint
 from usage_service.providers.lemon_squeezy import CLOSED_PERIOD, HOLD, LemonSqueezy
 from usage_service.providers.outcome import Outcome
 
+pytestmark = pytest.mark.slow  # over HTTP against the fake providers, timeouts included
+
 LEMON = domain.Provider.LEMON_SQUEEZY
 TIMEOUT = 0.2  # seconds
 SETTLE = 0.2  # seconds
