@@ -289,7 +289,7 @@ async def test_the_attribution_migration_decides_existing_events(dsn: str) -> No
             )
     finally:
         await conn.close()
-    assert await migrate.migrate_dsn(dsn) == ["0004_attribution"]
+    assert (await migrate.migrate_dsn(dsn))[:1] == ["0004_attribution"]  # and any later
     conn = await asyncpg.connect(dsn)
     try:
         events = await conn.fetch(
