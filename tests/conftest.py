@@ -99,6 +99,8 @@ def server_dsn() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def template_db(server_dsn: str) -> Iterator[str]:
+    """A migrated database that test databases are copied from. Under pytest-xdist every worker
+    is a session of its own and builds its own, under a name of its own: nothing is shared."""
     name = f"usage_tpl_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
     asyncio.run(migrate.migrate_dsn(with_database(server_dsn, name)))
