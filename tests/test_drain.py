@@ -30,7 +30,7 @@ from usage_service.providers import polar as polar_wire
 from usage_service.providers.config import ProviderSettings
 from usage_service.providers.outcome import Reporting
 from usage_service.providers.stripe_meters import TOO_OLD, StripeMeters
-from usage_service.storage import backlog, drain_queries, drain_store
+from usage_service.storage import backlog, drain_store
 
 FAST = DrainSettings(
     interval=0.05, lease=10, claim=1000, backoff_base=0.02, backoff_cap=0.2, concurrency=8
@@ -453,19 +453,6 @@ async def test_stop_lets_the_current_cycle_finish(
     await asyncio.wait_for(task, 10)
     row = await service.db.fetchrow("SELECT state, attempts, lease_until FROM reports")
     assert (row["state"], row["attempts"], row["lease_until"]) == ("open", 1, None)
-
-
-def test_claim_uses_its_index(dsn: str) -> None:
-    async def plan() -> str:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute("SET enable_seqscan = off")
-            rows = await conn.fetch("EXPLAIN " + drain_queries.CLAIM_EVENTS, "stripe", 10)
-        finally:
-            await conn.close()
-        return "\n".join(r[0] for r in rows)
-
-    assert "usage_events_unclaimed" in asyncio.run(plan())
 
 
 def claimed(
