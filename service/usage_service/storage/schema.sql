@@ -82,6 +82,28 @@ CREATE TABLE schema_migrations (
     CONSTRAINT schema_migrations_pkey PRIMARY KEY (version)
 );
 
+CREATE TABLE usage_change_heads (
+    customer_id text NOT NULL,
+    version bigint NOT NULL,
+    period_start timestamp with time zone,
+    rolled boolean NOT NULL DEFAULT false,
+    CONSTRAINT usage_change_heads_pkey PRIMARY KEY (customer_id)
+);
+
+CREATE TABLE usage_changes (
+    customer_id text NOT NULL,
+    version bigint NOT NULL,
+    kind text NOT NULL,
+    committed_at timestamp with time zone NOT NULL,
+    period_start timestamp with time zone,
+    period_end timestamp with time zone,
+    figures jsonb NOT NULL,
+    detail jsonb NOT NULL DEFAULT '{}'::jsonb,
+    CONSTRAINT usage_changes_kind_check CHECK ((kind = ANY (ARRAY['usage'::text, 'rollover'::text, 'customer'::text, 'drain'::text, 'threshold'::text]))),
+    CONSTRAINT usage_changes_pkey PRIMARY KEY (customer_id, version)
+);
+CREATE INDEX usage_changes_age ON public.usage_changes USING btree (committed_at);
+
 CREATE TABLE usage_events (
     event_id uuid NOT NULL,
     customer_id text NOT NULL,
