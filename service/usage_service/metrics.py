@@ -29,6 +29,7 @@ RPC_DURATION = prom.Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 RPC_IN_FLIGHT = prom.Gauge("usage_rpc_in_flight", "gRPC calls being served now")
+WATCHES = prom.Gauge("usage_watch_streams", "WatchUsage streams open now")
 EVENTS_RECORDED = prom.Counter(
     "usage_events_recorded", "usage events newly stored (duplicates excluded), by method", ["rpc"]
 )

@@ -60,6 +60,18 @@ REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
         "too many health and reflection streams open; retry later",
     ),
     "UNKNOWN_METHOD": (grpc.StatusCode.UNIMPLEMENTED, "no such method on this server"),
+    "TOO_MANY_WATCHES": (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "this caller (or the server) has too many WatchUsage streams open; close one first",
+    ),
+    "SERVER_SHUTTING_DOWN": (
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down; resume the stream (WatchUsage) on another replica",
+    ),
+    "SLOW_CONSUMER": (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "a WatchUsage stream fell too far behind; resume with resume_after_version",
+    ),
     "INTERNAL_ERROR": (grpc.StatusCode.INTERNAL, "an unexpected error; it has been logged"),
 }
 

@@ -33,6 +33,8 @@ Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler
 # Health Watch and reflection streams open at once, from every caller together; more are
 # refused. They need no token, so without this cap they could use up the server's RPC limit.
 MAX_OPEN_STREAMS = 32
+MAX_WATCHES = 2000  # WatchUsage streams open at once on one server, from every caller together
+MAX_WATCHES_PER_CALLER = 500  # ... from one caller (its token's client, or its address)
 
 
 class _Undecodable:
@@ -55,6 +57,9 @@ _TOO_MANY_STREAMS = _status(
     "TOO_MANY_STREAMS", "too many health and reflection streams open; retry with backoff"
 )
 _UNKNOWN_METHOD = _status("UNKNOWN_METHOD", "no such method on this server")
+_TOO_MANY_WATCHES = _status(
+    "TOO_MANY_WATCHES", "too many WatchUsage streams open; close one or retry with backoff"
+)
 
 
 def _observe_record(response: Any) -> None:
@@ -90,13 +95,21 @@ _OBSERVERS: dict[str, Callable[[Any], None]] = {
 
 class Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(
-        self, tokens: auth.Tokens, max_in_flight: int, max_open_streams: int = MAX_OPEN_STREAMS
+        self,
+        tokens: auth.Tokens,
+        max_in_flight: int,
+        max_open_streams: int = MAX_OPEN_STREAMS,
+        max_watches: int = MAX_WATCHES,
+        max_watches_per_caller: int = MAX_WATCHES_PER_CALLER,
     ) -> None:
         self.tokens = tokens
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.max_open_streams = max_open_streams
         self.open_streams = 0
+        self.max_watches = max_watches
+        self.max_watches_per_caller = max_watches_per_caller
+        self.watches: dict[str, int] = {}  # caller -> its open usage.v1 streams
         self.handlers: dict[str, Handler] = {}  # by method path: registered methods only
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
@@ -163,11 +176,83 @@ class Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             response_serializer=handler.response_serializer,
         )
 
+    def _admit(
+        self, authorization: str | None, scope: str | None, forbidden: grpc.Status
+    ) -> tuple[str, grpc.Status | None]:
+        """The caller's client name, and the status refusing it (None: admitted)."""
+        if not self.tokens.clients:
+            return "", forbidden if scope is None else None
+        found = self.tokens.identify(authorization)
+        if found is None:
+            return "", _MISSING_TOKEN if authorization is None else _UNKNOWN_TOKEN
+        if scope is None or scope not in found.scopes:
+            return found.name, forbidden
+        return found.name, None
+
+    def _wrap_stream(self, method: str, handler: Handler, scope: str | None) -> Handler:
+        """A usage.v1 stream: the token and scope of a call, then a place among the streams
+        one caller (its client, or its address without tokens) and the server may hold open."""
+        inner: Any = handler.unary_stream
+        forbidden = _status("PERMISSION_DENIED", f"this method needs the scope {scope}")
+        label = method.lstrip("/")
+        decode = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return decode(data) if decode is not None else data
+            except Exception:
+                return UNDECODABLE
+
+        async def behaviour(request: Any, context: Context) -> None:
+            authorization = None
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization" and isinstance(value, str):
+                    authorization = value
+            client, refusal = self._admit(authorization, scope, forbidden)
+            if refusal is None and request is UNDECODABLE:
+                refusal = _UNDECODABLE
+            caller = client or _peer_host(context.peer())
+            if refusal is None and (
+                sum(self.watches.values()) >= self.max_watches
+                or self.watches.get(caller, 0) >= self.max_watches_per_caller
+            ):
+                refusal = _TOO_MANY_WATCHES
+            if refusal is not None:
+                metrics.RPC_CALLS.labels(label, refusal.code.name).inc()
+                await _abort(context, refusal)
+            self.watches[caller] = self.watches.get(caller, 0) + 1
+            metrics.WATCHES.inc()
+            code = "OK"
+            try:
+                await inner(request, context)
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                metrics.WATCHES.dec()
+                left = self.watches[caller] - 1
+                if left:
+                    self.watches[caller] = left
+                else:
+                    del self.watches[caller]
+                metrics.RPC_CALLS.labels(label, code).inc()
+
+        return grpc.unary_stream_rpc_method_handler(
+            behaviour,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
+
     def _wrap(self, method: str, handler: Handler) -> Handler:
-        if handler.unary_unary is None:  # every usage.v1 method is unary
+        scope = auth.SCOPE_BY_METHOD.get(method)
+        if handler.unary_stream is not None:
+            return self._wrap_stream(method, handler, scope)
+        if handler.unary_unary is None:  # no usage.v1 method streams requests
             return handler
         inner: Behaviour = handler.unary_unary  # type: ignore[assignment]
-        scope = auth.SCOPE_BY_METHOD.get(method)
         name = method.rsplit("/", 1)[-1]
         label = method.lstrip("/")
         observe = _OBSERVERS.get(name)
@@ -273,6 +358,11 @@ _UNKNOWN_METHOD_HANDLER: Handler = grpc.stream_stream_rpc_method_handler(_unknow
 async def _abort(context: Context, status: grpc.Status) -> NoReturn:
     await context.abort_with_status(status)  # type: ignore[attr-defined]
     raise AssertionError("abort_with_status returned")
+
+
+def _peer_host(peer: str) -> str:
+    """A caller's address without its port ('ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7')."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
 
 
 def _code_name(context: Context) -> str:

@@ -18,6 +18,7 @@ from usage_service.api.usage_api import UsageService
 from usage_service.domain import plans as plans_mod
 from usage_service.settings import ConfigError
 from usage_service.storage import store
+from usage_service.storage.watch import Hub
 from usage_service.tls import TlsConfigError, TlsFiles
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,15 @@ class Running:
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
     port: int
     interceptor: Interceptor
+    hub: Hub
 
     async def stop(self, grace: float) -> None:
-        """Health goes NOT_SERVING, new calls are refused, in-flight calls get `grace` seconds."""
+        """Health goes NOT_SERVING, WatchUsage streams end (UNAVAILABLE: resume elsewhere), new
+        calls are refused, in-flight calls get `grace` seconds."""
         await self.health.enter_graceful_shutdown()
+        self.hub.close()
         await self.server.stop(grace)
+        await self.hub.stop()
 
 
 async def start_server(
@@ -57,7 +62,13 @@ async def start_server(
     reuse_port: bool = False,
 ) -> Running:
     interceptor = Interceptor(tokens or auth.Tokens(), max_in_flight)
-    limit = max_in_flight + interceptor.max_open_streams + EXTRA_CONCURRENT_RPCS
+    limit = (
+        max_in_flight
+        + interceptor.max_open_streams
+        + interceptor.max_watches
+        + EXTRA_CONCURRENT_RPCS
+    )
+    hub = Hub(st.pool)
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
@@ -68,7 +79,7 @@ async def start_server(
         ],
         maximum_concurrent_rpcs=limit,
     )
-    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(st, plans), server)
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(st, plans, hub), server)
     customer_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(st, plans), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -84,10 +95,11 @@ async def start_server(
         raise ConfigError(
             f"USAGE_GRPC_ADDRESS: cannot listen on {address} (in use, or not this host's)"
         ) from None
+    await hub.start()
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, health_servicer, port, interceptor)
+    return Running(server, health_servicer, port, interceptor, hub)
 
 
 def access(address: str, settings: auth.AuthSettings, tls: TlsFiles) -> auth.Tokens:

@@ -9,13 +9,14 @@ import grpc
 
 from usage.v1 import usage_pb2, usage_pb2_grpc
 from usage_service import domain
-from usage_service.api import convert, validation
+from usage_service.api import convert, validation, watch
 from usage_service.api.errors import customer_not_found, out_of_range, rpc
 from usage_service.api.validation import Violations
 from usage_service.domain.errors import TotalOutOfRange
 from usage_service.domain.ids import new_event_id, new_event_ids
 from usage_service.domain.plans import Plans
 from usage_service.storage.store import Store
+from usage_service.storage.watch import Hub
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -25,9 +26,10 @@ def _now() -> dt.datetime:
 
 
 class UsageService(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, store: Store, plans: Plans) -> None:
+    def __init__(self, store: Store, plans: Plans, hub: Hub) -> None:
         self.store = store
         self.plans = plans
+        self.hub = hub
         # meter -> the plans that meter it (where a consume locks the totals row)
         self._metering = {
             meter: tuple(
@@ -180,3 +182,6 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             meters=[convert.meter_to_proto(m) for m in meters],
             period_source=convert.SOURCE_TO_PROTO[period.source],
         )
+
+    async def WatchUsage(self, request: usage_pb2.WatchUsageRequest, context: Context) -> None:
+        await watch.serve(self.hub, self.plans, request, context)

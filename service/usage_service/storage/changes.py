@@ -103,9 +103,9 @@ async def append(conn: Conn, changes: Sequence[Change], now: dt.datetime) -> dic
         [c.kind for c in ordered],
         [c.period_start for c in ordered],
         [c.period_end for c in ordered],
-        [figures_json(c.figures) for c in ordered],
+        [json.dumps(figures_json(c.figures)) for c in ordered],
         now,
-        [dict(c.detail) for c in ordered],
+        [json.dumps(dict(c.detail)) for c in ordered],
     )
     return {r["customer_id"]: r["version"] for r in rows}
 
@@ -120,7 +120,9 @@ async def rollover(
 ) -> int | None:
     """Records that the period [start, end) began, unless a change in it (or later) already
     did; returns its version, or None."""
-    row = await conn.fetchrow(q.ROLLOVER, customer_id, start, end, figures_json(figures), now)
+    row = await conn.fetchrow(
+        q.ROLLOVER, customer_id, start, end, json.dumps(figures_json(figures)), now
+    )
     return None if row is None else int(row["version"])
 
 

@@ -6,12 +6,12 @@ CHANNEL = "usage_changes"  # NOTIFY payload: '<version>:<customer_id>'
 
 # Appends changes (one or more per customer, customers sorted) and notifies each customer's last
 # version at commit. A usage change in a later period than the customer's latest is a rollover.
-# $1 customer_id[], $2 kind[], $3 period_start[], $4 period_end[], $5 figures jsonb[],
-# $6 committed_at, $7 detail jsonb[]
+# $1 customer_id[], $2 kind[], $3 period_start[], $4 period_end[], $5 figures (JSON text)[],
+# $6 committed_at, $7 detail (JSON text)[]
 APPEND = f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                         $5::jsonb[], $7::jsonb[]) WITH ORDINALITY AS u(c, k, ps, pe, f, d, n)
+                         $5::text[], $7::text[]) WITH ORDINALITY AS u(c, k, ps, pe, f, d, n)
 ), heads AS (
     INSERT INTO usage_change_heads AS h (customer_id, version, period_start)
     SELECT c, count(*), max(ps) FROM input GROUP BY c ORDER BY c
@@ -31,7 +31,7 @@ WITH input AS (
 ), added AS (
     INSERT INTO usage_changes (customer_id, version, kind, committed_at, period_start,
         period_end, figures, detail)
-    SELECT c, v, k, $6, ps, pe, f, d FROM numbered
+    SELECT c, v, k, $6, ps, pe, f::jsonb, d::jsonb FROM numbered
     RETURNING customer_id, version
 )
 SELECT customer_id, max(version) AS version,
@@ -40,7 +40,7 @@ FROM added GROUP BY customer_id"""
 
 # A rollover of a customer with no usage since its period began, written once (by whichever
 # replica's watcher sees the boundary pass first). $1 customer_id, $2 period_start,
-# $3 period_end, $4 figures, $5 committed_at
+# $3 period_end, $4 figures (JSON text), $5 committed_at
 ROLLOVER = f"""
 WITH h AS (
     UPDATE usage_change_heads SET version = version + 1, period_start = $2, rolled = false
@@ -49,7 +49,7 @@ WITH h AS (
 )
 INSERT INTO usage_changes (customer_id, version, kind, committed_at, period_start, period_end,
     figures)
-SELECT $1, version, 'rollover', $5, $2, $3, $4 FROM h
+SELECT $1, version, 'rollover', $5, $2, $3, $4::text::jsonb FROM h
 RETURNING version, pg_notify('{CHANNEL}', version::text || ':' || $1) AS notified"""
 
 # The customer's latest version (0 before any change). $1 customer_id

@@ -147,7 +147,15 @@ class Store:
             figures = {r["meter"]: totals_from_row(r) for r in rows}
             await changes.append(
                 conn,
-                [changes.Change(saved.customer_id, "customer", *period.bounds, figures)],
+                [
+                    changes.Change(
+                        saved.customer_id,
+                        "customer",
+                        *period.bounds,
+                        figures,
+                        {"plan_id": saved.plan_id, "status": saved.subscription_status.value},
+                    )
+                ],
                 dt.datetime.now(dt.UTC),
             )
         return saved, period

@@ -1,0 +1,356 @@
+"""WatchUsage: a snapshot, then every committed change in order, resumable without gaps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+from conftest import Service
+from helpers import details, record
+
+from usage.v1 import customer_pb2, usage_pb2, usage_pb2_grpc
+from usage_service.api.server import Running, start_server
+from usage_service.domain import plans as plans_mod
+from usage_service.storage import connections, store
+from usage_service.storage import watch as watch_store
+
+WAIT = 30.0  # seconds a test waits for a message at most
+
+
+def watch(
+    service: Service, customer_id: str = "cus_1", **fields: object
+) -> grpc.aio.UnaryStreamCall[usage_pb2.WatchUsageRequest, usage_pb2.WatchUsageResponse]:
+    return service.usage.WatchUsage(
+        usage_pb2.WatchUsageRequest(customer_id=customer_id, **fields)  # type: ignore[arg-type]
+    )
+
+
+async def take(
+    stream: AsyncIterator[usage_pb2.WatchUsageResponse], count: int
+) -> list[usage_pb2.WatchUsageResponse]:
+    out = []
+    async with asyncio.timeout(WAIT):
+        async for message in stream:
+            out.append(message)
+            if len(out) == count:
+                break
+    return out
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+        await asyncio.sleep(0.01)
+
+
+def used(message: usage_pb2.WatchUsageResponse) -> dict[str, int]:
+    return {m.meter: m.used for m in message.meters}
+
+
+async def test_a_snapshot_then_each_change_in_order(service: Service) -> None:
+    await service.add_customer()
+    await service.usage.RecordUsage(record(quantity=5, key="before"))
+    call = watch(service)
+    stream = call.__aiter__()
+    (snap,) = await take(stream, 1)
+    assert snap.kind == usage_pb2.USAGE_CHANGE_KIND_SNAPSHOT
+    assert snap.snapshot_reason == usage_pb2.SNAPSHOT_REASON_INITIAL
+    assert snap.plan_id == "basic"
+    assert used(snap)["tokens"] == 5
+    for i in range(5):
+        await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
+    changes = await take(stream, 5)
+    assert [m.kind for m in changes] == [usage_pb2.USAGE_CHANGE_KIND_USAGE] * 5
+    assert [used(m)["tokens"] for m in changes] == [6, 7, 8, 9, 10]
+    versions = [snap.version] + [m.version for m in changes]
+    assert versions == sorted(set(versions))  # strictly increasing
+    assert all(list(used(m)) == ["tokens"] for m in changes)  # only the meter that changed
+    call.cancel()
+
+
+async def test_resume_misses_nothing_and_repeats_nothing(service: Service) -> None:
+    await service.add_customer()
+    call = watch(service)
+    stream = call.__aiter__()
+    (snap,) = await take(stream, 1)
+    await service.usage.RecordUsage(record(quantity=1, key="a"))
+    (first,) = await take(stream, 1)
+    call.cancel()
+    # Committed while nobody watches.
+    for i in range(3):
+        await service.usage.RecordUsage(record(quantity=10, key=f"gap{i}"))
+    again = watch(service, resume_after_version=first.version)
+    got = await take(again.__aiter__(), 3)
+    assert [m.version for m in got] == [first.version + 1, first.version + 2, first.version + 3]
+    assert [used(m)["tokens"] for m in got] == [11, 21, 31]
+    assert all(m.kind == usage_pb2.USAGE_CHANGE_KIND_USAGE for m in got)
+    again.cancel()
+    assert snap.version < first.version
+
+
+async def test_a_resume_from_a_version_never_given_starts_again_from_a_snapshot(
+    service: Service,
+) -> None:
+    await service.add_customer()
+    await service.usage.RecordUsage(record(quantity=3, key="a"))
+    call = watch(service, resume_after_version=10_000)
+    (snap,) = await take(call.__aiter__(), 1)
+    assert snap.kind == usage_pb2.USAGE_CHANGE_KIND_SNAPSHOT
+    assert snap.snapshot_reason == usage_pb2.SNAPSHOT_REASON_RESUME_TOO_OLD
+    assert used(snap)["tokens"] == 3
+    call.cancel()
+
+
+async def test_a_resume_past_forgotten_changes_says_so(service: Service) -> None:
+    await service.add_customer()  # version 1; the usage: versions 2, 3 and 4
+    for i in range(3):
+        await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
+    await service.db.execute("DELETE FROM usage_changes WHERE version <= 3")
+    call = watch(service, resume_after_version=0)
+    (snap,) = await take(call.__aiter__(), 1)
+    assert snap.snapshot_reason == usage_pb2.SNAPSHOT_REASON_RESUME_TOO_OLD
+    assert used(snap)["tokens"] == 3
+    call.cancel()
+    later = watch(service, resume_after_version=3)  # version 4 is kept: no snapshot needed
+    await service.usage.RecordUsage(record(quantity=1, key="k9"))
+    got = await take(later.__aiter__(), 2)
+    assert [used(m)["tokens"] for m in got] == [3, 4]
+    later.cancel()
+
+
+async def test_only_the_meters_asked_for(service: Service) -> None:
+    await service.add_customer()
+    call = watch(service, meters=["calls"])
+    stream = call.__aiter__()
+    (snap,) = await take(stream, 1)
+    assert list(used(snap)) == ["calls"]
+    await service.usage.RecordUsage(record(meter="tokens", quantity=1, key="t"))
+    await service.usage.RecordUsage(record(meter="calls", quantity=1, key="c"))
+    (change,) = await take(stream, 1)  # the tokens change is not sent
+    assert used(change) == {"calls": 1}
+    assert change.version == snap.version + 2
+    call.cancel()
+
+
+async def test_plan_and_status_changes_arrive_too(service: Service) -> None:
+    await service.add_customer()
+    call = watch(service)
+    stream = call.__aiter__()
+    await take(stream, 1)
+    await service.add_customer(plan_id="metered")
+    (change,) = await take(stream, 1)
+    assert change.kind == usage_pb2.USAGE_CHANGE_KIND_CUSTOMER
+    assert change.plan_id == "metered"
+    await service.add_customer(status=customer_pb2.SUBSCRIPTION_STATUS_CANCELED)
+    (change,) = await take(stream, 1)
+    assert change.subscription_status == customer_pb2.SUBSCRIPTION_STATUS_CANCELED
+    call.cancel()
+
+
+BOUNDARY = 6.0  # seconds from the start of a test to the end of its customer's period
+
+
+async def daily_customer(service: Service) -> dt.datetime:
+    """A customer on daily periods, the current one ending BOUNDARY seconds from now."""
+    end = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=BOUNDARY)
+    await service.add_customer(
+        start=end - dt.timedelta(days=1),
+        end=end,
+        billing_interval=customer_pb2.BILLING_INTERVAL_DAY,
+        billing_interval_count=1,
+    )
+    return end
+
+
+async def test_a_period_that_ends_while_watched_rolls_over_by_itself(service: Service) -> None:
+    end = await daily_customer(service)
+    await service.usage.RecordUsage(record(quantity=4, key="old"))
+    call = watch(service)
+    stream = call.__aiter__()
+    (snap,) = await take(stream, 1)
+    assert used(snap)["tokens"] == 4
+    (rolled,) = await take(stream, 1)  # no call made: the boundary passed
+    assert rolled.kind == usage_pb2.USAGE_CHANGE_KIND_ROLLOVER
+    assert rolled.version == snap.version + 1
+    assert rolled.period_start_time.ToDatetime(dt.UTC) == end
+    assert used(rolled)["tokens"] == 0
+    await service.usage.RecordUsage(record(quantity=2, key="new"))
+    (change,) = await take(stream, 1)
+    assert (change.kind, used(change)["tokens"]) == (usage_pb2.USAGE_CHANGE_KIND_USAGE, 2)
+    await service.usage.RecordUsage(
+        record(quantity=1, key="late", when=end - dt.timedelta(minutes=1))
+    )
+    (late,) = await take(stream, 1)  # a late event: its own period's figures, with that period
+    assert late.kind == usage_pb2.USAGE_CHANGE_KIND_USAGE
+    assert late.period_end_time.ToDatetime(dt.UTC) == end
+    assert used(late)["tokens"] == 5
+    call.cancel()
+
+
+async def test_the_first_usage_of_a_period_nobody_watched_begin_is_its_rollover(
+    service: Service,
+) -> None:
+    end = await daily_customer(service)
+    call = watch(service)
+    (snap,) = await take(call.__aiter__(), 1)
+    call.cancel()
+    await asyncio.sleep((end - dt.datetime.now(dt.UTC)).total_seconds())  # wall time must pass
+    await service.usage.RecordUsage(record(quantity=2, key="new"))
+    again = watch(service, resume_after_version=snap.version)
+    (change,) = await take(again.__aiter__(), 1)
+    assert change.kind == usage_pb2.USAGE_CHANGE_KIND_ROLLOVER
+    assert change.version == snap.version + 1
+    assert change.period_start_time.ToDatetime(dt.UTC) == end
+    assert used(change)["tokens"] == 2
+    again.cancel()
+
+
+async def test_an_unknown_customer_or_meter_is_refused(service: Service) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await take(watch(service, "nobody").__aiter__(), 1)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await take(watch(service, "cus_1", meters=["ghost"]).__aiter__(), 1)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "meters[0]" in details(caught.value).fields
+
+
+async def test_concurrent_writers_reach_the_watcher_in_commit_order(service: Service) -> None:
+    await service.add_customer()
+    call = watch(service)
+    stream = call.__aiter__()
+    (snap,) = await take(stream, 1)
+    await asyncio.gather(
+        *(service.usage.RecordUsage(record(quantity=1, key=f"k{i}")) for i in range(40))
+    )
+    # Group commit may write several calls in one transaction: one change each.
+    got: list[usage_pb2.WatchUsageResponse] = []
+    async with asyncio.timeout(WAIT):
+        async for message in stream:
+            got.append(message)
+            if used(message)["tokens"] == 40:
+                break
+    assert [m.version for m in got] == list(range(snap.version + 1, snap.version + 1 + len(got)))
+    figures = [used(m)["tokens"] for m in got]
+    assert figures == sorted(set(figures))  # each commit adds to the one before
+    call.cancel()
+
+
+@contextlib.asynccontextmanager
+async def replica(
+    dsn: str, plans: plans_mod.Plans
+) -> AsyncIterator[tuple[Running, usage_pb2_grpc.UsageServiceStub]]:
+    """Another server on the same database."""
+    st = store.Store(await connections.create_pool(dsn, 5))
+    running = await start_server(st, plans, "127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield running, usage_pb2_grpc.UsageServiceStub(channel)
+    finally:
+        await running.stop(0)
+        await st.close()
+
+
+async def test_a_change_through_one_replica_reaches_a_watcher_on_another(
+    service: Service, dsn: str, plans: plans_mod.Plans
+) -> None:
+    await service.add_customer()
+    async with replica(dsn, plans) as (_, other):
+        call = other.WatchUsage(usage_pb2.WatchUsageRequest(customer_id="cus_1"))
+        stream = call.__aiter__()
+        (snap,) = await take(stream, 1)
+        for i in range(10):  # recorded through the first server
+            await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
+        got = await take(stream, 10)
+        assert [m.version for m in got] == list(range(snap.version + 1, snap.version + 11))
+        assert used(got[-1])["tokens"] == 10
+        call.cancel()
+
+
+async def test_a_restart_ends_the_stream_and_a_resume_on_the_next_server_misses_nothing(
+    service: Service, dsn: str, plans: plans_mod.Plans
+) -> None:
+    await service.add_customer()
+    async with replica(dsn, plans) as (first, first_stub):
+        call = first_stub.WatchUsage(usage_pb2.WatchUsageRequest(customer_id="cus_1"))
+        stream = call.__aiter__()
+        (snap,) = await take(stream, 1)
+        await service.usage.RecordUsage(record(quantity=1, key="a"))
+        (seen,) = await take(stream, 1)
+        await first.stop(5)  # a deploy: the stream ends at once, and says why
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await take(stream, 1)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details(caught.value).reason == "SERVER_SHUTTING_DOWN"
+    for i in range(3):  # while no server of the watcher's is up
+        await service.usage.RecordUsage(record(quantity=1, key=f"gap{i}"))
+    async with replica(dsn, plans) as (_, second):
+        call = second.WatchUsage(
+            usage_pb2.WatchUsageRequest(customer_id="cus_1", resume_after_version=seen.version)
+        )
+        got = await take(call.__aiter__(), 3)
+        assert [m.version for m in got] == [seen.version + 1, seen.version + 2, seen.version + 3]
+        assert [used(m)["tokens"] for m in got] == [2, 3, 4]
+        call.cancel()
+    assert snap.version < seen.version
+
+
+async def test_a_caller_that_stops_reading_is_ended_and_others_are_not_slowed(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watch_store, "QUEUE", 8)
+    await service.add_customer()
+    # A plain HTTP/2 window (no growth by bandwidth probes), so that not reading fills it.
+    slow_channel = grpc.aio.insecure_channel(service.address, options=[("grpc.http2.bdp_probe", 0)])
+    stuck = usage_pb2_grpc.UsageServiceStub(slow_channel).WatchUsage(
+        usage_pb2.WatchUsageRequest(customer_id="cus_1")
+    )  # never read until the end
+    stuck_stream = stuck.__aiter__()
+    (first,) = await take(stuck_stream, 1)
+    reader = watch(service)
+    reader_stream = reader.__aiter__()
+    (snap,) = await take(reader_stream, 1)
+    count = 1500  # more than HTTP/2's window (64 KiB) and the queue hold
+    for i in range(count):
+        await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
+    got = await take(reader_stream, count)  # the reader got every change
+    assert [m.version for m in got] == list(range(snap.version + 1, snap.version + 1 + count))
+    reader.cancel()
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with asyncio.timeout(WAIT):
+            async for message in stuck_stream:
+                received.append(message.version)
+    assert details(caught.value).reason == "SLOW_CONSUMER"
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # What it got before the end has no gap: it resumes after the last one.
+    assert received == list(range(first.version + 1, first.version + 1 + len(received)))
+    assert len(received) < count
+    await slow_channel.close()
+
+
+async def test_one_caller_may_hold_only_so_many_streams(
+    service: Service, dsn: str, plans: plans_mod.Plans
+) -> None:
+    await service.add_customer()
+    async with replica(dsn, plans) as (running, stub):
+        running.interceptor.max_watches_per_caller = 2
+        request = usage_pb2.WatchUsageRequest(customer_id="cus_1")
+        calls = [stub.WatchUsage(request), stub.WatchUsage(request)]
+        for call in calls:
+            await take(call.__aiter__(), 1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await take(stub.WatchUsage(request).__aiter__(), 1)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details(caught.value).reason == "TOO_MANY_WATCHES"
+        calls[0].cancel()
+        await until(lambda: sum(running.interceptor.watches.values()) == 1)
+        third = stub.WatchUsage(request)
+        await take(third.__aiter__(), 1)
+        third.cancel()
+        calls[1].cancel()
