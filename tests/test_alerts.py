@@ -231,6 +231,22 @@ async def test_a_plan_change_is_judged_by_the_new_plan(
         assert kinds[-2:] == ["customer", "threshold"]
 
 
+async def test_usage_is_judged_by_the_plan_it_was_recorded_under(
+    service: Service, plans: Plans, dsn: str
+) -> None:
+    """Usage past a threshold, then a move to a plan without thresholds, both before the
+    alerter reads them: the usage still alerts, and later usage under the new plan does not."""
+    now = dt.datetime.now(dt.UTC)
+    period = {"start": now - dt.timedelta(days=1), "end": now + dt.timedelta(days=29)}
+    await service.add_customer(plan_id="basic", **period)
+    await service.usage.RecordUsage(record(quantity=900, key="a"))
+    await service.add_customer(plan_id="quiet", **period)
+    await service.usage.RecordUsage(record(quantity=100, key="b"))  # 1000: the limit
+    async with pool(dsn) as db:
+        assert await alerter(db, plans).catch_up() == 1
+        assert await alert_rows(db) == [("tokens", "80% of limit", 800, 900)]
+
+
 async def test_each_feature_has_its_own_thresholds(
     service: Service, plans: Plans, dsn: str
 ) -> None:

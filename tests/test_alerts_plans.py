@@ -15,7 +15,7 @@ from usage_service import domain
 from usage_service.alerts import crossings
 from usage_service.domain.plans import DEFAULT_PLANS_FILE, PlansError, Threshold
 from usage_service.settings import plans_file
-from usage_service.storage import changes
+from usage_service.storage import alerts, changes
 
 SCHEMA = json.loads(
     (pathlib.Path(__file__).resolve().parent.parent / "schemas" / "plans.schema.json").read_text()
@@ -141,9 +141,21 @@ START, END = dt.datetime(2026, 3, 1, tzinfo=dt.UTC), dt.datetime(2026, 4, 1, tzi
 
 
 def logged(
-    version: int, figures: dict[str, domain.Totals], kind: str = "usage", at: dt.datetime = NOW
+    version: int,
+    figures: dict[str, domain.Totals],
+    kind: str = "usage",
+    at: dt.datetime = NOW,
+    plan_id: str = "",
 ) -> changes.Logged:
-    return changes.Logged(changes.Change("c", kind, START, END, figures), version, at)
+    detail = {"plan_id": plan_id, "status": "active"} if plan_id else {}
+    return changes.Logged(changes.Change("c", kind, START, END, figures, detail), version, at)
+
+
+def crossed(
+    plan_id: str | None, batch: list[changes.Logged], known: alerts.Known | None = None
+) -> list[tuple[str, str, int, int]]:
+    found, _ = crossings.crossings(PLANS, plan_id, batch, known or set(), NOW)
+    return [(c.feature, c.threshold, c.amount, c.used) for c in found]
 
 
 def test_each_threshold_is_crossed_once_within_a_batch_and_never_again() -> None:
@@ -153,25 +165,30 @@ def test_each_threshold_is_crossed_once_within_a_batch_and_never_again() -> None
         logged(3, {"m": domain.Totals(quantity_sum=1200)}),
         logged(4, {"m": domain.Totals(quantity_sum=1300)}),
     ]
-    found = crossings.crossings(PLANS, "p", batch, set(), NOW)
-    assert [(c.feature, c.threshold, c.amount, c.used) for c in found] == [
+    assert crossed("p", batch) == [
         ("m", "80% of limit", 800, 850),
         ("n", "3", 3, 3),
         ("m", "1000", 1000, 1200),
     ]
-    known = {("m", START, "80% of limit")}
-    again = crossings.crossings(PLANS, "p", batch[2:], known, NOW)
-    assert [c.threshold for c in again] == ["1000"]
+    assert crossed("p", batch[2:], {("m", START, "80% of limit")}) == [("m", "1000", 1000, 1200)]
+
+
+def test_each_change_is_judged_by_the_plan_it_was_made_under() -> None:
+    over = {"m": domain.Totals(quantity_sum=900)}
+    upgrade = [logged(1, over), logged(2, over, kind="customer", plan_id="p"), logged(3, over)]
+    assert crossed("q", upgrade) == [("m", "80% of limit", 800, 900)]
+    assert crossings.crossings(PLANS, "q", upgrade, set(), NOW)[1] == "p"
+    downgrade = [logged(1, over, kind="customer", plan_id="q"), logged(2, over)]
+    assert crossed("p", downgrade) == []
+    assert crossings.crossings(PLANS, "p", downgrade, set(), NOW)[1] == "q"
 
 
 def test_changes_that_raise_nothing() -> None:
     over = {"m": domain.Totals(quantity_sum=900)}
-    assert crossings.crossings(PLANS, "q", [logged(1, over)], set(), NOW) == []  # no thresholds
-    assert crossings.crossings(PLANS, None, [logged(1, over)], set(), NOW) == []  # no plan
-    own = logged(1, over, kind="threshold")
-    assert crossings.crossings(PLANS, "p", [own], set(), NOW) == []
-    late = logged(1, over, at=END)  # committed once its period had ended
-    assert crossings.crossings(PLANS, "p", [late], set(), NOW) == []
-    old = logged(1, over, at=NOW)
-    assert crossings.crossings(PLANS, "p", [old], set(), END + crossings.LATE) == []
-    assert crossings.crossings(PLANS, "p", [old], set(), END + dt.timedelta(hours=1)) != []
+    assert crossed("q", [logged(1, over)]) == []  # a plan without thresholds
+    assert crossed(None, [logged(1, over)]) == []  # no plan
+    assert crossed("p", [logged(1, over, kind="threshold")]) == []
+    assert crossed("p", [logged(1, over, at=END)]) == []  # committed once its period had ended
+    old = [logged(1, over, at=NOW)]
+    assert crossings.crossings(PLANS, "p", old, set(), END + crossings.LATE)[0] == []
+    assert crossings.crossings(PLANS, "p", old, set(), END + dt.timedelta(hours=1))[0] != []

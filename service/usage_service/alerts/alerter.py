@@ -140,7 +140,7 @@ class Alerter:
     def _judge(self, now: dt.datetime) -> alerts.Evaluate:
         def judge(
             plan_id: str | None, logged: Sequence[changes.Logged], known: alerts.Known
-        ) -> list[alerts.Crossing]:
+        ) -> tuple[list[alerts.Crossing], str | None]:
             return crossings.crossings(self.plans, plan_id, logged, known, now)
 
         return judge

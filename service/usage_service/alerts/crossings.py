@@ -1,10 +1,11 @@
 """Which thresholds a customer's changes cross: no I/O.
 
 Each change is judged by its own figures (a period's totals after it) against the thresholds of
-the customer's plan. A threshold is crossed once per period: those in `known` (raised before)
-and those crossed earlier in the same changes are passed over. Changes in a period that had
-ended when they committed (a late event), or that ended more than LATE ago (an alerter that
-was off, or is switched on over an old log), raise nothing.
+the customer's plan as of that change (a 'customer' change names the plan it led to). A
+threshold is crossed once per period: those in `known` (raised before) and those crossed
+earlier in the same changes are passed over. Changes in a period that had ended when they
+committed (a late event), or that ended more than LATE ago (an alerter that was off, or is
+switched on over an old log), raise nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from usage_service.storage.alerts import Crossing, Known
 
 LATE = dt.timedelta(days=1)  # how long after its period ended a crossing is still raised
 OWN_KIND = "threshold"  # the alerter's own changes: never judged
+PLAN_KIND = "customer"  # UpsertCustomer's changes: their detail names the plan
 
 
 def watched_plans(plans: Plans) -> frozenset[str]:
@@ -33,17 +35,18 @@ def crossings(
     logged: Sequence[changes.Logged],
     known: Known,
     now: dt.datetime,
-) -> list[Crossing]:
-    """The new crossings in `logged` (oldest first), lowest threshold first within a change."""
-    plan = plans.plans.get(plan_id) if plan_id else None
-    if plan is None:
-        return []
+) -> tuple[list[Crossing], str | None]:
+    """The new crossings in `logged` (oldest first; lowest threshold first within a change) for
+    a customer on `plan_id` before them, and its plan after them."""
     seen = set(known)
     out: list[Crossing] = []
     for item in logged:
         c = item.change
+        if c.kind == PLAN_KIND and isinstance(c.detail.get("plan_id"), str):
+            plan_id = c.detail["plan_id"]
+        plan = plans.plans.get(plan_id) if plan_id else None
         start, end = c.period_start, c.period_end
-        if c.kind == OWN_KIND or start is None or end is None:
+        if plan is None or c.kind == OWN_KIND or start is None or end is None:
             continue
         if end <= item.committed_at or end <= now - LATE:
             continue
@@ -58,4 +61,4 @@ def crossings(
                 if key not in seen:
                     seen.add(key)
                     out.append(Crossing(meter, t.text, t.amount, used, start, end, totals))
-    return out
+    return out, plan_id

@@ -55,9 +55,11 @@ class Turn:
     alerts: list[Alert]
 
 
-# (plan_id or None, changes after the cursor, alerts already raised in their periods) -> the
-# crossings to record, in order
-Evaluate = Callable[[str | None, Sequence[changes.Logged], Known], list[Crossing]]
+# (the plan as of the cursor, or None; the changes after the cursor; the alerts already raised
+# in their periods) -> (the crossings to record, in order; the plan as of the last change)
+Evaluate = Callable[
+    [str | None, Sequence[changes.Logged], Known], tuple[list[Crossing], str | None]
+]
 
 
 async def due_customers(pool: asyncpg.Pool, after: str, limit: int) -> list[str]:
@@ -80,33 +82,36 @@ async def advance(
 ) -> Turn | None:
     """Checks up to `limit` of the customer's changes after its cursor, recording the crossings
     `evaluate` finds (and their webhooks, given `webhook_body`). A customer whose plan is not in
-    `watched_plans` has nothing to check: its cursor moves to its head. None: another worker
-    holds the customer."""
+    `watched_plans`, as of the cursor and now, has nothing to check: its cursor moves to its
+    head. None: another worker holds the customer."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(q.ADD_CURSOR, customer_id)
-        cursor = await conn.fetchval(q.LOCK_CURSOR, customer_id)
-        if cursor is None:
+        locked = await conn.fetchrow(q.LOCK_CURSOR, customer_id)
+        if locked is None:
             return None
+        cursor = locked["version"]
         row = await conn.fetchrow(q.HEAD_AND_PLAN, customer_id)
-        head, plan_id = (row["version"], row["plan_id"]) if row else (0, None)
+        head, plan_now = (row["version"], row["plan_id"]) if row else (0, None)
         if head <= cursor:
             return Turn(0, [])
-        if plan_id not in watched_plans:
-            await conn.execute(q.MOVE_CURSOR, customer_id, head)
+        plan = locked["plan_id"]
+        if plan is not None and plan not in watched_plans and plan_now not in watched_plans:
+            await conn.execute(q.MOVE_CURSOR, customer_id, head, plan_now)
             return Turn(0, [])
-        # up to the head read with the plan: the plan is the one those changes led to
+        # up to the head read with the plan, so the last plan is the one those changes led to
         read = await changes.since(conn, customer_id, cursor, limit)
         logged = [c for c in read if c.version <= head]
         if not logged:  # forgotten changes
-            await conn.execute(q.MOVE_CURSOR, customer_id, head)
+            await conn.execute(q.MOVE_CURSOR, customer_id, head, plan_now)
             return Turn(0, [])
         starts = sorted({c.change.period_start for c in logged if c.change.period_start})
         known = {
             (r["feature"], r["period_start"], r["threshold"])
             for r in await conn.fetch(q.KNOWN_ALERTS, customer_id, starts)
         }
+        found, plan = evaluate(plan_now if plan is None else plan, logged, known)
         made: list[Alert] = []
-        for crossing in evaluate(plan_id, logged, known):
+        for crossing in found:
             alert = await _raise(conn, customer_id, crossing, now)
             if alert is None:
                 continue
@@ -119,7 +124,7 @@ async def advance(
         # between; then they are read (and passed over) next time.
         if made and made[0].version == checked + 1:
             checked = made[-1].version
-        await conn.execute(q.MOVE_CURSOR, customer_id, checked)
+        await conn.execute(q.MOVE_CURSOR, customer_id, checked, plan)
     return Turn(len(logged), made)
 
 

@@ -26,7 +26,7 @@ ON CONFLICT (customer_id) DO NOTHING"""
 
 # The customer's cursor, locked; no row while another worker holds it. $1 customer_id
 LOCK_CURSOR = """
-SELECT version FROM usage_alert_cursors WHERE customer_id = $1 FOR UPDATE SKIP LOCKED"""
+SELECT version, plan_id FROM usage_alert_cursors WHERE customer_id = $1 FOR UPDATE SKIP LOCKED"""
 
 # The customer's log head and plan (NULL: a customer known only by its usage), read together:
 # a plan change and its 'customer' change commit at once. $1 customer_id
@@ -35,8 +35,8 @@ SELECT h.version, c.plan_id FROM usage_change_heads h
 LEFT JOIN customers c ON c.customer_id = h.customer_id
 WHERE h.customer_id = $1"""
 
-# $1 customer_id, $2 version
-MOVE_CURSOR = "UPDATE usage_alert_cursors SET version = $2 WHERE customer_id = $1"
+# $1 customer_id, $2 version, $3 plan_id as of that version
+MOVE_CURSOR = "UPDATE usage_alert_cursors SET version = $2, plan_id = $3 WHERE customer_id = $1"
 
 # The alerts already raised in some periods. $1 customer_id, $2 period_start[]
 KNOWN_ALERTS = """

@@ -4,7 +4,9 @@
 CREATE TABLE usage_alert_cursors (
     customer_id text PRIMARY KEY,
     -- the last version of the customer's change log that was checked
-    version     bigint NOT NULL
+    version     bigint NOT NULL,
+    -- the customer's plan as of that version (NULL: not known yet)
+    plan_id     text
 );
 
 CREATE TABLE usage_alerts (
