@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import json
 
+import grpc
 import pytest
 from alerts_support import (
     alert_plans,
@@ -256,6 +257,57 @@ async def test_each_feature_has_its_own_thresholds(
     async with pool(dsn) as db:
         assert await alerter(db, plans).catch_up() == 1
         assert await alert_rows(db) == [("calls", "100% of included", 10, 10)]
+
+
+async def take(
+    call: grpc.aio.UnaryStreamCall[usage_pb2.WatchUsageRequest, usage_pb2.WatchUsageResponse],
+    n: int,
+) -> list[usage_pb2.WatchUsageResponse]:
+    out = []
+    async with asyncio.timeout(30):
+        async for message in call:
+            out.append(message)
+            if len(out) == n:
+                return out
+    return out
+
+
+async def test_watchers_get_each_crossing_and_a_later_watcher_resumes_to_it(
+    service: Service, plans: Plans, dsn: str
+) -> None:
+    await service.add_customer()
+    kinds = usage_pb2.UsageChangeKind
+    async with pool(dsn) as db:
+        async with running(alerter(db, plans)):
+            call = service.usage.WatchUsage(usage_pb2.WatchUsageRequest(customer_id="cus_1"))
+            [snapshot] = await take(call, 1)
+            await service.usage.RecordUsage(record(quantity=800, key="a"))
+            usage, crossed = await take(call, 2)
+            call.cancel()
+            assert [kinds.Name(m.kind) for m in (snapshot, usage, crossed)] == [
+                "USAGE_CHANGE_KIND_SNAPSHOT",
+                "USAGE_CHANGE_KIND_USAGE",
+                "USAGE_CHANGE_KIND_THRESHOLD",
+            ]
+            [row] = await alerts.alerts_of(db, "cus_1")
+            t = crossed.threshold
+            assert (t.alert_id, t.feature, t.threshold, t.amount, t.used) == (
+                str(row["alert_id"]),
+                "tokens",
+                "80% of limit",
+                800,
+                800,
+            )
+            # no one watches: the next crossing is recorded all the same
+            await service.usage.RecordUsage(record(quantity=200, key="b"))
+            await eventually(lambda: _alerts(db, 2))
+        resumed = service.usage.WatchUsage(
+            usage_pb2.WatchUsageRequest(customer_id="cus_1", resume_after_version=crossed.version)
+        )
+        usage, crossed = await take(resumed, 2)
+        resumed.cancel()
+        assert kinds.Name(crossed.kind) == "USAGE_CHANGE_KIND_THRESHOLD"
+        assert (crossed.threshold.threshold, crossed.threshold.used) == ("100% of limit", 1000)
 
 
 async def test_notifications_wake_the_alerter_and_it_listens_again_when_cut_off(
