@@ -1,6 +1,6 @@
 """The composition root of `usage-service serve`: the validated settings, then the database,
-the metrics endpoint and its gauges, the gRPC server, the reconciliation and the drain, each
-entered into one exit stack, which stops them in the reverse order."""
+the metrics endpoint and its gauges, the gRPC server, the reconciliation, the drain and the
+threshold alerts, each entered into one exit stack, which stops them in the reverse order."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import signal
 from collections.abc import AsyncIterator
 
 from usage_service import metrics, tracing
+from usage_service.alerts import background as alerts_background
 from usage_service.api import server
 from usage_service.drain import background as drain_background
 from usage_service.reconcile import background as reconcile_background
@@ -63,6 +64,7 @@ async def serve(settings: Settings) -> None:
             drain_background.running(st, plans, settings.drain, settings.providers)
         )
         await stack.enter_async_context(_forgetting_changes(st, settings.watch_resume))
+        await stack.enter_async_context(alerts_background.running(st, plans, settings.alerts))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

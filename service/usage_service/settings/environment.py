@@ -18,6 +18,7 @@ import pydantic_settings
 from pydantic import Field
 
 from usage_service import settings
+from usage_service.alerts.background import AlertSettings
 from usage_service.api.auth import AuthSettings
 from usage_service.api.server import DEFAULT_MAX_IN_FLIGHT, MAX_MESSAGE_BYTES
 from usage_service.drain.loop import DrainSettings
@@ -86,6 +87,7 @@ class Settings(pydantic_settings.BaseSettings):
     drain: DrainSettings = DrainSettings()
     providers: ProviderSettings = ProviderSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @classmethod
     def settings_customise_sources(
