@@ -82,6 +82,27 @@ CREATE TABLE schema_migrations (
     CONSTRAINT schema_migrations_pkey PRIMARY KEY (version)
 );
 
+CREATE TABLE usage_alert_cursors (
+    customer_id text NOT NULL,
+    version bigint NOT NULL,
+    plan_id text,
+    CONSTRAINT usage_alert_cursors_pkey PRIMARY KEY (customer_id)
+);
+
+CREATE TABLE usage_alerts (
+    customer_id text NOT NULL,
+    feature text NOT NULL,
+    period_start timestamp with time zone NOT NULL,
+    threshold text NOT NULL,
+    alert_id uuid NOT NULL,
+    period_end timestamp with time zone NOT NULL,
+    amount bigint NOT NULL,
+    used bigint NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    CONSTRAINT usage_alerts_customer_id_alert_id_key UNIQUE (customer_id, alert_id),
+    CONSTRAINT usage_alerts_pkey PRIMARY KEY (customer_id, feature, period_start, threshold)
+);
+
 CREATE TABLE usage_change_heads (
     customer_id text NOT NULL,
     version bigint NOT NULL,
@@ -160,5 +181,19 @@ CREATE TABLE usage_totals (
     unbilled_sum bigint NOT NULL DEFAULT 0,
     CONSTRAINT usage_totals_pkey PRIMARY KEY (customer_id, meter, period_start)
 );
+
+CREATE TABLE usage_webhook_outbox (
+    customer_id text NOT NULL,
+    alert_id uuid NOT NULL,
+    body text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    next_attempt_at timestamp with time zone NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    lease_until timestamp with time zone,
+    leased_by text,
+    last_error text NOT NULL DEFAULT ''::text,
+    CONSTRAINT usage_webhook_outbox_pkey PRIMARY KEY (customer_id, alert_id)
+);
+CREATE INDEX usage_webhook_outbox_due ON public.usage_webhook_outbox USING btree (next_attempt_at);
 
 CREATE SEQUENCE usage_events_seq AS bigint START 1 INCREMENT 1;
