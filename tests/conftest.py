@@ -1,5 +1,10 @@
 """Fixtures: a real PostgreSQL (DATABASE_URL, else the local server, else an embedded one), a fresh
-database per test cloned from a migrated template, and the service on a real gRPC channel."""
+database per test cloned from a migrated template, and the service on a real gRPC channel.
+
+Every test gets one tier marker at collection (see README, "Test it"): `process` when it is marked
+so (it starts `usage-service` processes; the process helpers refuse to run in any other test),
+else `integration` when it uses a database fixture, else `unit`. A unit-only run never asks for a
+database: the server is found or started only by the first test that needs one."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+import process
 import pytest
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2_grpc
@@ -26,8 +32,27 @@ from usage_service.settings import plans_file
 from usage_service.storage import connections, history, migrate, store
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
+# A test that uses any of these needs PostgreSQL: the shared server, or one of its own.
+DATABASE_FIXTURES = frozenset({"server_dsn", "cluster"})
+
 # Where the machine's own PostgreSQL normally runs; without it the tests start an embedded one.
 LOCAL_SERVER = os.environ.get("USAGE_TEST_LOCAL_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("process") is not None:
+            continue
+        if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
+            if item.get_closest_marker("slow") is None:
+                item.add_marker(pytest.mark.quick)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    process.allowed = item.get_closest_marker("process") is not None
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -75,6 +100,8 @@ def server_dsn() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def template_db(server_dsn: str) -> Iterator[str]:
+    """A migrated database that test databases are copied from. Under pytest-xdist every worker
+    is a session of its own and builds its own, under a name of its own: nothing is shared."""
     name = f"usage_tpl_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
     asyncio.run(migrate.migrate_dsn(with_database(server_dsn, name)))

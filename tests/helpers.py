@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
 import grpc
@@ -17,6 +19,27 @@ from usage_service.drain import background
 from usage_service.drain.loop import Drain, DrainSettings
 from usage_service.providers.config import ProviderSettings
 from usage_service.storage import connections, drain_store, store
+
+WAIT = 10.0  # seconds a condition awaited by `wait_for` may take
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Polls `condition` until it holds; fails after WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def lock_waiters(db: asyncpg.Pool) -> int:
+    """Sessions of the pool's database waiting for a lock."""
+    return int(
+        await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        )
+    )
 
 
 @dataclasses.dataclass

@@ -16,9 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
 START_TIMEOUT = 60.0  # seconds; an embedded PostgreSQL's first start runs initdb
+# Set by conftest for each test: whether it is marked `process`, the tier that starts processes.
+allowed = True
 
 
 def executable() -> list[str]:
+    if not allowed:
+        raise RuntimeError("this test starts `usage-service`: mark it @pytest.mark.process")
     found = shutil.which("usage-service", path=str(pathlib.Path(sys.executable).parent))
     return [found] if found else [sys.executable, "-m", "usage_service.cli"]
 
@@ -50,11 +54,12 @@ class ServiceProcess:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-            if line.startswith("usage-service listening on "):
-                self.address = line.split()[-1]
-                self._ready.set()
+        with self.proc.stdout:  # closed once the process is gone
+            for line in self.proc.stdout:
+                self.output.append(line)
+                if line.startswith("usage-service listening on "):
+                    self.address = line.split()[-1]
+                    self._ready.set()
         self._ready.set()
 
     def health(self, service: str = "") -> int:

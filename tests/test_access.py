@@ -191,6 +191,7 @@ async def test_tls_and_mutual_tls(
         await running.stop(1)
 
 
+@pytest.mark.process
 def test_health_command_over_mutual_tls(dsn: str, tmp_path: pathlib.Path) -> None:
     """The container's HEALTHCHECK: `usage-service health` speaks TLS with the server's own
     certificate when mutual TLS is on."""
@@ -226,6 +227,7 @@ def test_health_command_over_mutual_tls(dsn: str, tmp_path: pathlib.Path) -> Non
     assert down.returncode == 1
 
 
+@pytest.mark.process
 def test_no_auth_only_on_loopback_or_by_explicit_opt_out(dsn: str) -> None:
     env = {"DATABASE_URL": dsn, "USAGE_GRPC_ADDRESS": "0.0.0.0:0"}
     refused = subprocess.run(

@@ -132,6 +132,7 @@ async def test_switches_mid_period_leave_each_provider_exactly_its_usage(
     assert (meter.used, meter.reported, meter.pending, meter.unbilled) == (150, 110, 0, 40)
 
 
+@pytest.mark.process
 async def test_events_stranded_by_a_switch_are_named_and_moved_on_request(
     service: Service, fakes: Fakes, make_drain: MakeDrain, dsn: str
 ) -> None:
@@ -288,7 +289,7 @@ async def test_the_attribution_migration_decides_existing_events(dsn: str) -> No
             )
     finally:
         await conn.close()
-    assert await migrate.migrate_dsn(dsn) == ["0004_attribution"]
+    assert (await migrate.migrate_dsn(dsn))[:1] == ["0004_attribution"]  # and any later
     conn = await asyncpg.connect(dsn)
     try:
         events = await conn.fetch(

@@ -181,7 +181,7 @@ async def test_the_migration_makes_parked_events_of_a_customer_without_provider_
         )
     finally:
         await conn.close()
-    assert await migrate.migrate_dsn(dsn) == ["0004_attribution"]
+    assert (await migrate.migrate_dsn(dsn))[:1] == ["0004_attribution"]  # and any later
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     assert pool is not None
     try:

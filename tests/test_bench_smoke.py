@@ -6,6 +6,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.process
+
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 

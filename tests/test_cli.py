@@ -47,12 +47,14 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.process
 def test_version_comes_from_the_package_metadata() -> None:
     done = _run(*executable(), "--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"usage-service {importlib.metadata.version('usage-service')}\n"
 
 
+@pytest.mark.process
 def test_python_dash_m_runs_the_command_and_its_help_reads_well() -> None:
     done = _run(sys.executable, "-m", "usage_service", "--help")
     assert done.returncode == 0, done.stderr
@@ -105,6 +107,7 @@ def test_progress_lines_come_at_most_every_two_seconds_and_at_the_end(
     ]
 
 
+@pytest.mark.process
 async def test_prune_prints_progress_on_stderr(service: Service, dsn: str) -> None:
     now = dt.datetime.now(dt.UTC)
     for customer_id in ("cus_a", "cus_b"):
@@ -132,6 +135,7 @@ def fakes() -> Iterator[Fakes]:
     started.stop()
 
 
+@pytest.mark.process
 async def test_drain_once_prints_progress_on_stderr(
     service: Service, dsn: str, fakes: Fakes
 ) -> None:

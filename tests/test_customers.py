@@ -12,6 +12,7 @@ from helpers import details
 from usage.v1 import customer_pb2
 
 
+@pytest.mark.quick
 async def test_upsert_then_get_round_trips_every_field(service: Service) -> None:
     saved = await service.add_customer(
         "cus_9",

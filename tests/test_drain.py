@@ -30,7 +30,7 @@ from usage_service.providers import polar as polar_wire
 from usage_service.providers.config import ProviderSettings
 from usage_service.providers.outcome import Reporting
 from usage_service.providers.stripe_meters import TOO_OLD, StripeMeters
-from usage_service.storage import backlog, drain_queries, drain_store
+from usage_service.storage import backlog, drain_store
 
 FAST = DrainSettings(
     interval=0.05, lease=10, claim=1000, backoff_base=0.02, backoff_cap=0.2, concurrency=8
@@ -455,19 +455,6 @@ async def test_stop_lets_the_current_cycle_finish(
     assert (row["state"], row["attempts"], row["lease_until"]) == ("open", 1, None)
 
 
-def test_claim_uses_its_index(dsn: str) -> None:
-    async def plan() -> str:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute("SET enable_seqscan = off")
-            rows = await conn.fetch("EXPLAIN " + drain_queries.CLAIM_EVENTS, "stripe", 10)
-        finally:
-            await conn.close()
-        return "\n".join(r[0] for r in rows)
-
-    assert "usage_events_unclaimed" in asyncio.run(plan())
-
-
 def claimed(
     customer_id: str, meter: str, quantity: int, period: dt.datetime | None, **totals: int
 ) -> drain_store.Claimed:
@@ -520,3 +507,30 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
         delays = {s.backoff(attempts) for _ in range(50)}
         assert all(step / 2 <= d <= step for d in delays)
         assert len(delays) > 1
+
+
+async def test_a_watcher_sees_the_drain_settle_its_usage(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    await add_customers(service, ["stripe"])
+    await service.add_customer("c_nostripe", provider=customer_pb2.PROVIDER_STRIPE)
+    await record_many(service, "c_stripe", "tokens", [10, 20])
+    await record_many(service, "c_nostripe", "tokens", [4])
+    calls = [
+        service.usage.WatchUsage(usage_pb2.WatchUsageRequest(customer_id=c))
+        for c in ("c_stripe", "c_nostripe")
+    ]
+    streams = [call.__aiter__() for call in calls]
+    async with asyncio.timeout(30):
+        snaps = [await anext(s) for s in streams]
+        assert [(m.meters[0].pending, m.meters[0].reported) for m in snaps] == [(30, 0), (4, 0)]
+        await drain_until_quiet([await make_drain()], service.db)
+        settled = await anext(streams[0])
+        parked = await anext(streams[1])
+    assert settled.kind == parked.kind == usage_pb2.USAGE_CHANGE_KIND_DRAIN
+    tokens = {m.meter: m for m in settled.meters}["tokens"]
+    assert (tokens.reported, tokens.pending, tokens.used) == (30, 0, 30)
+    refused = {m.meter: m for m in parked.meters}["tokens"]
+    assert (refused.failed, refused.pending) == (4, 0)
+    for call in calls:
+        call.cancel()

@@ -21,6 +21,8 @@ from process import PLANS_FILE, ServiceProcess, executable
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
 
+pytestmark = pytest.mark.process
+
 SETTLE_TIMEOUT = 90.0  # seconds
 METERS = ("tokens", "calls")
 

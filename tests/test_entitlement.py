@@ -8,7 +8,7 @@ import uuid
 import grpc
 import pytest
 from conftest import Service
-from helpers import details, record
+from helpers import details, lock_waiters, record, wait_for
 
 from usage.v1 import customer_pb2, usage_pb2
 from usage_service import domain
@@ -75,6 +75,7 @@ async def test_meter_outside_the_plan_is_denied(service: Service) -> None:
     assert not answer.allowed and answer.reason == R.ENTITLEMENT_REASON_FEATURE_NOT_IN_PLAN
 
 
+@pytest.mark.quick
 async def test_hard_limit_figures(service: Service) -> None:
     await service.add_customer()
     await service.usage.RecordUsage(record(quantity=990, key="a"))
@@ -106,6 +107,7 @@ async def test_unlimited_feature_has_no_limit_field(service: Service) -> None:
     assert answer.used == 10**12
 
 
+@pytest.mark.quick
 async def test_consume_records_usage_and_is_idempotent(service: Service) -> None:
     await service.add_customer()
     first = await service.usage.CheckEntitlement(check(quantity=300, consume=True, key="c"))
@@ -214,7 +216,11 @@ async def test_a_consume_that_waited_for_its_own_original_is_a_replay(service: S
         retry = asyncio.ensure_future(
             service.usage.CheckEntitlement(check(quantity=10, consume=True, key="last"))
         )
-        await asyncio.sleep(0.5)  # the retry now waits for the totals row
+
+        async def retry_waits() -> bool:
+            return await lock_waiters(service.db) == 1
+
+        await wait_for(retry_waits, "the retry to wait for the totals row")
         assert not retry.done()
         await tx.commit()
     answer = await retry

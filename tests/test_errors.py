@@ -51,6 +51,15 @@ async def test_record_rejects_bad_fields_and_stores_nothing(
     assert await service.count_events() == 0
 
 
+async def test_an_event_time_just_past_the_allowed_skew_is_refused(service: Service) -> None:
+    ahead = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)  # from when the test runs
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.usage.RecordUsage(record(when=ahead))
+    d = details(caught.value)
+    assert (d.code, set(d.fields)) == (grpc.StatusCode.INVALID_ARGUMENT, {"event_time"})
+    assert await service.count_events() == 0
+
+
 async def test_limits_are_inclusive(service: Service) -> None:
     near_future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4)
     ok = record(customer_id="c" * 255, key="k" * 255, quantity=0, when=near_future)

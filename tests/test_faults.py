@@ -31,6 +31,8 @@ from process import ServiceProcess
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
 from usage_service.storage import migrate
 
+pytestmark = pytest.mark.process
+
 CALL_TIMEOUT = 5.0  # seconds per call under load
 RECOVERY_LIMIT = 15.0  # seconds the service may take to answer OK again after a fault
 LOAD_LIMIT = 60.0  # seconds any load phase may run

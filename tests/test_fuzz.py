@@ -18,6 +18,8 @@ from process import ServiceProcess
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
 
+pytestmark = pytest.mark.process
+
 DOCUMENTED = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,

@@ -11,10 +11,13 @@ import subprocess
 
 import asyncpg
 import grpc
+import pytest
 from helpers import record
 from process import PLANS_FILE, ServiceProcess, executable
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
+
+pytestmark = pytest.mark.process
 
 BURST = 600  # concurrent RecordUsage calls
 
@@ -132,30 +135,30 @@ def test_workers_share_one_port_and_stop_together(dsn: str) -> None:
         "USAGE_GRPC_ADDRESS": "127.0.0.1:0",
         "USAGE_PLANS_FILE": str(PLANS_FILE),
     }
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [*executable(), "serve", "--workers", "2"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = ""
-        for line in proc.stdout:
-            if line.startswith("usage-service listening on "):
-                break
-        assert line.startswith("usage-service listening on "), line
-        answers, serving, stored = asyncio.run(
-            _calls_over_separate_connections(line.split()[3], dsn)
-        )
-        assert all(not a.duplicate for a in answers) and stored == 24
-        # Both workers accepted connections; the parent accepts none.
-        assert len(serving) == 2 and proc.pid not in serving, serving
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        assert not any(pathlib.Path(f"/proc/{pid}").exists() for pid in serving)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = ""
+            for line in proc.stdout:
+                if line.startswith("usage-service listening on "):
+                    break
+            assert line.startswith("usage-service listening on "), line
+            answers, serving, stored = asyncio.run(
+                _calls_over_separate_connections(line.split()[3], dsn)
+            )
+            assert all(not a.duplicate for a in answers) and stored == 24
+            # Both workers accepted connections; the parent accepts none.
+            assert len(serving) == 2 and proc.pid not in serving, serving
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            assert not any(pathlib.Path(f"/proc/{pid}").exists() for pid in serving)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)

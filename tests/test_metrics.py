@@ -20,7 +20,7 @@ from helpers import record
 from usage.v1 import customer_pb2
 from usage_service import app, metrics
 from usage_service.settings import ConfigError
-from usage_service.storage import store
+from usage_service.storage import connections, store
 
 
 def test_the_endpoint_serves_the_registry_on_the_port_it_chose() -> None:
@@ -59,7 +59,7 @@ async def test_the_database_gauges_follow_the_backlog(service: Service, dsn: str
     await service.add_customer(
         "cus_m", provider=customer_pb2.PROVIDER_STRIPE, provider_customer_id="cus_stripe_m"
     )
-    st = store.Store(await store.create_pool(dsn, 2))
+    st = store.Store(await connections.create_pool(dsn, 2))
     try:
         async with app._database_gauges(st, 0.05):
             await _until(lambda: sample("usage_db_pool_connections", {"state": "max"}) == 2)

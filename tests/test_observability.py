@@ -11,11 +11,14 @@ import time
 import urllib.request
 
 import grpc
+import pytest
 from helpers import record
 from process import ServiceProcess
 
 from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
 from usage_service.api import auth
+
+pytestmark = pytest.mark.process
 
 TOKEN = "obs-token-5f0c1e2d3b4a69788796a5b4"
 WRONG = "wrong-token-aa11bb22cc33dd44ee55"

@@ -399,6 +399,7 @@ async def test_a_bad_cadence_is_refused_and_changes_nothing(
 
 
 @pytest.mark.tampers
+@pytest.mark.process
 async def test_verify_reports_a_tampered_total(service: Service, dsn: str) -> None:
     now = dt.datetime.now(dt.UTC)
     await upsert(service, now - hours(1), now + hours(1))

@@ -93,6 +93,7 @@ def test_bad_files_name_file_key_and_reason(
     assert reason in message
 
 
+@pytest.mark.process
 def test_serve_refuses_to_start_on_a_bad_file(tmp_path: pathlib.Path) -> None:
     f = tmp_path / "bad.toml"
     f.write_text(GOOD + "[plans.q.features.ghost]\nincluded = 1")

@@ -19,6 +19,8 @@ from process import PLANS_FILE, ServiceProcess, executable
 
 from usage.v1 import usage_pb2, usage_pb2_grpc
 
+pytestmark = pytest.mark.process
+
 
 def test_health_and_reflection_are_served(dsn: str) -> None:
     service = ServiceProcess({"DATABASE_URL": dsn})

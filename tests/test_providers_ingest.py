@@ -29,6 +29,8 @@ from usage_service.domain.reports import ReportEvent
 from usage_service.providers import creem, dodo_payments, ingest, outcome, polar
 from usage_service.providers.config import Endpoint
 
+pytestmark = pytest.mark.slow  # over HTTP against the fake providers, timeouts included
+
 POLAR_1 = "3d5e7f90-1a2b-4c3d-8e4f-5a6b7c8d9e0f"
 POLAR_2 = "9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d"
 POLAR_UNKNOWN = "00000000-0000-4000-8000-000000000000"

@@ -23,6 +23,8 @@ from usage_service.providers.lemon_squeezy import CLOSED_PERIOD, HOLD, LemonSque
 from usage_service.providers.outcome import Outcome
 from usage_service.settings import ConfigError
 
+pytestmark = pytest.mark.slow  # over HTTP against the fake providers, timeouts included
+
 LEMON = domain.Provider.LEMON_SQUEEZY
 TIMEOUT = 0.2  # seconds
 SETTLE = 0.2  # seconds

@@ -25,6 +25,8 @@ from usage_service.providers.stripe_meters import (
     window,
 )
 
+pytestmark = pytest.mark.slow  # over HTTP against the fake providers, timeouts included
+
 STRIPE = domain.Provider.STRIPE
 
 

@@ -17,6 +17,7 @@ from process import PLANS_FILE, executable
 from usage.v1 import usage_pb2
 
 
+@pytest.mark.process
 async def test_prune_deletes_only_old_reported_events_and_keeps_totals(
     service: Service, dsn: str
 ) -> None:

@@ -25,6 +25,8 @@ from usage_service.providers.config import Endpoint
 from usage_service.providers.lemon_squeezy import CURRENT_ONLY, LemonSqueezy
 from usage_service.providers.readback import Held, Query
 
+pytestmark = pytest.mark.slow  # over HTTP against the fake providers, timeouts included
+
 POLAR_1 = "3d5e7f90-1a2b-4c3d-8e4f-5a6b7c8d9e0f"
 
 

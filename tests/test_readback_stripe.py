@@ -23,6 +23,8 @@ from usage_service.providers.config import Endpoint
 from usage_service.providers.readback import Held, Query
 from usage_service.providers.stripe_meters import MeterError, StripeMeters
 
+pytestmark = pytest.mark.slow  # over HTTP against the fake providers, timeouts included
+
 STRIPE = domain.Provider.STRIPE
 
 

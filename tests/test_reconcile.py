@@ -261,6 +261,7 @@ async def test_a_per_event_fix_sends_the_missing_events_again_once(
     assert (done.verdict, done.held, done.fix) == (Verdict.MATCH, 23, "")
 
 
+@pytest.mark.process
 async def test_the_command_prints_a_row_per_customer_meter_and_period_and_exits_1_on_drift(
     service: Service, fakes: Fakes, make_drain: MakeDrain, dsn: str
 ) -> None:

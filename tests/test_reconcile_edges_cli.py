@@ -15,6 +15,8 @@ from process import executable
 from test_drain import MakeDrain, drain_until_quiet, fakes, make_drain
 from test_reconcile import METERS, _sent_ids, setup
 
+pytestmark = pytest.mark.process
+
 __all__ = ["fakes", "make_drain"]  # fixtures
 
 VERDICTS = {"match", "provider lower", "provider higher", "provider still settling", "cannot tell"}

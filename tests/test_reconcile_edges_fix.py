@@ -258,8 +258,8 @@ async def test_a_fix_queued_through_the_service_s_own_pool_is_stored_as_a_json_a
     dsn: str,
     plans: plans_mod.Plans,
 ) -> None:
-    """`reconcile --fix` and `serve` use store.create_pool, whose connections encode jsonb with
-    json.dumps: a fix inserted as `json.dumps(events)` into `$4::jsonb` is stored as one JSON
+    """`reconcile --fix` and `serve` use connections.create_pool, whose connections encode jsonb
+    with json.dumps: a fix inserted as `json.dumps(events)` into `$4::jsonb` is stored as one JSON
     string, not an array. The next reconcile of that lane reads it back (units: FIXES) and a
     per-event --fix asks jsonb_array_elements of it (QUEUED)."""
     await setup(service, fakes, ("stripe", "polar"))

@@ -13,6 +13,7 @@ from helpers import details, record
 from usage.v1 import usage_pb2
 
 
+@pytest.mark.quick
 async def test_record_is_committed_and_answers_the_event_id(service: Service) -> None:
     await service.add_customer()
     answer = await service.usage.RecordUsage(record(quantity=7, key="a", model="gpt"))
@@ -41,6 +42,7 @@ async def test_retry_without_event_time_matches_the_original(service: Service) -
     assert again.duplicate and again.event_id == first.event_id
 
 
+@pytest.mark.quick
 async def test_same_key_other_payload_is_already_exists_and_keeps_the_first(
     service: Service,
 ) -> None:

@@ -100,7 +100,8 @@ async def test_the_periods_migration_keeps_history_and_verify_repairs_the_rest(d
             )
     finally:
         await conn.close()
-    assert await migrate.migrate_dsn(dsn) == ["0003_periods", "0004_attribution"]
+    applied = await migrate.migrate_dsn(dsn)
+    assert applied[:2] == ["0003_periods", "0004_attribution"]  # and any later
     pool = await connections.create_pool(dsn, size=2)
     try:
         rows = await pool.fetch(

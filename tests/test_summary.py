@@ -23,6 +23,7 @@ async def summary(service: Service, customer_id: str = "cus_1") -> dict[str, usa
     return {m.meter: m for m in answer.meters}
 
 
+@pytest.mark.quick
 async def test_each_aggregation(service: Service) -> None:
     await service.add_customer()
     t = now() - dt.timedelta(hours=3)

@@ -13,6 +13,7 @@ from conftest import Service
 from helpers import details, record
 
 from usage.v1 import customer_pb2, usage_pb2, usage_pb2_grpc
+from usage_service.api import watch as watch_api
 from usage_service.api.server import Running, start_server
 from usage_service.domain import plans as plans_mod
 from usage_service.storage import connections, store
@@ -303,7 +304,8 @@ async def test_a_restart_ends_the_stream_and_a_resume_on_the_next_server_misses_
 async def test_a_caller_that_stops_reading_is_ended_and_others_are_not_slowed(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(watch_store, "QUEUE", 8)
+    monkeypatch.setattr(watch_store, "QUEUE", 8)  # a reader falls behind its queue at once
+    monkeypatch.setattr(watch_api, "SLOW_AFTER", 2.0)
     await service.add_customer()
     # A plain HTTP/2 window (no growth by bandwidth probes), so that not reading fills it.
     slow_channel = grpc.aio.insecure_channel(service.address, options=[("grpc.http2.bdp_probe", 0)])
@@ -315,10 +317,11 @@ async def test_a_caller_that_stops_reading_is_ended_and_others_are_not_slowed(
     reader = watch(service)
     reader_stream = reader.__aiter__()
     (snap,) = await take(reader_stream, 1)
-    count = 1500  # more than HTTP/2's window (64 KiB) and the queue hold
+    count = 1500  # more than HTTP/2's window (64 KiB) holds
+    reading = asyncio.create_task(take(reader_stream, count))  # reads as they come
     for i in range(count):
         await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
-    got = await take(reader_stream, count)  # the reader got every change
+    got = await reading  # the reader got every change
     assert [m.version for m in got] == list(range(snap.version + 1, snap.version + 1 + count))
     reader.cancel()
     received = []

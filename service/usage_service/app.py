@@ -1,25 +1,29 @@
 """The composition root of `usage-service serve`: the validated settings, then the database,
-the metrics endpoint and its gauges, the gRPC server, the reconciliation and the drain, each
-entered into one exit stack, which stops them in the reverse order."""
+the metrics endpoint and its gauges, the gRPC server, the reconciliation, the drain and the
+threshold alerts, each entered into one exit stack, which stops them in the reverse order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import signal
 from collections.abc import AsyncIterator
 
 from usage_service import metrics, tracing
+from usage_service.alerts import background as alerts_background
 from usage_service.api import server
 from usage_service.drain import background as drain_background
 from usage_service.reconcile import background as reconcile_background
 from usage_service.settings import ConfigError, plans_file
 from usage_service.settings.environment import Settings
-from usage_service.storage import database, ops, store
+from usage_service.storage import changes, database, ops, store
 from usage_service.tls import TlsConfigError
 
 log = logging.getLogger(__name__)
+FORGET_EVERY = 600.0  # seconds between deletions of changes too old to resume from
+FORGET_BATCH = 10_000  # changes deleted per statement
 BACKLOG_QUERY_TIMEOUT = 2.0  # seconds one read of the drain backlog may take
 
 
@@ -59,6 +63,8 @@ async def serve(settings: Settings) -> None:
         await stack.enter_async_context(
             drain_background.running(st, plans, settings.drain, settings.providers)
         )
+        await stack.enter_async_context(_forgetting_changes(st, settings.watch_resume))
+        await stack.enter_async_context(alerts_background.running(st, plans, settings.alerts))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,3 +105,27 @@ async def _refresh_gauges(st: store.Store, every: float) -> None:
         else:
             metrics.backlog({b.provider: (b.events, b.oldest_age_seconds) for b in backlog})
         await asyncio.sleep(every)
+
+
+@contextlib.asynccontextmanager
+async def _forgetting_changes(st: store.Store, keep: float) -> AsyncIterator[None]:
+    """Forgets the changes WatchUsage could resume from once they are `keep` seconds old, now
+    and every FORGET_EVERY seconds while the block runs (a resume older than that gets a
+    snapshot)."""
+    task = asyncio.create_task(_forget_changes(st, keep), name="forget-changes")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _forget_changes(st: store.Store, keep: float) -> None:
+    while True:
+        before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=keep)
+        try:
+            await changes.forget(st.pool, before, FORGET_BATCH)
+        except Exception as exc:  # the database is away: next time
+            log.warning("old changes not forgotten: %r", exc, extra={"action": "watch"})
+        await asyncio.sleep(min(keep, FORGET_EVERY))

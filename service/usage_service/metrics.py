@@ -78,6 +78,21 @@ PROVIDER_DUPLICATES = prom.Counter(
     "events a provider reported it already had (a re-send it deduplicated)",
     ["provider"],
 )
+THRESHOLD_ALERTS = prom.Counter(
+    "usage_threshold_alerts", "threshold crossings recorded (each once per period)"
+)
+WEBHOOK_DELIVERIES = prom.Counter(
+    "usage_webhook_deliveries",
+    "webhook attempts, by outcome (delivered, rejected: not 2xx, network_error)",
+    ["outcome"],
+)
+WEBHOOK_BACKLOG = prom.Gauge(
+    "usage_webhook_backlog", "webhooks not yet accepted by the receiver (all replicas)"
+)
+WEBHOOK_OLDEST_AGE = prom.Gauge(
+    "usage_webhook_oldest_age_seconds",
+    "how long the oldest webhook not yet accepted by the receiver has waited",
+)
 DB_POOL = prom.Gauge("usage_db_pool_connections", "database pool connections, by state", ["state"])
 
 PROVIDERS = tuple(p.value for p in domain.Provider if p is not domain.Provider.NONE)
@@ -102,6 +117,24 @@ def events_reported(provider: str, outcome: str, count: int = 1) -> None:
 def provider_duplicates(provider: str, count: int) -> None:
     """A provider answered that `count` events of a call were duplicates of earlier ones."""
     PROVIDER_DUPLICATES.labels(provider).inc(count)
+
+
+# --- threshold alerts and their webhooks ---
+
+
+def threshold_alerts(count: int) -> None:
+    THRESHOLD_ALERTS.inc(count)
+
+
+def webhook_delivery(outcome: str) -> None:
+    """One webhook attempt ended: delivered, rejected (an answer other than 2xx) or
+    network_error."""
+    WEBHOOK_DELIVERIES.labels(outcome).inc()
+
+
+def webhook_backlog(waiting: int, oldest_age_seconds: float) -> None:
+    WEBHOOK_BACKLOG.set(waiting)
+    WEBHOOK_OLDEST_AGE.set(oldest_age_seconds)
 
 
 # --- the database gauges, set periodically by the server process ---

@@ -115,10 +115,44 @@ class FakeProvider:
         self._release.wait(HOLD_LIMIT)
 
 
+class _Lines:
+    """A request's input that remembers the last line read: a header block that ended at the end
+    of the input, not at a blank line, was cut short."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.last = b""
+
+    def readline(self, limit: int = -1) -> bytes:
+        self.last = self.raw.readline(limit)
+        return self.last  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are separate writes: no delayed-ACK stall
     server: http.server.ThreadingHTTPServer
+    rfile: Any
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _Lines(self.rfile)
+
+    def _arrived(self) -> bytes | None:
+        """The body, or None when the request did not arrive whole: the sender died mid-request
+        (killed, or its connection cut), which a real server drops unread and which is no
+        violation of ours."""
+        if self.rfile.last not in (b"\r\n", b"\n"):
+            return None
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = self.rfile.read(length) if length else b""
+        except OSError:
+            return None
+        return body if len(body) == length else None
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -131,9 +165,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         fake: FakeProvider = self.server.fake  # type: ignore[attr-defined]
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        if len(body) < length:  # the sender died mid-request: a real server drops it unread
+        body = self._arrived()
+        if body is None:
             self.close_connection = True
             return
         headers = {k.lower(): v for k, v in self.headers.items()}

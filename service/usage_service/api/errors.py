@@ -70,7 +70,7 @@ REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
     ),
     "SLOW_CONSUMER": (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "a WatchUsage stream fell too far behind; resume with resume_after_version",
+        "a WatchUsage caller read nothing for too long; resume with resume_after_version",
     ),
     "INTERNAL_ERROR": (grpc.StatusCode.INTERNAL, "an unexpected error; it has been logged"),
 }

@@ -95,7 +95,7 @@ async def start_server(
         raise ConfigError(
             f"USAGE_GRPC_ADDRESS: cannot listen on {address} (in use, or not this host's)"
         ) from None
-    await hub.start()
+    hub.start()
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

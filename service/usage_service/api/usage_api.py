@@ -183,7 +183,5 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             period_source=convert.SOURCE_TO_PROTO[period.source],
         )
 
-    async def WatchUsage(
-        self, request: usage_pb2.WatchUsageRequest, context: Context
-    ) -> None:
+    async def WatchUsage(self, request: usage_pb2.WatchUsageRequest, context: Context) -> None:
         await watch.serve(self.hub, self.plans, request, context)

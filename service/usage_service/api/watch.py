@@ -41,8 +41,9 @@ CLOSING = ApiError(
 )
 TOO_SLOW = ApiError(
     "SLOW_CONSUMER",
-    "the stream fell too far behind its changes; resume with resume_after_version",
+    "the caller did not read a message for too long; resume with resume_after_version",
 )
+SLOW_AFTER = 30.0  # seconds one message may wait for the caller to read it
 
 
 def _now() -> dt.datetime:
@@ -60,8 +61,8 @@ class _State:
 async def serve(
     hub: watch.Hub, plans: Plans, request: usage_pb2.WatchUsageRequest, context: Context
 ) -> None:
-    """Writes the stream to `context`. A caller that stops reading is ended with SLOW_CONSUMER
-    once its watcher's queue is full: its messages are never buffered without bound."""
+    """Writes the stream to `context`. A caller that stops reading is ended with SLOW_CONSUMER:
+    its messages are never buffered without bound."""
     v = Violations()
     validation.text(v, "customer_id", request.customer_id)
     for i, name in enumerate(request.meters):
@@ -73,7 +74,7 @@ async def serve(
         v.check()
         with hub.watching(request.customer_id) as watcher:
             async for message in _watch(hub, plans, request, watcher):
-                await _write(context, message, watcher)
+                await _write(context, message)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -81,17 +82,13 @@ async def serve(
         await context.abort_with_status(error.status())  # type: ignore[attr-defined]
 
 
-async def _write(context: Context, message: usage_pb2.WatchUsageResponse, w: watch.Watcher) -> None:
-    write = asyncio.ensure_future(context.write(message))
-    slow = asyncio.ensure_future(w.too_slow.wait())
+async def _write(context: Context, message: usage_pb2.WatchUsageResponse) -> None:
+    """Sends a message; a caller that reads none for SLOW_AFTER seconds is ended (its changes
+    wait in the log, not in memory, for its resume)."""
     try:
-        await asyncio.wait({write, slow}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        slow.cancel()
-    if not write.done():  # the caller stopped reading and its queue filled up meanwhile
-        write.cancel()
-        raise TOO_SLOW
-    write.result()
+        await asyncio.wait_for(context.write(message), SLOW_AFTER)
+    except TimeoutError:
+        raise TOO_SLOW from None
 
 
 async def _watch(
@@ -159,26 +156,21 @@ async def _next(hub: watch.Hub, w: watch.Watcher, state: _State) -> changes.Logg
         if hub.closing.is_set():
             raise CLOSING
         get = asyncio.ensure_future(w.queue.get())
-        slow = asyncio.ensure_future(w.too_slow.wait())
         closing = asyncio.ensure_future(hub.closing.wait())
         left = (state.period.end - _now()).total_seconds()
         try:
             done, _ = await asyncio.wait(
-                {get, slow, closing},
-                timeout=max(left, 0.0),
-                return_when=asyncio.FIRST_COMPLETED,
+                {get, closing}, timeout=max(left, 0.0), return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            slow.cancel()
             closing.cancel()
             if not get.done():
                 get.cancel()
         if get in done:
+            w.taken(hub)
             return get.result()
         if hub.closing.is_set():
             raise CLOSING
-        if w.queue.empty() and w.too_slow.is_set():
-            raise TOO_SLOW
         if not done:  # the period ended with nothing to say so: say it
             snap = await watch.snapshot(hub.pool, w.customer_id, _now())
             if snap is None:

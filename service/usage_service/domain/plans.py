@@ -52,11 +52,26 @@ class Meter:
 
 
 @dataclasses.dataclass(frozen=True)
+class Threshold:
+    """A level of a feature's usage in a period that raises one alert per period: `text` as
+    declared, in its canonical form ("80% of included", "100% of limit", "1500000"), and the
+    `amount` of usage that reaches it."""
+
+    text: str
+    amount: int  # >= 1
+
+
+@dataclasses.dataclass(frozen=True)
 class MeteredFeature:
     meter: str
     included: int
     limit: int | None  # None: unlimited
     enforcement: Enforcement
+    thresholds: tuple[Threshold, ...] = ()  # by amount, lowest first
+
+    def reached(self, used: int) -> tuple[Threshold, ...]:
+        """The thresholds a period's usage of `used` has reached."""
+        return tuple(t for t in self.thresholds if used >= t.amount)
 
 
 @dataclasses.dataclass(frozen=True)

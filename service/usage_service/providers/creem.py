@@ -138,6 +138,12 @@ async def read(http: httpx.AsyncClient, query: Query) -> list[ingest.Row]:
 WIRE = ingest.Wire("creem", "/v1/events/ingest", BATCH, encode, named, reason, accepted, read=read)
 
 
-def adapter(endpoint: Endpoint, meters: Mapping[str, Meter], timeout: float) -> ingest.Ingest:
+def adapter(
+    endpoint: Endpoint,
+    meters: Mapping[str, Meter],
+    timeout: float,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> ingest.Ingest:
     headers = {"x-api-key": endpoint.api_key}
-    return ingest.Ingest(WIRE, ingest.client(endpoint.base_url, headers, timeout), meters)
+    http = ingest.client(endpoint.base_url, headers, timeout, transport)
+    return ingest.Ingest(WIRE, http, meters)

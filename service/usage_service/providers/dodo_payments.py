@@ -135,6 +135,12 @@ WIRE = ingest.Wire(
 )
 
 
-def adapter(endpoint: Endpoint, meters: Mapping[str, Meter], timeout: float) -> ingest.Ingest:
+def adapter(
+    endpoint: Endpoint,
+    meters: Mapping[str, Meter],
+    timeout: float,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> ingest.Ingest:
     headers = {"Authorization": f"Bearer {endpoint.api_key}"}
-    return ingest.Ingest(WIRE, ingest.client(endpoint.base_url, headers, timeout), meters)
+    http = ingest.client(endpoint.base_url, headers, timeout, transport)
+    return ingest.Ingest(WIRE, http, meters)

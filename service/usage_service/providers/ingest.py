@@ -235,8 +235,15 @@ class Ingest:
         return _Unbilled(unbilled) if unbilled else outcome.Delivered()
 
 
-def client(base_url: str, headers: Mapping[str, str], timeout: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=base_url, headers=dict(headers), timeout=timeout)
+def client(
+    base_url: str,
+    headers: Mapping[str, str],
+    timeout: float,
+    transport: httpx.AsyncBaseTransport | None = None,  # tests: httpx.MockTransport
+) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=base_url, headers=dict(headers), timeout=timeout, transport=transport
+    )
 
 
 def attributes(

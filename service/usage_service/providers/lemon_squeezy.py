@@ -72,6 +72,7 @@ class LemonSqueezy:
         meters: Mapping[str, Meter],
         timeout: float,
         settle: float = DEFAULT_LEMONSQUEEZY_SETTLE,
+        transport: httpx.AsyncBaseTransport | None = None,  # tests: httpx.MockTransport
     ) -> None:
         self._http = httpx.AsyncClient(
             base_url=endpoint.base_url,
@@ -81,6 +82,7 @@ class LemonSqueezy:
                 "Content-Type": JSON_API,
             },
             timeout=timeout,
+            transport=transport,
         )
         self._meters = meters
         self._timeout = timeout

@@ -163,6 +163,12 @@ def _ms(when: dt.datetime) -> dt.datetime:
 WIRE = ingest.Wire("polar", "/v1/events/ingest", BATCH, encode, named, reason, accepted, read=read)
 
 
-def adapter(endpoint: Endpoint, meters: Mapping[str, Meter], timeout: float) -> ingest.Ingest:
+def adapter(
+    endpoint: Endpoint,
+    meters: Mapping[str, Meter],
+    timeout: float,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> ingest.Ingest:
     headers = {"Authorization": f"Bearer {endpoint.api_key}", "Polar-Version": VERSION}
-    return ingest.Ingest(WIRE, ingest.client(endpoint.base_url, headers, timeout), meters)
+    http = ingest.client(endpoint.base_url, headers, timeout, transport)
+    return ingest.Ingest(WIRE, http, meters)

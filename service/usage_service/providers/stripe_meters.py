@@ -126,8 +126,9 @@ class StripeMeters:
         meter_events_base: str,
         meters: Mapping[str, Meter],
         timeout: float,
+        http_client: stripe.HTTPXClient | None = None,  # tests: one over an httpx.MockTransport
     ) -> None:
-        self._http = stripe.HTTPXClient(timeout=timeout)
+        self._http = http_client or stripe.HTTPXClient(timeout=timeout)
         self._client = stripe.StripeClient(
             endpoint.api_key,
             base_addresses={"api": endpoint.base_url, "meter_events": meter_events_base},

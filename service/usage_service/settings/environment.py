@@ -18,6 +18,7 @@ import pydantic_settings
 from pydantic import Field
 
 from usage_service import settings
+from usage_service.alerts.background import AlertSettings
 from usage_service.api.auth import AuthSettings
 from usage_service.api.server import DEFAULT_MAX_IN_FLIGHT, MAX_MESSAGE_BYTES
 from usage_service.drain.loop import DrainSettings
@@ -29,6 +30,7 @@ from usage_service.tls import TlsFiles
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds for in-flight calls to finish on SIGTERM
 DEFAULT_METRICS_REFRESH = 5.0  # seconds between reads of the database gauges
+DEFAULT_WATCH_RESUME = 7 * 24 * 3600.0  # seconds a WatchUsage stream can resume without a snapshot
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("INFO", "DEBUG", "WARNING", "ERROR")
 TRACING = ("", "otlp")
@@ -62,6 +64,9 @@ class Settings(pydantic_settings.BaseSettings):
     metrics_refresh: settings.Seconds = Field(
         DEFAULT_METRICS_REFRESH, validation_alias="USAGE_METRICS_REFRESH_SECONDS"
     )
+    watch_resume: settings.Seconds = Field(
+        DEFAULT_WATCH_RESUME, validation_alias="USAGE_WATCH_RESUME_SECONDS"
+    )
     log_format: Annotated[str, settings.one_of(*LOG_FORMATS)] = Field(
         LOG_FORMATS[0], validation_alias="USAGE_LOG_FORMAT"
     )
@@ -82,6 +87,7 @@ class Settings(pydantic_settings.BaseSettings):
     drain: DrainSettings = DrainSettings()
     providers: ProviderSettings = ProviderSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @classmethod
     def settings_customise_sources(

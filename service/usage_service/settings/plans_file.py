@@ -8,8 +8,12 @@ repository is that schema (`usage-service check-plans --schema` prints it).
 
 from __future__ import annotations
 
+import dataclasses
+import decimal
+import fractions
 import json
 import pathlib
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -21,7 +25,7 @@ from pydantic import Field
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import ErrorDetails, core_schema
 
-from usage_service import settings
+from usage_service import domain, settings
 from usage_service.domain.plans import (
     DEFAULT_PLANS_FILE,
     MAX_NAME_LENGTH,
@@ -33,10 +37,53 @@ from usage_service.domain.plans import (
     Plans,
     PlansError,
     ProviderNaming,
+    Threshold,
 )
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 Whole = Annotated[int, Field(ge=0)]
+
+_PERCENT = r"((?=[0-9.]*[1-9])\d+(?:\.\d+)?)% of (included|limit)"  # a percentage > 0
+THRESHOLD_FORMS = '"P% of included", "P% of limit" or a whole number >= 1'
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdSpec:
+    """A threshold as declared, before the feature's allowance and limit give its amount:
+    `percent` of `basis` ("included" or "limit"), or an absolute `amount` (basis "")."""
+
+    text: str  # canonical: "80% of included", "100% of limit", "1500000"
+    percent: decimal.Decimal | None = None
+    basis: str = ""
+    amount: int = 0
+
+
+def _threshold(value: object) -> ThresholdSpec:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return ThresholdSpec(str(value), amount=value)
+    if isinstance(value, str) and (found := re.fullmatch(_PERCENT, value)):
+        percent = decimal.Decimal(found[1])
+        return ThresholdSpec(f"{percent.normalize():f}% of {found[2]}", percent, found[2])
+    try:
+        shown = json.dumps(value)
+    except TypeError:
+        shown = repr(value)
+    raise ValueError(f"{shown} is not {THRESHOLD_FORMS}")
+
+
+ThresholdItem = Annotated[
+    ThresholdSpec,
+    pydantic.PlainValidator(_threshold),
+    pydantic.WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": f"^{_PERCENT}$"},
+                {"type": "integer", "minimum": 1},
+            ],
+            "description": f"{THRESHOLD_FORMS}: the usage in a period that raises an alert",
+        }
+    ),
+]
 
 
 class _Table(pydantic.BaseModel):
@@ -81,6 +128,9 @@ class FeatureTable(_Table):
         None, description="hard: deny past the limit (default); soft: allow and flag"
     )
     enabled: bool | None = Field(None, description="a boolean feature: on or off")
+    thresholds: list[ThresholdItem] | None = Field(
+        None, description="usage levels that raise an alert once per period (webhook and stream)"
+    )
 
 
 class PlanTable(_Table):
@@ -244,7 +294,9 @@ class _Builder:
             fkey = f"{key}.features.{feature}"
             self.name(feature, fkey)
             metered_keys = [
-                k for k in ("included", "limit", "enforcement") if getattr(f, k) is not None
+                k
+                for k in ("included", "limit", "enforcement", "thresholds")
+                if getattr(f, k) is not None
             ]
             if f.enabled is not None:
                 if feature in meters:
@@ -260,7 +312,32 @@ class _Builder:
             if f.limit is not None and f.limit < included:
                 self.fail(f"{fkey}.limit", f"{f.limit} is below included ({included})")
             enforcement = Enforcement(f.enforcement or "hard")
-            metered[feature] = MeteredFeature(feature, included, f.limit, enforcement)
+            thresholds = self.thresholds(
+                f"{fkey}.thresholds", f.thresholds or [], included, f.limit
+            )
+            metered[feature] = MeteredFeature(feature, included, f.limit, enforcement, thresholds)
         return Plan(
             plan_id=plan_id, name=body.name or plan_id, metered=metered, enabled=frozenset(enabled)
         )
+
+    def thresholds(
+        self, key: str, specs: list[ThresholdSpec], included: int, limit: int | None
+    ) -> tuple[Threshold, ...]:
+        """The feature's thresholds with their amounts, lowest first."""
+        out: dict[str, Threshold] = {}
+        for spec in specs:
+            if spec.text in out:
+                self.fail(key, f'"{spec.text}" is declared twice')
+            amount = spec.amount
+            if spec.percent is not None:
+                base = included if spec.basis == "included" else limit
+                if base is None:
+                    self.fail(key, f'"{spec.text}": the feature has no limit')
+                if base == 0:
+                    self.fail(key, f'"{spec.text}": {spec.basis} is 0')
+                share = fractions.Fraction(spec.percent) * base / 100
+                amount = -(-share.numerator // share.denominator)  # rounded up
+            if amount > domain.MAX_TOTAL:
+                self.fail(key, f'"{spec.text}" is past the largest total ({domain.MAX_TOTAL})')
+            out[spec.text] = Threshold(spec.text, amount)
+        return tuple(sorted(out.values(), key=lambda t: (t.amount, t.text)))

@@ -4,8 +4,8 @@ A NOTIFY only says that a customer's log grew; what a watcher receives is always
 log itself, every change after the last one it was given, in version order. So a notification
 that arrives early, late, twice or never (the listening connection dropped: every watched
 customer is read again when it is back) can neither reorder nor lose a change. Each watcher has
-a bounded queue: one that falls behind by more than its queue holds is ended, never buffered
-without bound, and never slows the others.
+a bounded queue: one whose queue is full is left behind (the log holds its changes, not memory)
+and catches up when it has room again, so it never slows the others.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from usage_service.storage import changes, queries, rows
 from usage_service.storage import changes_queries as q
 
 log = logging.getLogger(__name__)
-QUEUE = 256  # changes a watcher may have waiting; one more and it is ended as too slow
+QUEUE = 256  # changes a watcher may have waiting; more wait in the log until it has room
 READ_BATCH = 200  # changes read from the log per query
 RELISTEN_DELAY = 1.0  # seconds between attempts to listen again after the connection dropped
 
@@ -41,7 +41,14 @@ class Watcher:
     queue: asyncio.Queue[changes.Logged] = dataclasses.field(
         default_factory=lambda: asyncio.Queue(QUEUE)
     )
-    too_slow: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    behind: bool = False  # its queue filled up: more changes wait in the log
+
+    def taken(self, hub: Hub) -> None:
+        """Call after taking from the queue: an emptied queue of a watcher left behind is
+        filled again from the log."""
+        if self.behind and self.queue.empty():
+            self.behind = False
+            hub.wake(self.customer_id)
 
 
 class Hub:
@@ -51,21 +58,16 @@ class Hub:
         self._reading: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
         self.closing = asyncio.Event()  # set when the server stops: streams end
 
     @property
     def watchers(self) -> int:
         return sum(len(ws) for ws in self._watchers.values())
 
-    async def start(self) -> None:
-        """Listens for changes; returns once the first LISTEN is in place."""
+    def start(self) -> None:
+        """Listens for changes from now on, in the background: a database that is away is
+        retried, and whatever committed meanwhile is read when the LISTEN is in place."""
         self._listener = asyncio.create_task(self._listen(), name="watch-listen")
-        waiting = asyncio.create_task(self._listening.wait())
-        await asyncio.wait({waiting, self._listener}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        if self._listener.done():
-            self._listener.result()  # raises what stopped it
 
     def close(self) -> None:
         """Ends every stream (they answer UNAVAILABLE, and their callers resume elsewhere)."""
@@ -120,7 +122,7 @@ class Hub:
             ready = [
                 w
                 for w in self._watchers.get(customer_id, ())
-                if w.after is not None and not w.too_slow.is_set()
+                if w.after is not None and not w.behind
             ]
             if not ready:
                 return
@@ -130,11 +132,10 @@ class Hub:
                 for logged in rows:
                     if w.after is None or logged.version <= w.after:
                         continue
-                    try:
-                        w.queue.put_nowait(logged)
-                    except asyncio.QueueFull:
-                        w.too_slow.set()
+                    if w.queue.full():
+                        w.behind = True
                         break
+                    w.queue.put_nowait(logged)
                     w.after = logged.version
             if len(rows) < READ_BATCH:
                 return
@@ -147,7 +148,6 @@ class Hub:
                     conn.add_termination_listener(functools.partial(_set, lost))
                     await conn.add_listener(q.CHANNEL, self._notified)
                     try:
-                        self._listening.set()
                         for customer_id in list(self._watchers):  # missed while away
                             self.wake(customer_id)
                         await lost.wait()
@@ -156,10 +156,8 @@ class Hub:
                             await conn.remove_listener(q.CHANNEL, self._notified)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                if not self._listening.is_set():
-                    raise
-                log.warning("listening for changes failed; again soon", exc_info=True)
+            except Exception as exc:
+                log.warning("listening for changes failed (%r); again soon", exc)
             await asyncio.sleep(RELISTEN_DELAY)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:

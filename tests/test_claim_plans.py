@@ -1,0 +1,108 @@
+"""The drain's claims read their partial indexes, not the tables: with a table large enough that,
+without the index, the planner scans it whole, EXPLAIN must show the intended index."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from usage_service.storage import drain_queries
+
+CUSTOMERS = 400  # per provider: with each one's events few, no index but the claim's helps
+PER_CUSTOMER = 10  # events, and reports
+
+# Customers of each provider with their events and reports (20,000 of each); the first event of
+# every tenth customer is pending and its first report open, the rest reported and delivered.
+# Inserted in the test's transaction and rolled back.
+_EACH = f"""
+FROM unnest(ARRAY['stripe', 'lemon_squeezy', 'polar', 'dodo_payments', 'creem']) AS p,
+    generate_series(1, {CUSTOMERS}) AS n, generate_series(1, {PER_CUSTOMER}) AS i"""
+_CLAIMABLE = "i = 1 AND n % 10 = 0"
+FILL = f"""
+INSERT INTO customers (customer_id, plan_id, subscription_status, period_start, period_end,
+    provider)
+SELECT DISTINCT 'c_' || p || '_' || n, 'basic', 'active', now() - interval '1 day',
+    now() + interval '29 days', p
+{_EACH};
+INSERT INTO customer_providers (customer_id, provider) SELECT customer_id, provider FROM customers;
+INSERT INTO usage_events (event_id, customer_id, idempotency_key, meter, quantity, event_time,
+    payload_hash, provider, report_state)
+SELECT gen_random_uuid(), 'c_' || p || '_' || n, 'k' || i, 'tokens', 1,
+    now() - make_interval(secs => n * {PER_CUSTOMER} + i), '\\x00', p,
+    CASE WHEN {_CLAIMABLE} THEN 'pending' ELSE 'reported' END
+{_EACH};
+INSERT INTO reports (report_id, provider, lane, state, events, next_attempt_at)
+SELECT gen_random_uuid(), p, p || chr(31) || 'c_' || p || '_' || n || chr(31) || 'm' || i,
+    CASE WHEN {_CLAIMABLE} THEN 'open' ELSE 'delivered' END, '[]',
+    now() - make_interval(secs => n * {PER_CUSTOMER} + i)
+{_EACH};
+ANALYZE customers, customer_providers, usage_events, reports, usage_totals;
+"""
+
+
+@pytest.fixture
+async def filled(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute(FILL)
+        yield conn
+    finally:
+        await tx.rollback()
+        await conn.close()
+
+
+def scans(node: dict[str, Any], relation: str = "") -> Iterator[tuple[str, str, str]]:
+    """(node type, relation, index) of every scan in an EXPLAIN (FORMAT JSON) plan; a bitmap
+    index scan takes the relation of the heap scan above it."""
+    relation = node.get("Relation Name", relation)
+    if "Relation Name" in node or "Index Name" in node:
+        yield node["Node Type"], relation, node.get("Index Name", "")
+    for child in node.get("Plans", []):
+        yield from scans(child, relation)
+
+
+def indexes(used: set[tuple[str, str, str]], relation: str) -> set[str]:
+    """The indexes a plan reads `relation` through; "" stands for a scan of the whole table."""
+    found = {index for kind, rel, index in used if rel == relation and index}
+    if any(kind == "Seq Scan" for kind, rel, _ in used if rel == relation):
+        found.add("")
+    return found
+
+
+async def plan(conn: asyncpg.Connection, sql: str, *args: Any) -> set[tuple[str, str, str]]:
+    (explained,) = json.loads(await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args))
+    return set(scans(explained["Plan"]))
+
+
+async def without(conn: asyncpg.Connection, index: str, sql: str, *args: Any) -> set[str]:
+    """The relations scanned whole when `index` is dropped (inside a savepoint)."""
+    savepoint = conn.transaction()
+    await savepoint.start()
+    try:
+        await conn.execute(f"DROP INDEX {index}")
+        return {rel for kind, rel, _ in await plan(conn, sql, *args) if kind == "Seq Scan"}
+    finally:
+        await savepoint.rollback()
+
+
+async def test_claiming_events_reads_the_unclaimed_index(filled: asyncpg.Connection) -> None:
+    sql, args = drain_queries.CLAIM_EVENTS, ("stripe", 100)
+    used = await plan(filled, sql, *args)
+    assert indexes(used, "usage_events") == {"usage_events_unclaimed"}
+    # the lane check of each event reads the one open report of its lane, if any
+    assert indexes(used, "reports") == {"reports_open_lane"}
+    assert "usage_events" in await without(filled, "usage_events_unclaimed", sql, *args)
+
+
+async def test_claiming_reports_reads_the_due_index(filled: asyncpg.Connection) -> None:
+    sql, args = drain_queries.CLAIM_REPORTS, ("stripe", "worker", 30.0, 100)
+    used = await plan(filled, sql, *args)
+    # the due reports through reports_due, then each one's row by its key
+    assert indexes(used, "reports") == {"reports_due", "reports_pkey"}
+    assert "reports" in await without(filled, "reports_due", sql, *args)
