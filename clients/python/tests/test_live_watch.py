@@ -1,5 +1,6 @@
-"""watch_usage against the live server: a snapshot then every change; a connection cut and a
-server restart are resumed with nothing missed or repeated; refusals raise at once."""
+"""watch_usage against the live server: a snapshot then every change; a connection cut, a
+server restart and a reader too slow for the service are resumed with nothing missed or
+repeated; refusals raise at once."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import usage_client
 from usage_client import SnapshotReason, UsageChange, UsageChangeKind, idempotency_key
 
 WAIT = 60.0  # seconds a test waits for what it expects
+SLOW_AFTER = 30.0  # seconds: the service ends a stream whose caller read nothing for this long
+FILL = 1200  # changes: more than the stream's HTTP/2 window (64 KiB, about 750 of them) holds
 
 
 def key() -> str:
@@ -217,6 +220,38 @@ def test_a_restart_is_resumed_on_the_next_server_with_nothing_missed_or_repeated
         "UNAVAILABLE",
         "SERVER_SHUTTING_DOWN",
     )
+
+
+async def test_a_reader_too_slow_is_resumed_with_nothing_missed_or_repeated(
+    target: str,
+    client: usage_client.UsageClient,
+    aclient: usage_client.AsyncUsageClient,
+    retries: RetryLog,
+) -> None:
+    cid = new_customer(client).customer_id
+    # A plain HTTP/2 window (not grown by bandwidth probes), so that not reading fills it.
+    async with usage_client.AsyncUsageClient(
+        target, channel_options=[("grpc.http2.bdp_probe", 0)]
+    ) as slow:
+        watch = slow.watch_usage(cid, meters=["tokens"])
+        snapshot = await next_within(watch)
+        for _ in range(FILL):
+            await aclient.record_usage(cid, "tokens", 1, idempotency_key=key())
+        # The loop reads nothing for longer than the service waits: the window is full since
+        # before the last record, so the stream ends with SLOW_CONSUMER meanwhile.
+        await asyncio.sleep(SLOW_AFTER + 3)
+        changes = []
+        async with asyncio.timeout(WAIT):
+            while len(changes) < FILL:
+                changes.append(await anext(watch))
+        await watch.aclose()
+    assert [c.version for c in changes] == list(
+        range(snapshot.version + 1, snapshot.version + 1 + FILL)
+    )
+    assert [tokens(c) for c in changes] == list(range(1, FILL + 1))
+    assert [(r.method, r.code, r.reason) for r in retries.retries] == [
+        ("WatchUsage", "RESOURCE_EXHAUSTED", "SLOW_CONSUMER")
+    ]
 
 
 def test_an_unknown_customer_raises_at_once(
