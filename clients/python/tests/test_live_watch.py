@@ -240,7 +240,7 @@ async def test_a_reader_too_slow_is_resumed_with_nothing_missed_or_repeated(
         # The loop reads nothing for longer than the service waits: the window is full since
         # before the last record, so the stream ends with SLOW_CONSUMER meanwhile.
         await asyncio.sleep(SLOW_AFTER + 3)
-        changes = []
+        changes: list[UsageChange] = []
         async with asyncio.timeout(WAIT):
             while len(changes) < FILL:
                 changes.append(await anext(watch))
