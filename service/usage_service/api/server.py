@@ -23,6 +23,8 @@ from usage_service.tls import TlsConfigError, TlsFiles
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # largest request or response
+KEEPALIVE_MS = 60_000  # the server pings a connection idle this long (a silent watcher's)
+KEEPALIVE_TIMEOUT_MS = 20_000  # and closes it when no answer comes in this long
 DEFAULT_MAX_IN_FLIGHT = 512  # usage.v1 calls served at once per process; more: RESOURCE_EXHAUSTED
 # Above the interceptor's limits on usage.v1 calls and on open health and reflection streams,
 # room for health checks and for calls being refused.
@@ -76,6 +78,13 @@ async def start_server(
             ("grpc.max_send_message_length", max_message_bytes),
             # Off unless `serve --workers` shares the port: a second server would steal calls.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            # A WatchUsage caller whose connection went silent is found and its stream ended.
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Clients may ping idle streams as often as every 10 s.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ],
         maximum_concurrent_rpcs=limit,
     )
