@@ -30,6 +30,7 @@ import json
 import math
 import multiprocessing
 import os
+import pathlib
 import secrets
 import sys
 import time
@@ -268,16 +269,28 @@ def _summed(parts: Sequence[dict[str, Any]], key: str) -> dict[str, int]:
     return out
 
 
+def waited_seconds(pids: Sequence[int]) -> float:
+    """Seconds the processes' threads have spent ready to run but waiting for a CPU."""
+    total = 0
+    for pid in pids:
+        for stat in pathlib.Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int(stat.read_text().split()[1])
+    return total / 1e9
+
+
 def _load(
     service: Service, dsn: str, tokens: dict[str, str], args: argparse.Namespace
 ) -> tuple[dict[str, Any], float, int, dict[str, int]]:
-    """RecordUsage at the rate for the duration: loadgen's result, the service's CPU seconds,
-    the events stored and each customer's latest version afterwards."""
+    """RecordUsage at the rate for the duration: loadgen's result (with the share of the time
+    the service waited for a CPU), the service's CPU seconds, the events stored and each
+    customer's latest version afterwards."""
     events0, _ = asyncio.run(_db_state(dsn))
-    cpu0 = service.cpu_seconds()
+    cpu0, wait0, t0 = service.cpu_seconds(), waited_seconds(service.pids()), time.monotonic()
     opts = {"mode": "open", "rate": args.rate, "customers": args.watchers}
     result = loadgen(service.address, "record", args, token=tokens["bench"], **opts)
     cpu = service.cpu_seconds() - cpu0
+    result["waited"] = (waited_seconds(service.pids()) - wait0) / (time.monotonic() - t0)
     events1, heads = asyncio.run(_db_state(dsn))
     return result, cpu, events1 - events0, heads
 
@@ -303,6 +316,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 args.watchers,
                 metadata=(("authorization", f"Bearer {tokens['bench']}"),),
             )
+            r["rss_setup"] = service.rss_mib()
             say(f"baseline: RecordUsage at {args.rate:g}/s, no watchers")
             base, base_cpu, base_events, _ = _load(service, dsn, tokens, args)
             r["base"], r["base_cpu"], r["base_events"] = base, base_cpu, base_events
@@ -386,8 +400,10 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[str],
         ("watchers open (snapshot received)", f"{r['snapshots']:,} / {n:,}"),
         ("time to open them all", f"{r['open_seconds']:.1f} s"),
         ("service CPU to open one watcher", ms(r["open_cpu"] / n)),
-        ("service RSS: at rest / watchers open / after the load", ""),
-        ("", f"{r['rss_rest']:.1f} / {r['rss_open']:.1f} / {r['rss_after']:.1f} MiB"),
+        ("service RSS: before the baseline / at rest after it", ""),
+        ("", f"{r['rss_setup']:.1f} / {r['rss_rest']:.1f} MiB"),
+        ("service RSS: watchers open / after the load with them", ""),
+        ("", f"{r['rss_open']:.1f} / {r['rss_after']:.1f} MiB"),
         ("memory per watcher", f"{per_watcher:.1f} KiB"),
         ("service CPU at rest / watchers open, idle", ""),
         ("", f"{r['rest_cpu'] * 100:.1f}% / {r['idle_cpu'] * 100:.1f}% of a core"),
@@ -404,6 +420,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[str],
         ("RecordUsage p99: no watchers / watchers open", ""),
         ("", f"{ms(base['p99'])} / {ms(load['p99'])} = {ratio(load['p99'], base['p99'])}"),
         ("RecordUsage errors: no watchers / watchers open", f"{base['errors']} / {load['errors']}"),
+        ("service waiting for a CPU: no watchers / watchers open", ""),
+        ("", f"{base['waited'] * 1e3:.0f} / {load['waited'] * 1e3:.0f} ms per second"),
         ("watcher clients' CPU: opening / during the load", ""),
         ("", f"{r['client_open_cpu'] * 100:.0f}% / {r['client_cpu'] * 100:.1f}% of a core"),
         (
