@@ -71,14 +71,20 @@ class _RoundRobin:
 
 
 def _call_factory(
-    scenario: str, channels: list[grpc.aio.Channel], customers: int, batch: int, tag: str
+    scenario: str,
+    channels: list[grpc.aio.Channel],
+    customers: int,
+    batch: int,
+    tag: str,
+    token: str = "",
 ) -> tuple[Callable[[int], Awaitable[Any]], int]:
     """Returns (call(i), events per call) for a scenario."""
     usage: Any = _RoundRobin([usage_pb2_grpc.UsageServiceStub(c) for c in channels])
     health: Any = _RoundRobin([health_pb2_grpc.HealthStub(c) for c in channels])
+    md = (("authorization", f"Bearer {token}"),) if token else None
     if scenario == "noop":
         req = health_pb2.HealthCheckRequest(service="")
-        return (lambda i: health.Check(req, timeout=CALL_TIMEOUT)), 0
+        return (lambda i: health.Check(req, timeout=CALL_TIMEOUT, metadata=md)), 0
     if scenario == "record":
 
         def record(i: int) -> Awaitable[Any]:
@@ -90,6 +96,7 @@ def _call_factory(
                     idempotency_key=f"{tag}-{i}",
                 ),
                 timeout=CALL_TIMEOUT,
+                metadata=md,
             )
 
         return record, 1
@@ -109,6 +116,7 @@ def _call_factory(
                     ]
                 ),
                 timeout=CALL_TIMEOUT,
+                metadata=md,
             )
 
         return record_batch, batch
@@ -120,6 +128,7 @@ def _call_factory(
                     customer_id=f"bench-{i % customers}", feature="tokens", quantity=1
                 ),
                 timeout=CALL_TIMEOUT,
+                metadata=md,
             )
 
         return check, 0
@@ -135,6 +144,7 @@ def _call_factory(
                     idempotency_key=f"{tag}-{i}",
                 ),
                 timeout=CALL_TIMEOUT,
+                metadata=md,
             )
 
         return consume, 1
@@ -150,7 +160,7 @@ async def _worker(args: argparse.Namespace, proc: int) -> dict[str, Any]:
     ]
     try:
         call, events_per_call = _call_factory(
-            args.scenario, channels, args.customers, args.batch, tag
+            args.scenario, channels, args.customers, args.batch, tag, args.token
         )
         for c in range(args.channels):
             await call(-1 - proc * args.channels - c)  # connect before the clock starts
@@ -267,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=int, default=1000)
     p.add_argument("--batch", type=int, default=500, help="events per BatchRecordUsage")
     p.add_argument("--tag", default="", help="idempotency key prefix (default: random)")
+    p.add_argument("--token", default="", help="bearer token sent with every call (default: none)")
     return p
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -23,7 +24,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -52,6 +53,52 @@ RETURNING event_id"""
 def with_database(dsn: str, name: str) -> str:
     parts = urllib.parse.urlsplit(dsn)
     return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds used so far by these processes (those still running)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def rss_mib(pids: Iterable[int]) -> float:
+    """Resident memory of these processes together, MiB."""
+    total = 0
+    for pid in pids:
+        try:
+            text = pathlib.Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+@contextlib.contextmanager
+def scratch_database(server_dsn: str) -> Iterator[str]:
+    """A new database on the server for one run (its DSN), dropped afterwards."""
+    name = f"usage_bench_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield with_database(server_dsn, name)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 class Service:
@@ -103,27 +150,10 @@ class Service:
         return found
 
     def cpu_seconds(self) -> float:
-        tick = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for pid in self.pids():
-            try:
-                fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / tick
-        return total
+        return cpu_seconds(self.pids())
 
     def rss_mib(self) -> float:
-        total = 0
-        for pid in self.pids():
-            try:
-                text = pathlib.Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        return total / 1024
+        return rss_mib(self.pids())
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -135,7 +165,8 @@ class Service:
                 self.proc.wait(30)
 
 
-def add_customers(address: str, count: int) -> None:
+def add_customers(address: str, count: int, metadata: Sequence[tuple[str, str]] = ()) -> None:
+    """Customers bench-0 .. bench-{count - 1} on the bench plan, in a period that contains now."""
     now = dt.datetime.now(dt.UTC)
     with grpc.insecure_channel(address) as channel:
         stub = customer_pb2_grpc.CustomerServiceStub(channel)
@@ -147,29 +178,23 @@ def add_customers(address: str, count: int) -> None:
             )
             c.current_period_start_time.FromDatetime(now - dt.timedelta(days=1))
             c.current_period_end_time.FromDatetime(now + dt.timedelta(days=29))
-            stub.UpsertCustomer(customer_pb2.UpsertCustomerRequest(customer=c), timeout=10)
+            stub.UpsertCustomer(
+                customer_pb2.UpsertCustomerRequest(customer=c), timeout=10, metadata=metadata
+            )
 
 
 def loadgen(address: str, scenario: str, args: argparse.Namespace, **opts: Any) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        str(LOADGEN),
-        "--address",
-        address,
-        "--scenario",
-        scenario,
-        "--duration",
-        str(args.duration),
-        "--warmup",
-        str(args.warmup),
-        "--procs",
-        str(args.procs),
-        "--customers",
-        str(CUSTOMERS),
-        "--batch",
-        str(BATCH),
-    ]
-    for k, v in opts.items():
+    """Runs bench/loadgen.py once; `opts` are its flags (they override the defaults from args)."""
+    flags = {
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "procs": args.procs,
+        "customers": CUSTOMERS,
+        "batch": BATCH,
+        **opts,
+    }
+    cmd = [sys.executable, str(LOADGEN), "--address", address, "--scenario", scenario]
+    for k, v in flags.items():
         cmd += [f"--{k}", str(v)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -342,28 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     if not args.database_url:
         p.error("--database-url (or DATABASE_URL) is required")
-    name = f"usage_bench_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(args.database_url)
+    with scratch_database(args.database_url) as dsn:
+        service = Service(dsn, args.workers, {})
         try:
-            await conn.execute(sql)
+            print(f"service on {service.address} ({dsn.rsplit('/', 1)[-1]})", file=sys.stderr)
+            add_customers(service.address, CUSTOMERS)
+            rss_start = service.rss_mib()
+            table = list(rows(args, service))
+            rss_end = service.rss_mib()
+            raw = None if args.no_raw else asyncio.run(raw_insert(dsn, args.duration))
         finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    dsn = with_database(args.database_url, name)
-    service = Service(dsn, args.workers, {})
-    try:
-        print(f"service on {service.address} (database {name})", file=sys.stderr)
-        add_customers(service.address, CUSTOMERS)
-        rss_start = service.rss_mib()
-        table = list(rows(args, service))
-        rss_end = service.rss_mib()
-        raw = None if args.no_raw else asyncio.run(raw_insert(dsn, args.duration))
-    finally:
-        service.stop()
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            service.stop()
     print(
         f"\nusage-service bench: {os.cpu_count()} cores, workers={args.workers}, "
         f"loadgen procs={args.procs}, {args.duration:g} s x {args.repeats} repeats (medians)\n"

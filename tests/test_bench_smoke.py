@@ -59,3 +59,20 @@ def test_drain_bench_reports_every_event(server_dsn: str) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2,000/2,000 events reported" in out.stdout, out.stdout
     assert "0 protocol violations" in out.stdout, out.stdout
+
+
+def test_watch_bench_delivers_every_change(server_dsn: str) -> None:
+    out = subprocess.run(
+        [
+            *(sys.executable, str(BENCH.with_name("watch.py"))),
+            *("--database-url", server_dsn, "--watchers", "20", "--rate", "40"),
+            *("--duration", "2", "--warmup", "0.5", "--rest", "0.5", "--connections", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "| watchers open (snapshot received) | 20 / 20 |" in out.stdout, out.stdout
+    assert "| gaps (versions skipped) / repeats | 0 (0) / 0 |" in out.stdout, out.stdout
+    assert "- [met] every watcher received every change" in out.stdout, out.stdout
