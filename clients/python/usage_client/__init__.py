@@ -38,6 +38,8 @@ from usage_client._sync import UsageClient
 from usage_client._types import (
     BillingInterval,
     Customer,
+    Decision,
+    DecisionRule,
     Entitlement,
     EntitlementReason,
     MeterUsage,
@@ -62,6 +64,8 @@ __all__ = [
     "Cancelled",
     "Customer",
     "DeadlineExceeded",
+    "Decision",
+    "DecisionRule",
     "Entitlement",
     "EntitlementReason",
     "FailedPrecondition",
