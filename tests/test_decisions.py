@@ -197,13 +197,18 @@ async def test_the_version_is_the_consumes_own_and_what_the_next_check_reads(
     assert head == versions[-1]
     # The change each consume committed holds the figures its answer gave.
     logged = await changes.since(service.db, "cus_1", 0, 100)
-    figures = {c.version: c.change.figures["tokens"].quantity_sum for c in logged}
-    assert [figures[v] for v in versions] == [10, 20, 30]
-    assert all(c.change.kind == "usage" for c in logged if c.version in versions)
+    consumes = {c.version: c.change for c in logged if c.version in versions}
+    assert [consumes[v].figures["tokens"].quantity_sum for v in versions] == [10, 20, 30]
+    assert all(c.kind == "usage" for c in consumes.values())
     # A replay, a denial and a check of an unknown customer commit nothing: they read.
     replay = await service.usage.CheckEntitlement(check(quantity=10, consume=True, key="c0"))
     denied = await service.usage.CheckEntitlement(check(quantity=5000, consume=True, key="x"))
     assert replay.totals_version == denied.totals_version == head
+    # Recorded usage is a change too: the next check reads its version with its figures.
+    await service.usage.RecordUsage(record(quantity=5, key="r"))
+    after = await service.usage.CheckEntitlement(check())
+    assert after.totals_version == await changes.head(service.db, "cus_1") > head
+    assert after.used == 35
     unknown = await service.usage.CheckEntitlement(check(customer_id="nobody"))
     assert unknown.totals_version == 0
 
@@ -260,11 +265,35 @@ async def test_concurrent_consumes_get_their_own_decisions_in_commit_order(
     versions = [a.totals_version for a in by_commit]
     assert versions == sorted(versions)
     logged = await changes.since(service.db, "cus_1", 0, 100)
-    figures = {c.version: c.change.figures["tokens"].quantity_sum for c in logged}
-    assert [figures[v] for v in versions] == [a.used for a in by_commit]
+    consumes = {c.version: c.change for c in logged if c.version in versions}
+    assert [consumes[v].figures["tokens"].quantity_sum for v in versions] == [
+        a.used for a in by_commit
+    ]
     kept = await asyncio.gather(*(service.usage.GetDecision(get(a.decision_id)) for a in answers))
     assert [k.response for k in kept] == list(answers)
     assert await service.db.fetchval("SELECT count(*) FROM decisions") == 32
+
+
+async def test_consumes_racing_recorders_of_the_same_customer(service: Service) -> None:
+    """Consumes and RecordUsage calls of one customer, on the consumed meter and another, all
+    commit (no lock-order deadlock) with versions of their own."""
+    await service.add_customer()
+    calls = [
+        service.usage.CheckEntitlement(check(quantity=1, consume=True, key=f"c{i}"))
+        for i in range(16)
+    ]
+    calls += [
+        service.usage.RecordUsage(record(meter="tokens" if i % 2 else "calls", key=f"r{i}"))
+        for i in range(16)
+    ]
+    answers = await asyncio.gather(*calls)
+    consumed = answers[:16]
+    assert all(a.allowed and a.decision_id for a in consumed)
+    assert len({a.totals_version for a in consumed}) == 16
+    logged = await changes.since(service.db, "cus_1", 0, 1000)
+    assert {a.totals_version for a in consumed} <= {c.version for c in logged}
+    last = await service.usage.CheckEntitlement(check())
+    assert last.used == 24 and last.totals_version == logged[-1].version
 
 
 async def test_racing_consumes_at_the_limit_keep_allowed_and_denied_alike(
