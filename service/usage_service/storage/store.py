@@ -498,7 +498,7 @@ class Store:
                 period.end,
                 {event.meter: totals_from_row(inserted)},
             )
-            versions = await changes.append(conn, [change], now)
+            versions = await changes.append(conn, [change], dt.datetime.now(dt.UTC))
             consumed = Consumed(
                 customer,
                 decision,
