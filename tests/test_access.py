@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import subprocess
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -128,6 +129,14 @@ async def test_tokens_and_scopes(pool: asyncpg.Pool, plans: plans_mod.Plans) -> 
                 await summary
             assert error.value.code() == grpc.StatusCode.NOT_FOUND  # past auth: a real answer
             assert await pool.fetchval("SELECT count(*) FROM usage_events") == 1
+            # GetDecision is a read, like GetUsageSummary.
+            decision = usage_pb2.GetDecisionRequest(decision_id=str(uuid.uuid4()))
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await usage.GetDecision(decision, metadata=_metadata(WRITER))
+            assert details(error.value).reason == "PERMISSION_DENIED"
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await usage.GetDecision(decision, metadata=_metadata(READER))
+            assert details(error.value).reason == "DECISION_NOT_FOUND"
 
             health = health_pb2_grpc.HealthStub(channel)
             answer = await health.Check(health_pb2.HealthCheckRequest(service=""))

@@ -124,11 +124,6 @@ async def _checked(db: object) -> bool:
     return not await alerts.is_due(db, "cus_1")  # type: ignore[arg-type]
 
 
-# Strict: once CheckEntitlement's consume appends its 'usage' change, this passes and the
-# marker must go.
-@pytest.mark.xfail(
-    strict=True, reason="a consume does not append its 'usage' change to the change log yet"
-)
 @pytest.mark.parametrize("attempt", range(2))
 async def test_64_concurrent_consumes_across_80_percent_raise_one_alert(
     service: Service, plans: Plans, dsn: str, attempt: int

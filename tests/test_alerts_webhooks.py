@@ -233,6 +233,7 @@ def test_webhook_settings() -> None:
     assert str(caught.value) == "USAGE_WEBHOOK_SECRET: must be at least 16 characters"
 
 
+@pytest.mark.process
 def test_serve_sends_a_signed_webhook_for_a_crossing(
     dsn: str, tmp_path: pathlib.Path, receiver: Receiver
 ) -> None:

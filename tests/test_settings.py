@@ -37,6 +37,7 @@ VARIABLES = {
     "USAGE_AUTH_TOKENS",
     "USAGE_AUTH_TOKENS_FILE",
     "USAGE_ALLOW_UNAUTHENTICATED",
+    "USAGE_KEEP_DENIALS",
     "USAGE_DRAIN_INTERVAL_SECONDS",
     "USAGE_DRAIN_LEASE_SECONDS",
     "USAGE_DRAIN_CLAIM_EVENTS",
@@ -90,6 +91,7 @@ def test_defaults() -> None:
     assert s.providers.stripe_meter_events_base == STRIPE_METER_EVENTS
     assert (s.reconcile.interval, s.reconcile.settle) == (0.0, 600.0)
     assert not s.tls.enabled and not s.auth.allow_unauthenticated
+    assert not s.decisions.keep_denials
 
 
 def test_values_reach_their_groups() -> None:
@@ -106,6 +108,7 @@ def test_values_reach_their_groups() -> None:
             "USAGE_RECONCILE_SETTLE_SECONDS": "0.5",
             "USAGE_LOG_LEVEL": "debug",
             "USAGE_ALLOW_UNAUTHENTICATED": "Yes",
+            "USAGE_KEEP_DENIALS": "true",
             "USAGE_METRICS_ADDRESS": "[::]:0",
             "USAGE_GRPC_ADDRESS": "",  # empty: as if unset
         }
@@ -118,6 +121,7 @@ def test_values_reach_their_groups() -> None:
     assert s.providers.stripe_meter_events_base == "http://127.0.0.1:8"
     assert (s.reconcile.interval, s.reconcile.settle) == (0.0, 0.5)
     assert (s.log_level, s.auth.allow_unauthenticated) == ("DEBUG", True)
+    assert s.decisions.keep_denials
     assert (s.metrics_address, s.grpc_address) == ("[::]:0", "127.0.0.1:50051")
 
 
@@ -134,6 +138,7 @@ def test_values_reach_their_groups() -> None:
         ("USAGE_LOG_FORMAT", "xml", "USAGE_LOG_FORMAT: 'xml' is not one of json, text"),
         ("USAGE_TRACING", "jaeger", "USAGE_TRACING: 'jaeger' is not one of otlp"),
         ("USAGE_ALLOW_UNAUTHENTICATED", "maybe", "USAGE_ALLOW_UNAUTHENTICATED: 'maybe'"),
+        ("USAGE_KEEP_DENIALS", "sometimes", "USAGE_KEEP_DENIALS: 'sometimes' is not one of"),
         ("LEMONSQUEEZY_SETTLE_SECONDS", "-1", "LEMONSQUEEZY_SETTLE_SECONDS: must be a finite"),
         ("USAGE_PROVIDER_TIMEOUT_SECONDS", "soon", "USAGE_PROVIDER_TIMEOUT_SECONDS: 'soon'"),
         ("USAGE_RECONCILE_INTERVAL_SECONDS", "-5", "USAGE_RECONCILE_INTERVAL_SECONDS: must be"),

@@ -52,6 +52,7 @@ async def serve(settings: Settings) -> None:
                 max_in_flight=settings.max_in_flight,
                 max_message_bytes=settings.max_message_bytes,
                 reuse_port=settings.reuse_port,
+                keep_denials=settings.decisions.keep_denials,
             )
         except TlsConfigError as exc:
             raise ConfigError(str(exc)) from None

@@ -167,6 +167,34 @@ def test_consume_is_recorded_once_and_stops_at_the_hard_limit(
     assert (summary.meters[0].used, summary.meters[0].overage) == (4000, 3000)
 
 
+def test_a_consumed_decision_is_kept_as_answered(
+    client: usage_client.UsageClient, customer: usage_client.Customer
+) -> None:
+    cid = customer.customer_id
+    before = dt.datetime.now(dt.UTC)
+    k = key()
+    first = client.check_entitlement(cid, "tokens", 700, consume=True, idempotency_key=k)
+    assert first.allowed and first.decision_id and first.totals_version > 0
+    assert first.as_of_time is not None and before <= first.as_of_time <= dt.datetime.now(dt.UTC)
+    assert first.rule == usage_client.DecisionRule(
+        plan_id="starter", feature="tokens", included=1000, limit=5000, enforcement="hard"
+    )
+    kept = client.get_decision(first.decision_id)
+    assert kept == usage_client.Decision(
+        decision_id=first.decision_id,
+        customer_id=cid,
+        feature="tokens",
+        quantity=700,
+        consume=True,
+        response=first,
+    )
+    replay = client.check_entitlement(cid, "tokens", 700, consume=True, idempotency_key=k)
+    assert replay.duplicate and replay.decision_id == first.decision_id
+    # A plain check reads the version the consume committed; an allowed one is not kept.
+    check = client.check_entitlement(cid, "tokens", 1)
+    assert check.totals_version == first.totals_version and check.decision_id is None
+
+
 def test_check_reasons(client: usage_client.UsageClient, customer: usage_client.Customer) -> None:
     cid = customer.customer_id
     sso = client.check_entitlement(cid, "sso")
@@ -241,6 +269,10 @@ async def test_async_facade_covers_every_rpc(aclient: usage_client.AsyncUsageCli
     )
     assert check.allowed and check.used == 60 and check.event_id
     assert check.period_source is usage_client.PeriodSource.CONFIRMED
+    assert check.decision_id is not None
+    kept = await aclient.get_decision(check.decision_id)
+    assert (kept.customer_id, kept.feature, kept.quantity) == (c.customer_id, "tokens", 3)
+    assert kept.response == check
     summary = await aclient.get_usage_summary(c.customer_id)
     assert summary.period_source is usage_client.PeriodSource.CONFIRMED
     tokens = summary.meter("tokens")

@@ -99,6 +99,17 @@ def test_unknown_customers_are_not_found(client: usage_client.UsageClient) -> No
         client.get_usage_summary(nobody)
 
 
+def test_unknown_decisions_are_not_found_and_ids_must_be_uuids(
+    client: usage_client.UsageClient,
+) -> None:
+    with pytest.raises(usage_client.NotFound) as caught:
+        client.get_decision(str(uuid.uuid4()))
+    assert (caught.value.reason, caught.value.domain) == ("DECISION_NOT_FOUND", "usage.v1")
+    with pytest.raises(usage_client.InvalidArgument) as invalid:
+        client.get_decision("yesterday at 14:03")
+    assert fields(invalid.value) == {"decision_id"}
+
+
 def test_an_unknown_plan_is_invalid(client: usage_client.UsageClient) -> None:
     now = dt.datetime.now(dt.UTC)
     with pytest.raises(usage_client.InvalidArgument) as caught:

@@ -39,6 +39,8 @@ def test_records_cover_every_response_field() -> None:
     expected: dict[Any, Any] = {
         usage_client.RecordResult: usage_pb2.RecordUsageResponse,
         usage_client.Entitlement: usage_pb2.CheckEntitlementResponse,
+        usage_client.DecisionRule: usage_pb2.DecisionRule,
+        usage_client.Decision: usage_pb2.GetDecisionResponse,
         usage_client.MeterUsage: usage_pb2.MeterUsage,
         usage_client.UsageSummary: usage_pb2.GetUsageSummaryResponse,
         usage_client.Customer: customer_pb2.Customer,

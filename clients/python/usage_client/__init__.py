@@ -40,6 +40,8 @@ from usage_client._sync import UsageClient
 from usage_client._types import (
     BillingInterval,
     Customer,
+    Decision,
+    DecisionRule,
     Entitlement,
     EntitlementReason,
     MeterUsage,
@@ -68,6 +70,8 @@ __all__ = [
     "Cancelled",
     "Customer",
     "DeadlineExceeded",
+    "Decision",
+    "DecisionRule",
     "Entitlement",
     "EntitlementReason",
     "FailedPrecondition",

@@ -206,6 +206,17 @@ class AsyncUsageClient:
                 call.cancel()
             await asyncio.sleep(delay)
 
+    async def get_decision(
+        self, decision_id: str, *, timeout: float | None = None
+    ) -> records.Decision:
+        """A kept decision (an Entitlement's `decision_id`): the request as it was checked and
+        the answer exactly as it was given. NotFound when no decision is kept under the id."""
+        request = _convert.decision_request(decision_id)
+        response: usage_pb2.GetDecisionResponse = await self._call(
+            "GetDecision", self._usage.GetDecision, request, timeout
+        )
+        return _convert.decision(response)
+
     async def upsert_customer(
         self, customer: records.Customer, *, timeout: float | None = None
     ) -> records.Customer:

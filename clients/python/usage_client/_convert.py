@@ -120,6 +120,36 @@ def entitlement(response: usage_pb2.CheckEntitlementResponse) -> types.Entitleme
         event_id=response.event_id or None,
         duplicate=response.duplicate,
         period_source=_enum(types.PeriodSource, response.period_source),
+        decision_id=response.decision_id or None,
+        as_of_time=_datetime(response.as_of_time) if response.HasField("as_of_time") else None,
+        totals_version=response.totals_version,
+        rule=decision_rule(response.rule) if response.HasField("rule") else None,
+    )
+
+
+def decision_rule(message: usage_pb2.DecisionRule) -> types.DecisionRule:
+    return types.DecisionRule(
+        plan_id=message.plan_id,
+        feature=message.feature,
+        included=message.included,
+        limit=message.limit if message.HasField("limit") else None,
+        enforcement=message.enforcement,
+        enabled=message.enabled,
+    )
+
+
+def decision_request(decision_id: str) -> usage_pb2.GetDecisionRequest:
+    return usage_pb2.GetDecisionRequest(decision_id=decision_id)
+
+
+def decision(response: usage_pb2.GetDecisionResponse) -> types.Decision:
+    return types.Decision(
+        decision_id=response.decision_id,
+        customer_id=response.customer_id,
+        feature=response.feature,
+        quantity=response.quantity,
+        consume=response.consume,
+        response=entitlement(response.response),
     )
 
 

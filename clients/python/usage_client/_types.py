@@ -129,6 +129,20 @@ class RecordResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecisionRule:
+    """The plan rule an entitlement decision applied. Metered features: the plan's allowance,
+    limit (None: unlimited) and enforcement ("hard" or "soft"); boolean features: enabled.
+    Empty where it is not known (an unknown customer, a feature outside the plan)."""
+
+    plan_id: str
+    feature: str
+    included: int = 0
+    limit: int | None = None
+    enforcement: str = ""
+    enabled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Entitlement:
     """The answer to a check. A denial is an answer (allowed=False), not an exception."""
 
@@ -143,6 +157,27 @@ class Entitlement:
     event_id: str | None  # the consumed event, when consume was set and allowed
     duplicate: bool  # the idempotency key had already been consumed: nothing new was recorded
     period_source: PeriodSource = PeriodSource.UNSPECIFIED  # confirmed by a webhook or projected
+    # Names this decision for `get_decision`: every consume is kept, and denials when the
+    # service keeps them (USAGE_KEEP_DENIALS). None when the decision is not kept.
+    decision_id: str | None = None
+    as_of_time: dt.datetime | None = None  # when the decision was taken
+    # The version of the customer's figures the decision read; for a consume, the version its
+    # own usage committed as.
+    totals_version: int = 0
+    rule: DecisionRule | None = None  # the plan rule that decided
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """A kept entitlement decision: the request as it was checked, and the answer exactly as
+    `check_entitlement` gave it."""
+
+    decision_id: str
+    customer_id: str
+    feature: str
+    quantity: int
+    consume: bool
+    response: Entitlement
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,8 @@ import {
   UsageChangeKind,
   UsageService,
   type CheckEntitlementResponse,
+  type DecisionRule as DecisionRuleMessage,
+  type GetDecisionResponse,
   type GetUsageSummaryResponse,
   type MeterUsage as MeterUsageMessage,
   type RecordUsageRequest,
@@ -123,6 +125,41 @@ export interface Entitlement {
   readonly duplicate: boolean;
   /** Whether the period was confirmed by a webhook (CONFIRMED) or projected from the cadence. */
   readonly periodSource: PeriodSourceName;
+  /**
+   * Names this decision for getDecision: every consume is kept, and denials when the service keeps
+   * them (USAGE_KEEP_DENIALS); "" when the decision is not kept.
+   */
+  readonly decisionId: string;
+  /** When the decision was taken. */
+  readonly asOfTime: Date | undefined;
+  /** The version of the customer's figures the decision read; for a consume, the one its usage committed as. */
+  readonly totalsVersion: bigint;
+  /** The plan rule that decided. */
+  readonly rule: DecisionRule | undefined;
+}
+
+/**
+ * The plan rule an entitlement decision applied: a metered feature's allowance, limit (undefined:
+ * unlimited) and enforcement ("hard" or "soft"), or a boolean feature's enabled. Empty where it is not
+ * known (an unknown customer, a feature outside the plan).
+ */
+export interface DecisionRule {
+  readonly planId: string;
+  readonly feature: string;
+  readonly included: bigint;
+  readonly limit: bigint | undefined;
+  readonly enforcement: string;
+  readonly enabled: boolean;
+}
+
+/** A kept decision: the request as it was checked, and the answer exactly as checkEntitlement gave it. */
+export interface Decision {
+  readonly decisionId: string;
+  readonly customerId: string;
+  readonly feature: string;
+  readonly quantity: bigint;
+  readonly consume: boolean;
+  readonly response: Entitlement;
 }
 
 export interface MeterUsage {
@@ -291,6 +328,35 @@ export function entitlement(response: CheckEntitlementResponse): Entitlement {
     eventId: response.eventId,
     duplicate: response.duplicate,
     periodSource: enumName<PeriodSourceName>(PeriodSource, response.periodSource),
+    decisionId: response.decisionId,
+    asOfTime: toDate(response.asOfTime),
+    totalsVersion: response.totalsVersion,
+    rule: response.rule === undefined ? undefined : decisionRule(response.rule),
+  };
+}
+
+function decisionRule(rule: DecisionRuleMessage): DecisionRule {
+  return {
+    planId: rule.planId,
+    feature: rule.feature,
+    included: rule.included,
+    limit: rule.limit,
+    enforcement: rule.enforcement,
+    enabled: rule.enabled,
+  };
+}
+
+export function decision(response: GetDecisionResponse): Decision {
+  if (response.response === undefined) {
+    throw new TypeError("the service answered without the decision's response");
+  }
+  return {
+    decisionId: response.decisionId,
+    customerId: response.customerId,
+    feature: response.feature,
+    quantity: response.quantity,
+    consume: response.consume,
+    response: entitlement(response.response),
   };
 }
 
@@ -473,6 +539,14 @@ export class UsageClient {
       properties: { ...(input.properties ?? {}) },
     };
     return entitlement(await this.call(options, (o) => this.usage.checkEntitlement(request, o)));
+  }
+
+  /**
+   * A kept decision (an Entitlement's decisionId): the request as checked and the answer exactly as it
+   * was given. UsageServiceError with reason DECISION_NOT_FOUND when no decision is kept under the id.
+   */
+  async getDecision(decisionId: string, options?: CallOptions): Promise<Decision> {
+    return decision(await this.call(options, (o) => this.usage.getDecision({ decisionId }, o)));
   }
 
   /** The customer's usage in the current billing period, per meter (or only `meter`). */

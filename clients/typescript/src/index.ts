@@ -14,6 +14,8 @@ export {
   type CheckEntitlementInput,
   type Customer,
   type CustomerInput,
+  type Decision,
+  type DecisionRule,
   type Entitlement,
   type EntitlementReasonName,
   type MeterUsage,

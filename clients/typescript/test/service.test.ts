@@ -282,6 +282,50 @@ describe("CheckEntitlement", () => {
     assert.equal(await used(customerId, "llm_tokens"), 600n, "a denied consume records nothing");
   });
 
+  test("a consume is kept: getDecision returns it exactly as answered, and a replay names it", async () => {
+    const customerId = await newCustomer();
+    const before = Date.now();
+    const key = idempotencyKey("test-decision", customerId);
+    const request = { customerId, feature: "llm_tokens", quantity: 400, consume: true, idempotencyKey: key };
+    const first = await client.checkEntitlement(request);
+    assert.equal(first.allowed, true);
+    assert.ok(first.decisionId.length > 0);
+    assert.ok(first.totalsVersion > 0n);
+    assert.ok(first.asOfTime !== undefined && first.asOfTime.getTime() >= before - 1000);
+    assert.deepEqual(first.rule, {
+      planId: "starter",
+      feature: "llm_tokens",
+      included: 100n,
+      limit: 1000n,
+      enforcement: "hard",
+      enabled: false,
+    });
+    const kept = await client.getDecision(first.decisionId);
+    assert.deepEqual(kept, {
+      decisionId: first.decisionId,
+      customerId,
+      feature: "llm_tokens",
+      quantity: 400n,
+      consume: true,
+      response: first,
+    });
+    const replay = await client.checkEntitlement(request);
+    assert.equal(replay.duplicate, true);
+    assert.equal(replay.decisionId, first.decisionId);
+    const check = await client.checkEntitlement({ customerId, feature: "llm_tokens" });
+    assert.equal(check.totalsVersion, first.totalsVersion, "a check reads the version the consume committed");
+    assert.equal(check.decisionId, "", "an allowed check is not kept");
+  });
+
+  test("getDecision of an unknown id is NOT_FOUND, of a non-UUID INVALID_ARGUMENT", async () => {
+    const missing = await failure(client.getDecision("00000000-0000-4000-8000-000000000000"));
+    assert.equal(missing.codeName, "NOT_FOUND");
+    assert.equal(missing.reason, "DECISION_NOT_FOUND");
+    const invalid = await failure(client.getDecision("yesterday at 14:03"));
+    assert.equal(invalid.codeName, "INVALID_ARGUMENT");
+    assert.ok(invalid.violation("decision_id"), JSON.stringify(invalid.fieldViolations));
+  });
+
   test("consume without an idempotency key is INVALID_ARGUMENT", async () => {
     const customerId = await newCustomer();
     const error = await failure(

@@ -39,6 +39,7 @@ SCOPE_BY_METHOD: Mapping[str, str] = {
     f"/{_USAGE}/CheckEntitlement": "entitlements:check",  # with consume=true it records usage too
     f"/{_USAGE}/GetUsageSummary": "usage:read",
     f"/{_USAGE}/WatchUsage": "usage:read",
+    f"/{_USAGE}/GetDecision": "usage:read",
     f"/{_CUSTOMERS}/UpsertCustomer": "customers:write",
     f"/{_CUSTOMERS}/GetCustomer": "customers:read",
 }

@@ -8,7 +8,7 @@ from google.protobuf import timestamp_pb2
 
 from usage.v1 import customer_pb2, usage_pb2
 from usage_service import domain
-from usage_service.domain import periods
+from usage_service.domain import periods, rules
 
 STATUS_TO_PROTO = {
     domain.SubscriptionStatus.ACTIVE: customer_pb2.SUBSCRIPTION_STATUS_ACTIVE,
@@ -85,7 +85,14 @@ def decision_to_proto(
     period: periods.Period | None,
     event_id: str = "",
     duplicate: bool = False,
+    *,
+    as_of: dt.datetime,
+    rule: rules.Rule,
+    version: int = 0,
+    decision_id: str = "",
 ) -> usage_pb2.CheckEntitlementResponse:
+    """A check's answer: the decision, taken at `as_of` on the figures at change `version` by
+    `rule`."""
     out = usage_pb2.CheckEntitlementResponse(
         allowed=d.allowed,
         reason=REASON_TO_PROTO[d.reason],
@@ -93,6 +100,10 @@ def decision_to_proto(
         included=d.included,
         event_id=event_id,
         duplicate=duplicate,
+        decision_id=decision_id,
+        as_of_time=ts(as_of),
+        totals_version=version,
+        rule=rule_to_proto(rule),
     )
     if d.limit is not None:
         out.limit = d.limit
@@ -102,6 +113,19 @@ def decision_to_proto(
         out.period_start_time.CopyFrom(ts(period.start))
         out.period_end_time.CopyFrom(ts(period.end))
         out.period_source = SOURCE_TO_PROTO[period.source]
+    return out
+
+
+def rule_to_proto(r: rules.Rule) -> usage_pb2.DecisionRule:
+    out = usage_pb2.DecisionRule(
+        plan_id=r.plan_id,
+        feature=r.feature,
+        included=r.included,
+        enforcement=r.enforcement,
+        enabled=r.enabled,
+    )
+    if r.limit is not None:
+        out.limit = r.limit
     return out
 
 

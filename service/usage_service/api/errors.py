@@ -40,6 +40,7 @@ REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
         "the idempotency key already names an event with another payload",
     ),
     "CUSTOMER_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "no customer with this id"),
+    "DECISION_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "no decision kept with this id"),
     "TOTAL_OUT_OF_RANGE": (
         grpc.StatusCode.INVALID_ARGUMENT,
         "the customer's total for the meter would exceed the largest int64",
@@ -151,6 +152,14 @@ def customer_not_found(customer_id: str) -> ApiError:
         "CUSTOMER_NOT_FOUND",
         f"no customer {customer_id[:100]!r}",
         metadata={"customer_id": customer_id},
+    )
+
+
+def decision_not_found(decision_id: str) -> ApiError:
+    return ApiError(
+        "DECISION_NOT_FOUND",
+        f"no decision {decision_id!r} is kept",
+        metadata={"decision_id": decision_id},
     )
 
 

@@ -62,6 +62,7 @@ async def start_server(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     reuse_port: bool = False,
+    keep_denials: bool = False,
 ) -> Running:
     interceptor = Interceptor(tokens or auth.Tokens(), max_in_flight)
     limit = (
@@ -88,7 +89,9 @@ async def start_server(
         ],
         maximum_concurrent_rpcs=limit,
     )
-    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(st, plans, hub), server)
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(
+        UsageService(st, plans, hub, keep_denials), server
+    )
     customer_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(st, plans), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -6,30 +6,43 @@ import datetime as dt
 from typing import Any
 
 import grpc
+from pydantic import Field
 
 from usage.v1 import usage_pb2, usage_pb2_grpc
-from usage_service import domain
+from usage_service import domain, settings
 from usage_service.api import convert, validation, watch
-from usage_service.api.errors import customer_not_found, out_of_range, rpc
+from usage_service.api.errors import customer_not_found, decision_not_found, out_of_range, rpc
 from usage_service.api.validation import Violations
 from usage_service.domain.errors import TotalOutOfRange
-from usage_service.domain.ids import new_event_id, new_event_ids
+from usage_service.domain.ids import new_decision_id, new_event_id, new_event_ids
 from usage_service.domain.plans import Plans
-from usage_service.storage.store import Store
+from usage_service.domain.rules import rule
+from usage_service.storage import decisions
+from usage_service.storage.store import Consumed, Store
 from usage_service.storage.watch import Hub
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class DecisionSettings(settings.Group):
+    # keep denied checks for GetDecision too (consumes are always kept)
+    keep_denials: settings.Flag = Field(False, validation_alias="USAGE_KEEP_DENIALS")
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _serialized(answer: usage_pb2.CheckEntitlementResponse) -> bytes:
+    return answer.SerializeToString(deterministic=True)
+
+
 class UsageService(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, store: Store, plans: Plans, hub: Hub) -> None:
+    def __init__(self, store: Store, plans: Plans, hub: Hub, keep_denials: bool = False) -> None:
         self.store = store
         self.plans = plans
         self.hub = hub
+        self.keep_denials = keep_denials
         # meter -> the plans that meter it (where a consume locks the totals row)
         self._metering = {
             meter: tuple(
@@ -118,12 +131,34 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             return domain.decide(metered, meter.aggregation, totals, request.quantity)
 
         if not request.consume:
-            read = await self.store.check_read(request.customer_id, feature, _now())
+            now = _now()
+            read = await self.store.check_read(request.customer_id, feature, now)
             decision = gate(read.customer)
             if decision is None:
                 assert read.customer is not None
                 decision = decide(read.customer, read.totals)
-            return convert.decision_to_proto(decision, read.period)
+            answer = convert.decision_to_proto(
+                decision,
+                read.period,
+                as_of=now,
+                rule=rule(self.plans, read.customer.plan_id if read.customer else "", feature),
+                version=read.version,
+            )
+            if not decision.allowed and self.keep_denials:
+                answer.decision_id = new_decision_id()
+                denial = decisions.Kept(
+                    customer_id=request.customer_id,
+                    decision_id=answer.decision_id,
+                    feature=feature,
+                    quantity=request.quantity,
+                    consume=False,
+                    allowed=False,
+                    event_id=None,
+                    response=_serialized(answer),
+                    created_at=now,
+                )
+                await self.store.keep_decision(denial)
+            return answer
 
         now = _now()
         event = domain.UsageEvent(
@@ -136,27 +171,64 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             properties=dict(request.properties),
             payload_hash=domain.payload_hash(feature, request.quantity, None, request.properties),
         )
+        assert meter is not None
+
+        def answer_to(c: Consumed) -> usage_pb2.CheckEntitlementResponse:
+            plan_id = c.customer.plan_id if c.customer else ""
+            if c.duplicate:  # a replay, whatever happened to the customer since
+                plan = self.plans.plans.get(plan_id)
+                metered = plan.metered.get(feature) if plan else None
+                decision = domain.replayed(metered, meter.aggregation, c.totals)
+            else:
+                assert c.decision is not None
+                decision = c.decision
+                if c.event_id:
+                    decision = domain.after_consume(
+                        decision, meter.aggregation, c.totals, request.quantity
+                    )
+            return convert.decision_to_proto(
+                decision,
+                c.period,
+                c.event_id,
+                c.duplicate,
+                as_of=now,
+                rule=rule(self.plans, plan_id, feature),
+                version=c.version,
+                decision_id=c.decision_id,
+            )
+
+        def keep(c: Consumed) -> bytes | None:
+            assert c.decision is not None
+            if not c.decision.allowed and not self.keep_denials:
+                return None
+            return _serialized(answer_to(c))
+
         try:
-            result = await self.store.consume(event, gate, decide, self._metering.get(feature, ()))
+            result = await self.store.consume(
+                event, gate, decide, self._metering.get(feature, ()), keep
+            )
         except TotalOutOfRange:
             raise out_of_range("quantity") from None
-        customer = result.customer
-        if result.duplicate:  # a replay, whatever happened to the customer since
-            assert meter is not None
-            plan = self.plans.plans.get(customer.plan_id) if customer else None
-            metered = plan.metered.get(feature) if plan else None
-            answer = domain.replayed(metered, meter.aggregation, result.totals)
-            return convert.decision_to_proto(answer, result.period, result.event_id, True)
-        assert result.decision is not None
-        if not result.decision.allowed:
-            return convert.decision_to_proto(result.decision, result.period)
-        answer = result.decision
-        if result.event_id:
-            assert meter is not None
-            answer = domain.after_consume(
-                answer, meter.aggregation, result.totals, request.quantity
-            )
-        return convert.decision_to_proto(answer, result.period, result.event_id)
+        return answer_to(result)
+
+    @rpc
+    async def GetDecision(
+        self, request: usage_pb2.GetDecisionRequest, context: Context
+    ) -> usage_pb2.GetDecisionResponse:
+        v = Violations()
+        validation.uuid(v, "decision_id", request.decision_id)
+        v.check()
+        kept = await self.store.get_decision(request.decision_id)
+        if kept is None:
+            raise decision_not_found(request.decision_id)
+        return usage_pb2.GetDecisionResponse(
+            decision_id=kept.decision_id,
+            customer_id=kept.customer_id,
+            feature=kept.feature,
+            quantity=kept.quantity,
+            consume=kept.consume,
+            response=usage_pb2.CheckEntitlementResponse.FromString(kept.response),
+        )
 
     @rpc
     async def GetUsageSummary(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Mapping
 
 from google.protobuf import timestamp_pb2
@@ -26,6 +27,7 @@ MAX_PROPERTY_KEY = min(k.key_length for k in _KEPT)  # 40 characters (Polar, Cre
 MAX_PROPERTY_VALUE = min(k.value_length for k in _KEPT)  # 500 characters
 RESERVED_PREFIX = polar.RESERVED_PREFIX  # Polar's structured metadata (`_llm`, `_cost`)
 MAX_FUTURE = dt.timedelta(minutes=5)  # how far ahead an event_time may be
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
 class Violations(list[tuple[str, str]]):
@@ -52,6 +54,14 @@ def text_problem(value: str, required: bool = True) -> str:
     if "\x00" in value:
         return "must not contain NUL characters"
     return ""
+
+
+def uuid(v: Violations, field: str, value: str) -> None:
+    """A required UUID, as the service gives them (8-4-4-4-12 hex digits)."""
+    if not value:
+        v.add(field, "must not be empty")
+    elif not _UUID.fullmatch(value):
+        v.add(field, "must be a UUID (8-4-4-4-12 hex digits)")
 
 
 def properties(

@@ -25,3 +25,7 @@ def new_event_ids(count: int) -> list[str]:
 
 def new_report_id() -> str:
     return new_event_id()
+
+
+def new_decision_id() -> str:
+    return new_event_id()

@@ -21,6 +21,7 @@ from usage_service import settings
 from usage_service.alerts.background import AlertSettings
 from usage_service.api.auth import AuthSettings
 from usage_service.api.server import DEFAULT_MAX_IN_FLIGHT, MAX_MESSAGE_BYTES
+from usage_service.api.usage_api import DecisionSettings
 from usage_service.drain.loop import DrainSettings
 from usage_service.providers.config import ProviderSettings
 from usage_service.reconcile.background import ReconcileSettings
@@ -84,6 +85,7 @@ class Settings(pydantic_settings.BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     tls: TlsFiles = TlsFiles()
     auth: AuthSettings = AuthSettings()
+    decisions: DecisionSettings = DecisionSettings()
     drain: DrainSettings = DrainSettings()
     providers: ProviderSettings = ProviderSettings()
     reconcile: ReconcileSettings = ReconcileSettings()

@@ -226,8 +226,8 @@ RETURNING period_start, period_end, {_TOTALS_COLUMNS}"""
 
 # The consume path's first statement: the customer (shared lock); the totals row of the period
 # containing now, locked, when one exists and the customer's plan meters the feature and its
-# status allows usage; and the event already stored under the key, if any (read before the
-# totals lock was granted).
+# status allows usage; and the event already stored under the key, if any, with the decision
+# that consumed it (both read before the totals lock was granted).
 # $1 customer_id, $2 meter, $3 plan ids that meter $2, $4 allowed statuses, $5 idempotency_key,
 # $6 now
 CONSUME_LOCK = f"""
@@ -244,13 +244,27 @@ WITH c AS (
     FOR UPDATE
 )
 SELECT c.*, locked.t_start IS NOT NULL AS locked, locked.*,
-    k.event_id AS seen_event_id, k.payload_hash AS seen_payload_hash
+    k.event_id AS seen_event_id, k.payload_hash AS seen_payload_hash,
+    d.decision_id AS seen_decision_id
 FROM c
 LEFT JOIN locked ON true
-LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $5"""
+LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $5
+LEFT JOIN decisions d ON d.customer_id = $1 AND d.event_id = k.event_id"""
+
+# The event stored under a key (with the decision that consumed it) and the customer's change
+# version, read once the consume holds its locks: always one row.
+# $1 customer_id, $2 idempotency_key
+KEY_AND_VERSION = """
+SELECT k.event_id AS seen_event_id, k.payload_hash AS seen_payload_hash,
+    d.decision_id AS seen_decision_id, coalesce(h.version, 0) AS totals_version
+FROM (SELECT 1) one
+LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $2
+LEFT JOIN decisions d ON d.customer_id = $1 AND d.event_id = k.event_id
+LEFT JOIN usage_change_heads h ON h.customer_id = $1"""
 
 # One consumed event, its lifetime total and its period's totals row (created and locked by
-# CONSUME_LOCK or LOCK_TOTALS), in one statement. No row: the key was taken.
+# CONSUME_LOCK or LOCK_TOTALS), in one statement, answering the event id and the totals row as
+# the event left it. No row: the key was taken.
 # $1 event_id, $2 customer_id, $3 idempotency_key, $4 meter, $5 quantity, $6 event_time,
 # $7 properties (JSON text), $8 payload_hash, $9 period_start, $10 provider ('' none: unbilled)
 CONSUME_INSERT = """
@@ -286,18 +300,21 @@ WITH ins AS (
         last_event_time = greatest(t.last_event_time, ins.event_time)
     FROM ins
     WHERE t.customer_id = $2 AND t.meter = ins.meter AND t.period_start = $9
-    RETURNING t.customer_id
+    RETURNING t.*
 )
-SELECT event_id FROM ins"""
+SELECT ins.event_id, added.* FROM ins LEFT JOIN added ON true"""
 
 # $1 customer_id, $2 period_start
 PERIOD_TOTALS = f"""
 SELECT {_TOTALS_COLUMNS} FROM usage_totals WHERE customer_id = $1 AND period_start = $2"""
 
-# $1 customer_id, $2 meter, $3 period_start
+# A customer's totals for one meter and period (no row: NULL figures) and its change version,
+# read together. $1 customer_id, $2 meter, $3 period_start (NULL: none)
 METER_TOTALS = f"""
-SELECT {_TOTALS_COLUMNS} FROM usage_totals
-WHERE customer_id = $1 AND meter = $2 AND period_start = $3"""
+SELECT {_TOTALS_COLUMNS}, coalesce(h.version, 0) AS totals_version
+FROM (SELECT 1) one
+LEFT JOIN usage_totals t ON t.customer_id = $1 AND t.meter = $2 AND t.period_start = $3
+LEFT JOIN usage_change_heads h ON h.customer_id = $1"""
 
 # Every totals row of a customer. $1 customer_id
 CUSTOMER_TOTALS = f"""
@@ -342,23 +359,21 @@ UNION
 SELECT DISTINCT customer_id FROM usage_events
 ORDER BY 1"""
 
-# $1 customer_id, $2 idempotency_key
-EVENT_BY_KEY = """
-SELECT event_id, payload_hash FROM usage_events WHERE customer_id = $1 AND idempotency_key = $2"""
-
-# Checks without consume, many at once: each (customer, meter) pair with the customer and the
+# Checks without consume, many at once: each (customer, meter) pair with the customer, the
 # latest totals row starting at or before now (the caller keeps it only when it is the period
-# containing now). Pairs of unknown customers have no row.
+# containing now) and the customer's change version, all from one snapshot. Pairs of unknown
+# customers have no row.
 # $1 customer_id[], $2 meter[], $3 now; i is the pair's 1-based position
 CHECK_READS = f"""
 SELECT u.i, c.*, t.period_start AS t_start, t.event_count,
     t.quantity_sum, t.quantity_max, t.last_quantity, t.last_event_time, t.last_seq,
     t.reported_count, t.reported_sum, t.failed_count, t.failed_sum, t.unbilled_count,
-    t.unbilled_sum
+    t.unbilled_sum, coalesce(h.version, 0) AS totals_version
 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(customer_id, meter, i)
 JOIN LATERAL (
     SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = u.customer_id) c ON true
 LEFT JOIN LATERAL (
     SELECT * FROM usage_totals
     WHERE customer_id = c.customer_id AND meter = u.meter AND period_start <= $3
-    ORDER BY period_start DESC LIMIT 1) t ON true"""
+    ORDER BY period_start DESC LIMIT 1) t ON true
+LEFT JOIN usage_change_heads h ON h.customer_id = c.customer_id"""

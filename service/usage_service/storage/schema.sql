@@ -49,6 +49,21 @@ CREATE TABLE customers (
     CONSTRAINT customers_subscription_status_known CHECK ((subscription_status = ANY (ARRAY[''::text, 'active'::text, 'trialing'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'incomplete'::text, 'paused'::text])))
 );
 
+CREATE TABLE decisions (
+    customer_id text NOT NULL,
+    decision_id uuid NOT NULL,
+    feature text NOT NULL,
+    quantity bigint NOT NULL,
+    consume boolean NOT NULL,
+    allowed boolean NOT NULL,
+    event_id uuid,
+    response bytea NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    CONSTRAINT decisions_pkey PRIMARY KEY (customer_id, decision_id)
+);
+CREATE UNIQUE INDEX decisions_by_event ON public.decisions USING btree (customer_id, event_id);
+CREATE INDEX decisions_by_id ON public.decisions USING btree (decision_id);
+
 CREATE TABLE reports (
     report_id uuid NOT NULL,
     provider text NOT NULL,

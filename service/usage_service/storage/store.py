@@ -7,14 +7,14 @@ import datetime as dt
 import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import asyncpg
 
 from usage_service import domain
-from usage_service.domain import periods
+from usage_service.domain import ids, periods
 from usage_service.domain.errors import KeyConflict, TotalOutOfRange
-from usage_service.storage import changes, coalesce, history, idempotency, queries
+from usage_service.storage import changes, coalesce, decisions, history, idempotency, queries
 from usage_service.storage.rows import (
     Conn,
     customer_from_row,
@@ -38,7 +38,9 @@ _DATABASE_DOWN = (
 @dataclasses.dataclass(frozen=True)
 class Consumed:
     """The outcome of a check-and-consume. For a replayed key, `decision` is None and `totals`
-    already hold the earlier consumption. `period`: the one containing the event."""
+    already hold the earlier consumption. `period`: the one containing the event. `version`:
+    the customer's change version the figures are at (for a consume, the one it committed as).
+    `decision_id`: the kept decision ('' none; a replay's is the original consume's)."""
 
     customer: domain.Customer | None
     decision: domain.Decision | None
@@ -46,15 +48,43 @@ class Consumed:
     event_id: str = ""
     duplicate: bool = False
     period: periods.Period | None = None
+    version: int = 0
+    decision_id: str = ""
+
+
+# Given a decision of a consume (with the id it is to be kept under), its answer serialized to
+# be kept, or None when the decision is not to be kept.
+Keep: TypeAlias = Callable[[Consumed], bytes | None]
+
+
+def _keep_nothing(consumed: Consumed) -> None:
+    return None
 
 
 class Checked(NamedTuple):
-    """A read for a check: the customer (None when unknown), the period containing now and the
-    customer's totals for the meter in it."""
+    """A read for a check: the customer (None when unknown), the period containing now, the
+    customer's totals for the meter in it and its change version, read together."""
 
     customer: domain.Customer | None = None
     period: periods.Period | None = None
     totals: domain.Totals = domain.Totals()
+    version: int = 0
+
+
+class _Seen(NamedTuple):
+    """The event stored under a consume's key, and the decision that consumed it ('' none)."""
+
+    event_id: str
+    payload_hash: bytes
+    decision_id: str
+
+
+def _seen_in(row: asyncpg.Record) -> _Seen | None:
+    owner = idempotency.key_owner(row["seen_event_id"], row["seen_payload_hash"])
+    if owner is None:
+        return None
+    decision = row["seen_decision_id"]
+    return _Seen(owner[0], owner[1], "" if decision is None else str(decision))
 
 
 _NO_TOTALS = domain.Totals()
@@ -376,13 +406,22 @@ class Store:
         for r in rows:
             customer = customer_from_row(r)
             if customer is None:
+                found[r["i"]] = Checked(version=r["totals_version"])
                 continue
             period = customer.period_after_confirmed(now) or await self.period_now(customer, now)
             # totals rows are periods: one that starts where the period does is that period's
             totals = totals_from_row(r) if r["t_start"] == period.start else _NO_TOTALS
-            found[r["i"]] = Checked(customer, period, totals)
+            found[r["i"]] = Checked(customer, period, totals, r["totals_version"])
         unknown = Checked()
         return [found.get(i, unknown) for i in range(1, len(keys) + 1)]
+
+    async def keep_decision(self, kept: decisions.Kept) -> None:
+        """Keeps a decision taken outside a consume (a check's denial)."""
+        await decisions.keep(self.pool, kept)
+
+    async def get_decision(self, decision_id: str) -> decisions.Kept | None:
+        """A kept decision by its id (a UUID); None when none is kept."""
+        return await decisions.get(self.pool, decision_id)
 
     async def consume(
         self,
@@ -390,6 +429,7 @@ class Store:
         gate: Callable[[domain.Customer | None], domain.Decision | None],
         decide: Callable[[domain.Customer, domain.Totals], domain.Decision],
         metering_plans: Sequence[str] = (),
+        keep: Keep = _keep_nothing,
     ) -> Consumed:
         """Check-and-consume in one transaction holding the lock of the totals row of the period
         containing the event's time (now), so no two callers can both take the last units. A
@@ -398,7 +438,12 @@ class Store:
 
         `metering_plans` (the plans that meter the feature) lets the first statement lock an
         existing totals row with the customer; otherwise a second statement creates and locks
-        it. Either way `decide` only ever sees the locked row."""
+        it. Either way `decide` only ever sees the locked row.
+
+        A consumed event is appended to the change log last; its version is the decision's.
+        `keep` gives the answer to keep for a decision (every consume's, denials' as it
+        chooses), kept in the same transaction. A decision that was not consumed is at the
+        version read once the locks are held, so nothing it read can have changed since."""
         now = event.event_time
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -411,18 +456,16 @@ class Store:
                 now,
             )
             customer = customer_from_row(row) if row else None
-            seen = (
-                idempotency.key_owner(row["seen_event_id"], row["seen_payload_hash"])
-                if row
-                else None
-            )
+            seen = _seen_in(row) if row else None
             period = await self.period_now(customer, now, conn) if customer else None
             if seen is not None:
-                totals = await self._totals_in(conn, customer, event.meter, period)
-                return self._replay(customer, period, totals, event, seen)
+                totals, version = await self._totals_in(conn, event, period)
+                return self._replay(customer, period, totals, event, seen, version)
             denial = gate(customer)
             if denial is not None or customer is None:
-                return Consumed(customer, denial, period=period)
+                version = await changes.head(conn, event.customer_id)
+                gated = Consumed(customer, denial, period=period, version=version)
+                return await self._kept(conn, event, gated, keep)
             assert row is not None and period is not None
             if row["locked"] and (row["t_start"], row["t_end"]) == period.bounds:
                 totals = totals_from_row(row)
@@ -432,35 +475,81 @@ class Store:
                 )
                 assert locked is not None and locked["period_end"] == period.end
                 totals = totals_from_row(locked)
-                seen = await self._seen(conn, event)
+                seen, version = await self._seen(conn, event)
                 if seen is not None:
-                    return self._replay(customer, period, totals, event, seen)
+                    return self._replay(customer, period, totals, event, seen, version)
             decision = decide(customer, totals)
             if not decision.allowed:
                 # The key was read before the lock was granted: a consume of the same key that
                 # committed meanwhile is a replay, not a denial.
-                seen = await self._seen(conn, event)
+                seen, version = await self._seen(conn, event)
                 if seen is not None:
-                    return self._replay(customer, period, totals, event, seen)
-                return Consumed(customer, decision, totals, period=period)
-            result = await self._insert_consumed(conn, event, period, customer.provider.value)
-            if result.duplicate:
-                return Consumed(customer, None, totals, result.event_id, True, period)
-            return Consumed(customer, decision, totals, result.event_id, period=period)
+                    return self._replay(customer, period, totals, event, seen, version)
+                denied = Consumed(customer, decision, totals, period=period, version=version)
+                return await self._kept(conn, event, denied, keep)
+            inserted = await self._insert_consumed(conn, event, period, customer.provider.value)
+            if isinstance(inserted, tuple):  # a concurrent RecordUsage took the key
+                seen, version = inserted
+                return self._replay(customer, period, totals, event, seen, version)
+            change = changes.Change(
+                customer.customer_id,
+                "usage",
+                period.start,
+                period.end,
+                {event.meter: totals_from_row(inserted)},
+            )
+            versions = await changes.append(conn, [change], dt.datetime.now(dt.UTC))
+            consumed = Consumed(
+                customer,
+                decision,
+                totals,
+                str(inserted["event_id"]),
+                period=period,
+                version=versions[customer.customer_id],
+            )
+            return await self._kept(conn, event, consumed, keep)
+
+    @staticmethod
+    async def _kept(conn: Conn, e: domain.UsageEvent, consumed: Consumed, keep: Keep) -> Consumed:
+        """The decision, kept under a new id when `keep` says so."""
+        decision = consumed.decision
+        assert decision is not None
+        consumed = dataclasses.replace(consumed, decision_id=ids.new_decision_id())
+        answer = keep(consumed)
+        if answer is None:
+            return dataclasses.replace(consumed, decision_id="")
+        kept = decisions.Kept(
+            customer_id=e.customer_id,
+            decision_id=consumed.decision_id,
+            feature=e.meter,
+            quantity=e.quantity,
+            consume=True,
+            allowed=decision.allowed,
+            event_id=consumed.event_id or None,
+            response=answer,
+            created_at=e.event_time,
+        )
+        await decisions.keep(conn, kept)
+        return consumed
 
     @staticmethod
     async def _totals_in(
-        conn: Conn, customer: domain.Customer | None, meter: str, period: periods.Period | None
-    ) -> domain.Totals:
-        if customer is None or period is None:
-            return domain.Totals()
-        row = await conn.fetchrow(queries.METER_TOTALS, customer.customer_id, meter, period.start)
-        return totals_from_row(row) if row else domain.Totals()
+        conn: Conn, e: domain.UsageEvent, period: periods.Period | None
+    ) -> tuple[domain.Totals, int]:
+        """The customer's totals for the event's meter in `period` and its change version, read
+        together (no period: no totals)."""
+        start = period.start if period else None
+        row = await conn.fetchrow(queries.METER_TOTALS, e.customer_id, e.meter, start)
+        assert row is not None
+        totals = totals_from_row(row) if row["event_count"] is not None else domain.Totals()
+        return totals, row["totals_version"]
 
     @staticmethod
-    async def _seen(conn: Conn, e: domain.UsageEvent) -> tuple[str, bytes] | None:
-        row = await conn.fetchrow(queries.EVENT_BY_KEY, e.customer_id, e.idempotency_key)
-        return idempotency.key_owner(row["event_id"], row["payload_hash"]) if row else None
+    async def _seen(conn: Conn, e: domain.UsageEvent) -> tuple[_Seen | None, int]:
+        """The event stored under the key, and the customer's change version."""
+        row = await conn.fetchrow(queries.KEY_AND_VERSION, e.customer_id, e.idempotency_key)
+        assert row is not None
+        return _seen_in(row), row["totals_version"]
 
     @staticmethod
     def _replay(
@@ -468,19 +557,23 @@ class Store:
         period: periods.Period | None,
         totals: domain.Totals,
         e: domain.UsageEvent,
-        seen: tuple[str, bytes],
+        seen: _Seen,
+        version: int,
     ) -> Consumed:
         """The key names a stored event: a replay when the payload matches, else a conflict."""
-        event_id, payload = seen
-        if payload != e.payload_hash:
-            raise KeyConflict(0, event_id)
-        return Consumed(customer, None, totals, event_id, True, period)
+        if seen.payload_hash != e.payload_hash:
+            raise KeyConflict(0, seen.event_id)
+        return Consumed(
+            customer, None, totals, seen.event_id, True, period, version, seen.decision_id
+        )
 
     async def _insert_consumed(
         self, conn: Conn, e: domain.UsageEvent, period: periods.Period, provider: str
-    ) -> idempotency.Recorded:
+    ) -> asyncpg.Record | tuple[_Seen, int]:
+        """Stores the event, answering its id and its totals row as it left it; when the key
+        was taken meanwhile, the event under it and the change version."""
         try:
-            inserted = await conn.fetchval(
+            inserted = await conn.fetchrow(
                 queries.CONSUME_INSERT,
                 e.event_id,
                 e.customer_id,
@@ -496,12 +589,11 @@ class Store:
         except asyncpg.exceptions.NumericValueOutOfRangeError:  # the lifetime total: refused
             raise TotalOutOfRange(0) from None
         if inserted is None:  # a concurrent RecordUsage took the key between our check and insert
-            seen = await self._seen(conn, e)
+            seen, version = await self._seen(conn, e)
             assert seen is not None
-            if seen[1] != e.payload_hash:
-                raise KeyConflict(0, seen[0])
-            return idempotency.Recorded(seen[0], duplicate=True)
-        return idempotency.Recorded(e.event_id, duplicate=False)
+            return seen, version
+        assert inserted["event_count"] is not None  # the totals row is locked: it exists
+        return inserted
 
 
 def properties_json(properties: Mapping[str, str]) -> str:
