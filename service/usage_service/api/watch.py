@@ -82,11 +82,13 @@ async def serve(
         await context.abort_with_status(error.status())  # type: ignore[attr-defined]
 
 
-async def _write(context: Context, message: usage_pb2.WatchUsageResponse) -> None:
-    """Sends a message; a caller that reads none for SLOW_AFTER seconds is ended (its changes
-    wait in the log, not in memory, for its resume)."""
+async def _write(
+    context: Context, message: usage_pb2.WatchUsageResponse, after: float | None = None
+) -> None:
+    """Sends a message; a caller that takes none for SLOW_AFTER seconds (its connection's
+    window full) is ended: its changes wait in the log, not in memory, for its resume."""
     try:
-        await asyncio.wait_for(context.write(message), SLOW_AFTER)
+        await asyncio.wait_for(context.write(message), SLOW_AFTER if after is None else after)
     except TimeoutError:
         raise TOO_SLOW from None
 
