@@ -323,8 +323,8 @@ async def test_racing_consumes_at_the_limit_keep_allowed_and_denied_alike(
     [
         ("", "must not be empty"),
         ("not-a-uuid", "must be a UUID"),
-        (str(uuid.uuid4()).replace("-", ""), "must be a UUID"),
-        (str(uuid.uuid4()) + "0", "must be a UUID"),
+        ("4b2725aff23c48b9a0f603c67a41627d", "must be a UUID"),  # no hyphens
+        ("4b2725af-f23c-48b9-a0f6-03c67a41627d0", "must be a UUID"),  # one digit too many
     ],
 )
 async def test_get_decision_needs_a_uuid(service: Service, decision_id: str, problem: str) -> None:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 QUEUE = 256  # changes a watcher may have waiting; more wait in the log until it has room
 READ_BATCH = 200  # changes read from the log per query
 RELISTEN_DELAY = 1.0  # seconds between attempts to listen again after the connection dropped
+RETRY_DELAY = 1.0  # seconds before a failed read of a customer's log is tried again
 
 
 @dataclasses.dataclass(eq=False)
@@ -107,13 +108,16 @@ class Hub:
 
     async def _read(self, customer_id: str) -> None:
         try:
-            while True:
+            while customer_id in self._watchers:
                 self._again.discard(customer_id)
-                await self._deliver(customer_id)
+                try:
+                    await self._deliver(customer_id)
+                except Exception:  # the database is away or slow: read again soon
+                    log.warning("reading %s's changes failed", customer_id, exc_info=True)
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
                 if customer_id not in self._again:
                     return
-        except Exception:  # the database is away: the next notification or relisten retries
-            log.warning("reading %s's changes failed", customer_id, exc_info=True)
         finally:
             del self._reading[customer_id]
 
