@@ -1,4 +1,4 @@
-"""WatchUsage under attack: the change log's guarantees against the paths that write figures."""
+"""WatchUsage against the paths that write figures and a log read that fails."""
 
 from __future__ import annotations
 
