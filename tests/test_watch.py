@@ -17,7 +17,7 @@ from usage_service.api import watch as watch_api
 from usage_service.api.errors import ApiError
 from usage_service.api.server import Running, start_server
 from usage_service.domain import plans as plans_mod
-from usage_service.storage import connections, store
+from usage_service.storage import changes, connections, store
 from usage_service.storage import watch as watch_store
 
 WAIT = 30.0  # seconds a test waits for a message at most
@@ -361,3 +361,37 @@ async def test_one_caller_may_hold_only_so_many_streams(
         await take(third.__aiter__(), 1)
         third.cancel()
         calls[1].cancel()
+
+
+async def test_a_gap_in_the_log_is_never_passed_over(service: Service) -> None:
+    await service.add_customer()  # version 1; the usage: versions 2, 3 and 4
+    for i in range(3):
+        await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
+    await service.db.execute("DELETE FROM usage_changes WHERE version = 3")  # lost, say
+    call = watch(service, resume_after_version=1)
+    got = await take(call.__aiter__(), 2)
+    assert [(m.version, m.kind) for m in got] == [
+        (2, usage_pb2.USAGE_CHANGE_KIND_USAGE),
+        (4, usage_pb2.USAGE_CHANGE_KIND_SNAPSHOT),  # not version 4 as if 3 had not happened
+    ]
+    assert got[1].snapshot_reason == usage_pb2.SNAPSHOT_REASON_RESUME_TOO_OLD
+    assert used(got[1])["tokens"] == 3
+    call.cancel()
+
+
+async def test_old_changes_are_forgotten_oldest_first(service: Service) -> None:
+    await service.add_customer()  # version 1; the usage: versions 2, 3 and 4
+    for i in range(3):
+        await service.usage.RecordUsage(record(quantity=1, key=f"k{i}"))
+    now = dt.datetime.now(dt.UTC)
+    old = now - dt.timedelta(days=30)
+    # Version 3 was stamped by a replica whose clock was ahead.
+    await service.db.execute(
+        "UPDATE usage_changes SET committed_at = "
+        "CASE WHEN version = 3 THEN $1::timestamptz ELSE $2::timestamptz END",
+        now,
+        old,
+    )
+    assert await changes.forget(service.db, now - dt.timedelta(days=1), 1) == 2
+    kept = await service.db.fetch("SELECT version FROM usage_changes ORDER BY version")
+    assert [r["version"] for r in kept] == [3, 4]  # 4 is old, but 3 is kept: no gap

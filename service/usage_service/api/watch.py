@@ -124,9 +124,32 @@ async def _watch(
             whole=True,
             snapshot_reason=reason,
         )
+    last = w.after  # the last version this stream has taken from the log
     hub.wake(customer_id)
     while True:
         logged = await _next(hub, w, state)
+        if logged.version <= last:
+            continue  # already in the snapshot sent after a gap
+        if logged.version != last + 1:  # the log lost changes since (forgotten as too old)
+            snap = await watch.snapshot(hub.pool, customer_id, _now())
+            if snap is None:
+                raise customer_not_found(customer_id)
+            state = _State(snap.customer, snap.period)
+            last = snap.version
+            yield _message(
+                plans,
+                state,
+                snap.version,
+                usage_pb2.USAGE_CHANGE_KIND_SNAPSHOT,
+                _now(),
+                snap.figures,
+                only,
+                whole=True,
+                snapshot_reason=usage_pb2.SNAPSHOT_REASON_RESUME_TOO_OLD,
+            )
+            if logged.version <= last:
+                continue
+        last = logged.version
         change = logged.change
         if change.kind == "customer":
             state.customer = _customer(state.customer, change.detail)

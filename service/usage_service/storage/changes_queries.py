@@ -63,7 +63,13 @@ WHERE customer_id = $1 AND version > $2 ORDER BY version LIMIT $3"""
 # The oldest version still kept. $1 customer_id
 OLDEST = "SELECT min(version) FROM usage_changes WHERE customer_id = $1"
 
-# Forgets changes committed before a time, a batch at a time. $1 before, $2 limit
+# Forgets changes committed before a time, a batch at a time, each customer's oldest first: a
+# change is kept while an earlier one of its customer is (clocks of replicas may disagree, so
+# committed_at need not follow version). $1 before, $2 limit
 FORGET = """
 DELETE FROM usage_changes WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM usage_changes WHERE committed_at < $1 LIMIT $2))"""
+    SELECT c.ctid FROM usage_changes c
+    WHERE c.committed_at < $1 AND NOT EXISTS (
+        SELECT 1 FROM usage_changes k
+        WHERE k.customer_id = c.customer_id AND k.version < c.version AND k.committed_at >= $1)
+    LIMIT $2))"""
