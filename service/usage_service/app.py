@@ -9,7 +9,8 @@ import contextlib
 import datetime as dt
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from usage_service import metrics, tracing
 from usage_service.alerts import background as alerts_background
@@ -80,16 +81,21 @@ async def serve(settings: Settings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _database_gauges(st: store.Store, every: float) -> AsyncIterator[None]:
-    """Sets the gauges read from the database (pool use, drain backlog) now and every `every`
-    seconds while the block runs."""
-    task = asyncio.create_task(_refresh_gauges(st, every), name="metrics")
+async def _running(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Runs `work` as a task while the block runs, and cancels it when the block ends."""
+    task = asyncio.create_task(work, name=name)
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _database_gauges(st: store.Store, every: float) -> contextlib.AbstractAsyncContextManager[None]:
+    """Sets the gauges read from the database (pool use, drain backlog) now and every `every`
+    seconds while the block runs."""
+    return _running(_refresh_gauges(st, every), "metrics")
 
 
 async def _refresh_gauges(st: store.Store, every: float) -> None:
@@ -108,18 +114,13 @@ async def _refresh_gauges(st: store.Store, every: float) -> None:
         await asyncio.sleep(every)
 
 
-@contextlib.asynccontextmanager
-async def _forgetting_changes(st: store.Store, keep: float) -> AsyncIterator[None]:
+def _forgetting_changes(
+    st: store.Store, keep: float
+) -> contextlib.AbstractAsyncContextManager[None]:
     """Forgets the changes WatchUsage could resume from once they are `keep` seconds old, now
     and every FORGET_EVERY seconds while the block runs (a resume older than that gets a
     snapshot)."""
-    task = asyncio.create_task(_forget_changes(st, keep), name="forget-changes")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    return _running(_forget_changes(st, keep), "forget-changes")
 
 
 async def _forget_changes(st: store.Store, keep: float) -> None:

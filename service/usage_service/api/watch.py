@@ -113,17 +113,7 @@ async def _watch(
             else usage_pb2.SNAPSHOT_REASON_RESUME_TOO_OLD
         )
         w.after = snap.version
-        yield _message(
-            plans,
-            state,
-            snap.version,
-            usage_pb2.USAGE_CHANGE_KIND_SNAPSHOT,
-            _now(),
-            snap.figures,
-            only,
-            whole=True,
-            snapshot_reason=reason,
-        )
+        yield _snapshot(plans, state, snap, only, reason)
     last = w.after  # the last version this stream has taken from the log
     hub.wake(customer_id)
     while True:
@@ -136,17 +126,7 @@ async def _watch(
                 raise customer_not_found(customer_id)
             state = _State(snap.customer, snap.period)
             last = snap.version
-            yield _message(
-                plans,
-                state,
-                snap.version,
-                usage_pb2.USAGE_CHANGE_KIND_SNAPSHOT,
-                _now(),
-                snap.figures,
-                only,
-                whole=True,
-                snapshot_reason=usage_pb2.SNAPSHOT_REASON_RESUME_TOO_OLD,
-            )
+            yield _snapshot(plans, state, snap, only, usage_pb2.SNAPSHOT_REASON_RESUME_TOO_OLD)
             if logged.version <= last:
                 continue
         last = logged.version
@@ -204,6 +184,22 @@ async def _next(hub: watch.Hub, w: watch.Watcher, state: _State) -> changes.Logg
                 await watch.roll_over(hub.pool, w.customer_id, snap.period, _now())
             state.period = periods.Period(snap.period.start, snap.period.end)
             hub.wake(w.customer_id)
+
+
+def _snapshot(
+    plans: Plans, state: _State, snap: watch.Snapshot, only: Collection[str], reason: int
+) -> usage_pb2.WatchUsageResponse:
+    return _message(
+        plans,
+        state,
+        snap.version,
+        usage_pb2.USAGE_CHANGE_KIND_SNAPSHOT,
+        _now(),
+        snap.figures,
+        only,
+        whole=True,
+        snapshot_reason=reason,
+    )
 
 
 def _customer(customer: domain.Customer, detail: Mapping[str, Any]) -> domain.Customer:
