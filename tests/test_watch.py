@@ -395,3 +395,29 @@ async def test_old_changes_are_forgotten_oldest_first(service: Service) -> None:
     assert await changes.forget(service.db, now - dt.timedelta(days=1), 1) == 2
     kept = await service.db.fetch("SELECT version FROM usage_changes ORDER BY version")
     assert [r["version"] for r in kept] == [3, 4]  # 4 is old, but 3 is kept: no gap
+
+
+async def test_a_change_among_too_many_customers_to_name_still_reaches_its_watcher(
+    service: Service,
+) -> None:
+    await service.add_customer()
+    names = [f"customer-with-a-long-name-{i:04d}" for i in range(399)]
+    for name in names:
+        await service.add_customer(name)
+    call = watch(service)
+    stream = call.__aiter__()
+    (snap,) = await take(stream, 1)
+    # One transaction over 400 customers: too many ids for one NOTIFY, which then says '*'.
+    others = [record(customer_id=name, key="k") for name in names]
+    await service.usage.BatchRecordUsage(
+        usage_pb2.BatchRecordUsageRequest(requests=[*others, record(quantity=7, key="mine")])
+    )
+    (change,) = await take(stream, 1)
+    assert (change.version, used(change)["tokens"]) == (snap.version + 1, 7)
+    call.cancel()
+
+
+def test_a_notification_names_its_customers_or_any() -> None:
+    assert changes.notified('["a", "b:c"]') == ["a", "b:c"]
+    assert changes.notified("*") is None
+    assert changes.notified("not json") is None

@@ -173,10 +173,12 @@ class Alerter:
                 await asyncio.wait_for(self._stopping.wait(), RELISTEN_DELAY)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        _version, _, customer_id = str(payload).partition(":")
-        if customer_id:
-            self._pending.add(customer_id)
-            self._wake.set()
+        named = changes.notified(payload)
+        if named is None:  # too many customers to name: look at every one
+            self._scan_due = True
+        else:
+            self._pending.update(named)
+        self._wake.set()
 
 
 def _set(event: asyncio.Event, _conn: object) -> None:

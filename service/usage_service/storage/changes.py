@@ -58,6 +58,18 @@ class Logged:
     committed_at: dt.datetime
 
 
+def notified(payload: object) -> list[str] | None:
+    """The customers a NOTIFY of the log names; None: any customer (too many to name)."""
+    text = str(payload)
+    if text == "*":
+        return None
+    try:
+        named = json.loads(text)
+    except ValueError:
+        return None
+    return [c for c in named if isinstance(c, str)] if isinstance(named, list) else None
+
+
 def figures_json(figures: Mapping[str, domain.Totals]) -> dict[str, list[int]]:
     return {m: [getattr(t, f) for f in FIGURES] for m, t in figures.items()}
 
@@ -82,13 +94,30 @@ def _totals(values: Mapping[str, int]) -> domain.Totals:
     )
 
 
-def from_totals_rows(kind: str, rows: Iterable[asyncpg.Record]) -> list[Change]:
-    """One change per customer and period from usage_totals rows (as RETURNING gives them)."""
-    grouped: dict[tuple[str, dt.datetime, dt.datetime], dict[str, domain.Totals]] = {}
+async def append_totals(
+    conn: Conn, kind: str, rows: Iterable[asyncpg.Record], now: dt.datetime
+) -> dict[str, int]:
+    """`append` of one change per customer and period of usage_totals rows (as RETURNING
+    gives them, CHANGED_TOTALS), their figures written straight from the rows."""
+    grouped: dict[tuple[str, dt.datetime, dt.datetime], list[str]] = {}
     for r in rows:
+        figures = ",".join([str(r[f]) for f in FIGURES])
         key = (r["customer_id"], r["period_start"], r["period_end"])
-        grouped.setdefault(key, {})[r["meter"]] = _totals({f: r[f] for f in FIGURES})
-    return [Change(c, kind, ps, pe, figures) for (c, ps, pe), figures in sorted(grouped.items())]
+        grouped.setdefault(key, []).append(f"{json.dumps(r['meter'])}:[{figures}]")
+    if not grouped:
+        return {}
+    keys = sorted(grouped)  # by customer, as APPEND takes them
+    found = await conn.fetch(
+        q.APPEND,
+        [c for c, _, _ in keys],
+        [kind] * len(keys),
+        [start for _, start, _ in keys],
+        [end for _, _, end in keys],
+        ["{" + ",".join(grouped[k]) + "}" for k in keys],
+        now,
+        ["{}"] * len(keys),
+    )
+    return {r["customer_id"]: r["version"] for r in found}
 
 
 async def append(conn: Conn, changes: Sequence[Change], now: dt.datetime) -> dict[str, int]:

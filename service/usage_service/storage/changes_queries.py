@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-CHANNEL = "usage_changes"  # NOTIFY payload: '<version>:<customer_id>'
+CHANNEL = "usage_changes"  # NOTIFY payload: a JSON array of customer ids, or '*' (any)
+MAX_PAYLOAD = 7900  # bytes of a NOTIFY payload (PostgreSQL's limit is 8000): longer says '*'
 
-# Appends changes (one or more per customer, customers sorted) and notifies each customer's last
-# version at commit. A usage change in a later period than the customer's latest is a rollover.
+# Appends changes (one or more per customer, customers sorted) and, at commit, notifies once for
+# the transaction: the customers it changed. A usage change in a later period than the
+# customer's latest is a rollover.
 # $1 customer_id[], $2 kind[], $3 period_start[], $4 period_end[], $5 figures (JSON text)[],
 # $6 committed_at, $7 detail (JSON text)[]
 APPEND = f"""
@@ -33,10 +35,14 @@ WITH input AS (
         period_end, figures, detail)
     SELECT c, v, k, $6, ps, pe, f::jsonb, d::jsonb FROM numbered
     RETURNING customer_id, version
+), latest AS (
+    SELECT customer_id, max(version) AS version FROM added GROUP BY customer_id
 )
-SELECT customer_id, max(version) AS version,
-    pg_notify('{CHANNEL}', max(version)::text || ':' || customer_id) AS notified
-FROM added GROUP BY customer_id"""
+SELECT customer_id, version, (
+    SELECT pg_notify('{CHANNEL}', CASE WHEN octet_length(p) <= {MAX_PAYLOAD} THEN p ELSE '*' END)
+    FROM (SELECT json_agg(customer_id ORDER BY customer_id)::text AS p FROM latest) one
+) AS notified
+FROM latest"""
 
 # A rollover of a customer with no usage since its period began, written once (by whichever
 # replica's watcher sees the boundary pass first). $1 customer_id, $2 period_start,
@@ -50,7 +56,7 @@ WITH h AS (
 INSERT INTO usage_changes (customer_id, version, kind, committed_at, period_start, period_end,
     figures)
 SELECT $1, version, 'rollover', $5, $2, $3, $4::text::jsonb FROM h
-RETURNING version, pg_notify('{CHANNEL}', version::text || ':' || $1) AS notified"""
+RETURNING version, pg_notify('{CHANNEL}', json_build_array($1::text)::text) AS notified"""
 
 # The customer's latest version (0 before any change). $1 customer_id
 HEAD = "SELECT version, period_start FROM usage_change_heads WHERE customer_id = $1"

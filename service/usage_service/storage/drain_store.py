@@ -250,4 +250,4 @@ async def adjust(
 async def log_drained(conn: Conn, rows: Sequence[asyncpg.Record]) -> None:
     """The transaction's last statement: the totals rows whose drain counters moved, as
     changes for WatchUsage (a row adjusted twice: its latest values)."""
-    await changes.append(conn, changes.from_totals_rows("drain", rows), dt.datetime.now(dt.UTC))
+    await changes.append_totals(conn, "drain", rows, dt.datetime.now(dt.UTC))

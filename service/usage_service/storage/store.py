@@ -321,9 +321,7 @@ class Store:
                         raise idempotency.Replan
                 answers, _ = idempotency.resolve(requests, known)
             changed = await self._add_totals(conn, locked, added)
-            await changes.append(
-                conn, changes.from_totals_rows("usage", changed), dt.datetime.now(dt.UTC)
-            )
+            await changes.append_totals(conn, "usage", changed, dt.datetime.now(dt.UTC))
         return answers
 
     async def _lock_customers(self, conn: Conn, events: Sequence[domain.UsageEvent]) -> _Locked:

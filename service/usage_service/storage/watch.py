@@ -165,8 +165,9 @@ class Hub:
             await asyncio.sleep(RELISTEN_DELAY)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        _version, _, customer_id = str(payload).partition(":")
-        self.wake(customer_id)
+        named = changes.notified(payload)
+        for customer_id in list(self._watchers) if named is None else named:
+            self.wake(customer_id)
 
 
 def _set(event: asyncio.Event, _conn: object) -> None:
