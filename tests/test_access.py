@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import details, record
 from process import PLANS_FILE, ServiceProcess, executable
 
-from usage.v1 import customer_pb2, usage_pb2, usage_pb2_grpc
+from usage.v1 import credit_pb2, customer_pb2, usage_pb2, usage_pb2_grpc
 from usage_service.api import auth
 from usage_service.api.server import start_server
 from usage_service.domain import plans as plans_mod
@@ -42,7 +42,7 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 def test_every_method_needs_a_known_scope() -> None:
     methods = {
         f"/{service.full_name}/{method.name}"
-        for module in (usage_pb2, customer_pb2)
+        for module in (usage_pb2, customer_pb2, credit_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }

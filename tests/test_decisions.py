@@ -225,14 +225,24 @@ async def test_the_rule_that_decided(service: Service) -> None:
         return answer.rule
 
     assert await rule("tokens") == R.DecisionRule(
-        plan_id="basic", feature="tokens", included=100, limit=1000, enforcement="hard"
+        plan_id="basic",
+        feature="tokens",
+        included=100,
+        limit=1000,
+        enforcement="hard",
+        billing="arrears",
     )
     assert await rule("calls") == R.DecisionRule(
-        plan_id="basic", feature="calls", included=10, limit=20, enforcement="soft"
+        plan_id="basic",
+        feature="calls",
+        included=10,
+        limit=20,
+        enforcement="soft",
+        billing="arrears",
     )
     unlimited = await rule("tokens", "payg")
     assert unlimited == R.DecisionRule(
-        plan_id="metered", feature="tokens", included=0, enforcement="hard"
+        plan_id="metered", feature="tokens", included=0, enforcement="hard", billing="arrears"
     )
     assert not unlimited.HasField("limit")
     assert await rule("sso") == R.DecisionRule(plan_id="basic", feature="sso", enabled=True)

@@ -21,16 +21,25 @@ from typing import Self
 import pydantic
 from pydantic import Field, SecretStr
 
-from usage.v1 import customer_pb2, usage_pb2
+from usage.v1 import credit_pb2, customer_pb2, usage_pb2
 from usage_service import settings
 
 SCOPES = frozenset(
-    {"usage:write", "usage:read", "entitlements:check", "customers:write", "customers:read"}
+    {
+        "usage:write",
+        "usage:read",
+        "entitlements:check",
+        "customers:write",
+        "customers:read",
+        "credits:write",
+        "credits:read",
+    }
 )
 MIN_TOKEN_LENGTH = 16  # characters; shorter tokens are refused at start-up
 
 _USAGE = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 _CUSTOMERS = customer_pb2.DESCRIPTOR.services_by_name["CustomerService"].full_name
+_CREDITS = credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name
 # The scope each method needs, by its full gRPC path. Methods not listed here and not open are
 # refused (a test holds this table against the services' descriptors).
 SCOPE_BY_METHOD: Mapping[str, str] = {
@@ -42,6 +51,9 @@ SCOPE_BY_METHOD: Mapping[str, str] = {
     f"/{_USAGE}/GetDecision": "usage:read",
     f"/{_CUSTOMERS}/UpsertCustomer": "customers:write",
     f"/{_CUSTOMERS}/GetCustomer": "customers:read",
+    f"/{_CREDITS}/CreateGrant": "credits:write",
+    f"/{_CREDITS}/VoidGrant": "credits:write",
+    f"/{_CREDITS}/ListGrants": "credits:read",
 }
 # Services anyone may call: health checks and reflection.
 OPEN_PREFIXES = (

@@ -39,6 +39,7 @@ REASON_TO_PROTO = {
     domain.Reason.FEATURE_NOT_IN_PLAN: usage_pb2.ENTITLEMENT_REASON_FEATURE_NOT_IN_PLAN,
     domain.Reason.SUBSCRIPTION_INACTIVE: usage_pb2.ENTITLEMENT_REASON_SUBSCRIPTION_INACTIVE,
     domain.Reason.CUSTOMER_NOT_FOUND: usage_pb2.ENTITLEMENT_REASON_CUSTOMER_NOT_FOUND,
+    domain.Reason.BALANCE_EXHAUSTED: usage_pb2.ENTITLEMENT_REASON_BALANCE_EXHAUSTED,
 }
 
 
@@ -109,6 +110,9 @@ def decision_to_proto(
         out.limit = d.limit
     if d.remaining is not None:
         out.remaining = d.remaining
+    if d.balance is not None:
+        out.balance = d.balance
+        out.covered = d.covered
     if period is not None:
         out.period_start_time.CopyFrom(ts(period.start))
         out.period_end_time.CopyFrom(ts(period.end))
@@ -123,9 +127,13 @@ def rule_to_proto(r: rules.Rule) -> usage_pb2.DecisionRule:
         included=r.included,
         enforcement=r.enforcement,
         enabled=r.enabled,
+        billing=r.billing,
+        overage=r.overage,
     )
     if r.limit is not None:
         out.limit = r.limit
+    if r.ceiling is not None:
+        out.ceiling = r.ceiling
     return out
 
 
@@ -141,9 +149,19 @@ def meter_to_proto(m: domain.MeterSummary) -> usage_pb2.MeterUsage:
         unbilled=m.unbilled,
         aggregation=m.aggregation.value,
         unit=m.unit,
+        billing=m.billing,
+        granted=m.granted,
+        burned=m.burned,
+        balance=m.balance,
+        covered=m.covered,
+        billable_overage=m.billable_overage,
     )
     if m.limit is not None:
         out.limit = m.limit
     if m.remaining is not None:
         out.remaining = m.remaining
+    if m.ceiling is not None:
+        out.ceiling = m.ceiling
+    if m.next_expiry is not None:
+        out.next_expire_time.CopyFrom(ts(m.next_expiry))
     return out

@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 from usage_service.domain.errors import (
     ConcurrencyConflict,
     DatabaseUnavailable,
+    GrantKeyConflict,
     KeyConflict,
     PeriodsPruned,
     ValueOutOfRange,
@@ -41,6 +42,7 @@ REASONS: Mapping[str, tuple[grpc.StatusCode, str]] = {
     ),
     "CUSTOMER_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "no customer with this id"),
     "DECISION_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "no decision kept with this id"),
+    "GRANT_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "no grant with this id for the customer"),
     "TOTAL_OUT_OF_RANGE": (
         grpc.StatusCode.INVALID_ARGUMENT,
         "the customer's total for the meter would exceed the largest int64",
@@ -163,10 +165,24 @@ def decision_not_found(decision_id: str) -> ApiError:
     )
 
 
+def grant_not_found(customer_id: str, grant_id: str) -> ApiError:
+    return ApiError(
+        "GRANT_NOT_FOUND",
+        f"no grant {grant_id!r} for customer {customer_id[:100]!r}",
+        metadata={"customer_id": customer_id, "grant_id": grant_id},
+    )
+
+
 def to_api_error(exc: BaseException, method: str) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     exc = storage_errors.translate(exc)
+    if isinstance(exc, GrantKeyConflict):
+        return ApiError(
+            "IDEMPOTENCY_KEY_REUSED",
+            "idempotency key already used for another grant; the first grant stays",
+            metadata={"grant_id": exc.grant_id},
+        )
     if isinstance(exc, KeyConflict):
         return ApiError(
             "IDEMPOTENCY_KEY_REUSED",

@@ -10,8 +10,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2, usage_pb2_grpc
+from usage.v1 import (
+    credit_pb2,
+    credit_pb2_grpc,
+    customer_pb2,
+    customer_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 from usage_service.api import auth
+from usage_service.api.credit_api import CreditService
 from usage_service.api.customer_api import CustomerService
 from usage_service.api.interceptor import Interceptor
 from usage_service.api.usage_api import UsageService
@@ -32,6 +40,7 @@ EXTRA_CONCURRENT_RPCS = 64
 SERVICE_NAMES = (
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     customer_pb2.DESCRIPTOR.services_by_name["CustomerService"].full_name,
+    credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
 )
 
 
@@ -89,10 +98,12 @@ async def start_server(
         ],
         maximum_concurrent_rpcs=limit,
     )
+    st.plans = plans  # prepaid features burn grants on every path that records usage
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageService(st, plans, hub, keep_denials), server
     )
     customer_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(st, plans), server)
+    credit_pb2_grpc.add_CreditServiceServicer_to_server(CreditService(st, plans), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

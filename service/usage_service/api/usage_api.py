@@ -125,18 +125,27 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
         def gate(customer: domain.Customer | None) -> domain.Decision | None:
             return domain.gate(customer, self.plans, feature)
 
-        def decide(customer: domain.Customer, totals: domain.Totals) -> domain.Decision:
+        def decide(
+            customer: domain.Customer, totals: domain.Totals, balance: int | None
+        ) -> domain.Decision:
             assert meter is not None
             metered = self.plans.plans[customer.plan_id].metered[feature]
-            return domain.decide(metered, meter.aggregation, totals, request.quantity)
+            return domain.decide(metered, meter.aggregation, totals, request.quantity, balance)
 
         if not request.consume:
             now = _now()
             read = await self.store.check_read(request.customer_id, feature, now)
             decision = gate(read.customer)
             if decision is None:
-                assert read.customer is not None
-                decision = decide(read.customer, read.totals)
+                assert read.customer is not None and read.period is not None
+                metered = self.plans.plans[read.customer.plan_id].metered[feature]
+                balance = None
+                if metered.prepaid:
+                    credit = await self.store.credit(
+                        read.customer, {feature: metered}, read.period, now
+                    )
+                    balance = credit[feature].balance
+                decision = decide(read.customer, read.totals, balance)
             answer = convert.decision_to_proto(
                 decision,
                 read.period,
@@ -239,12 +248,16 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
         if request.meter and request.meter not in self.plans.meters:
             v.add("meter", f"unknown meter {request.meter[:100]!r}")
         v.check()
-        found = await self.store.get_customer(request.customer_id, _now())
+        now = _now()
+        found = await self.store.get_customer(request.customer_id, now)
         if found is None:
             raise customer_not_found(request.customer_id)
         customer, period = found
         totals = await self.store.period_totals(customer, period)
-        meters = domain.summarise(self.plans, customer, totals, request.meter)
+        plan = self.plans.plans.get(customer.plan_id)
+        prepaid = {n: f for n, f in plan.metered.items() if f.prepaid} if plan else {}
+        credit = await self.store.credit(customer, prepaid, period, now) if prepaid else {}
+        meters = domain.summarise(self.plans, customer, totals, request.meter, credit)
         return usage_pb2.GetUsageSummaryResponse(
             customer_id=customer.customer_id,
             plan_id=customer.plan_id,

@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
-from usage_service.domain import periods
+from usage_service.domain import credits, periods
 from usage_service.domain.plans import Aggregation, Enforcement, MeteredFeature, Plans
 
 MAX_TOTAL = 2**63 - 1  # the largest int64: no total may pass it
@@ -46,6 +46,7 @@ class Reason(enum.StrEnum):
     FEATURE_NOT_IN_PLAN = "feature_not_in_plan"
     SUBSCRIPTION_INACTIVE = "subscription_inactive"
     CUSTOMER_NOT_FOUND = "customer_not_found"
+    BALANCE_EXHAUSTED = "balance_exhausted"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,8 @@ class Totals:
     failed_sum: int = 0
     unbilled_count: int = 0  # counted while the customer had no provider: never reported
     unbilled_sum: int = 0
+    covered_count: int = 0  # events grants paid for whole: never reported
+    covered_sum: int = 0  # units of quantity grants paid for
 
     def used(self, aggregation: Aggregation) -> int:
         if aggregation is Aggregation.SUM:
@@ -129,14 +132,18 @@ class Totals:
 
     def progress(self, aggregation: Aggregation) -> tuple[int, int, int, int]:
         """(reported, pending, failed, unbilled): summed quantities for sum meters, events
-        otherwise."""
+        otherwise. What grants paid for (covered) is in none of them."""
         if aggregation is Aggregation.SUM:
             recorded, reported, failed = self.quantity_sum, self.reported_sum, self.failed_sum
-            unbilled = self.unbilled_sum
+            unbilled, covered = self.unbilled_sum, self.covered_sum
         else:
             recorded, reported, failed = self.event_count, self.reported_count, self.failed_count
-            unbilled = self.unbilled_count
-        return reported, max(recorded - reported - failed - unbilled, 0), failed, unbilled
+            unbilled, covered = self.unbilled_count, self.covered_count
+        pending = max(recorded - covered - reported - failed - unbilled, 0)
+        return reported, pending, failed, unbilled
+
+    def covered(self, aggregation: Aggregation) -> int:
+        return self.covered_sum if aggregation is Aggregation.SUM else self.covered_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +154,8 @@ class Decision:
     included: int = 0
     limit: int | None = None
     remaining: int | None = None
+    balance: int | None = None  # prepaid features: grant units left (after a consume)
+    covered: int = 0  # units of this consume grants pay for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +172,28 @@ class MeterSummary:
     pending: int
     failed: int
     unbilled: int
+    billing: str = "arrears"
+    ceiling: int | None = None
+    granted: int = 0
+    burned: int = 0
+    balance: int = 0
+    next_expiry: dt.datetime | None = None
+    covered: int = 0
+    billable_overage: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Credit:
+    """A customer's grants of one feature as usage timed now sees them: units granted and
+    burned over the grants it may burn, and the earliest expiry of one with units left."""
+
+    granted: int = 0
+    burned: int = 0
+    next_expiry: dt.datetime | None = None
+
+    @property
+    def balance(self) -> int:
+        return self.granted - self.burned
 
 
 def payload_hash(
@@ -203,9 +234,31 @@ def gate(customer: Customer | None, plans: Plans, feature: str) -> Decision | No
 
 
 def decide(
+    feature: MeteredFeature,
+    aggregation: Aggregation,
+    totals: Totals,
+    quantity: int,
+    balance: int | None = None,
+) -> Decision:
+    """Whether `quantity` more may be used. quantity 0 asks whether any is left. For a prepaid
+    feature `balance` is the grant units usage timed now may burn: the limits of the period
+    decide first, then a plan without overage denies what the grants cannot cover."""
+    decision = _by_limits(feature, aggregation, totals, quantity)
+    if not feature.prepaid:
+        return decision
+    left = balance or 0
+    need = credits.units(aggregation, quantity) if quantity else 1
+    covered = min(need, left) if quantity else 0
+    if aggregation is not Aggregation.SUM and covered < need:
+        covered = 0
+    if decision.allowed and covered < need and not feature.overage:
+        decision = dataclasses.replace(decision, allowed=False, reason=Reason.BALANCE_EXHAUSTED)
+    return dataclasses.replace(decision, balance=left, covered=covered)
+
+
+def _by_limits(
     feature: MeteredFeature, aggregation: Aggregation, totals: Totals, quantity: int
 ) -> Decision:
-    """Whether `quantity` more may be used. quantity 0 asks whether any is left."""
     used = totals.used(aggregation)
     limit = feature.limit
     if limit is None:
@@ -216,7 +269,11 @@ def decide(
     if not over:
         return Decision(True, Reason.WITHIN_LIMIT, used, feature.included, limit, remaining)
     if feature.enforcement is Enforcement.SOFT:
-        return Decision(True, Reason.SOFT_LIMIT_EXCEEDED, used, feature.included, limit, remaining)
+        ceiling = feature.ceiling
+        if ceiling is None or (after <= ceiling if quantity else used < ceiling):
+            return Decision(
+                True, Reason.SOFT_LIMIT_EXCEEDED, used, feature.included, limit, remaining
+            )
     return Decision(False, Reason.LIMIT_EXCEEDED, used, feature.included, limit, remaining)
 
 
@@ -226,13 +283,19 @@ def after_consume(
     """The decision as reported once `quantity` has been consumed."""
     used = totals.used_after(aggregation, quantity)
     remaining = None if decision.limit is None else max(decision.limit - used, 0)
-    return dataclasses.replace(decision, used=used, remaining=remaining)
+    balance = None if decision.balance is None else decision.balance - decision.covered
+    return dataclasses.replace(decision, used=used, remaining=remaining, balance=balance)
 
 
 def summarise(
-    plans: Plans, customer: Customer, totals: Mapping[str, Totals], only_meter: str = ""
+    plans: Plans,
+    customer: Customer,
+    totals: Mapping[str, Totals],
+    only_meter: str = "",
+    credit: Mapping[str, Credit] | None = None,
 ) -> list[MeterSummary]:
-    """Per meter: the plan's metered features, then any other meter with usage in the period."""
+    """Per meter: the plan's metered features, then any other meter with usage in the period.
+    `credit`: the grants of the prepaid features, as usage timed now sees them."""
     plan = plans.plans.get(customer.plan_id)
     features = dict(plan.metered) if plan else {}
     names = list(features) + sorted(m for m in totals if m not in features)
@@ -247,6 +310,10 @@ def summarise(
         row = totals.get(name, Totals())
         used = row.used(meter.aggregation)
         reported, pending, failed, unbilled = row.progress(meter.aggregation)
+        prepaid = feature is not None and feature.prepaid
+        grants = (credit or {}).get(name, Credit()) if prepaid else Credit()
+        covered = row.covered(meter.aggregation)
+        recorded = row.quantity_sum if meter.aggregation is Aggregation.SUM else row.event_count
         out.append(
             MeterSummary(
                 meter=name,
@@ -261,6 +328,14 @@ def summarise(
                 pending=pending,
                 failed=failed,
                 unbilled=unbilled,
+                billing=feature.billing.value if feature else "arrears",
+                ceiling=feature.ceiling if feature else None,
+                granted=grants.granted,
+                burned=grants.burned,
+                balance=grants.balance,
+                next_expiry=grants.next_expiry,
+                covered=covered,
+                billable_overage=max(recorded - covered - unbilled, 0) if prepaid else 0,
             )
         )
     return out

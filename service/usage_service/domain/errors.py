@@ -14,6 +14,14 @@ class KeyConflict(Exception):
         self.event_id = event_id
 
 
+class GrantKeyConflict(Exception):
+    """An idempotency key already names a grant with another request."""
+
+    def __init__(self, grant_id: str) -> None:
+        super().__init__("idempotency key already used for another grant")
+        self.grant_id = grant_id
+
+
 class TotalOutOfRange(Exception):
     """An event would take its customer's and meter's total past int64: nothing is stored."""
 

@@ -31,6 +31,11 @@ class Enforcement(enum.StrEnum):
     SOFT = "soft"
 
 
+class Billing(enum.StrEnum):
+    ARREARS = "arrears"  # all usage is reported to the provider
+    PREPAID = "prepaid"  # usage burns grants first; only the rest is reported (as overage)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProviderNaming:
     """How one provider names a meter: its event name and the metadata key carrying the value."""
@@ -62,12 +67,31 @@ class Threshold:
 
 
 @dataclasses.dataclass(frozen=True)
+class RecurringGrant:
+    """A prepaid feature's grant each period: `amount` units, burned at `priority`; with a
+    `rollover_cap`, the unused part of a period's plan grants carries into the next period, up
+    to that cap (0: nothing carries over)."""
+
+    amount: int
+    priority: int = 0
+    rollover_cap: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class MeteredFeature:
     meter: str
     included: int
     limit: int | None  # None: unlimited
     enforcement: Enforcement
     thresholds: tuple[Threshold, ...] = ()  # by amount, lowest first
+    billing: Billing = Billing.ARREARS
+    overage: bool = True  # prepaid: usage beyond the grants is allowed and reported
+    ceiling: int | None = None  # a soft limit's hard ceiling
+    grant: RecurringGrant | None = None  # prepaid: the plan's grant each period
+
+    @property
+    def prepaid(self) -> bool:
+        return self.billing is Billing.PREPAID
 
     def reached(self, used: int) -> tuple[Threshold, ...]:
         """The thresholds a period's usage of `used` has reached."""

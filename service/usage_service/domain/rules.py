@@ -19,6 +19,9 @@ class Rule:
     limit: int | None = None
     enforcement: str = ""
     enabled: bool = False
+    billing: str = ""
+    overage: bool = False
+    ceiling: int | None = None
 
 
 def rule(plans: Plans, plan_id: str, feature: str) -> Rule:
@@ -33,4 +36,13 @@ def rule(plans: Plans, plan_id: str, feature: str) -> Rule:
     metered = plan.metered.get(feature)
     if metered is None:
         return Rule(plan_id, feature)
-    return Rule(plan_id, feature, metered.included, metered.limit, metered.enforcement.value)
+    return Rule(
+        plan_id,
+        feature,
+        metered.included,
+        metered.limit,
+        metered.enforcement.value,
+        billing=metered.billing.value,
+        overage=metered.overage if metered.prepaid else False,
+        ceiling=metered.ceiling,
+    )

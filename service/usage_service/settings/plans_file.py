@@ -30,6 +30,7 @@ from usage_service.domain.plans import (
     DEFAULT_PLANS_FILE,
     MAX_NAME_LENGTH,
     Aggregation,
+    Billing,
     Enforcement,
     Meter,
     MeteredFeature,
@@ -37,6 +38,7 @@ from usage_service.domain.plans import (
     Plans,
     PlansError,
     ProviderNaming,
+    RecurringGrant,
     Threshold,
 )
 
@@ -119,6 +121,20 @@ class MeterTable(_Table):
     lemon_squeezy: LemonSqueezyAction = LemonSqueezyAction()
 
 
+class GrantTable(_Table):
+    """A prepaid feature's grant each billing period."""
+
+    amount: Annotated[int, Field(ge=1)] = Field(description="units granted each period")
+    priority: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = Field(
+        None, description="lower burns first (default 0)"
+    )
+    rollover_cap: Whole | None = Field(
+        None,
+        description="carry the unused part of a period's grant into the next, up to this "
+        "(default 0: nothing carries over)",
+    )
+
+
 class FeatureTable(_Table):
     """A metered feature (keyed by a meter's name) or a boolean one (enabled)."""
 
@@ -131,6 +147,19 @@ class FeatureTable(_Table):
     thresholds: list[ThresholdItem] | None = Field(
         None, description="usage levels that raise an alert once per period (webhook and stream)"
     )
+    ceiling: Whole | None = Field(
+        None,
+        description="a soft limit's hard ceiling: past the limit allow and flag, past this deny",
+    )
+    billing: Literal["arrears", "prepaid"] | None = Field(
+        None,
+        description="arrears: report all usage (default); prepaid: usage burns grants first and "
+        "only the rest is reported",
+    )
+    overage: bool | None = Field(
+        None, description="prepaid: allow (and report) usage beyond the grants (default true)"
+    )
+    grant: GrantTable | None = Field(None, description="prepaid: a grant each period")
 
 
 class PlanTable(_Table):
@@ -295,7 +324,16 @@ class _Builder:
             self.name(feature, fkey)
             metered_keys = [
                 k
-                for k in ("included", "limit", "enforcement", "thresholds")
+                for k in (
+                    "included",
+                    "limit",
+                    "enforcement",
+                    "thresholds",
+                    "ceiling",
+                    "billing",
+                    "overage",
+                    "grant",
+                )
                 if getattr(f, k) is not None
             ]
             if f.enabled is not None:
@@ -315,9 +353,44 @@ class _Builder:
             thresholds = self.thresholds(
                 f"{fkey}.thresholds", f.thresholds or [], included, f.limit
             )
-            metered[feature] = MeteredFeature(feature, included, f.limit, enforcement, thresholds)
+            metered[feature] = self.paid(fkey, f, meters[feature], included, enforcement)
+            metered[feature] = dataclasses.replace(metered[feature], thresholds=thresholds)
         return Plan(
             plan_id=plan_id, name=body.name or plan_id, metered=metered, enabled=frozenset(enabled)
+        )
+
+    def paid(
+        self, key: str, f: FeatureTable, meter: Meter, included: int, enforcement: Enforcement
+    ) -> MeteredFeature:
+        """The feature with its limit, spend cap and billing checked against each other."""
+        if f.ceiling is not None:
+            if enforcement is not Enforcement.SOFT or f.limit is None:
+                self.fail(f"{key}.ceiling", 'needs a limit with enforcement = "soft"')
+            if f.ceiling < f.limit:
+                self.fail(f"{key}.ceiling", f"{f.ceiling} is below limit ({f.limit})")
+        billing = Billing(f.billing or "arrears")
+        if billing is Billing.PREPAID:
+            if meter.aggregation not in (Aggregation.SUM, Aggregation.COUNT):
+                self.fail(
+                    f"{key}.billing",
+                    f"prepaid needs a sum or count meter, not {meter.aggregation}",
+                )
+        else:
+            for name in ("overage", "grant"):
+                if getattr(f, name) is not None:
+                    self.fail(f"{key}.{name}", 'goes with billing = "prepaid"')
+        grant = None
+        if f.grant is not None:
+            grant = RecurringGrant(f.grant.amount, f.grant.priority or 0, f.grant.rollover_cap or 0)
+        return MeteredFeature(
+            meter.name,
+            included,
+            f.limit,
+            enforcement,
+            billing=billing,
+            overage=True if f.overage is None else f.overage,
+            ceiling=f.ceiling,
+            grant=grant,
         )
 
     def thresholds(

@@ -33,6 +33,8 @@ FIGURES = (
     "failed_sum",
     "unbilled_count",
     "unbilled_sum",
+    "covered_count",
+    "covered_sum",
 )
 
 
@@ -75,7 +77,8 @@ def figures_json(figures: Mapping[str, domain.Totals]) -> dict[str, list[int]]:
 
 
 def figures_from_json(raw: Mapping[str, Sequence[int]]) -> dict[str, domain.Totals]:
-    return {m: _totals(dict(zip(FIGURES, values, strict=True))) for m, values in raw.items()}
+    # changes logged before the covered counters were kept have none: 0
+    return {m: _totals(dict(zip(FIGURES, values, strict=False))) for m, values in raw.items()}
 
 
 def _totals(values: Mapping[str, int]) -> domain.Totals:
@@ -91,6 +94,8 @@ def _totals(values: Mapping[str, int]) -> domain.Totals:
         failed_sum=v["failed_sum"],
         unbilled_count=v["unbilled_count"],
         unbilled_sum=v["unbilled_sum"],
+        covered_count=v.get("covered_count", 0),
+        covered_sum=v.get("covered_sum", 0),
     )
 
 

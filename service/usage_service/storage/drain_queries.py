@@ -6,8 +6,10 @@ from usage_service.storage.queries import CHANGED_TOTALS
 
 LANE_SEPARATOR = "\x1f"  # chr(31) in SQL
 
-_EVENT_FIELDS = """e.event_id, e.customer_id, e.meter, e.quantity, e.event_time, e.properties,
-    p.provider_customer_id, coalesce(p.subscription_items ->> e.meter, '') AS subscription_item"""
+# An event's quantity to report: the part grants did not pay for.
+_EVENT_FIELDS = """e.event_id, e.customer_id, e.meter, e.quantity - e.covered AS quantity,
+    e.event_time, e.properties, p.provider_customer_id,
+    coalesce(p.subscription_items ->> e.meter, '') AS subscription_item"""
 
 # Pending events attributed to one provider, not yet in a report, oldest first, skipping rows
 # other workers hold and lanes that have a report in flight; each with the customer's ids at that
@@ -118,7 +120,7 @@ WHERE customer_id IN (
 ORDER BY customer_id
 FOR SHARE"""
 
-_MOVED = "RETURNING e.customer_id, e.meter, e.event_time, e.quantity"
+_MOVED = "RETURNING e.customer_id, e.meter, e.event_time, e.quantity - e.covered AS quantity"
 
 # $1 report_id, $2 event_id[], $3 reason[]
 PARK_EVENTS = f"""
@@ -255,7 +257,8 @@ UPDATE usage_events e SET provider = m.target, report_id = NULL, last_error = ''
     report_state = CASE WHEN m.target = '' THEN 'unbilled' ELSE 'pending' END
 FROM moving m
 WHERE e.event_id = m.event_id
-RETURNING e.customer_id, e.meter, e.event_time, e.quantity, m.was, e.report_state,
+RETURNING e.customer_id, e.meter, e.event_time, e.quantity - e.covered AS quantity, m.was,
+    e.report_state,
     m.was_provider, m.was_report, m.target"""
 
 # Movable events left in open reports. $1, $2 as _MOVABLE

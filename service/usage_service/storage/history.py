@@ -13,7 +13,7 @@ import asyncpg
 from usage_service import domain
 from usage_service.domain import periods
 from usage_service.domain.errors import PeriodsPruned
-from usage_service.storage import queries
+from usage_service.storage import credits_queries, queries
 from usage_service.storage.rows import Conn, customer_from_row, stored_periods
 
 _TICK = dt.timedelta(microseconds=1)  # PostgreSQL's resolution: [first, last + tick) holds last
@@ -30,6 +30,8 @@ _FIGURES = (
     "failed_sum",
     "unbilled_count",
     "unbilled_sum",
+    "covered_count",
+    "covered_sum",
 )
 
 
@@ -172,6 +174,7 @@ async def verify_customer(conn: Conn, customer_id: str) -> list[Difference]:
     for meter, kept in life.items():
         if kept["event_count"] or kept["quantity_sum"]:
             out.append(Difference(customer_id, meter, None, "lifetime totals with no events"))
+    out.extend(await _verify_burns(conn, customer_id))
     row = await conn.fetchrow(queries.GET_CUSTOMER, customer_id)
     customer = customer_from_row(row) if row else None
     rows = await conn.fetch(queries.CUSTOMER_TOTALS, customer_id)
@@ -226,6 +229,26 @@ async def verify_customer(conn: Conn, customer_id: str) -> list[Difference]:
                 f"{want['event_count']} events counted in no totals row",
             )
         )
+    return out
+
+
+async def _verify_burns(conn: Conn, customer_id: str) -> list[Difference]:
+    """Every grant's burned units are the burns recorded against it, and every event's covered
+    part is what its burns took (a count meter's event: one unit covers it whole)."""
+    out = []
+    for r in await conn.fetch(credits_queries.GRANT_BURNS, customer_id):
+        if r["burned"] != r["burns"]:
+            what = f"grant {r['grant_id']} burned {r['burned']}, its burns say {r['burns']}"
+            out.append(Difference(customer_id, "*", None, what))
+    for r in await conn.fetch(credits_queries.EVENT_BURNS, customer_id):
+        whole = r["report_state"] == "covered"
+        fits = r["covered"] == r["burns"] or (whole and r["burns"] == 1)
+        if not fits or (whole and r["covered"] != r["quantity"]):
+            what = (
+                f"event {r['event_id']} ({r['report_state']}) covered {r['covered']} of "
+                f"{r['quantity']}, its burns say {r['burns']}"
+            )
+            out.append(Difference(customer_id, r["meter"], None, what))
     return out
 
 

@@ -116,11 +116,16 @@ SELECT e.meter, p.s AS period_start, p.e AS period_end, count(*) AS event_count,
     max(e.event_time) AS last_event_time,
     (array_agg(e.seq ORDER BY e.event_time DESC, e.seq DESC))[1] AS last_seq,
     count(*) FILTER (WHERE e.report_state = 'reported') AS reported_count,
-    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'reported'), 0) AS reported_sum,
+    coalesce(sum(e.quantity - e.covered) FILTER (WHERE e.report_state = 'reported'), 0)
+        AS reported_sum,
     count(*) FILTER (WHERE e.report_state = 'failed') AS failed_count,
-    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'failed'), 0) AS failed_sum,
+    coalesce(sum(e.quantity - e.covered) FILTER (WHERE e.report_state = 'failed'), 0)
+        AS failed_sum,
     count(*) FILTER (WHERE e.report_state = 'unbilled') AS unbilled_count,
-    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'unbilled'), 0) AS unbilled_sum
+    coalesce(sum(e.quantity - e.covered) FILTER (WHERE e.report_state = 'unbilled'), 0)
+        AS unbilled_sum,
+    count(*) FILTER (WHERE e.report_state = 'covered') AS covered_count,
+    coalesce(sum(e.covered), 0) AS covered_sum
 FROM unnest($2::timestamptz[], $3::timestamptz[]) AS p(s, e)
 JOIN usage_events e ON e.customer_id = $1 AND e.event_time >= p.s AND e.event_time < p.e
 GROUP BY e.meter, p.s, p.e"""
@@ -132,10 +137,10 @@ REBUILD_TOTALS = f"""
 INSERT INTO usage_totals (
     customer_id, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
     last_quantity, last_event_time, last_seq, reported_count, reported_sum, failed_count,
-    failed_sum, unbilled_count, unbilled_sum)
+    failed_sum, unbilled_count, unbilled_sum, covered_count, covered_sum)
 SELECT $1, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
     last_quantity, last_event_time, last_seq, reported_count, reported_sum, failed_count,
-    failed_sum, unbilled_count, unbilled_sum
+    failed_sum, unbilled_count, unbilled_sum, covered_count, covered_sum
 FROM ({_EVENT_TOTALS}) agg"""
 
 # $1 event_id[], $2 customer_id[], $3 idempotency_key[], $4 meter[], $5 quantity[],
@@ -167,7 +172,8 @@ JOIN unnest($1::text[], $2::text[]) AS u(c, m) ON l.customer_id = u.c AND l.mete
 # A totals row as the change log keeps it (storage/changes.py FIGURES), after a change.
 CHANGED_TOTALS = """t.customer_id, t.meter, t.period_start, t.period_end, t.event_count,
     t.quantity_sum, t.quantity_max, t.last_quantity, t.reported_count, t.reported_sum,
-    t.failed_count, t.failed_sum, t.unbilled_count, t.unbilled_sum"""
+    t.failed_count, t.failed_sum, t.unbilled_count, t.unbilled_sum, t.covered_count,
+    t.covered_sum"""
 
 # Adds events, folded per customer, meter and period, to the lifetime totals of their customers
 # and meters (an overflow there refuses them) and to the running totals of their periods (rows
@@ -214,7 +220,7 @@ RETURNING {CHANGED_TOTALS}"""
 
 _TOTALS_COLUMNS = """meter, event_count, quantity_sum, quantity_max, last_quantity,
     last_event_time, last_seq, reported_count, reported_sum, failed_count, failed_sum,
-    unbilled_count, unbilled_sum"""
+    unbilled_count, unbilled_sum, covered_count, covered_sum"""
 
 # Creates (if need be) and locks one totals row, returning it: the consume path's row lock.
 # $1 customer_id, $2 meter, $3 period_start, $4 period_end
@@ -368,7 +374,7 @@ CHECK_READS = f"""
 SELECT u.i, c.*, t.period_start AS t_start, t.event_count,
     t.quantity_sum, t.quantity_max, t.last_quantity, t.last_event_time, t.last_seq,
     t.reported_count, t.reported_sum, t.failed_count, t.failed_sum, t.unbilled_count,
-    t.unbilled_sum, coalesce(h.version, 0) AS totals_version
+    t.unbilled_sum, t.covered_count, t.covered_sum, coalesce(h.version, 0) AS totals_version
 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(customer_id, meter, i)
 JOIN LATERAL (
     SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = u.customer_id) c ON true

@@ -11,14 +11,19 @@ WHERE c.plan_id <> '' AND e.provider <> ''
     AND ($2::text = '' OR e.provider = $2)
 ORDER BY 1"""
 
-# One customer's events of one period, per provider and meter: all of them, and those the
-# provider accepted. $1 customer_id, $2 start, $3 end, $4 provider ('' any)
+# One customer's events of one period, per provider and meter: all of them that are billed (the
+# part grants did not pay for), and those the provider accepted.
+# $1 customer_id, $2 start, $3 end, $4 provider ('' any)
 FIGURES = """
 SELECT e.provider, e.meter,
-    count(*) AS n, sum(e.quantity)::bigint AS s, max(e.quantity) AS mx,
+    count(*) FILTER (WHERE e.report_state NOT IN ('covered', 'unbilled')) AS n,
+    coalesce(sum(e.quantity - e.covered)
+        FILTER (WHERE e.report_state NOT IN ('covered', 'unbilled')), 0)::bigint AS s,
+    max(e.quantity) AS mx,
     (array_agg(e.quantity ORDER BY e.event_time DESC, e.seq DESC))[1] AS lq,
     count(*) FILTER (WHERE e.report_state = 'reported') AS rn,
-    coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'reported'), 0)::bigint AS rs,
+    coalesce(sum(e.quantity - e.covered) FILTER (WHERE e.report_state = 'reported'), 0)::bigint
+        AS rs,
     max(e.quantity) FILTER (WHERE e.report_state = 'reported') AS rmx,
     (array_agg(e.quantity ORDER BY e.event_time DESC, e.seq DESC)
         FILTER (WHERE e.report_state = 'reported'))[1] AS rlq,
@@ -33,7 +38,7 @@ GROUP BY 1, 2 ORDER BY 1, 2"""
 # The events a provider accepted in a period, for per-event providers. $1 customer_id,
 # $2 provider, $3 meter, $4 start, $5 end
 SENT = """
-SELECT event_id::text, quantity, event_time FROM usage_events
+SELECT event_id::text, quantity - covered AS quantity, event_time FROM usage_events
 WHERE customer_id = $1 AND provider = $2 AND meter = $3 AND event_time >= $4
     AND event_time < $5 AND report_state = 'reported'
 ORDER BY event_time, event_id"""
@@ -82,7 +87,8 @@ RETURNING report_id"""
 # The latest event a provider accepted in a period: what a Stripe fix is timed and addressed by.
 # $1 customer_id, $2 provider, $3 meter, $4 start, $5 end
 LATEST_SENT = """
-SELECT e.event_id::text, e.customer_id, e.meter, e.quantity, e.event_time, e.properties
+SELECT e.event_id::text, e.customer_id, e.meter, e.quantity - e.covered AS quantity,
+    e.event_time, e.properties
 FROM usage_events e
 WHERE e.customer_id = $1 AND e.provider = $2 AND e.meter = $3 AND e.event_time >= $4
     AND e.event_time < $5 AND e.report_state = 'reported'
@@ -90,7 +96,8 @@ ORDER BY e.event_time DESC, e.seq DESC LIMIT 1"""
 
 # Events by id, for a per-event re-send. $1 customer_id, $2 event_id[]
 EVENTS = """
-SELECT e.event_id::text, e.customer_id, e.meter, e.quantity, e.event_time, e.properties
+SELECT e.event_id::text, e.customer_id, e.meter, e.quantity - e.covered AS quantity,
+    e.event_time, e.properties
 FROM usage_events e WHERE e.customer_id = $1 AND e.event_id = ANY($2::uuid[])
 ORDER BY e.event_time, e.event_id"""
 

@@ -90,6 +90,8 @@ def totals_from_row(row: asyncpg.Record) -> domain.Totals:
         failed_sum=row["failed_sum"],
         unbilled_count=row["unbilled_count"],
         unbilled_sum=row["unbilled_sum"],
+        covered_count=row["covered_count"],
+        covered_sum=row["covered_sum"],
     )
 
 

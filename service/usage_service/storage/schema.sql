@@ -16,6 +16,40 @@ CREATE TABLE billing_periods (
     CONSTRAINT billing_periods_pkey PRIMARY KEY (customer_id, period_start)
 );
 
+CREATE TABLE credit_burns (
+    customer_id text NOT NULL,
+    event_id uuid NOT NULL,
+    grant_id uuid NOT NULL,
+    amount bigint NOT NULL,
+    CONSTRAINT credit_burns_amount_positive CHECK ((amount > 0)),
+    CONSTRAINT credit_burns_pkey PRIMARY KEY (customer_id, event_id, grant_id)
+);
+CREATE INDEX credit_burns_by_grant ON public.credit_burns USING btree (customer_id, grant_id);
+
+CREATE TABLE credit_grants (
+    customer_id text NOT NULL,
+    grant_id uuid NOT NULL,
+    feature text NOT NULL,
+    amount bigint NOT NULL,
+    burned bigint NOT NULL DEFAULT 0,
+    priority integer NOT NULL,
+    effective_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone,
+    voided_at timestamp with time zone,
+    source text NOT NULL,
+    idempotency_key text NOT NULL,
+    payload_hash bytea NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    CONSTRAINT credit_grants_amount_positive CHECK ((amount > 0)),
+    CONSTRAINT credit_grants_burned_within CHECK (((burned >= 0) AND (burned <= amount))),
+    CONSTRAINT credit_grants_customer_id_idempotency_key_key UNIQUE (customer_id, idempotency_key),
+    CONSTRAINT credit_grants_expires_after_effective CHECK ((expires_at > effective_at)),
+    CONSTRAINT credit_grants_pkey PRIMARY KEY (customer_id, grant_id),
+    CONSTRAINT credit_grants_priority_nonnegative CHECK ((priority >= 0)),
+    CONSTRAINT credit_grants_source_known CHECK ((source = ANY (ARRAY['plan'::text, 'rollover'::text, 'top_up'::text])))
+);
+CREATE INDEX credit_grants_by_feature ON public.credit_grants USING btree (customer_id, feature);
+
 CREATE TABLE customer_providers (
     customer_id text NOT NULL,
     provider text NOT NULL,
@@ -156,11 +190,13 @@ CREATE TABLE usage_events (
     reported_at timestamp with time zone,
     seq bigint NOT NULL DEFAULT 0,
     provider text,
+    covered bigint NOT NULL DEFAULT 0,
+    CONSTRAINT usage_events_covered_within CHECK (((covered >= 0) AND (covered <= quantity))),
     CONSTRAINT usage_events_customer_key UNIQUE (customer_id, idempotency_key),
     CONSTRAINT usage_events_pkey PRIMARY KEY (event_id),
     CONSTRAINT usage_events_provider_known CHECK ((provider = ANY (ARRAY[''::text, 'stripe'::text, 'lemon_squeezy'::text, 'polar'::text, 'dodo_payments'::text, 'creem'::text]))),
     CONSTRAINT usage_events_quantity_check CHECK ((quantity >= 0)),
-    CONSTRAINT usage_events_report_state_known CHECK ((report_state = ANY (ARRAY['pending'::text, 'reported'::text, 'failed'::text, 'unbilled'::text])))
+    CONSTRAINT usage_events_report_state_known CHECK ((report_state = ANY (ARRAY['pending'::text, 'reported'::text, 'failed'::text, 'unbilled'::text, 'covered'::text])))
 );
 CREATE INDEX usage_events_customer_time ON public.usage_events USING btree (customer_id, event_time);
 CREATE INDEX usage_events_in_report ON public.usage_events USING btree (report_id) WHERE ((report_state = 'pending'::text) AND (report_id IS NOT NULL));
@@ -194,6 +230,8 @@ CREATE TABLE usage_totals (
     last_seq bigint NOT NULL DEFAULT 0,
     unbilled_count bigint NOT NULL DEFAULT 0,
     unbilled_sum bigint NOT NULL DEFAULT 0,
+    covered_count bigint NOT NULL DEFAULT 0,
+    covered_sum bigint NOT NULL DEFAULT 0,
     CONSTRAINT usage_totals_pkey PRIMARY KEY (customer_id, meter, period_start)
 );
 

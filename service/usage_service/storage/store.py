@@ -14,7 +14,16 @@ import asyncpg
 from usage_service import domain
 from usage_service.domain import ids, periods
 from usage_service.domain.errors import KeyConflict, TotalOutOfRange
-from usage_service.storage import changes, coalesce, decisions, history, idempotency, queries
+from usage_service.domain.plans import MeteredFeature, Plans
+from usage_service.storage import (
+    changes,
+    coalesce,
+    credits,
+    decisions,
+    history,
+    idempotency,
+    queries,
+)
 from usage_service.storage.rows import (
     Conn,
     customer_from_row,
@@ -126,9 +135,13 @@ class _Locked(NamedTuple):
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool, group_commit: bool = True) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, group_commit: bool = True, plans: Plans | None = None
+    ) -> None:
         self.pool = pool
         self.group_commit = group_commit
+        # the plans whose prepaid features burn grants when usage is recorded (None: none do)
+        self.plans = plans
         self._writes: coalesce.Coalescer[
             Sequence[domain.UsageEvent], list[idempotency.Recorded] | KeyConflict
         ] = coalesce.Coalescer(self.record_isolated, weight=len)
@@ -321,8 +334,56 @@ class Store:
                         raise idempotency.Replan
                 answers, _ = idempotency.resolve(requests, known)
             changed = await self._add_totals(conn, locked, added)
+            changed = await self._burn_prepaid(conn, locked, added, changed)
             await changes.append_totals(conn, "usage", changed, dt.datetime.now(dt.UTC))
         return answers
+
+    def prepaid(self, plan_id: str, meter: str) -> MeteredFeature | None:
+        """The plan's feature for the meter when it is prepaid."""
+        plan = self.plans.plans.get(plan_id) if self.plans else None
+        feature = plan.metered.get(meter) if plan else None
+        return feature if feature is not None and feature.prepaid else None
+
+    async def _burn_prepaid(
+        self,
+        conn: Conn,
+        locked: _Locked,
+        events: Sequence[tuple[domain.UsageEvent, int]],
+        changed: list[asyncpg.Record],
+    ) -> list[asyncpg.Record]:
+        """Burns grants for the events of prepaid features (their totals rows are locked by
+        now), in acceptance order, one customer and feature at a time in sorted order; returns
+        `changed` with the rows the burns changed."""
+        if self.plans is None:
+            return changed
+        groups: dict[tuple[str, str], list[tuple[domain.UsageEvent, int]]] = defaultdict(list)
+        for pair in events:
+            e = pair[0]
+            if self.prepaid(locked.rows[e.customer_id]["plan_id"], e.meter) is not None:
+                groups[(e.customer_id, e.meter)].append(pair)
+        if not groups:
+            return changed
+        now = dt.datetime.now(dt.UTC)
+        replaced: dict[tuple[str, str, dt.datetime], asyncpg.Record] = {}
+        for customer_id, meter in sorted(groups):
+            feature = self.prepaid(locked.rows[customer_id]["plan_id"], meter)
+            assert feature is not None and self.plans is not None
+            state = "unbilled" if locked.provider(customer_id) == "" else "pending"
+            usage = []
+            spans = set()
+            for e, _ in sorted(groups[(customer_id, meter)], key=lambda pair: pair[1]):
+                start, end, _s = locked.bounds(customer_id, e.event_time)
+                spans.add(periods.Period(start, end))
+                usage.append(credits.Usage(e.event_id, e.quantity, e.event_time, start, state))
+            grants = await credits.locked(
+                conn, customer_id, feature, sorted(spans, key=lambda p: p.start), now
+            )
+            aggregation = self.plans.meters[meter].aggregation
+            for r in await credits.burn(
+                conn, customer_id, feature, aggregation, grants, usage, now
+            ):
+                replaced[(r["customer_id"], r["meter"], r["period_start"])] = r
+        return [replaced.get((r["customer_id"], r["meter"], r["period_start"]), r) for r in changed]
 
     async def _lock_customers(self, conn: Conn, events: Sequence[domain.UsageEvent]) -> _Locked:
         """Locks the events' customers (shared), creating placeholders for unknown ones, and
@@ -413,6 +474,44 @@ class Store:
         unknown = Checked()
         return [found.get(i, unknown) for i in range(1, len(keys) + 1)]
 
+    async def credit(
+        self,
+        customer: domain.Customer,
+        features: dict[str, MeteredFeature],
+        period: periods.Period,
+        now: dt.datetime,
+    ) -> dict[str, domain.Credit]:
+        """The customer's grants of prepaid features as usage timed `now` sees them."""
+        return await credits.credit(self.pool, customer.customer_id, features, period, now)
+
+    async def create_grant(
+        self, grant: credits.Grant, payload_hash: bytes
+    ) -> tuple[credits.Grant, bool]:
+        """Stores a top-up grant: (it, duplicate?); another grant under its key raises
+        GrantKeyConflict."""
+        return await credits.create(self.pool, grant, payload_hash)
+
+    async def void_grant(
+        self, customer_id: str, grant_id: str, now: dt.datetime
+    ) -> tuple[credits.Grant, int] | None:
+        return await credits.void(self.pool, customer_id, grant_id, now)
+
+    async def list_grants(
+        self,
+        customer: domain.Customer,
+        made: dict[str, MeteredFeature],
+        period: periods.Period,
+        feature: str,
+        now: dt.datetime,
+    ) -> list[credits.Grant]:
+        """The customer's grants (of `feature`, '' all) in burn order, after making the plan's
+        grants of `period` for the features in `made`, so that each has an id."""
+        if made:
+            async with self.pool.acquire() as conn, conn.transaction():
+                for _, f in sorted(made.items()):
+                    await credits.make_plan_grants(conn, customer.customer_id, f, period, now)
+        return await credits.listed(self.pool, customer.customer_id, feature)
+
     async def keep_decision(self, kept: decisions.Kept) -> None:
         """Keeps a decision taken outside a consume (a check's denial)."""
         await decisions.keep(self.pool, kept)
@@ -425,14 +524,16 @@ class Store:
         self,
         event: domain.UsageEvent,
         gate: Callable[[domain.Customer | None], domain.Decision | None],
-        decide: Callable[[domain.Customer, domain.Totals], domain.Decision],
+        decide: Callable[[domain.Customer, domain.Totals, int | None], domain.Decision],
         metering_plans: Sequence[str] = (),
         keep: Keep = _keep_nothing,
     ) -> Consumed:
         """Check-and-consume in one transaction holding the lock of the totals row of the period
         containing the event's time (now), so no two callers can both take the last units. A
         key consumed before answers as a replay whatever happened to the customer since; else
-        `gate` may deny before any lock on usage, and `decide` judges the locked totals.
+        `gate` may deny before any lock on usage, and `decide` judges the locked totals (and,
+        for a prepaid feature, the balance of the grants, locked after the totals row; an
+        allowed consume burns them).
 
         `metering_plans` (the plans that meter the feature) lets the first statement lock an
         existing totals row with the customer; otherwise a second statement creates and locks
@@ -476,7 +577,13 @@ class Store:
                 seen, version = await self._seen(conn, event)
                 if seen is not None:
                     return self._replay(customer, period, totals, event, seen, version)
-            decision = decide(customer, totals)
+            prepaid = self.prepaid(customer.plan_id, event.meter)
+            grants: list[credits.Grant] = []
+            balance = None
+            if prepaid is not None:
+                grants = await credits.locked(conn, customer.customer_id, prepaid, [period], now)
+                balance = credits.balance(grants, now)
+            decision = decide(customer, totals, balance)
             if not decision.allowed:
                 # The key was read before the lock was granted: a consume of the same key that
                 # committed meanwhile is a replay, not a denial.
@@ -489,12 +596,25 @@ class Store:
             if isinstance(inserted, tuple):  # a concurrent RecordUsage took the key
                 seen, version = inserted
                 return self._replay(customer, period, totals, event, seen, version)
+            if prepaid is not None:
+                assert self.plans is not None
+                state = "unbilled" if customer.provider is domain.Provider.NONE else "pending"
+                usage = credits.Usage(
+                    str(inserted["event_id"]), event.quantity, now, period.start, state
+                )
+                aggregation = self.plans.meters[event.meter].aggregation
+                burned = await credits.burn(
+                    conn, customer.customer_id, prepaid, aggregation, grants, [usage], now
+                )
+                figures = burned[0] if burned else inserted
+            else:
+                figures = inserted
             change = changes.Change(
                 customer.customer_id,
                 "usage",
                 period.start,
                 period.end,
-                {event.meter: totals_from_row(inserted)},
+                {event.meter: totals_from_row(figures)},
             )
             versions = await changes.append(conn, [change], dt.datetime.now(dt.UTC))
             consumed = Consumed(

@@ -19,6 +19,7 @@ class EntitlementReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENTITLEMENT_REASON_FEATURE_NOT_IN_PLAN: _ClassVar[EntitlementReason]
     ENTITLEMENT_REASON_SUBSCRIPTION_INACTIVE: _ClassVar[EntitlementReason]
     ENTITLEMENT_REASON_CUSTOMER_NOT_FOUND: _ClassVar[EntitlementReason]
+    ENTITLEMENT_REASON_BALANCE_EXHAUSTED: _ClassVar[EntitlementReason]
 
 class UsageChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -43,6 +44,7 @@ ENTITLEMENT_REASON_LIMIT_EXCEEDED: EntitlementReason
 ENTITLEMENT_REASON_FEATURE_NOT_IN_PLAN: EntitlementReason
 ENTITLEMENT_REASON_SUBSCRIPTION_INACTIVE: EntitlementReason
 ENTITLEMENT_REASON_CUSTOMER_NOT_FOUND: EntitlementReason
+ENTITLEMENT_REASON_BALANCE_EXHAUSTED: EntitlementReason
 USAGE_CHANGE_KIND_UNSPECIFIED: UsageChangeKind
 USAGE_CHANGE_KIND_SNAPSHOT: UsageChangeKind
 USAGE_CHANGE_KIND_USAGE: UsageChangeKind
@@ -121,7 +123,7 @@ class CheckEntitlementRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., feature: _Optional[str] = ..., quantity: _Optional[int] = ..., consume: bool = ..., idempotency_key: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CheckEntitlementResponse(_message.Message):
-    __slots__ = ("allowed", "reason", "used", "included", "limit", "remaining", "period_start_time", "period_end_time", "event_id", "duplicate", "period_source", "decision_id", "as_of_time", "totals_version", "rule")
+    __slots__ = ("allowed", "reason", "used", "included", "limit", "remaining", "period_start_time", "period_end_time", "event_id", "duplicate", "period_source", "decision_id", "as_of_time", "totals_version", "rule", "balance", "covered")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +139,8 @@ class CheckEntitlementResponse(_message.Message):
     AS_OF_TIME_FIELD_NUMBER: _ClassVar[int]
     TOTALS_VERSION_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    COVERED_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reason: EntitlementReason
     used: int
@@ -152,23 +156,31 @@ class CheckEntitlementResponse(_message.Message):
     as_of_time: _timestamp_pb2.Timestamp
     totals_version: int
     rule: DecisionRule
-    def __init__(self, allowed: bool = ..., reason: _Optional[_Union[EntitlementReason, str]] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., period_start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., event_id: _Optional[str] = ..., duplicate: bool = ..., period_source: _Optional[_Union[_customer_pb2.PeriodSource, str]] = ..., decision_id: _Optional[str] = ..., as_of_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., totals_version: _Optional[int] = ..., rule: _Optional[_Union[DecisionRule, _Mapping]] = ...) -> None: ...
+    balance: int
+    covered: int
+    def __init__(self, allowed: bool = ..., reason: _Optional[_Union[EntitlementReason, str]] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., period_start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., event_id: _Optional[str] = ..., duplicate: bool = ..., period_source: _Optional[_Union[_customer_pb2.PeriodSource, str]] = ..., decision_id: _Optional[str] = ..., as_of_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., totals_version: _Optional[int] = ..., rule: _Optional[_Union[DecisionRule, _Mapping]] = ..., balance: _Optional[int] = ..., covered: _Optional[int] = ...) -> None: ...
 
 class DecisionRule(_message.Message):
-    __slots__ = ("plan_id", "feature", "included", "limit", "enforcement", "enabled")
+    __slots__ = ("plan_id", "feature", "included", "limit", "enforcement", "enabled", "billing", "overage", "ceiling")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     INCLUDED_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     ENFORCEMENT_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
+    BILLING_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     feature: str
     included: int
     limit: int
     enforcement: str
     enabled: bool
-    def __init__(self, plan_id: _Optional[str] = ..., feature: _Optional[str] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., enforcement: _Optional[str] = ..., enabled: bool = ...) -> None: ...
+    billing: str
+    overage: bool
+    ceiling: int
+    def __init__(self, plan_id: _Optional[str] = ..., feature: _Optional[str] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., enforcement: _Optional[str] = ..., enabled: bool = ..., billing: _Optional[str] = ..., overage: bool = ..., ceiling: _Optional[int] = ...) -> None: ...
 
 class GetUsageSummaryRequest(_message.Message):
     __slots__ = ("customer_id", "meter")
@@ -179,7 +191,7 @@ class GetUsageSummaryRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ...) -> None: ...
 
 class MeterUsage(_message.Message):
-    __slots__ = ("meter", "used", "included", "limit", "remaining", "overage", "reported", "pending", "failed", "aggregation", "unit", "unbilled")
+    __slots__ = ("meter", "used", "included", "limit", "remaining", "overage", "reported", "pending", "failed", "aggregation", "unit", "unbilled", "billing", "granted", "burned", "balance", "next_expire_time", "covered", "billable_overage", "ceiling")
     METER_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
     INCLUDED_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +204,14 @@ class MeterUsage(_message.Message):
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     UNBILLED_FIELD_NUMBER: _ClassVar[int]
+    BILLING_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    BURNED_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    COVERED_FIELD_NUMBER: _ClassVar[int]
+    BILLABLE_OVERAGE_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
     meter: str
     used: int
     included: int
@@ -204,7 +224,15 @@ class MeterUsage(_message.Message):
     aggregation: str
     unit: str
     unbilled: int
-    def __init__(self, meter: _Optional[str] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., overage: _Optional[int] = ..., reported: _Optional[int] = ..., pending: _Optional[int] = ..., failed: _Optional[int] = ..., aggregation: _Optional[str] = ..., unit: _Optional[str] = ..., unbilled: _Optional[int] = ...) -> None: ...
+    billing: str
+    granted: int
+    burned: int
+    balance: int
+    next_expire_time: _timestamp_pb2.Timestamp
+    covered: int
+    billable_overage: int
+    ceiling: int
+    def __init__(self, meter: _Optional[str] = ..., used: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., overage: _Optional[int] = ..., reported: _Optional[int] = ..., pending: _Optional[int] = ..., failed: _Optional[int] = ..., aggregation: _Optional[str] = ..., unit: _Optional[str] = ..., unbilled: _Optional[int] = ..., billing: _Optional[str] = ..., granted: _Optional[int] = ..., burned: _Optional[int] = ..., balance: _Optional[int] = ..., next_expire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., covered: _Optional[int] = ..., billable_overage: _Optional[int] = ..., ceiling: _Optional[int] = ...) -> None: ...
 
 class GetUsageSummaryResponse(_message.Message):
     __slots__ = ("customer_id", "plan_id", "period_start_time", "period_end_time", "meters", "subscription_status", "period_source")

@@ -1,0 +1,249 @@
+"""Prepaid credits: grants, the order usage burns them in, balances, and the plan's recurring
+grants. Pure functions, no I/O.
+
+A grant can be burned by an event timed `at`, recorded at `now`, when it is effective at `at`,
+not voided, and not expired at `at` nor at `now`: a remainder is forfeited at expiry and never
+burned afterwards, even by an event timed before it. Burn order: lower priority number first,
+then the earliest expiry (none last), then the oldest (effective time, then creation, then id).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+from collections.abc import Iterable, Sequence
+
+from usage_service.domain.periods import Period
+from usage_service.domain.plans import Aggregation, MeteredFeature, RecurringGrant
+
+_FOREVER = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+class GrantSource(enum.StrEnum):
+    PLAN = "plan"
+    ROLLOVER = "rollover"
+    TOP_UP = "top_up"
+
+
+class GrantState(enum.StrEnum):
+    ACTIVE = "active"
+    PENDING = "pending"
+    SPENT = "spent"
+    EXPIRED = "expired"
+    VOIDED = "voided"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    customer_id: str
+    grant_id: str  # '' for a plan grant not stored yet
+    feature: str
+    amount: int
+    priority: int
+    effective_at: dt.datetime
+    expires_at: dt.datetime | None
+    source: GrantSource
+    idempotency_key: str
+    created_at: dt.datetime
+    burned: int = 0
+    voided_at: dt.datetime | None = None
+
+    def burnable(self, at: dt.datetime, now: dt.datetime) -> bool:
+        """Whether an event timed `at`, recorded at `now`, may burn this grant."""
+        if self.voided_at is not None or self.effective_at > at:
+            return False
+        return self.expires_at is None or self.expires_at > max(at, now)
+
+    def left(self, at: dt.datetime, now: dt.datetime) -> int:
+        return self.amount - self.burned if self.burnable(at, now) else 0
+
+    def state(self, now: dt.datetime) -> GrantState:
+        if self.voided_at is not None:
+            return GrantState.VOIDED
+        if self.expires_at is not None and self.expires_at <= now:
+            return GrantState.EXPIRED
+        if self.burned >= self.amount:
+            return GrantState.SPENT
+        if self.effective_at > now:
+            return GrantState.PENDING
+        return GrantState.ACTIVE
+
+    def forfeited(self, now: dt.datetime) -> int:
+        """Units removed by expiry or void (none before either)."""
+        if self.state(now) in (GrantState.VOIDED, GrantState.EXPIRED):
+            return self.amount - self.burned
+        return 0
+
+
+def burn_key(g: Grant) -> tuple[int, dt.datetime, dt.datetime, dt.datetime, str]:
+    return (g.priority, g.expires_at or _FOREVER, g.effective_at, g.created_at, g.grant_id)
+
+
+def in_burn_order(grants: Iterable[Grant]) -> list[Grant]:
+    return sorted(grants, key=burn_key)
+
+
+def balance(grants: Iterable[Grant], now: dt.datetime) -> int:
+    """Units that usage timed now could burn."""
+    return sum(g.left(now, now) for g in grants)
+
+
+def next_expiry(grants: Iterable[Grant], now: dt.datetime) -> dt.datetime | None:
+    """The earliest expiry of a grant with units left now."""
+    ends = [g.expires_at for g in grants if g.expires_at is not None and g.left(now, now) > 0]
+    return min(ends) if ends else None
+
+
+def units(aggregation: Aggregation, quantity: int) -> int:
+    """The grant units one event uses: its quantity for a sum meter, 1 for a count meter."""
+    return quantity if aggregation is Aggregation.SUM else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Burn:
+    """What one event burned: `covered` units of its quantity paid for (for a count meter, the
+    whole quantity or nothing), and from which grants (grant_id, units)."""
+
+    covered: int
+    taken: tuple[tuple[str, int], ...] = ()
+
+
+def burn(
+    grants: Sequence[Grant],
+    aggregation: Aggregation,
+    events: Sequence[tuple[int, dt.datetime]],
+    now: dt.datetime,
+) -> tuple[list[Burn], list[Grant]]:
+    """Burns (quantity, event_time) events, in order, from stored grants: each event takes
+    what it can from the grants it may burn, in burn order (a count meter's event is covered
+    whole or not at all). Returns each event's burn and the grants after."""
+    by_id = {g.grant_id: g for g in grants}
+    order = [g.grant_id for g in in_burn_order(grants)]
+    out = []
+    for quantity, at in events:
+        need = units(aggregation, quantity)
+        if aggregation is not Aggregation.SUM:
+            available = sum(by_id[i].left(at, now) for i in order)
+            if available < need:
+                out.append(Burn(0))
+                continue
+        taken = []
+        for grant_id in order:
+            if need == 0:
+                break
+            g = by_id[grant_id]
+            take = min(g.left(at, now), need)
+            if take > 0:
+                by_id[grant_id] = dataclasses.replace(g, burned=g.burned + take)
+                taken.append((grant_id, take))
+                need -= take
+        used = sum(t for _, t in taken)
+        if aggregation is Aggregation.SUM:
+            out.append(Burn(used, tuple(taken)))
+        else:
+            out.append(Burn(quantity if used else 0, tuple(taken)))
+    return out, [by_id[g.grant_id] for g in grants]
+
+
+def plan_key(feature: str, source: GrantSource, period: Period) -> str:
+    """The key of a plan (or rollover) grant of one period: one per customer, feature and
+    period, whichever replica creates it."""
+    return f"{source.value}:{feature}:{period.start.isoformat()}"
+
+
+def payload_hash(
+    feature: str,
+    amount: int,
+    priority: int,
+    effective_at: dt.datetime | None,
+    expires_at: dt.datetime | None,
+) -> bytes:
+    """A fingerprint of a CreateGrant request: a retry with the same key must match it. A
+    defaulted effective time is left out, so a retry that leaves it out still matches."""
+    stamp = effective_at.astimezone(dt.UTC).isoformat() if effective_at else ""
+    end = expires_at.astimezone(dt.UTC).isoformat() if expires_at else ""
+    text = "\x1f".join([feature, str(amount), str(priority), stamp, end])
+    return hashlib.sha256(text.encode()).digest()
+
+
+def period_grants(
+    customer_id: str,
+    feature: str,
+    spec: RecurringGrant,
+    period: Period,
+    stored: Sequence[Grant],
+    now: dt.datetime,
+) -> list[Grant]:
+    """The plan's grants for `period` that `stored` lacks (with grant_id ''): its recurring
+    amount, and once the period has begun (so the previous one's grants are final), the
+    unused part of the previous period's plan and rollover grants, up to the rollover cap.
+    Stored grants are the customer's grants of `feature` that expire at or after the start of
+    the previous period, or never."""
+    keys = {g.idempotency_key for g in stored}
+    out = []
+    key = plan_key(feature, GrantSource.PLAN, period)
+    if key not in keys:
+        out.append(_plan_grant(customer_id, feature, spec, period, spec.amount, key, now))
+    key = plan_key(feature, GrantSource.ROLLOVER, period)
+    if spec.rollover_cap and now >= period.start and key not in keys:
+        before = [
+            g
+            for g in stored
+            if g.source is not GrantSource.TOP_UP
+            and g.expires_at is not None
+            and g.expires_at <= period.start
+        ]
+        last_end = max((g.expires_at for g in before if g.expires_at), default=None)
+        unused = sum(
+            g.amount - g.burned for g in before if g.expires_at == last_end and g.voided_at is None
+        )
+        amount = min(unused, spec.rollover_cap)
+        if amount > 0:
+            out.append(_plan_grant(customer_id, feature, spec, period, amount, key, now))
+    return out
+
+
+def _plan_grant(
+    customer_id: str,
+    feature: str,
+    spec: RecurringGrant,
+    period: Period,
+    amount: int,
+    key: str,
+    now: dt.datetime,
+) -> Grant:
+    source = (
+        GrantSource.ROLLOVER if key.startswith(GrantSource.ROLLOVER.value) else GrantSource.PLAN
+    )
+    return Grant(
+        customer_id=customer_id,
+        grant_id="",
+        feature=feature,
+        amount=amount,
+        priority=spec.priority,
+        effective_at=period.start,
+        expires_at=period.end,
+        source=source,
+        idempotency_key=key,
+        created_at=now,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Covering:
+    """How one recorded event of a prepaid feature is billed: `covered` units of its quantity
+    paid by grants, and the state it is stored in ('covered': nothing to report; 'unbilled':
+    never reported; else its state as recorded)."""
+
+    covered: int
+    state: str
+
+
+def covering(feature: MeteredFeature, quantity: int, burned: Burn, recorded_state: str) -> Covering:
+    if burned.covered >= quantity:
+        return Covering(quantity, "covered")
+    if not feature.overage:
+        return Covering(burned.covered, "unbilled")
+    return Covering(burned.covered, recorded_state)

@@ -1,0 +1,257 @@
+"""Prepaid credits in storage: grants, the plan's grants made on first use in a period, and
+burning them in the transaction of the usage they pay for.
+
+Lock order: a burner holds the totals rows its events count in before it locks the grants, as
+every writer of usage does, so burners of one customer's feature queue on those rows and never
+deadlock; VoidGrant and CreateGrant touch one grant only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+
+import asyncpg
+
+from usage_service import domain
+from usage_service.domain import credits, ids
+from usage_service.domain.credits import Grant, GrantSource, balance
+
+__all__ = [
+    "Grant",
+    "Usage",
+    "balance",
+    "burn",
+    "create",
+    "credit",
+    "listed",
+    "locked",
+    "make_plan_grants",
+    "void",
+]
+from usage_service.domain.errors import GrantKeyConflict
+from usage_service.domain.periods import Period
+from usage_service.domain.plans import Aggregation, MeteredFeature
+from usage_service.storage import credits_queries as q
+from usage_service.storage.rows import Conn
+
+_SOURCES = {s.value: s for s in GrantSource}
+
+
+def grant_from_row(row: asyncpg.Record) -> Grant:
+    return Grant(
+        customer_id=row["customer_id"],
+        grant_id=row["grant_id"],
+        feature=row["feature"],
+        amount=row["amount"],
+        priority=row["priority"],
+        effective_at=row["effective_at"],
+        expires_at=row["expires_at"],
+        source=_SOURCES[row["source"]],
+        idempotency_key=row["idempotency_key"],
+        created_at=row["created_at"],
+        burned=row["burned"],
+        voided_at=row["voided_at"],
+    )
+
+
+async def create(
+    conn: Conn | asyncpg.Pool, grant: Grant, payload_hash: bytes
+) -> tuple[Grant, bool]:
+    """Stores a grant under its key: (the grant, False); when the key holds the same grant
+    already, (that grant, True); with another grant, GrantKeyConflict."""
+    row = await conn.fetchrow(
+        q.INSERT_GRANT,
+        grant.customer_id,
+        grant.grant_id,
+        grant.feature,
+        grant.amount,
+        grant.priority,
+        grant.effective_at,
+        grant.expires_at,
+        grant.source.value,
+        grant.idempotency_key,
+        payload_hash,
+        grant.created_at,
+    )
+    if row is not None:
+        return grant_from_row(row), False
+    seen = await conn.fetchrow(q.GRANT_BY_KEY, grant.customer_id, grant.idempotency_key)
+    assert seen is not None  # grants are never deleted
+    if bytes(seen["payload_hash"]) != payload_hash:
+        raise GrantKeyConflict(seen["grant_id"])
+    return grant_from_row(seen), True
+
+
+async def void(
+    pool: asyncpg.Pool, customer_id: str, grant_id: str, now: dt.datetime
+) -> tuple[Grant, int] | None:
+    """Voids a grant from `now` on: (the grant, the units that removed); None when there is no
+    such grant. A grant voided already is answered as it is, with 0."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(q.LOCK_GRANT, customer_id, grant_id)
+        if row is None:
+            return None
+        grant = grant_from_row(row)
+        if grant.voided_at is not None:
+            return grant, 0
+        removed = grant.left(now, now)
+        row = await conn.fetchrow(q.VOID_GRANT, customer_id, grant_id, now)
+        assert row is not None
+        return grant_from_row(row), removed
+
+
+async def listed(pool: asyncpg.Pool, customer_id: str, feature: str) -> list[Grant]:
+    return credits.in_burn_order(
+        grant_from_row(r) for r in await pool.fetch(q.LIST_GRANTS, customer_id, feature)
+    )
+
+
+async def credit(
+    conn: Conn | asyncpg.Pool,
+    customer_id: str,
+    features: dict[str, MeteredFeature],
+    period: Period,
+    now: dt.datetime,
+) -> dict[str, domain.Credit]:
+    """Per prepaid feature, its grants as usage timed `now` sees them, the plan's grants of
+    `period` counted whether made yet or not. A read."""
+    rows = await conn.fetch(q.LIVE_GRANTS_OF, customer_id, list(features), min(period.start, now))
+    stored: dict[str, list[Grant]] = {f: [] for f in features}
+    for r in rows:
+        stored[r["feature"]].append(grant_from_row(r))
+    out = {}
+    for name, feature in features.items():
+        grants = stored[name]
+        if feature.grant is not None:
+            grants = grants + credits.period_grants(
+                customer_id, name, feature.grant, period, grants, now
+            )
+        live = [g for g in grants if g.burnable(now, now)]
+        out[name] = domain.Credit(
+            granted=sum(g.amount for g in live),
+            burned=sum(g.burned for g in live),
+            next_expiry=credits.next_expiry(live, now),
+        )
+    return out
+
+
+async def locked(
+    conn: Conn,
+    customer_id: str,
+    feature: MeteredFeature,
+    periods: Sequence[Period],
+    now: dt.datetime,
+) -> list[Grant]:
+    """Inside a transaction that holds the totals rows the burn counts in: the customer's grants
+    of the feature, locked, after making the plan's grants of those of `periods` that have not
+    ended (their keys make this safe to race)."""
+    since = min([now, *(p.start for p in periods)])
+    for _ in range(3):
+        rows = await conn.fetch(q.LOCK_GRANTS, customer_id, feature.meter, since)
+        grants = [grant_from_row(r) for r in rows]
+        if not await _make(conn, customer_id, feature, periods, grants, now):
+            return grants
+    raise asyncpg.exceptions.SerializationError("plan grants kept changing; retry")
+
+
+async def make_plan_grants(
+    conn: Conn, customer_id: str, feature: MeteredFeature, period: Period, now: dt.datetime
+) -> None:
+    """Makes the plan's grants of `period` (unless it has ended) that are not made yet."""
+    rows = await conn.fetch(q.LIVE_GRANTS, customer_id, feature.meter, min(now, period.start))
+    await _make(conn, customer_id, feature, [period], [grant_from_row(r) for r in rows], now)
+
+
+async def _make(
+    conn: Conn,
+    customer_id: str,
+    feature: MeteredFeature,
+    periods: Sequence[Period],
+    grants: Sequence[Grant],
+    now: dt.datetime,
+) -> bool:
+    """Makes the plan grants `grants` lacks for `periods` that have not ended; True when any
+    was missing (made here or by a concurrent caller)."""
+    if feature.grant is None:
+        return False
+    missing = [
+        g
+        for p in periods
+        if p.end > now
+        for g in credits.period_grants(customer_id, feature.meter, feature.grant, p, grants, now)
+    ]
+    for g in missing:
+        await create(conn, dataclasses.replace(g, grant_id=ids.new_event_id()), b"")
+    return bool(missing)
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """One stored event of a prepaid feature, to burn grants: its period's totals row and the
+    state it was stored in ('pending', or 'unbilled' when the customer has no provider)."""
+
+    event_id: str
+    quantity: int
+    event_time: dt.datetime
+    period_start: dt.datetime
+    state: str
+
+
+async def burn(
+    conn: Conn,
+    customer_id: str,
+    feature: MeteredFeature,
+    aggregation: Aggregation,
+    grants: Sequence[Grant],
+    events: Sequence[Usage],
+    now: dt.datetime,
+) -> list[asyncpg.Record]:
+    """Burns the grants (locked) for the events, in order, and stores what each event burned,
+    the part of it grants paid for and the state that leaves it in, and the totals rows'
+    counters. Returns the totals rows changed."""
+    burns, after = credits.burn(
+        grants, aggregation, [(e.quantity, e.event_time) for e in events], now
+    )
+    spent = {g.grant_id: g.burned - b.burned for g, b in zip(after, grants, strict=True)}
+    spent = {k: v for k, v in spent.items() if v}
+    deltas: dict[dt.datetime, list[int]] = {}
+    burn_rows: list[tuple[str, str, int]] = []
+    event_rows: list[tuple[str, int, str]] = []
+    for e, b in zip(events, burns, strict=True):
+        cover = credits.covering(feature, e.quantity, b, e.state)
+        burn_rows.extend((e.event_id, g, units) for g, units in b.taken)
+        if cover.state == e.state and cover.covered == 0:
+            continue
+        event_rows.append((e.event_id, cover.covered, cover.state))
+        d = deltas.setdefault(e.period_start, [0, 0, 0, 0])
+        d[0] += cover.state == "covered"
+        d[1] += cover.covered
+        if e.state == "unbilled":  # out of unbilled what it counted there
+            d[2] -= 1
+            d[3] -= e.quantity
+        if cover.state == "unbilled":
+            d[2] += 1
+            d[3] += e.quantity - cover.covered
+    if not event_rows and not burn_rows:
+        return []
+    starts = sorted(deltas)
+    return await conn.fetch(
+        q.APPLY_BURNS,
+        customer_id,
+        list(spent),
+        list(spent.values()),
+        [r[0] for r in burn_rows],
+        [r[1] for r in burn_rows],
+        [r[2] for r in burn_rows],
+        [r[0] for r in event_rows],
+        [r[1] for r in event_rows],
+        [r[2] for r in event_rows],
+        [feature.meter] * len(starts),
+        starts,
+        [deltas[s][0] for s in starts],
+        [deltas[s][1] for s in starts],
+        [deltas[s][2] for s in starts],
+        [deltas[s][3] for s in starts],
+    )
