@@ -112,9 +112,11 @@ UPDATE usage_totals t SET reported_count = a.rc, reported_sum = a.rs,
 FROM (
     SELECT t2.customer_id, t2.meter, t2.period_start,
         count(*) FILTER (WHERE e.report_state = 'reported') AS rc,
-        coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'reported'), 0) AS rs,
+        coalesce(sum(e.quantity - e.covered) FILTER (WHERE e.report_state = 'reported'), 0)
+            AS rs,
         count(*) FILTER (WHERE e.report_state = 'failed') AS fc,
-        coalesce(sum(e.quantity) FILTER (WHERE e.report_state = 'failed'), 0) AS fs
+        coalesce(sum(e.quantity - e.covered) FILTER (WHERE e.report_state = 'failed'), 0)
+            AS fs
     FROM usage_totals t2 JOIN usage_events e ON e.customer_id = t2.customer_id
         AND e.meter = t2.meter AND e.event_time >= t2.period_start
         AND e.event_time < t2.period_end

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from usage_service import domain, storage
-from usage_service.domain import periods
+from usage_service.domain import credits, periods
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("schema_tool", ROOT / "tools" / "schema.py")
@@ -22,7 +22,8 @@ schema_tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(schema_tool)
 
 # The drain's states, as its SQL writes them (storage/drain_store.py, reconcile_store.py).
-EVENT_STATES = {"pending", "reported", "failed", "unbilled"}  # usage_events.report_state
+# usage_events.report_state; 'covered': paid for by grants
+EVENT_STATES = {"pending", "reported", "failed", "unbilled", "covered"}
 REPORT_STATES = {"open", "delivered", "failed"}  # reports.state
 REPORT_KINDS = {"usage", "fix"}  # reports.kind: usage, or a reconciliation's fix
 PROVIDERS = {p.value for p in domain.Provider}  # '' included: no provider
@@ -42,6 +43,7 @@ EXPECTED = {
     ("reports", "reports_provider_known"): BILLED_BY,
     ("reports", "reports_state_known"): REPORT_STATES,
     ("reports", "reports_kind_known"): REPORT_KINDS,
+    ("credit_grants", "credit_grants_source_known"): {s.value for s in credits.GrantSource},
 }
 
 CHECKS = """

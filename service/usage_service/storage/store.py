@@ -97,6 +97,12 @@ def _seen_in(row: asyncpg.Record) -> _Seen | None:
 
 
 _NO_TOTALS = domain.Totals()
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 _NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
 _EVER = dt.datetime.max.replace(tzinfo=dt.UTC)
 
@@ -142,6 +148,9 @@ class Store:
         self.group_commit = group_commit
         # the plans whose prepaid features burn grants when usage is recorded (None: none do)
         self.plans = plans
+        # what recording takes as now: whether a grant has expired (a consume's now is its
+        # event's time)
+        self.clock: Callable[[], dt.datetime] = _utc_now
         self._writes: coalesce.Coalescer[
             Sequence[domain.UsageEvent], list[idempotency.Recorded] | KeyConflict
         ] = coalesce.Coalescer(self.record_isolated, weight=len)
@@ -363,7 +372,7 @@ class Store:
                 groups[(e.customer_id, e.meter)].append(pair)
         if not groups:
             return changed
-        now = dt.datetime.now(dt.UTC)
+        now = self.clock()
         replaced: dict[tuple[str, str, dt.datetime], asyncpg.Record] = {}
         for customer_id, meter in sorted(groups):
             feature = self.prepaid(locked.rows[customer_id]["plan_id"], meter)
