@@ -311,6 +311,7 @@ def summarise(
         used = row.used(meter.aggregation)
         reported, pending, failed, unbilled = row.progress(meter.aggregation)
         prepaid = feature is not None and feature.prepaid
+        overage = prepaid and feature is not None and feature.overage
         grants = (credit or {}).get(name, Credit()) if prepaid else Credit()
         covered = row.covered(meter.aggregation)
         recorded = row.quantity_sum if meter.aggregation is Aggregation.SUM else row.event_count
@@ -335,7 +336,7 @@ def summarise(
                 balance=grants.balance,
                 next_expiry=grants.next_expiry,
                 covered=covered,
-                billable_overage=max(recorded - covered - unbilled, 0) if prepaid else 0,
+                billable_overage=max(recorded - covered, 0) if overage else 0,
             )
         )
     return out

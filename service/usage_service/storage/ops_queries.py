@@ -12,26 +12,27 @@ FROM usage_events e
 WHERE e.report_state = 'pending' AND e.provider IS NOT NULL
 GROUP BY e.provider"""
 
-# Customers with reported (or unbilled) events recorded before $1 in a period before their last
-# confirmed one, in order. A read.
+# Customers with settled events (reported, unbilled, or paid for by grants) recorded before $1
+# in a period before their last confirmed one, in order. A read.
 PRUNABLE_CUSTOMERS = """
 SELECT DISTINCT e.customer_id FROM usage_events e
 JOIN customers c ON c.customer_id = e.customer_id
-WHERE e.report_state IN ('reported', 'unbilled') AND e.recorded_at < $1
+WHERE e.report_state IN ('reported', 'unbilled', 'covered') AND e.recorded_at < $1
     AND e.event_time < c.period_start
 ORDER BY 1"""
 
 # $1 customer_id. Prune waits for recorders and webhooks of the customer, and they for it.
 LOCK_CUSTOMER = "SELECT period_start FROM customers WHERE customer_id = $1 FOR UPDATE"
 
-# Deletes up to $4 of a customer's reported (or unbilled) events recorded before $2 whose
-# event_time is before $3 (the customer's last confirmed period start), returning what they
-# counted.
+# Deletes up to $4 of a customer's settled events (reported, unbilled or covered) recorded
+# before $2 whose event_time is before $3 (the customer's last confirmed period start),
+# returning what they counted.
 # $1 customer_id, $2 recorded before, $3 horizon, $4 batch size
 PRUNE_REPORTED = """
 DELETE FROM usage_events WHERE customer_id = $1 AND event_id IN (
     SELECT event_id FROM usage_events
-    WHERE customer_id = $1 AND report_state IN ('reported', 'unbilled') AND recorded_at < $2
+    WHERE customer_id = $1 AND report_state IN ('reported', 'unbilled', 'covered')
+        AND recorded_at < $2
         AND event_time < $3
     LIMIT $4)
 RETURNING meter, quantity"""

@@ -531,7 +531,8 @@ export type MeterUsage = Message<"usage.v1.MeterUsage"> & {
   covered: bigint;
 
   /**
-   * Usage in the period beyond the grants that is billed (reported or to be reported).
+   * Prepaid features that allow overage: the period's usage beyond the grants, which is billed
+   * as overage (0 for other features).
    *
    * @generated from field: int64 billable_overage = 19;
    */
