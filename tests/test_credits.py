@@ -522,9 +522,9 @@ async def _consume_at(
 async def test_a_grant_expires_at_its_instant_between_two_consumes(
     st: store.Store, plans: plans_mod.Plans
 ) -> None:
-    await _customer(st, "credits_only")
+    customer = await _customer(st, "credits_only")
     expiry = T0 + dt.timedelta(days=2)
-    await st.create_grant(_top_up(100, expiry), b"k")
+    await st.create_grant(_top_up(100, expiry), b"k", customer, _period())
     before = await _consume_at(st, plans, 30, expiry - dt.timedelta(microseconds=1))
     assert before.decision is not None and before.decision.allowed
     at = await _consume_at(st, plans, 1, expiry)
@@ -537,9 +537,9 @@ async def test_a_grant_expires_at_its_instant_between_two_consumes(
 async def test_a_late_event_burns_no_grant_that_has_expired_since(
     st: store.Store, plans: plans_mod.Plans, dsn: str
 ) -> None:
-    await _customer(st, "credits_only")
+    customer = await _customer(st, "credits_only")
     expiry = T0 + dt.timedelta(days=2)
-    await st.create_grant(_top_up(100, expiry), b"k")
+    await st.create_grant(_top_up(100, expiry), b"k", customer, _period())
     st.clock = lambda: expiry + dt.timedelta(hours=1)
     late = domain.UsageEvent(
         event_id=str(uuid.uuid4()),
@@ -588,3 +588,47 @@ async def _customer_row(st: store.Store) -> domain.Customer:
     found = await st.get_customer("c1", T0)
     assert found is not None
     return found[0]
+
+
+async def test_the_stream_shows_each_balance_change(
+    service: Service, grants: credit_pb2_grpc.CreditServiceStub
+) -> None:
+    await service.add_customer("c1", "bundle")
+    call = service.usage.WatchUsage(
+        usage_pb2.WatchUsageRequest(customer_id="c1", meters=["tokens"])
+    )
+    stream = call.__aiter__()
+
+    async def next_message() -> usage_pb2.WatchUsageResponse:
+        async with asyncio.timeout(30):
+            message = await stream.__anext__()
+        assert isinstance(message, usage_pb2.WatchUsageResponse)
+        return message
+
+    def balance(message: usage_pb2.WatchUsageResponse) -> tuple[int, int, int]:
+        (tokens,) = message.meters
+        return tokens.granted, tokens.burned, tokens.balance
+
+    snap = await next_message()
+    assert snap.kind == usage_pb2.USAGE_CHANGE_KIND_SNAPSHOT
+    assert balance(snap) == (1000, 0, 1000)  # the period's plan grant, before it is made
+    await service.usage.RecordUsage(_record("c1", 300))
+    used = await next_message()
+    assert used.kind == usage_pb2.USAGE_CHANGE_KIND_USAGE
+    assert balance(used) == (1000, 300, 700) and used.meters[0].covered == 300
+    pack = (await grants.CreateGrant(_grant("c1", 50))).grant
+    topped = await next_message()
+    assert topped.kind == usage_pb2.USAGE_CHANGE_KIND_CREDIT
+    assert balance(topped) == (1050, 300, 750) and topped.meters[0].used == 300
+    await grants.VoidGrant(credit_pb2.VoidGrantRequest(customer_id="c1", grant_id=pack.grant_id))
+    voided = await next_message()
+    assert voided.kind == usage_pb2.USAGE_CHANGE_KIND_CREDIT
+    assert balance(voided) == (1000, 300, 700)
+    consumed = await service.usage.CheckEntitlement(_consume("c1", 700))
+    assert consumed.allowed and consumed.balance == 0
+    spent = await next_message()
+    assert balance(spent) == (1000, 1000, 0)
+    assert [spent.version, voided.version, topped.version, used.version] == sorted(
+        [spent.version, voided.version, topped.version, used.version], reverse=True
+    )
+    call.cancel()

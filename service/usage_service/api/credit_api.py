@@ -109,6 +109,7 @@ class CreditService(credit_pb2_grpc.CreditServiceServicer):
         found = await self.store.get_customer(request.customer_id, now)
         if found is None:
             raise customer_not_found(request.customer_id)
+        customer, period = found
         grant = Grant(
             customer_id=request.customer_id,
             grant_id=ids.new_event_id(),
@@ -124,7 +125,7 @@ class CreditService(credit_pb2_grpc.CreditServiceServicer):
         fingerprint = credits.payload_hash(
             request.feature, request.amount, request.priority, effective, expires
         )
-        stored, duplicate = await self.store.create_grant(grant, fingerprint)
+        stored, duplicate = await self.store.create_grant(grant, fingerprint, customer, period)
         return credit_pb2.CreateGrantResponse(
             grant=grant_to_proto(stored, now), duplicate=duplicate
         )
@@ -138,7 +139,11 @@ class CreditService(credit_pb2_grpc.CreditServiceServicer):
         validation.uuid(v, "grant_id", request.grant_id)
         v.check()
         now = _now()
-        done = await self.store.void_grant(request.customer_id, request.grant_id, now)
+        found = await self.store.get_customer(request.customer_id, now)
+        if found is None:
+            raise grant_not_found(request.customer_id, request.grant_id)
+        customer, period = found
+        done = await self.store.void_grant(customer, request.grant_id, period, now)
         if done is None:
             raise grant_not_found(request.customer_id, request.grant_id)
         grant, voided = done

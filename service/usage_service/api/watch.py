@@ -21,7 +21,8 @@ from usage_service import domain
 from usage_service.api import convert, validation
 from usage_service.api.errors import ApiError, customer_not_found, to_api_error
 from usage_service.api.validation import Violations
-from usage_service.domain import periods
+from usage_service.domain import credits, periods
+from usage_service.domain.credits import Grant
 from usage_service.domain.plans import Plans
 from usage_service.storage import changes, watch
 
@@ -32,6 +33,7 @@ KIND_TO_PROTO = {
     "customer": usage_pb2.USAGE_CHANGE_KIND_CUSTOMER,
     "drain": usage_pb2.USAGE_CHANGE_KIND_DRAIN,
     "threshold": usage_pb2.USAGE_CHANGE_KIND_THRESHOLD,
+    "credit": usage_pb2.USAGE_CHANGE_KIND_CREDIT,
 }
 # Kinds that restate every meter watched; the others name only the meters they changed.
 WHOLE = frozenset({"rollover", "customer"})
@@ -52,10 +54,27 @@ def _now() -> dt.datetime:
 
 @dataclasses.dataclass
 class _State:
-    """What the stream shows: the customer as its last change left it, and its period."""
+    """What the stream shows: the customer as its last change left it, its period, and the
+    credit of its prepaid features."""
 
     customer: domain.Customer
     period: periods.Period
+    credit: dict[str, domain.Credit] = dataclasses.field(default_factory=dict)
+
+    def count_credit(self, plans: Plans, grants: Collection[Grant], now: dt.datetime) -> None:
+        """The credit of the plan's prepaid features, from their grants."""
+        plan = plans.plans.get(self.customer.plan_id)
+        self.credit = {
+            name: credits.credit_of(self.customer.customer_id, f, list(grants), self.period, now)
+            for name, f in (plan.metered.items() if plan else ())
+            if f.prepaid
+        }
+
+
+def _state(plans: Plans, snap: watch.Snapshot) -> _State:
+    state = _State(snap.customer, snap.period)
+    state.count_credit(plans, snap.grants, _now())
+    return state
 
 
 async def serve(
@@ -101,7 +120,7 @@ async def _watch(
     snap = await watch.snapshot(hub.pool, customer_id, _now())
     if snap is None:
         raise customer_not_found(customer_id)
-    state = _State(snap.customer, snap.period)
+    state = _state(plans, snap)
     resume = request.resume_after_version if request.HasField("resume_after_version") else None
     if resume is not None and await watch.resumable(hub.pool, customer_id, resume):
         # The snapshot's customer may be newer than `resume`: the changes after it restate it.
@@ -124,7 +143,7 @@ async def _watch(
             snap = await watch.snapshot(hub.pool, customer_id, _now())
             if snap is None:
                 raise customer_not_found(customer_id)
-            state = _State(snap.customer, snap.period)
+            state = _state(plans, snap)
             last = snap.version
             yield _snapshot(plans, state, snap, only, usage_pb2.SNAPSHOT_REASON_RESUME_TOO_OLD)
             if logged.version <= last:
@@ -136,6 +155,12 @@ async def _watch(
         if change.period_start is not None and change.period_end is not None:
             if change.period_start >= state.period.start or change.kind in WHOLE:
                 state.period = periods.Period(change.period_start, change.period_end)
+        if change.kind in WHOLE:  # a new period's plan grants, or another plan's features
+            now = _now()
+            since = min(now, state.period.start)
+            state.count_credit(plans, await watch.grants(hub.pool, customer_id, since), now)
+        for meter, value in change.detail.get("credit", {}).items():
+            state.credit[meter] = domain.Credit.from_json(value)
         message = _message(
             plans,
             state,
@@ -235,7 +260,7 @@ def _message(
         start, end = period[0], period[1]
     meters = [
         m
-        for m in domain.summarise(plans, state.customer, figures)
+        for m in domain.summarise(plans, state.customer, figures, credit=state.credit)
         if (whole or m.meter in figures) and (not only or m.meter in only)
     ]
     out = usage_pb2.WatchUsageResponse(

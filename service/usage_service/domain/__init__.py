@@ -182,18 +182,7 @@ class MeterSummary:
     billable_overage: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class Credit:
-    """A customer's grants of one feature as usage timed now sees them: units granted and
-    burned over the grants it may burn, and the earliest expiry of one with units left."""
-
-    granted: int = 0
-    burned: int = 0
-    next_expiry: dt.datetime | None = None
-
-    @property
-    def balance(self) -> int:
-        return self.granted - self.burned
+Credit = credits.Credit
 
 
 def payload_hash(

@@ -77,6 +77,52 @@ class Grant:
         return 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Credit:
+    """A customer's grants of one feature as usage timed now sees them: units granted and
+    burned over the grants it may burn, and the earliest expiry of one with units left."""
+
+    granted: int = 0
+    burned: int = 0
+    next_expiry: dt.datetime | None = None
+
+    @property
+    def balance(self) -> int:
+        return self.granted - self.burned
+
+    def to_json(self) -> list[object]:
+        expiry = self.next_expiry.isoformat() if self.next_expiry else None
+        return [self.granted, self.burned, expiry]
+
+    @classmethod
+    def from_json(cls, value: object) -> Credit:
+        if not isinstance(value, list) or len(value) != 3:
+            return cls()
+        granted, burned, expiry = value
+        when = dt.datetime.fromisoformat(expiry) if isinstance(expiry, str) else None
+        return cls(int(granted), int(burned), when)
+
+
+def credit_of(
+    customer_id: str,
+    feature: MeteredFeature,
+    grants: Sequence[Grant],
+    period: Period,
+    now: dt.datetime,
+) -> Credit:
+    """The feature's credit at `now` from its stored grants, counting the plan's grants of
+    `period` (the one containing now) whether made yet or not."""
+    mine = [g for g in grants if g.feature == feature.meter]
+    if feature.grant is not None:
+        mine += period_grants(customer_id, feature.meter, feature.grant, period, mine, now)
+    live = [g for g in mine if g.burnable(now, now)]
+    return Credit(
+        granted=sum(g.amount for g in live),
+        burned=sum(g.burned for g in live),
+        next_expiry=next_expiry(live, now),
+    )
+
+
 def burn_key(g: Grant) -> tuple[int, dt.datetime, dt.datetime, dt.datetime, str]:
     return (g.priority, g.expires_at or _FOREVER, g.effective_at, g.created_at, g.grant_id)
 

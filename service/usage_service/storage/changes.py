@@ -20,7 +20,7 @@ from usage_service import domain
 from usage_service.storage import changes_queries as q
 from usage_service.storage.rows import Conn
 
-KINDS = ("usage", "rollover", "customer", "drain", "threshold")
+KINDS = ("usage", "rollover", "customer", "drain", "threshold", "credit")
 # The totals columns a change keeps per meter, in this order.
 FIGURES = (
     "event_count",
@@ -100,10 +100,15 @@ def _totals(values: Mapping[str, int]) -> domain.Totals:
 
 
 async def append_totals(
-    conn: Conn, kind: str, rows: Iterable[asyncpg.Record], now: dt.datetime
+    conn: Conn,
+    kind: str,
+    rows: Iterable[asyncpg.Record],
+    now: dt.datetime,
+    details: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, int]:
     """`append` of one change per customer and period of usage_totals rows (as RETURNING
-    gives them, CHANGED_TOTALS), their figures written straight from the rows."""
+    gives them, CHANGED_TOTALS), their figures written straight from the rows; `details`: a
+    customer's detail, on each of its changes."""
     grouped: dict[tuple[str, dt.datetime, dt.datetime], list[str]] = {}
     for r in rows:
         figures = ",".join([str(r[f]) for f in FIGURES])
@@ -120,7 +125,7 @@ async def append_totals(
         [end for _, _, end in keys],
         ["{" + ",".join(grouped[k]) + "}" for k in keys],
         now,
-        ["{}"] * len(keys),
+        [json.dumps(details.get(c, {})) if details else "{}" for c, _, _ in keys],
     )
     return {r["customer_id"]: r["version"] for r in found}
 

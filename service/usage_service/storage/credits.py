@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
@@ -25,16 +25,21 @@ __all__ = [
     "burn",
     "create",
     "credit",
+    "credit_detail",
     "listed",
+    "live",
     "locked",
+    "log_grant",
     "make_plan_grants",
+    "top_up",
     "void",
 ]
 from usage_service.domain.errors import GrantKeyConflict
 from usage_service.domain.periods import Period
 from usage_service.domain.plans import Aggregation, MeteredFeature
+from usage_service.storage import changes, queries
 from usage_service.storage import credits_queries as q
-from usage_service.storage.rows import Conn
+from usage_service.storage.rows import Conn, totals_from_row
 
 _SOURCES = {s.value: s for s in GrantSource}
 
@@ -84,11 +89,31 @@ async def create(
     return grant_from_row(seen), True
 
 
+async def top_up(
+    pool: asyncpg.Pool,
+    grant: Grant,
+    payload_hash: bytes,
+    logged: tuple[MeteredFeature, Period] | None,
+) -> tuple[Grant, bool]:
+    """`create`, logging the new grant as a change when `logged` gives the customer's prepaid
+    feature and the period containing now."""
+    async with pool.acquire() as conn, conn.transaction():
+        stored, duplicate = await create(conn, grant, payload_hash)
+        if logged is not None and not duplicate:
+            await log_grant(conn, stored, logged[0], logged[1], grant.created_at)
+    return stored, duplicate
+
+
 async def void(
-    pool: asyncpg.Pool, customer_id: str, grant_id: str, now: dt.datetime
+    pool: asyncpg.Pool,
+    customer_id: str,
+    grant_id: str,
+    now: dt.datetime,
+    logged: Callable[[str], tuple[MeteredFeature, Period] | None] = lambda _: None,
 ) -> tuple[Grant, int] | None:
     """Voids a grant from `now` on: (the grant, the units that removed); None when there is no
-    such grant. A grant voided already is answered as it is, with 0."""
+    such grant. A grant voided already is answered as it is, with 0. `logged(feature)`: the
+    customer's prepaid feature and the period containing now, to log the change."""
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(q.LOCK_GRANT, customer_id, grant_id)
         if row is None:
@@ -99,13 +124,22 @@ async def void(
         removed = grant.left(now, now)
         row = await conn.fetchrow(q.VOID_GRANT, customer_id, grant_id, now)
         assert row is not None
-        return grant_from_row(row), removed
+        voided = grant_from_row(row)
+        where = logged(voided.feature)
+        if where is not None:
+            await log_grant(conn, voided, where[0], where[1], now)
+        return voided, removed
 
 
 async def listed(pool: asyncpg.Pool, customer_id: str, feature: str) -> list[Grant]:
     return credits.in_burn_order(
         grant_from_row(r) for r in await pool.fetch(q.LIST_GRANTS, customer_id, feature)
     )
+
+
+async def live(conn: Conn | asyncpg.Pool, customer_id: str, since: dt.datetime) -> list[Grant]:
+    """All the customer's grants usage may still burn, or that expired at or after `since`."""
+    return [grant_from_row(r) for r in await conn.fetch(q.CUSTOMER_GRANTS, customer_id, since)]
 
 
 async def credit(
@@ -118,23 +152,11 @@ async def credit(
     """Per prepaid feature, its grants as usage timed `now` sees them, the plan's grants of
     `period` counted whether made yet or not. A read."""
     rows = await conn.fetch(q.LIVE_GRANTS_OF, customer_id, list(features), min(period.start, now))
-    stored: dict[str, list[Grant]] = {f: [] for f in features}
-    for r in rows:
-        stored[r["feature"]].append(grant_from_row(r))
-    out = {}
-    for name, feature in features.items():
-        grants = stored[name]
-        if feature.grant is not None:
-            grants = grants + credits.period_grants(
-                customer_id, name, feature.grant, period, grants, now
-            )
-        live = [g for g in grants if g.burnable(now, now)]
-        out[name] = domain.Credit(
-            granted=sum(g.amount for g in live),
-            burned=sum(g.burned for g in live),
-            next_expiry=credits.next_expiry(live, now),
-        )
-    return out
+    grants = [grant_from_row(r) for r in rows]
+    return {
+        name: credits.credit_of(customer_id, feature, grants, period, now)
+        for name, feature in features.items()
+    }
 
 
 async def locked(
@@ -207,10 +229,10 @@ async def burn(
     grants: Sequence[Grant],
     events: Sequence[Usage],
     now: dt.datetime,
-) -> list[asyncpg.Record]:
+) -> tuple[list[asyncpg.Record], list[Grant]]:
     """Burns the grants (locked) for the events, in order, and stores what each event burned,
     the part of it grants paid for and the state that leaves it in, and the totals rows'
-    counters. Returns the totals rows changed."""
+    counters. Returns the totals rows changed, and the grants as the burns left them."""
     burns, after = credits.burn(
         grants, aggregation, [(e.quantity, e.event_time) for e in events], now
     )
@@ -235,9 +257,9 @@ async def burn(
             d[2] += 1
             d[3] += e.quantity - cover.covered
     if not event_rows and not burn_rows:
-        return []
+        return [], after
     starts = sorted(deltas)
-    return await conn.fetch(
+    changed = await conn.fetch(
         q.APPLY_BURNS,
         customer_id,
         list(spent),
@@ -255,3 +277,37 @@ async def burn(
         [deltas[s][2] for s in starts],
         [deltas[s][3] for s in starts],
     )
+    return changed, after
+
+
+def credit_detail(
+    customer_id: str,
+    feature: MeteredFeature,
+    grants: Sequence[Grant],
+    period: Period,
+    now: dt.datetime,
+) -> dict[str, list[object]]:
+    """The change-log detail of a feature's credit: {feature: Credit as JSON}."""
+    return {feature.meter: credits.credit_of(customer_id, feature, grants, period, now).to_json()}
+
+
+async def log_grant(
+    conn: Conn,
+    grant: Grant,
+    feature: MeteredFeature,
+    period: Period,
+    now: dt.datetime,
+) -> None:
+    """Logs a grant created or voided as a change of the customer's figures: the feature's
+    totals in `period` (the one containing now), and its credit."""
+    grants = await live(conn, grant.customer_id, min(now, period.start))
+    row = await conn.fetchrow(queries.METER_TOTALS, grant.customer_id, feature.meter, period.start)
+    totals = totals_from_row(row) if row and row["event_count"] is not None else domain.Totals()
+    detail = {
+        "credit": credit_detail(grant.customer_id, feature, grants, period, now),
+        "grant_id": grant.grant_id,
+    }
+    change = changes.Change(
+        grant.customer_id, "credit", period.start, period.end, {feature.meter: totals}, detail
+    )
+    await changes.append(conn, [change], now)

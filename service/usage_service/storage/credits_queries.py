@@ -24,6 +24,12 @@ SELECT {GRANT_COLUMNS} FROM credit_grants
 WHERE customer_id = $1 AND feature = ANY($2::text[])
     AND (expires_at >= $3 OR (expires_at IS NULL AND voided_at IS NULL AND burned < amount))"""
 
+# Every feature's grants of one customer, as LIVE_GRANTS. $1 customer_id, $2 since
+CUSTOMER_GRANTS = f"""
+SELECT {GRANT_COLUMNS} FROM credit_grants
+WHERE customer_id = $1
+    AND (expires_at >= $2 OR (expires_at IS NULL AND voided_at IS NULL AND burned < amount))"""
+
 # One grant; a key taken already inserts nothing. $1 customer_id, $2 grant_id, $3 feature,
 # $4 amount, $5 priority, $6 effective_at, $7 expires_at, $8 source, $9 idempotency_key,
 # $10 payload_hash, $11 created_at

@@ -169,7 +169,7 @@ CREATE TABLE usage_changes (
     period_end timestamp with time zone,
     figures jsonb NOT NULL,
     detail jsonb NOT NULL DEFAULT '{}'::jsonb,
-    CONSTRAINT usage_changes_kind_check CHECK ((kind = ANY (ARRAY['usage'::text, 'rollover'::text, 'customer'::text, 'drain'::text, 'threshold'::text]))),
+    CONSTRAINT usage_changes_kind_check CHECK ((kind = ANY (ARRAY['usage'::text, 'rollover'::text, 'customer'::text, 'drain'::text, 'threshold'::text, 'credit'::text]))),
     CONSTRAINT usage_changes_pkey PRIMARY KEY (customer_id, version)
 );
 CREATE INDEX usage_changes_age ON public.usage_changes USING btree (committed_at);

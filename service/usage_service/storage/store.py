@@ -343,8 +343,9 @@ class Store:
                         raise idempotency.Replan
                 answers, _ = idempotency.resolve(requests, known)
             changed = await self._add_totals(conn, locked, added)
-            changed = await self._burn_prepaid(conn, locked, added, changed)
-            await changes.append_totals(conn, "usage", changed, dt.datetime.now(dt.UTC))
+            details: dict[str, dict[str, dict[str, list[object]]]] = {}
+            changed = await self._burn_prepaid(conn, locked, added, changed, details)
+            await changes.append_totals(conn, "usage", changed, dt.datetime.now(dt.UTC), details)
         return answers
 
     def prepaid(self, plan_id: str, meter: str) -> MeteredFeature | None:
@@ -359,10 +360,12 @@ class Store:
         locked: _Locked,
         events: Sequence[tuple[domain.UsageEvent, int]],
         changed: list[asyncpg.Record],
+        details: dict[str, dict[str, dict[str, list[object]]]],
     ) -> list[asyncpg.Record]:
         """Burns grants for the events of prepaid features (their totals rows are locked by
         now), in acceptance order, one customer and feature at a time in sorted order; returns
-        `changed` with the rows the burns changed."""
+        `changed` with the rows the burns changed, and puts each customer's credit after the
+        burns in `details` (for the change log)."""
         if self.plans is None:
             return changed
         groups: dict[tuple[str, str], list[tuple[domain.UsageEvent, int]]] = defaultdict(list)
@@ -388,10 +391,16 @@ class Store:
                 conn, customer_id, feature, sorted(spans, key=lambda p: p.start), now
             )
             aggregation = self.plans.meters[meter].aggregation
-            for r in await credits.burn(
+            rows, after = await credits.burn(
                 conn, customer_id, feature, aggregation, grants, usage, now
-            ):
+            )
+            for r in rows:
                 replaced[(r["customer_id"], r["meter"], r["period_start"])] = r
+            start, end, _s = locked.bounds(customer_id, now)
+            credit = credits.credit_detail(
+                customer_id, feature, after, periods.Period(start, end), now
+            )
+            details.setdefault(customer_id, {"credit": {}})["credit"].update(credit)
         return [replaced.get((r["customer_id"], r["meter"], r["period_start"]), r) for r in changed]
 
     async def _lock_customers(self, conn: Conn, events: Sequence[domain.UsageEvent]) -> _Locked:
@@ -494,16 +503,33 @@ class Store:
         return await credits.credit(self.pool, customer.customer_id, features, period, now)
 
     async def create_grant(
-        self, grant: credits.Grant, payload_hash: bytes
+        self,
+        grant: credits.Grant,
+        payload_hash: bytes,
+        customer: domain.Customer,
+        period: periods.Period,
     ) -> tuple[credits.Grant, bool]:
         """Stores a top-up grant: (it, duplicate?); another grant under its key raises
-        GrantKeyConflict."""
-        return await credits.create(self.pool, grant, payload_hash)
+        GrantKeyConflict. A new grant of a prepaid feature of the customer's plan is logged as
+        a change (`period`: the one containing now)."""
+        feature = self.prepaid(customer.plan_id, grant.feature)
+        logged = (feature, period) if feature is not None else None
+        return await credits.top_up(self.pool, grant, payload_hash, logged)
 
     async def void_grant(
-        self, customer_id: str, grant_id: str, now: dt.datetime
+        self,
+        customer: domain.Customer,
+        grant_id: str,
+        period: periods.Period,
+        now: dt.datetime,
     ) -> tuple[credits.Grant, int] | None:
-        return await credits.void(self.pool, customer_id, grant_id, now)
+        """Voids a grant (logged as a change when its feature is prepaid in the plan)."""
+
+        def logged(name: str) -> tuple[MeteredFeature, periods.Period] | None:
+            feature = self.prepaid(customer.plan_id, name)
+            return (feature, period) if feature is not None else None
+
+        return await credits.void(self.pool, customer.customer_id, grant_id, now, logged)
 
     async def list_grants(
         self,
@@ -612,18 +638,21 @@ class Store:
                     str(inserted["event_id"]), event.quantity, now, period.start, state
                 )
                 aggregation = self.plans.meters[event.meter].aggregation
-                burned = await credits.burn(
+                burned, after = await credits.burn(
                     conn, customer.customer_id, prepaid, aggregation, grants, [usage], now
                 )
                 figures = burned[0] if burned else inserted
+                credit = credits.credit_detail(customer.customer_id, prepaid, after, period, now)
+                detail: dict[str, object] = {"credit": credit}
             else:
-                figures = inserted
+                figures, detail = inserted, {}
             change = changes.Change(
                 customer.customer_id,
                 "usage",
                 period.start,
                 period.end,
                 {event.meter: totals_from_row(figures)},
+                detail,
             )
             versions = await changes.append(conn, [change], dt.datetime.now(dt.UTC))
             consumed = Consumed(

@@ -22,7 +22,8 @@ import asyncpg
 
 from usage_service import domain
 from usage_service.domain import periods
-from usage_service.storage import changes, queries, rows
+from usage_service.domain.credits import Grant
+from usage_service.storage import changes, credits, queries, rows
 from usage_service.storage import changes_queries as q
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class Snapshot:
     customer: domain.Customer
     period: periods.Period
     figures: dict[str, domain.Totals]
+    grants: list[Grant] = dataclasses.field(default_factory=list)  # usage may still burn
 
 
 async def snapshot(pool: asyncpg.Pool, customer_id: str, now: dt.datetime) -> Snapshot | None:
@@ -198,9 +200,15 @@ async def snapshot(pool: asyncpg.Pool, customer_id: str, now: dt.datetime) -> Sn
             stored = await rows.stored_periods(conn, [customer_id])
             period = periods.period_at(stored[customer_id], now)
         totals = await conn.fetch(queries.PERIOD_TOTALS, customer_id, period.start)
+        grants = await credits.live(conn, customer_id, min(now, period.start))
     return Snapshot(
-        version, customer, period, {r["meter"]: rows.totals_from_row(r) for r in totals}
+        version, customer, period, {r["meter"]: rows.totals_from_row(r) for r in totals}, grants
     )
+
+
+async def grants(pool: asyncpg.Pool, customer_id: str, since: dt.datetime) -> list[Grant]:
+    """The customer's grants usage may still burn, or that expired at or after `since`."""
+    return await credits.live(pool, customer_id, since)
 
 
 async def resumable(pool: asyncpg.Pool, customer_id: str, after: int) -> bool:

@@ -30,6 +30,7 @@ class UsageChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     USAGE_CHANGE_KIND_CUSTOMER: _ClassVar[UsageChangeKind]
     USAGE_CHANGE_KIND_DRAIN: _ClassVar[UsageChangeKind]
     USAGE_CHANGE_KIND_THRESHOLD: _ClassVar[UsageChangeKind]
+    USAGE_CHANGE_KIND_CREDIT: _ClassVar[UsageChangeKind]
 
 class SnapshotReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +53,7 @@ USAGE_CHANGE_KIND_ROLLOVER: UsageChangeKind
 USAGE_CHANGE_KIND_CUSTOMER: UsageChangeKind
 USAGE_CHANGE_KIND_DRAIN: UsageChangeKind
 USAGE_CHANGE_KIND_THRESHOLD: UsageChangeKind
+USAGE_CHANGE_KIND_CREDIT: UsageChangeKind
 SNAPSHOT_REASON_UNSPECIFIED: SnapshotReason
 SNAPSHOT_REASON_INITIAL: SnapshotReason
 SNAPSHOT_REASON_RESUME_TOO_OLD: SnapshotReason

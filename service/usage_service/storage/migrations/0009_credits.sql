@@ -51,3 +51,9 @@ ALTER TABLE usage_events ADD CONSTRAINT usage_events_report_state_known CHECK (
 ALTER TABLE usage_totals ADD COLUMN covered_count bigint NOT NULL DEFAULT 0;
 
 ALTER TABLE usage_totals ADD COLUMN covered_sum bigint NOT NULL DEFAULT 0;
+
+-- A grant created or voided is a change of the customer's figures (its balance).
+ALTER TABLE usage_changes DROP CONSTRAINT usage_changes_kind_check;
+
+ALTER TABLE usage_changes ADD CONSTRAINT usage_changes_kind_check CHECK (
+    kind IN ('usage', 'rollover', 'customer', 'drain', 'threshold', 'credit'));
