@@ -77,10 +77,11 @@ async def fakes_against_reported(
 ) -> list[str]:
     """Where a fake does not bill what the service says it reported: each per-event provider
     bills every event reported to it and nothing else but events of reports still open (sent,
-    outcome unknown), and Stripe's sum meters hold the reported sums, up to what open reports
-    may have added."""
+    outcome unknown), and Stripe's sum meters hold the reported sums (of the part of each event
+    no grant paid for), up to what open reports may have added."""
     rows = await db.fetch(
-        """SELECT e.event_id, e.provider, e.meter, e.quantity, p.provider_customer_id,
+        """SELECT e.event_id, e.provider, e.meter, e.quantity - e.covered AS quantity,
+               p.provider_customer_id,
                CASE WHEN e.report_state = 'pending' AND e.report_id IS NOT NULL THEN 'open'
                     ELSE e.report_state END AS state
            FROM usage_events e
