@@ -632,3 +632,51 @@ async def test_the_stream_shows_each_balance_change(
         [spent.version, voided.version, topped.version, used.version], reverse=True
     )
     call.cancel()
+
+
+async def test_plan_grants_follow_the_periods_a_webhook_confirms(
+    st: store.Store, plans: plans_mod.Plans, dsn: str
+) -> None:
+    customer = await _customer(st, "bundle")  # March: [T0, T0 + 31 days)
+    first = _period()
+    await _consume_at(st, plans, 100, T0 + dt.timedelta(days=1))
+    extended = dataclasses.replace(customer, period_end=first.end + dt.timedelta(days=5))
+    await st.upsert_customer(extended, history.CadenceRequest(), T0 + dt.timedelta(days=2))
+    plan_grant = await st.pool.fetchrow("SELECT expires_at, voided_at FROM credit_grants")
+    assert plan_grant is not None
+    assert (plan_grant["expires_at"], plan_grant["voided_at"]) == (extended.period_end, None)
+    # a late event in the days the webhook added still burns the period's grant
+    late = await _consume_at(st, plans, 10, first.end + dt.timedelta(days=1))
+    assert late.decision is not None and late.decision.covered == 10
+    # the webhook that ends the period early takes the grant's end with it
+    early = T0 + dt.timedelta(days=3)
+    cut = dataclasses.replace(
+        customer, period_start=early, period_end=early + dt.timedelta(days=30)
+    )
+    await st.upsert_customer(cut, history.CadenceRequest(), early)
+    ends = await st.pool.fetch(
+        "SELECT effective_at, expires_at FROM credit_grants ORDER BY effective_at"
+    )
+    assert [(r["effective_at"], r["expires_at"]) for r in ends] == [(T0, early)]
+    after = await _consume_at(st, plans, 5, early + dt.timedelta(days=1))
+    assert after.decision is not None and after.decision.balance == 1000 + 500
+    assert await differences(dsn) == []
+
+
+async def test_a_late_webhook_for_a_past_period_leaves_the_current_grants_alone(
+    st: store.Store, plans: plans_mod.Plans
+) -> None:
+    customer = await _customer(st, "bundle")
+    second = T0 + dt.timedelta(days=31)
+    await _consume_at(st, plans, 100, T0 + dt.timedelta(days=1))
+    await _consume_at(st, plans, 100, second + dt.timedelta(days=1))  # April's grants
+    await st.upsert_customer(customer, history.CadenceRequest(), second + dt.timedelta(days=2))
+    rows = await st.pool.fetch(
+        "SELECT source, amount, burned, expires_at, voided_at FROM credit_grants"
+    )
+    april = [r for r in rows if r["expires_at"] == second + dt.timedelta(days=30)]
+    assert sorted((r["source"], r["amount"], r["voided_at"]) for r in april) == [
+        ("plan", 1000, None),
+        ("rollover", 500, None),  # March's 900 unused, up to the cap
+    ]
+    assert sum(r["burned"] for r in april) == 100

@@ -368,12 +368,6 @@ async def test_across_a_rollover_and_a_late_event_only_uncovered_usage_is_billed
     assert await differences(dsn) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the summary's granted and burned leave out a spent top-up that never expires (the "
-    "live-grants query skips spent grants without an expiry) while they keep a spent one that "
-    "expires",
-)
 async def test_the_summary_counts_a_spent_top_up_in_granted_and_burned(service: Service) -> None:
     await service.add_customer("c_none", plan_id="prepaid")  # no provider: nothing to drain
     await top_up(service, "c_none", "tokens", 10)
@@ -385,12 +379,6 @@ async def test_the_summary_counts_a_spent_top_up_in_granted_and_burned(service: 
     assert (after.granted, after.burned, after.balance) == (110, 110, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a plan grant keeps the expiry of the period it was made in: when a webhook ends "
-    "that period early, its remainder still covers the next period, which gets its own plan "
-    "grant too",
-)
 async def test_a_period_ended_early_by_a_webhook_takes_its_plan_grant_with_it(
     service: Service,
 ) -> None:

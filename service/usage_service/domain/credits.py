@@ -49,6 +49,7 @@ class Grant:
     created_at: dt.datetime
     burned: int = 0
     voided_at: dt.datetime | None = None
+    spent_at: dt.datetime | None = None  # when burns took its last unit
 
     def burnable(self, at: dt.datetime, now: dt.datetime) -> bool:
         """Whether an event timed `at`, recorded at `now`, may burn this grant."""
@@ -111,11 +112,17 @@ def credit_of(
     now: dt.datetime,
 ) -> Credit:
     """The feature's credit at `now` from its stored grants, counting the plan's grants of
-    `period` (the one containing now) whether made yet or not."""
+    `period` (the one containing now) whether made yet or not: the grants usage may burn now,
+    and those of them spent within `period`."""
     mine = [g for g in grants if g.feature == feature.meter]
     if feature.grant is not None:
         mine += period_grants(customer_id, feature.meter, feature.grant, period, mine, now)
-    live = [g for g in mine if g.burnable(now, now)]
+    live = [
+        g
+        for g in mine
+        if g.burnable(now, now)
+        and (g.burned < g.amount or (g.spent_at is not None and g.spent_at >= period.start))
+    ]
     return Credit(
         granted=sum(g.amount for g in live),
         burned=sum(g.burned for g in live),
@@ -182,7 +189,8 @@ def burn(
             g = by_id[grant_id]
             take = min(g.left(at, now), need)
             if take > 0:
-                by_id[grant_id] = dataclasses.replace(g, burned=g.burned + take)
+                spent = now if g.burned + take == g.amount else None
+                by_id[grant_id] = dataclasses.replace(g, burned=g.burned + take, spent_at=spent)
                 taken.append((grant_id, take))
                 need -= take
         used = sum(t for _, t in taken)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import asyncpg
 
 from usage_service import domain
-from usage_service.domain import credits, ids
+from usage_service.domain import credits, ids, periods
 from usage_service.domain.credits import Grant, GrantSource, balance
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "create",
     "credit",
     "credit_detail",
+    "follow_periods",
     "listed",
     "live",
     "locked",
@@ -58,6 +59,7 @@ def grant_from_row(row: asyncpg.Record) -> Grant:
         created_at=row["created_at"],
         burned=row["burned"],
         voided_at=row["voided_at"],
+        spent_at=row["spent_at"],
     )
 
 
@@ -163,19 +165,44 @@ async def locked(
     conn: Conn,
     customer_id: str,
     feature: MeteredFeature,
-    periods: Sequence[Period],
+    spans: Sequence[Period],
     now: dt.datetime,
 ) -> list[Grant]:
     """Inside a transaction that holds the totals rows the burn counts in: the customer's grants
-    of the feature, locked, after making the plan's grants of those of `periods` that have not
-    ended (their keys make this safe to race)."""
-    since = min([now, *(p.start for p in periods)])
+    of the feature, locked, after making the plan's grants of those of `spans` (periods) that
+    have not ended (their keys make this safe to race)."""
+    since = min([now, *(p.start for p in spans)])
     for _ in range(3):
         rows = await conn.fetch(q.LOCK_GRANTS, customer_id, feature.meter, since)
         grants = [grant_from_row(r) for r in rows]
-        if not await _make(conn, customer_id, feature, periods, grants, now):
+        if not await _make(conn, customer_id, feature, spans, grants, now):
             return grants
     raise asyncpg.exceptions.SerializationError("plan grants kept changing; retry")
+
+
+async def follow_periods(
+    conn: Conn,
+    customer_id: str,
+    schedule: Sequence[periods.Stored],
+    start: dt.datetime,
+    now: dt.datetime,
+) -> None:
+    """A webhook confirmed a period starting at `start` (`schedule`: the customer's periods
+    now): the plan's grants follow the boundaries. One that ran past `start` ends there; one of
+    a period from `start` on ends with its period, or is voided when no period starts where it
+    does any more."""
+    for row in await conn.fetch(q.PLAN_GRANTS_FROM, customer_id, start):
+        g = grant_from_row(row)
+        if g.effective_at < start:
+            end: dt.datetime | None = start
+        else:
+            period = periods.period_at(schedule, g.effective_at)
+            end = period.end if period.start == g.effective_at else None
+        if end is None:
+            if g.voided_at is None:
+                await conn.execute(q.VOID_GRANT, customer_id, g.grant_id, now)
+        elif end != g.expires_at:
+            await conn.execute(q.SET_GRANT_EXPIRY, customer_id, g.grant_id, end)
 
 
 async def make_plan_grants(
@@ -190,17 +217,17 @@ async def _make(
     conn: Conn,
     customer_id: str,
     feature: MeteredFeature,
-    periods: Sequence[Period],
+    spans: Sequence[Period],
     grants: Sequence[Grant],
     now: dt.datetime,
 ) -> bool:
-    """Makes the plan grants `grants` lacks for `periods` that have not ended; True when any
-    was missing (made here or by a concurrent caller)."""
+    """Makes the plan grants `grants` lacks for `spans` (periods) that have not ended; True
+    when any was missing (made here or by a concurrent caller)."""
     if feature.grant is None:
         return False
     missing = [
         g
-        for p in periods
+        for p in spans
         if p.end > now
         for g in credits.period_grants(customer_id, feature.meter, feature.grant, p, grants, now)
     ]
@@ -276,6 +303,7 @@ async def burn(
         [deltas[s][1] for s in starts],
         [deltas[s][2] for s in starts],
         [deltas[s][3] for s in starts],
+        now,
     )
     return changed, after
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 GRANT_COLUMNS = """customer_id, grant_id::text, feature, amount, burned, priority, effective_at,
-    expires_at, voided_at, source, idempotency_key, created_at"""
+    expires_at, voided_at, spent_at, source, idempotency_key, created_at"""
 
-# A customer's grants of a feature that usage may still burn, or that expired at or after $3
-# (the previous period's plan grants decide a rollover); spent or voided grants that never
-# expire are left out. $1 customer_id, $2 feature, $3 since
-_LIVE = """
+# A customer's grants of a feature that may still count: those that expire at or after $3 (the
+# previous period's plan grants decide a rollover), and those that never expire unless voided,
+# or spent before $3 (the start of the period shown: its figures count what was spent in it).
+# $1 customer_id, $2 feature, $3 since
+_KEPT = """(expires_at >= $3
+    OR (expires_at IS NULL AND voided_at IS NULL AND (spent_at IS NULL OR spent_at >= $3)))"""
+_LIVE = f"""
 FROM credit_grants
-WHERE customer_id = $1 AND feature = $2
-    AND (expires_at >= $3 OR (expires_at IS NULL AND voided_at IS NULL AND burned < amount))"""
+WHERE customer_id = $1 AND feature = $2 AND {_KEPT}"""
 
 LIVE_GRANTS = f"SELECT {GRANT_COLUMNS} {_LIVE}"
 
@@ -21,14 +23,12 @@ LOCK_GRANTS = f"SELECT {GRANT_COLUMNS} {_LIVE} ORDER BY grant_id FOR UPDATE"
 # Several features' grants of one customer, for a summary. $1 customer_id, $2 feature[], $3 since
 LIVE_GRANTS_OF = f"""
 SELECT {GRANT_COLUMNS} FROM credit_grants
-WHERE customer_id = $1 AND feature = ANY($2::text[])
-    AND (expires_at >= $3 OR (expires_at IS NULL AND voided_at IS NULL AND burned < amount))"""
+WHERE customer_id = $1 AND feature = ANY($2::text[]) AND {_KEPT}"""
 
 # Every feature's grants of one customer, as LIVE_GRANTS. $1 customer_id, $2 since
 CUSTOMER_GRANTS = f"""
 SELECT {GRANT_COLUMNS} FROM credit_grants
-WHERE customer_id = $1
-    AND (expires_at >= $2 OR (expires_at IS NULL AND voided_at IS NULL AND burned < amount))"""
+WHERE customer_id = $1 AND {_KEPT.replace("$3", "$2")}"""
 
 # One grant; a key taken already inserts nothing. $1 customer_id, $2 grant_id, $3 feature,
 # $4 amount, $5 priority, $6 effective_at, $7 expires_at, $8 source, $9 idempotency_key,
@@ -67,10 +67,11 @@ WHERE customer_id = $1 AND ($2 = '' OR feature = $2)"""
 # $1 customer_id, $2 grant_id[], $3 units burned[], $4 burn event_id[], $5 burn grant_id[],
 # $6 burn units[], $7 event_id[], $8 covered[], $9 report_state[], $10 meter[],
 # $11 period_start[], $12 covered_count delta[], $13 covered_sum delta[],
-# $14 unbilled_count delta[], $15 unbilled_sum delta[]
+# $14 unbilled_count delta[], $15 unbilled_sum delta[], $16 now (when a grant is spent)
 APPLY_BURNS = """
 WITH spent AS (
-    UPDATE credit_grants g SET burned = g.burned + u.b
+    UPDATE credit_grants g SET burned = g.burned + u.b,
+        spent_at = CASE WHEN g.burned + u.b = g.amount THEN $16::timestamptz ELSE g.spent_at END
     FROM unnest($2::uuid[], $3::bigint[]) AS u(g, b)
     WHERE g.customer_id = $1 AND g.grant_id = u.g
 ), burns AS (
@@ -88,6 +89,19 @@ FROM unnest($10::text[], $11::timestamptz[], $12::bigint[], $13::bigint[], $14::
             $15::bigint[]) AS u(m, s, cc, cs, uc, us)
 WHERE t.customer_id = $1 AND t.meter = u.m AND t.period_start = u.s
 RETURNING t.*"""
+
+# The plan's grants of a customer that a webhook confirming a period starting at $2 may move:
+# those of periods from $2 on, and one that ran past $2. $1 customer_id, $2 start
+PLAN_GRANTS_FROM = f"""
+SELECT {GRANT_COLUMNS} FROM credit_grants
+WHERE customer_id = $1 AND source IN ('plan', 'rollover')
+    AND (effective_at >= $2 OR expires_at > $2)
+ORDER BY grant_id
+FOR UPDATE"""
+
+# $1 customer_id, $2 grant_id, $3 expires_at
+SET_GRANT_EXPIRY = """
+UPDATE credit_grants SET expires_at = $3 WHERE customer_id = $1 AND grant_id = $2::uuid"""
 
 # Per grant of a customer: its burned units against the burns recorded for it. $1 customer_id
 GRANT_BURNS = """

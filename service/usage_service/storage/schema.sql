@@ -36,6 +36,7 @@ CREATE TABLE credit_grants (
     effective_at timestamp with time zone NOT NULL,
     expires_at timestamp with time zone,
     voided_at timestamp with time zone,
+    spent_at timestamp with time zone,
     source text NOT NULL,
     idempotency_key text NOT NULL,
     payload_hash bytea NOT NULL,

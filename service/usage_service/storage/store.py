@@ -194,6 +194,10 @@ class Store:
         start on and rebuilding exactly the totals whose periods changed, in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
             saved = await history.confirm(conn, c, cadence, now)
+            schedule = await stored_periods(conn, [saved.customer_id])
+            await credits.follow_periods(
+                conn, saved.customer_id, schedule[saved.customer_id], c.period_start, now
+            )
             period = await self.period_now(saved, now, conn)
             rows = await conn.fetch(queries.PERIOD_TOTALS, saved.customer_id, period.start)
             figures = {r["meter"]: totals_from_row(r) for r in rows}

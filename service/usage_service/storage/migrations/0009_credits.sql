@@ -11,6 +11,8 @@ CREATE TABLE credit_grants (
     -- NULL: never expires
     expires_at      timestamptz,
     voided_at       timestamptz,
+    -- when burns took its last unit (NULL: units left)
+    spent_at        timestamptz,
     source          text NOT NULL,
     idempotency_key text NOT NULL,
     payload_hash    bytea NOT NULL,
