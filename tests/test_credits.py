@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import json
 import tomllib
 import uuid
 from collections.abc import AsyncIterator
 
+import alerts_support
 import grpc
 import pytest
 from conftest import Service, differences
@@ -41,6 +43,12 @@ rollover_cap = 500
 [plans.bundle.features.calls]
 billing = "prepaid"
 overage = false
+
+[plans.alerting]
+[plans.alerting.features.tokens]
+billing = "prepaid"
+overage = false
+balance_alerts = [500, 0]
 
 [plans.credits_only]
 [plans.credits_only.features.tokens]
@@ -680,3 +688,39 @@ async def test_a_late_webhook_for_a_past_period_leaves_the_current_grants_alone(
         ("rollover", 500, None),  # March's 900 unused, up to the cap
     ]
     assert sum(r["burned"] for r in april) == 100
+
+
+async def test_credits_running_low_alert_once_per_period_each(
+    service: Service, grants: credit_pb2_grpc.CreditServiceStub, plans: plans_mod.Plans, dsn: str
+) -> None:
+    await service.add_customer("c1", "alerting")
+    await grants.CreateGrant(_grant("c1", 1000))
+    async with alerts_support.pool(dsn) as db:
+        a = alerts_support.alerter(db, plans)
+        await service.usage.CheckEntitlement(_consume("c1", 499))  # 501 left
+        assert await a.catch_up() == 0
+        await service.usage.CheckEntitlement(_consume("c1", 1))  # 500 left: running low
+        assert await a.catch_up() == 1
+        await service.usage.CheckEntitlement(_consume("c1", 100))  # still low: said once
+        assert await a.catch_up() == 0
+        await service.usage.CheckEntitlement(_consume("c1", 400))  # spent
+        assert await a.catch_up() == 1
+        rows = await db.fetch("SELECT threshold, amount, used FROM usage_alerts ORDER BY used DESC")
+        assert [tuple(r) for r in rows] == [("balance 500", 500, 500), ("balance 0", 0, 0)]
+        logged = await alerts_support.threshold_changes(db, "c1")
+        assert [c.change.detail["threshold"] for c in logged] == ["balance 500", "balance 0"]
+        outbox = await db.fetch("SELECT body FROM usage_webhook_outbox ORDER BY created_at")
+        bodies = [json.loads(r["body"]) for r in outbox]
+        assert {b["type"] for b in bodies} == {"credits.balance_low"}
+        assert sorted((b["data"]["threshold"], b["data"]["balance"]) for b in bodies) == [
+            ("balance 0", 0),
+            ("balance 500", 500),
+        ]
+        assert all("used" not in b["data"] for b in bodies)
+
+
+def test_balance_alerts_need_a_prepaid_feature() -> None:
+    raw = tomllib.loads(PLANS)
+    raw["plans"]["capped"]["features"]["tokens"]["balance_alerts"] = [10]
+    with pytest.raises(plans_mod.PlansError, match="balance_alerts: goes with billing"):
+        plans_file.parse(raw, "credits.toml")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
+from usage_service.domain import Totals
+from usage_service.domain.credits import Credit
 from usage_service.domain.plans import Plans
 from usage_service.storage import changes
 from usage_service.storage.alerts import Crossing, Known
@@ -23,9 +25,11 @@ PLAN_KIND = "customer"  # UpsertCustomer's changes: their detail names the plan
 
 
 def watched_plans(plans: Plans) -> frozenset[str]:
-    """The plans that declare thresholds."""
+    """The plans that declare thresholds (of usage or of a prepaid feature's balance)."""
     return frozenset(
-        pid for pid, p in plans.plans.items() if any(f.thresholds for f in p.metered.values())
+        pid
+        for pid, p in plans.plans.items()
+        if any(f.thresholds or f.balance_alerts for f in p.metered.values())
     )
 
 
@@ -61,4 +65,15 @@ def crossings(
                 if key not in seen:
                     seen.add(key)
                     out.append(Crossing(meter, t.text, t.amount, used, start, end, totals))
+        for meter, value in c.detail.get("credit", {}).items():
+            feature = plan.metered.get(meter)
+            if feature is None or not feature.prepaid:
+                continue
+            balance = Credit.from_json(value).balance
+            for t in feature.balance_alerts:  # the balance is `used` of a balance alert
+                key = (meter, start, t.text)
+                if balance <= t.amount and key not in seen:
+                    seen.add(key)
+                    totals = c.figures.get(meter, Totals())
+                    out.append(Crossing(meter, t.text, t.amount, balance, start, end, totals))
     return out, plan_id

@@ -35,6 +35,8 @@ from usage_service.storage import alerts
 log = logging.getLogger(__name__)
 
 EVENT_TYPE = "usage.threshold_crossed"
+BALANCE_EVENT_TYPE = "credits.balance_low"  # a prepaid feature's balance alert
+BALANCE_PREFIX = "balance "  # how a balance alert is named: "balance 1000"
 EVENT_ID_HEADER = "Usage-Event-Id"
 SIGNATURE_HEADER = "Usage-Signature"
 BATCH = 100  # webhooks read per look at the outbox
@@ -46,16 +48,17 @@ MAX_ROUNDS = 10  # looks at the outbox per wake, while there is work
 def body(alert: alerts.Alert) -> str:
     """The webhook's JSON body for an alert."""
     c = alert.crossing
+    low = c.threshold.startswith(BALANCE_PREFIX)
     event = {
         "id": alert.alert_id,
-        "type": EVENT_TYPE,
+        "type": BALANCE_EVENT_TYPE if low else EVENT_TYPE,
         "created": int(alert.created_at.timestamp()),
         "data": {
             "customer_id": alert.customer_id,
             "feature": c.feature,
             "threshold": c.threshold,
             "amount": c.amount,
-            "used": c.used,
+            ("balance" if low else "used"): c.used,
             "period_start": _rfc3339(c.period_start),
             "period_end": _rfc3339(c.period_end),
             "version": alert.version,

@@ -60,7 +60,8 @@ class Meter:
 class Threshold:
     """A level of a feature's usage in a period that raises one alert per period: `text` as
     declared, in its canonical form ("80% of included", "100% of limit", "1500000"), and the
-    `amount` of usage that reaches it."""
+    `amount` of usage that reaches it. A prepaid feature's balance alert ("balance 1000") is
+    reached when the balance of its grants is at or below `amount`."""
 
     text: str
     amount: int  # >= 1
@@ -88,6 +89,7 @@ class MeteredFeature:
     overage: bool = True  # prepaid: usage beyond the grants is allowed and reported
     ceiling: int | None = None  # a soft limit's hard ceiling
     grant: RecurringGrant | None = None  # prepaid: the plan's grant each period
+    balance_alerts: tuple[Threshold, ...] = ()  # prepaid: "balance N", highest first
 
     @property
     def prepaid(self) -> bool:

@@ -160,6 +160,11 @@ class FeatureTable(_Table):
         None, description="prepaid: allow (and report) usage beyond the grants (default true)"
     )
     grant: GrantTable | None = Field(None, description="prepaid: a grant each period")
+    balance_alerts: list[Whole] | None = Field(
+        None,
+        description="prepaid: balances that raise an alert once per period when the grants' "
+        "balance falls to or below them (credits running low)",
+    )
 
 
 class PlanTable(_Table):
@@ -333,6 +338,7 @@ class _Builder:
                     "billing",
                     "overage",
                     "grant",
+                    "balance_alerts",
                 )
                 if getattr(f, k) is not None
             ]
@@ -376,12 +382,15 @@ class _Builder:
                     f"prepaid needs a sum or count meter, not {meter.aggregation}",
                 )
         else:
-            for name in ("overage", "grant"):
+            for name in ("overage", "grant", "balance_alerts"):
                 if getattr(f, name) is not None:
                     self.fail(f"{key}.{name}", 'goes with billing = "prepaid"')
         grant = None
         if f.grant is not None:
             grant = RecurringGrant(f.grant.amount, f.grant.priority or 0, f.grant.rollover_cap or 0)
+        levels = f.balance_alerts or []
+        if len(set(levels)) < len(levels):
+            self.fail(f"{key}.balance_alerts", "a balance is declared twice")
         return MeteredFeature(
             meter.name,
             included,
@@ -391,6 +400,9 @@ class _Builder:
             overage=True if f.overage is None else f.overage,
             ceiling=f.ceiling,
             grant=grant,
+            balance_alerts=tuple(
+                Threshold(f"balance {n}", n) for n in sorted(levels, reverse=True)
+            ),
         )
 
     def thresholds(
