@@ -379,6 +379,27 @@ async def test_a_replayed_consume_answers_what_grants_paid_for(
     assert again.covered == 10
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="GetUsageSummary's granted and burned leave out a spent grant that never expires "
+    "but keep a spent grant with an expiry (two spent top-ups of 100: granted 100, burned "
+    "100, one of each): credits_queries.LIVE_GRANTS_OF drops never-expiring grants with "
+    "burned >= amount, while credit() counts every other grant burnable now, spent or not",
+)
+async def test_the_summary_counts_spent_grants_alike_whether_they_expire_or_not(
+    service: Service, grants: credit_pb2_grpc.CreditServiceStub
+) -> None:
+    await service.add_customer("c1", "strict")
+    await grants.CreateGrant(_grant_request("c1", 100))
+    expiring = _grant_request("c1", 100)
+    expiring.expire_time.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+    await grants.CreateGrant(expiring)
+    assert (await service.usage.CheckEntitlement(_consume("c1", 200))).allowed
+    tokens = await _summary(service, "c1", "tokens")
+    assert tokens.balance == 0
+    assert (tokens.granted, tokens.burned) in ((200, 200), (0, 0))  # both spent grants, or none
+
+
 # --- races through a real server ---
 
 
