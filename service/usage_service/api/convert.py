@@ -57,6 +57,11 @@ SOURCE_TO_PROTO = {
 }
 
 
+def _int64(value: int) -> int:
+    """A sum of grants, which may pass what int64 holds: shown as the largest int64 then."""
+    return min(value, domain.MAX_TOTAL)
+
+
 def ts(when: dt.datetime) -> timestamp_pb2.Timestamp:
     out = timestamp_pb2.Timestamp()
     out.FromDatetime(when)
@@ -111,7 +116,7 @@ def decision_to_proto(
     if d.remaining is not None:
         out.remaining = d.remaining
     if d.balance is not None:
-        out.balance = d.balance
+        out.balance = _int64(d.balance)
         out.covered = d.covered
     if period is not None:
         out.period_start_time.CopyFrom(ts(period.start))
@@ -150,9 +155,9 @@ def meter_to_proto(m: domain.MeterSummary) -> usage_pb2.MeterUsage:
         aggregation=m.aggregation.value,
         unit=m.unit,
         billing=m.billing,
-        granted=m.granted,
-        burned=m.burned,
-        balance=m.balance,
+        granted=_int64(m.granted),
+        burned=_int64(m.burned),
+        balance=_int64(m.balance),
         covered=m.covered,
         billable_overage=m.billable_overage,
     )

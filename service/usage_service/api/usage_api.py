@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -145,7 +146,10 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
                         read.customer, {feature: metered}, read.period, now
                     )
                     balance = credit[feature].balance
-                decision = decide(read.customer, read.totals, balance)
+                # a check consumes nothing: no units are covered by it
+                decision = dataclasses.replace(
+                    decide(read.customer, read.totals, balance), covered=0
+                )
             answer = convert.decision_to_proto(
                 decision,
                 read.period,
@@ -182,12 +186,17 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
         )
         assert meter is not None
 
+        replayed_credit: tuple[int, int] | None = None
+
         def answer_to(c: Consumed) -> usage_pb2.CheckEntitlementResponse:
             plan_id = c.customer.plan_id if c.customer else ""
             if c.duplicate:  # a replay, whatever happened to the customer since
                 plan = self.plans.plans.get(plan_id)
                 metered = plan.metered.get(feature) if plan else None
                 decision = domain.replayed(metered, meter.aggregation, c.totals)
+                if replayed_credit is not None:  # what its grants paid, and today's balance
+                    balance, covered = replayed_credit
+                    decision = dataclasses.replace(decision, balance=balance, covered=covered)
             else:
                 assert c.decision is not None
                 decision = c.decision
@@ -218,7 +227,23 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             )
         except TotalOutOfRange:
             raise out_of_range("quantity") from None
+        replayed_credit = await self._replayed_credit(result, feature, now)
         return answer_to(result)
+
+    async def _replayed_credit(
+        self, c: Consumed, feature: str, now: dt.datetime
+    ) -> tuple[int, int] | None:
+        """For a replayed consume of a feature prepaid in the customer's plan: its balance now,
+        and the units the replayed consume's grants paid for."""
+        if not c.duplicate or c.customer is None or c.period is None:
+            return None
+        plan = self.plans.plans.get(c.customer.plan_id)
+        metered = plan.metered.get(feature) if plan else None
+        if metered is None or not metered.prepaid:
+            return None
+        credit = await self.store.credit(c.customer, {feature: metered}, c.period, now)
+        covered = await self.store.burned_by(c.customer.customer_id, c.event_id)
+        return credit[feature].balance, covered
 
     @rpc
     async def GetDecision(

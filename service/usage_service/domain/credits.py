@@ -138,9 +138,9 @@ def in_burn_order(grants: Iterable[Grant]) -> list[Grant]:
     return sorted(grants, key=burn_key)
 
 
-def balance(grants: Iterable[Grant], now: dt.datetime) -> int:
-    """Units that usage timed now could burn."""
-    return sum(g.left(now, now) for g in grants)
+def balance(grants: Iterable[Grant], now: dt.datetime, at: dt.datetime | None = None) -> int:
+    """Units that usage timed `at` (default now), recorded at `now`, could burn."""
+    return sum(g.left(now if at is None else at, now) for g in grants)
 
 
 def next_expiry(grants: Iterable[Grant], now: dt.datetime) -> dt.datetime | None:
@@ -242,16 +242,13 @@ def period_grants(
         out.append(_plan_grant(customer_id, feature, spec, period, spec.amount, key, now))
     key = plan_key(feature, GrantSource.ROLLOVER, period)
     if spec.rollover_cap and now >= period.start and key not in keys:
-        before = [
-            g
+        unused = sum(
+            g.amount - g.burned
             for g in stored
             if g.source is not GrantSource.TOP_UP
-            and g.expires_at is not None
-            and g.expires_at <= period.start
-        ]
-        last_end = max((g.expires_at for g in before if g.expires_at), default=None)
-        unused = sum(
-            g.amount - g.burned for g in before if g.expires_at == last_end and g.voided_at is None
+            and g.expires_at == period.start  # the previous period's, as its end is this start
+            and g.effective_at < period.start
+            and (g.voided_at is None or g.voided_at >= g.expires_at)
         )
         amount = min(unused, spec.rollover_cap)
         if amount > 0:
@@ -295,8 +292,17 @@ class Covering:
     state: str
 
 
-def covering(feature: MeteredFeature, quantity: int, burned: Burn, recorded_state: str) -> Covering:
-    if burned.covered >= quantity:
+def covering(
+    feature: MeteredFeature,
+    aggregation: Aggregation,
+    quantity: int,
+    burned: Burn,
+    recorded_state: str,
+) -> Covering:
+    need = units(aggregation, quantity)
+    if need == 0:  # nothing to pay for: reported as recorded
+        return Covering(0, recorded_state)
+    if sum(taken for _, taken in burned.taken) == need:
         return Covering(quantity, "covered")
     if not feature.overage:
         return Covering(burned.covered, "unbilled")

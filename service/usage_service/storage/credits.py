@@ -16,13 +16,14 @@ import asyncpg
 
 from usage_service import domain
 from usage_service.domain import credits, ids, periods
-from usage_service.domain.credits import Grant, GrantSource, balance
+from usage_service.domain.credits import Grant, GrantSource, GrantState, balance
 
 __all__ = [
     "Grant",
     "Usage",
     "balance",
     "burn",
+    "burned_by",
     "create",
     "credit",
     "credit_detail",
@@ -114,16 +115,17 @@ async def void(
     logged: Callable[[str], tuple[MeteredFeature, Period] | None] = lambda _: None,
 ) -> tuple[Grant, int] | None:
     """Voids a grant from `now` on: (the grant, the units that removed); None when there is no
-    such grant. A grant voided already is answered as it is, with 0. `logged(feature)`: the
-    customer's prepaid feature and the period containing now, to log the change."""
+    such grant. A grant voided, spent or expired already is answered as it is, with 0.
+    `logged(feature)`: the customer's prepaid feature and the period containing now, to log
+    the change."""
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(q.LOCK_GRANT, customer_id, grant_id)
         if row is None:
             return None
         grant = grant_from_row(row)
-        if grant.voided_at is not None:
-            return grant, 0
-        removed = grant.left(now, now)
+        if grant.state(now) not in (GrantState.ACTIVE, GrantState.PENDING):
+            return grant, 0  # voided, spent or expired already: nothing left to remove
+        removed = grant.amount - grant.burned
         row = await conn.fetchrow(q.VOID_GRANT, customer_id, grant_id, now)
         assert row is not None
         voided = grant_from_row(row)
@@ -131,6 +133,10 @@ async def void(
         if where is not None:
             await log_grant(conn, voided, where[0], where[1], now)
         return voided, removed
+
+
+async def burned_by(pool: asyncpg.Pool, customer_id: str, event_id: str) -> int:
+    return int(await pool.fetchval(q.BURNED_BY, customer_id, event_id))
 
 
 async def listed(pool: asyncpg.Pool, customer_id: str, feature: str) -> list[Grant]:
@@ -167,16 +173,20 @@ async def locked(
     feature: MeteredFeature,
     spans: Sequence[Period],
     now: dt.datetime,
-) -> list[Grant]:
+    clock: Callable[[], dt.datetime],
+) -> tuple[list[Grant], dt.datetime]:
     """Inside a transaction that holds the totals rows the burn counts in: the customer's grants
     of the feature, locked, after making the plan's grants of those of `spans` (periods) that
-    have not ended (their keys make this safe to race)."""
+    have not ended (their keys make this safe to race); and the time to burn them at: `now`,
+    or the clock once the grants are locked if later, so that no grant is burned after the
+    lock-holder before it saw it expire (and made the next period's rollover from it)."""
     since = min([now, *(p.start for p in spans)])
     for _ in range(3):
         rows = await conn.fetch(q.LOCK_GRANTS, customer_id, feature.meter, since)
+        now = max(now, clock())
         grants = [grant_from_row(r) for r in rows]
         if not await _make(conn, customer_id, feature, spans, grants, now):
-            return grants
+            return grants, now
     raise asyncpg.exceptions.SerializationError("plan grants kept changing; retry")
 
 
@@ -206,11 +216,15 @@ async def follow_periods(
 
 
 async def make_plan_grants(
-    conn: Conn, customer_id: str, feature: MeteredFeature, period: Period, now: dt.datetime
+    conn: Conn,
+    customer_id: str,
+    feature: MeteredFeature,
+    period: Period,
+    clock: Callable[[], dt.datetime],
 ) -> None:
-    """Makes the plan's grants of `period` (unless it has ended) that are not made yet."""
-    rows = await conn.fetch(q.LIVE_GRANTS, customer_id, feature.meter, min(now, period.start))
-    await _make(conn, customer_id, feature, [period], [grant_from_row(r) for r in rows], now)
+    """Makes the plan's grants of `period` (unless it has ended) that are not made yet, holding
+    the feature's grants as burners do."""
+    await locked(conn, customer_id, feature, [period], clock(), clock)
 
 
 async def _make(
@@ -269,7 +283,7 @@ async def burn(
     burn_rows: list[tuple[str, str, int]] = []
     event_rows: list[tuple[str, int, str]] = []
     for e, b in zip(events, burns, strict=True):
-        cover = credits.covering(feature, e.quantity, b, e.state)
+        cover = credits.covering(feature, aggregation, e.quantity, b, e.state)
         burn_rows.extend((e.event_id, g, units) for g, units in b.taken)
         if cover.state == e.state and cover.covered == 0:
             continue

@@ -103,6 +103,11 @@ FOR UPDATE"""
 SET_GRANT_EXPIRY = """
 UPDATE credit_grants SET expires_at = $3 WHERE customer_id = $1 AND grant_id = $2::uuid"""
 
+# The grant units one event burned. $1 customer_id, $2 event_id
+BURNED_BY = """
+SELECT coalesce(sum(amount), 0)::bigint FROM credit_burns
+WHERE customer_id = $1 AND event_id = $2::uuid"""
+
 # Per grant of a customer: its burned units against the burns recorded for it. $1 customer_id
 GRANT_BURNS = """
 SELECT g.grant_id::text, g.burned, coalesce(sum(b.amount), 0)::bigint AS burns

@@ -45,10 +45,16 @@ class CadenceRequest:
 
 
 async def confirm(
-    conn: Conn, c: domain.Customer, asked: CadenceRequest, now: dt.datetime
+    conn: Conn,
+    c: domain.Customer,
+    asked: CadenceRequest,
+    now: dt.datetime,
+    unbilled_meters: Sequence[str] = (),
 ) -> domain.Customer:
     """Inside a transaction: locks the customer (waiting for recorders counting on its periods),
-    confirms [c.period_start, c.period_end) with its cadence and writes the customer."""
+    confirms [c.period_start, c.period_end) with its cadence and writes the customer. The usage
+    of a customer known only by its usage is attributed to its provider, and never billed for
+    `unbilled_meters` (its plan's meters paid by credits alone)."""
     await conn.execute(queries.INSERT_PLACEHOLDERS, [c.customer_id])
     before_row = await conn.fetchrow(queries.GET_CUSTOMER_FOR_UPDATE, c.customer_id)
     assert before_row is not None
@@ -67,7 +73,9 @@ async def confirm(
     if pruned_before is not None and confirmed.start < pruned_before:
         raise PeriodsPruned(pruned_before)
     if before is None:  # its usage so far is billed to the provider it starts with
-        await conn.execute(queries.ATTRIBUTE_EVENTS, c.customer_id, c.provider.value)
+        await conn.execute(
+            queries.ATTRIBUTE_EVENTS, c.customer_id, c.provider.value, list(unbilled_meters)
+        )
     if c.provider is not domain.Provider.NONE:
         await conn.execute(
             queries.SAVE_CUSTOMER_PROVIDER,

@@ -75,10 +75,12 @@ WHERE customer_id = $1
 RETURNING {_CUSTOMER_COLUMNS}"""
 
 # The events of a customer known only by its usage are attributed to the provider of its first
-# UpsertCustomer: '' (none) makes them unbilled. $1 customer_id, $2 provider
+# UpsertCustomer: '' (none) makes them unbilled, as does a meter its plan says is paid by
+# credits alone (prepaid without overage). $1 customer_id, $2 provider, $3 meter[] (unbilled)
 ATTRIBUTE_EVENTS = """
 UPDATE usage_events SET provider = $2,
-    report_state = CASE WHEN $2 = '' THEN 'unbilled' ELSE report_state END
+    report_state = CASE
+        WHEN $2 = '' OR meter = ANY($3::text[]) THEN 'unbilled' ELSE report_state END
 WHERE customer_id = $1 AND provider IS NULL"""
 
 # A customer's ids at a provider, kept after it moves on: events attributed to that provider

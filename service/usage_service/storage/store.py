@@ -193,7 +193,13 @@ class Store:
         """Writes the customer and confirms its period, rewriting the periods from that period's
         start on and rebuilding exactly the totals whose periods changed, in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
-            saved = await history.confirm(conn, c, cadence, now)
+            plan = self.plans.plans.get(c.plan_id) if self.plans else None
+            credits_only = [
+                name
+                for name, f in (plan.metered.items() if plan else ())
+                if f.prepaid and not f.overage
+            ]
+            saved = await history.confirm(conn, c, cadence, now, credits_only)
             schedule = await stored_periods(conn, [saved.customer_id])
             await credits.follow_periods(
                 conn, saved.customer_id, schedule[saved.customer_id], c.period_start, now
@@ -391,8 +397,9 @@ class Store:
                 start, end, _s = locked.bounds(customer_id, e.event_time)
                 spans.add(periods.Period(start, end))
                 usage.append(credits.Usage(e.event_id, e.quantity, e.event_time, start, state))
-            grants = await credits.locked(
-                conn, customer_id, feature, sorted(spans, key=lambda p: p.start), now
+            spans_in_order = sorted(spans, key=lambda p: p.start)
+            grants, now = await credits.locked(
+                conn, customer_id, feature, spans_in_order, now, self.clock
             )
             aggregation = self.plans.meters[meter].aggregation
             rows, after = await credits.burn(
@@ -548,8 +555,14 @@ class Store:
         if made:
             async with self.pool.acquire() as conn, conn.transaction():
                 for _, f in sorted(made.items()):
-                    await credits.make_plan_grants(conn, customer.customer_id, f, period, now)
+                    await credits.make_plan_grants(
+                        conn, customer.customer_id, f, period, lambda: max(now, self.clock())
+                    )
         return await credits.listed(self.pool, customer.customer_id, feature)
+
+    async def burned_by(self, customer_id: str, event_id: str) -> int:
+        """The grant units an event burned."""
+        return await credits.burned_by(self.pool, customer_id, event_id)
 
     async def keep_decision(self, kept: decisions.Kept) -> None:
         """Keeps a decision taken outside a consume (a check's denial)."""
@@ -619,9 +632,12 @@ class Store:
             prepaid = self.prepaid(customer.plan_id, event.meter)
             grants: list[credits.Grant] = []
             balance = None
+            burn_at = now
             if prepaid is not None:
-                grants = await credits.locked(conn, customer.customer_id, prepaid, [period], now)
-                balance = credits.balance(grants, now)
+                grants, burn_at = await credits.locked(
+                    conn, customer.customer_id, prepaid, [period], now, self.clock
+                )
+                balance = credits.balance(grants, burn_at, at=now)
             decision = decide(customer, totals, balance)
             if not decision.allowed:
                 # The key was read before the lock was granted: a consume of the same key that
@@ -643,10 +659,12 @@ class Store:
                 )
                 aggregation = self.plans.meters[event.meter].aggregation
                 burned, after = await credits.burn(
-                    conn, customer.customer_id, prepaid, aggregation, grants, [usage], now
+                    conn, customer.customer_id, prepaid, aggregation, grants, [usage], burn_at
                 )
                 figures = burned[0] if burned else inserted
-                credit = credits.credit_detail(customer.customer_id, prepaid, after, period, now)
+                credit = credits.credit_detail(
+                    customer.customer_id, prepaid, after, period, burn_at
+                )
                 detail: dict[str, object] = {"credit": credit}
             else:
                 figures, detail = inserted, {}
