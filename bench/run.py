@@ -363,12 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="service processes (serve --workers)")
     p.add_argument("--no-raw", action="store_true", help="skip the raw asyncpg baseline")
     p.add_argument("--json", default="", help="also write the rows to this file")
+    p.add_argument(
+        "--plans",
+        default=str(PLANS),
+        help="plans file (bench/plans_prepaid.toml: tokens paid by credits)",
+    )
     args = p.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     if not args.database_url:
         p.error("--database-url (or DATABASE_URL) is required")
     with scratch_database(args.database_url) as dsn:
-        service = Service(dsn, args.workers, {})
+        service = Service(dsn, args.workers, {"USAGE_PLANS_FILE": args.plans})
         try:
             print(f"service on {service.address} ({dsn.rsplit('/', 1)[-1]})", file=sys.stderr)
             add_customers(service.address, CUSTOMERS)

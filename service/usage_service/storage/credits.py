@@ -17,10 +17,18 @@ import asyncpg
 from usage_service import domain
 from usage_service.domain import credits, ids, periods
 from usage_service.domain.credits import Grant, GrantSource, GrantState, balance
+from usage_service.domain.errors import GrantKeyConflict
+from usage_service.domain.periods import Period
+from usage_service.domain.plans import Aggregation, MeteredFeature
+from usage_service.storage import changes, queries
+from usage_service.storage import credits_queries as q
+from usage_service.storage.rows import Conn, totals_from_row
 
 __all__ = [
+    "Burner",
     "Grant",
     "Usage",
+    "Wanted",
     "balance",
     "burn",
     "burned_by",
@@ -30,18 +38,12 @@ __all__ = [
     "follow_periods",
     "listed",
     "live",
-    "locked",
+    "lock",
     "log_grant",
     "make_plan_grants",
     "top_up",
     "void",
 ]
-from usage_service.domain.errors import GrantKeyConflict
-from usage_service.domain.periods import Period
-from usage_service.domain.plans import Aggregation, MeteredFeature
-from usage_service.storage import changes, queries
-from usage_service.storage import credits_queries as q
-from usage_service.storage.rows import Conn, totals_from_row
 
 _SOURCES = {s.value: s for s in GrantSource}
 
@@ -167,25 +169,73 @@ async def credit(
     }
 
 
-async def locked(
+@dataclasses.dataclass(frozen=True)
+class Wanted:
+    """A customer's prepaid feature whose grants a burner needs, and the periods its usage
+    falls in."""
+
+    customer_id: str
+    feature: MeteredFeature
+    spans: Sequence[Period]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.customer_id, self.feature.meter
+
+
+async def lock(
     conn: Conn,
-    customer_id: str,
-    feature: MeteredFeature,
-    spans: Sequence[Period],
+    wanted: Sequence[Wanted],
     now: dt.datetime,
     clock: Callable[[], dt.datetime],
-) -> tuple[list[Grant], dt.datetime]:
-    """Inside a transaction that holds the totals rows the burn counts in: the customer's grants
-    of the feature, locked, after making the plan's grants of those of `spans` (periods) that
-    have not ended (their keys make this safe to race); and the time to burn them at: `now`,
-    or the clock once the grants are locked if later, so that no grant is burned after the
-    lock-holder before it saw it expire (and made the next period's rollover from it)."""
-    since = min([now, *(p.start for p in spans)])
+) -> tuple[dict[tuple[str, str], list[Grant]], dt.datetime]:
+    """Inside a transaction that holds the totals rows the burns count in: the grants of each
+    wanted customer and feature, locked (in one statement, in customer order), after making the
+    plan's grants of those of its periods that have not ended (their keys make this safe to
+    race); and the time to burn them at: `now`, or the clock once the grants are locked if
+    later, so that no grant is burned after the lock-holder before it saw it expire (and made
+    the next period's rollover from it)."""
+    ordered = sorted(wanted, key=lambda w: w.key)
+    sinces = [min([now, *(p.start for p in w.spans)]) for w in ordered]
     for _ in range(3):
-        rows = await conn.fetch(q.LOCK_GRANTS, customer_id, feature.meter, since)
+        rows = await conn.fetch(
+            q.LOCK_GRANTS_OF,
+            [w.customer_id for w in ordered],
+            [w.feature.meter for w in ordered],
+            sinces,
+        )
         now = max(now, clock())
-        grants = [grant_from_row(r) for r in rows]
-        if not await _make(conn, customer_id, feature, spans, grants, now):
+        grants: dict[tuple[str, str], list[Grant]] = {w.key: [] for w in ordered}
+        for r in rows:
+            grants[(r["customer_id"], r["feature"])].append(grant_from_row(r))
+        missing = [
+            dataclasses.replace(g, grant_id=ids.new_event_id())
+            for w in ordered
+            if w.feature.grant is not None
+            for p in w.spans
+            if p.end > now
+            for g in credits.period_grants(
+                w.customer_id, w.feature.meter, w.feature.grant, p, grants[w.key], now
+            )
+        ]
+        if not missing:
+            return grants, now
+        made = await conn.fetch(
+            q.INSERT_PLAN_GRANTS,
+            [g.customer_id for g in missing],
+            [g.grant_id for g in missing],
+            [g.feature for g in missing],
+            [g.amount for g in missing],
+            [g.priority for g in missing],
+            [g.effective_at for g in missing],
+            [g.expires_at for g in missing],
+            [g.source.value for g in missing],
+            [g.idempotency_key for g in missing],
+            now,
+        )
+        if len(made) == len(missing):  # ours, so locked by this transaction
+            for r in made:
+                grants[(r["customer_id"], r["feature"])].append(grant_from_row(r))
             return grants, now
     raise asyncpg.exceptions.SerializationError("plan grants kept changing; retry")
 
@@ -224,30 +274,7 @@ async def make_plan_grants(
 ) -> None:
     """Makes the plan's grants of `period` (unless it has ended) that are not made yet, holding
     the feature's grants as burners do."""
-    await locked(conn, customer_id, feature, [period], clock(), clock)
-
-
-async def _make(
-    conn: Conn,
-    customer_id: str,
-    feature: MeteredFeature,
-    spans: Sequence[Period],
-    grants: Sequence[Grant],
-    now: dt.datetime,
-) -> bool:
-    """Makes the plan grants `grants` lacks for `spans` (periods) that have not ended; True
-    when any was missing (made here or by a concurrent caller)."""
-    if feature.grant is None:
-        return False
-    missing = [
-        g
-        for p in spans
-        if p.end > now
-        for g in credits.period_grants(customer_id, feature.meter, feature.grant, p, grants, now)
-    ]
-    for g in missing:
-        await create(conn, dataclasses.replace(g, grant_id=ids.new_event_id()), b"")
-    return bool(missing)
+    await lock(conn, [Wanted(customer_id, feature, [period])], clock(), clock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,64 +289,78 @@ class Usage:
     state: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Burner:
+    """A customer's prepaid feature, its grants (locked) and its events to burn them, in order."""
+
+    customer_id: str
+    feature: MeteredFeature
+    aggregation: Aggregation
+    grants: Sequence[Grant]
+    events: Sequence[Usage]
+
+
 async def burn(
-    conn: Conn,
-    customer_id: str,
-    feature: MeteredFeature,
-    aggregation: Aggregation,
-    grants: Sequence[Grant],
-    events: Sequence[Usage],
-    now: dt.datetime,
-) -> tuple[list[asyncpg.Record], list[Grant]]:
-    """Burns the grants (locked) for the events, in order, and stores what each event burned,
-    the part of it grants paid for and the state that leaves it in, and the totals rows'
-    counters. Returns the totals rows changed, and the grants as the burns left them."""
-    burns, after = credits.burn(
-        grants, aggregation, [(e.quantity, e.event_time) for e in events], now
-    )
-    spent = {g.grant_id: g.burned - b.burned for g, b in zip(after, grants, strict=True)}
-    spent = {k: v for k, v in spent.items() if v}
-    deltas: dict[dt.datetime, list[int]] = {}
-    burn_rows: list[tuple[str, str, int]] = []
-    event_rows: list[tuple[str, int, str]] = []
-    for e, b in zip(events, burns, strict=True):
-        cover = credits.covering(feature, aggregation, e.quantity, b, e.state)
-        burn_rows.extend((e.event_id, g, units) for g, units in b.taken)
-        if cover.state == e.state and cover.covered == 0:
-            continue
-        event_rows.append((e.event_id, cover.covered, cover.state))
-        d = deltas.setdefault(e.period_start, [0, 0, 0, 0])
-        d[0] += cover.state == "covered"
-        d[1] += cover.covered
-        if e.state == "unbilled":  # out of unbilled what it counted there
-            d[2] -= 1
-            d[3] -= e.quantity
-        if cover.state == "unbilled":
-            d[2] += 1
-            d[3] += e.quantity - cover.covered
+    conn: Conn, burners: Sequence[Burner], now: dt.datetime
+) -> tuple[list[asyncpg.Record], list[list[Grant]]]:
+    """Burns each burner's grants for its events, in order, and stores in one statement what
+    each event burned, the part of it grants paid for and the state that leaves it in, and the
+    totals rows' counters. Returns the totals rows changed, and each burner's grants as the
+    burns left them."""
+    spent_rows: list[tuple[str, str, int]] = []
+    burn_rows: list[tuple[str, str, str, int]] = []
+    event_rows: list[tuple[str, str, int, str]] = []
+    deltas: dict[tuple[str, str, dt.datetime], list[int]] = {}
+    afters = []
+    for b in burners:
+        burns, after = credits.burn(
+            b.grants, b.aggregation, [(e.quantity, e.event_time) for e in b.events], now
+        )
+        afters.append(after)
+        for g, before in zip(after, b.grants, strict=True):
+            if g.burned != before.burned:
+                spent_rows.append((b.customer_id, g.grant_id, g.burned - before.burned))
+        for e, burned in zip(b.events, burns, strict=True):
+            cover = credits.covering(b.feature, b.aggregation, e.quantity, burned, e.state)
+            burn_rows.extend((b.customer_id, e.event_id, g, n) for g, n in burned.taken)
+            if cover.state == e.state and cover.covered == 0:
+                continue
+            event_rows.append((b.customer_id, e.event_id, cover.covered, cover.state))
+            d = deltas.setdefault((b.customer_id, b.feature.meter, e.period_start), [0, 0, 0, 0])
+            d[0] += cover.state == "covered"
+            d[1] += cover.covered
+            if e.state == "unbilled":  # out of unbilled what it counted there
+                d[2] -= 1
+                d[3] -= e.quantity
+            if cover.state == "unbilled":
+                d[2] += 1
+                d[3] += e.quantity - cover.covered
     if not event_rows and not burn_rows:
-        return [], after
-    starts = sorted(deltas)
+        return [], afters
+    rows = sorted(deltas)
     changed = await conn.fetch(
         q.APPLY_BURNS,
-        customer_id,
-        list(spent),
-        list(spent.values()),
+        [r[0] for r in spent_rows],
+        [r[1] for r in spent_rows],
+        [r[2] for r in spent_rows],
         [r[0] for r in burn_rows],
         [r[1] for r in burn_rows],
         [r[2] for r in burn_rows],
+        [r[3] for r in burn_rows],
         [r[0] for r in event_rows],
         [r[1] for r in event_rows],
         [r[2] for r in event_rows],
-        [feature.meter] * len(starts),
-        starts,
-        [deltas[s][0] for s in starts],
-        [deltas[s][1] for s in starts],
-        [deltas[s][2] for s in starts],
-        [deltas[s][3] for s in starts],
+        [r[3] for r in event_rows],
+        [k[0] for k in rows],
+        [k[1] for k in rows],
+        [k[2] for k in rows],
+        [deltas[k][0] for k in rows],
+        [deltas[k][1] for k in rows],
+        [deltas[k][2] for k in rows],
+        [deltas[k][3] for k in rows],
         now,
     )
-    return changed, after
+    return changed, afters
 
 
 def credit_detail(

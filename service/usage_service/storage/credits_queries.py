@@ -1,31 +1,49 @@
-"""Every SQL statement of prepaid credits, by name. Each names one customer."""
+"""Every SQL statement of prepaid credits, by name."""
 
 from __future__ import annotations
 
 GRANT_COLUMNS = """customer_id, grant_id::text, feature, amount, burned, priority, effective_at,
     expires_at, voided_at, spent_at, source, idempotency_key, created_at"""
+GRANT_COLUMNS_OF_G = """g.customer_id, g.grant_id::text, g.feature, g.amount, g.burned, g.priority,
+    g.effective_at, g.expires_at, g.voided_at, g.spent_at, g.source, g.idempotency_key,
+    g.created_at"""
 
-# A customer's grants of a feature that may still count: those that expire at or after $3 (the
-# previous period's plan grants decide a rollover), and those that never expire unless voided,
-# or spent before $3 (the start of the period shown: its figures count what was spent in it).
-# $1 customer_id, $2 feature, $3 since
+# The grants that may still count: those that expire at or after $3 (the previous period's plan
+# grants decide a rollover), and those that never expire unless voided, or spent before $3 (the
+# start of the period shown: its figures count what was spent in it). $3 since
 _KEPT = """(expires_at >= $3
     OR (expires_at IS NULL AND voided_at IS NULL AND (spent_at IS NULL OR spent_at >= $3)))"""
-_LIVE = f"""
-FROM credit_grants
-WHERE customer_id = $1 AND feature = $2 AND {_KEPT}"""
 
-LIVE_GRANTS = f"SELECT {GRANT_COLUMNS} {_LIVE}"
+# The grants of several customers' features that may still count (as _KEPT), locked in
+# customer order. $1 customer_id[], $2 feature[], $3 since[]
+LOCK_GRANTS_OF = f"""
+SELECT {GRANT_COLUMNS_OF_G} FROM credit_grants g
+JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(c, f, since)
+    ON g.customer_id = u.c AND g.feature = u.f
+WHERE g.expires_at >= u.since OR (g.expires_at IS NULL AND g.voided_at IS NULL
+    AND (g.spent_at IS NULL OR g.spent_at >= u.since))
+ORDER BY g.customer_id, g.feature, g.grant_id
+FOR UPDATE OF g"""
 
-# The same, locked: burning holds them until commit (after the totals rows it counts in).
-LOCK_GRANTS = f"SELECT {GRANT_COLUMNS} {_LIVE} ORDER BY grant_id FOR UPDATE"
+# The plan's grants of periods, made on first use; a key taken already inserts nothing.
+# $1 customer_id[], $2 grant_id[], $3 feature[], $4 amount[], $5 priority[], $6 effective_at[],
+# $7 expires_at[], $8 source[], $9 idempotency_key[], $10 created_at
+INSERT_PLAN_GRANTS = f"""
+INSERT INTO credit_grants (customer_id, grant_id, feature, amount, priority, effective_at,
+    expires_at, source, idempotency_key, payload_hash, created_at)
+SELECT c, g, f, a, p, e, x, s, k, ''::bytea, $10
+FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[], $5::integer[],
+            $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[])
+    AS u(c, g, f, a, p, e, x, s, k)
+ON CONFLICT (customer_id, idempotency_key) DO NOTHING
+RETURNING {GRANT_COLUMNS}"""
 
 # Several features' grants of one customer, for a summary. $1 customer_id, $2 feature[], $3 since
 LIVE_GRANTS_OF = f"""
 SELECT {GRANT_COLUMNS} FROM credit_grants
 WHERE customer_id = $1 AND feature = ANY($2::text[]) AND {_KEPT}"""
 
-# Every feature's grants of one customer, as LIVE_GRANTS. $1 customer_id, $2 since
+# Every feature's grants of one customer that may still count (as _KEPT). $1 customer_id, $2 since
 CUSTOMER_GRANTS = f"""
 SELECT {GRANT_COLUMNS} FROM credit_grants
 WHERE customer_id = $1 AND {_KEPT.replace("$3", "$2")}"""
@@ -61,33 +79,33 @@ LIST_GRANTS = f"""
 SELECT {GRANT_COLUMNS} FROM credit_grants
 WHERE customer_id = $1 AND ($2 = '' OR feature = $2)"""
 
-# What events burned, in one statement for one customer: the grants' burned units, the burns
-# (which event took how much from which grant), each event's covered part and state, and the
-# totals rows' covered and unbilled counters (the rows are locked by the caller already).
-# $1 customer_id, $2 grant_id[], $3 units burned[], $4 burn event_id[], $5 burn grant_id[],
-# $6 burn units[], $7 event_id[], $8 covered[], $9 report_state[], $10 meter[],
-# $11 period_start[], $12 covered_count delta[], $13 covered_sum delta[],
-# $14 unbilled_count delta[], $15 unbilled_sum delta[], $16 now (when a grant is spent)
+# What events burned, in one statement: the grants' burned units (and when one was spent),
+# the burns (which event took how much from which grant), each event's covered part and state,
+# and the totals rows' covered and unbilled counters (the rows are locked by the caller).
+# $1..$3 customer_id[], grant_id[], units burned[]; $4..$7 burns: customer_id[], event_id[],
+# grant_id[], units[]; $8..$11 events: customer_id[], event_id[], covered[], report_state[];
+# $12..$18 totals: customer_id[], meter[], period_start[], covered_count delta[],
+# covered_sum delta[], unbilled_count delta[], unbilled_sum delta[]; $19 now
 APPLY_BURNS = """
 WITH spent AS (
     UPDATE credit_grants g SET burned = g.burned + u.b,
-        spent_at = CASE WHEN g.burned + u.b = g.amount THEN $16::timestamptz ELSE g.spent_at END
-    FROM unnest($2::uuid[], $3::bigint[]) AS u(g, b)
-    WHERE g.customer_id = $1 AND g.grant_id = u.g
+        spent_at = CASE WHEN g.burned + u.b = g.amount THEN $19::timestamptz ELSE g.spent_at END
+    FROM unnest($1::text[], $2::uuid[], $3::bigint[]) AS u(c, g, b)
+    WHERE g.customer_id = u.c AND g.grant_id = u.g
 ), burns AS (
     INSERT INTO credit_burns (customer_id, event_id, grant_id, amount)
-    SELECT $1, e, g, a FROM unnest($4::uuid[], $5::uuid[], $6::bigint[]) AS u(e, g, a)
+    SELECT * FROM unnest($4::text[], $5::uuid[], $6::uuid[], $7::bigint[])
 ), events AS (
-    UPDATE usage_events e SET covered = u.c, report_state = u.s
-    FROM unnest($7::uuid[], $8::bigint[], $9::text[]) AS u(e, c, s)
-    WHERE e.customer_id = $1 AND e.event_id = u.e
+    UPDATE usage_events e SET covered = u.cv, report_state = u.s
+    FROM unnest($8::text[], $9::uuid[], $10::bigint[], $11::text[]) AS u(c, e, cv, s)
+    WHERE e.customer_id = u.c AND e.event_id = u.e
 )
 UPDATE usage_totals t SET
     covered_count = t.covered_count + u.cc, covered_sum = t.covered_sum + u.cs,
     unbilled_count = t.unbilled_count + u.uc, unbilled_sum = t.unbilled_sum + u.us
-FROM unnest($10::text[], $11::timestamptz[], $12::bigint[], $13::bigint[], $14::bigint[],
-            $15::bigint[]) AS u(m, s, cc, cs, uc, us)
-WHERE t.customer_id = $1 AND t.meter = u.m AND t.period_start = u.s
+FROM unnest($12::text[], $13::text[], $14::timestamptz[], $15::bigint[], $16::bigint[],
+            $17::bigint[], $18::bigint[]) AS u(c, m, s, cc, cs, uc, us)
+WHERE t.customer_id = u.c AND t.meter = u.m AND t.period_start = u.s
 RETURNING t.*"""
 
 # The plan's grants of a customer that a webhook confirming a period starting at $2 may move:

@@ -373,7 +373,7 @@ class Store:
         details: dict[str, dict[str, dict[str, list[object]]]],
     ) -> list[asyncpg.Record]:
         """Burns grants for the events of prepaid features (their totals rows are locked by
-        now), in acceptance order, one customer and feature at a time in sorted order; returns
+        now), each customer's and feature's in acceptance order, all in two statements; returns
         `changed` with the rows the burns changed, and puts each customer's credit after the
         burns in `details` (for the change log)."""
         if self.plans is None:
@@ -385,33 +385,42 @@ class Store:
                 groups[(e.customer_id, e.meter)].append(pair)
         if not groups:
             return changed
-        now = self.clock()
-        replaced: dict[tuple[str, str, dt.datetime], asyncpg.Record] = {}
-        for customer_id, meter in sorted(groups):
+        assert self.plans is not None
+        wanted: list[credits.Wanted] = []
+        usage: dict[tuple[str, str], list[credits.Usage]] = {}
+        for key in sorted(groups):
+            customer_id, meter = key
             feature = self.prepaid(locked.rows[customer_id]["plan_id"], meter)
-            assert feature is not None and self.plans is not None
+            assert feature is not None
             state = "unbilled" if locked.provider(customer_id) == "" else "pending"
-            usage = []
             spans = set()
-            for e, _ in sorted(groups[(customer_id, meter)], key=lambda pair: pair[1]):
+            usage[key] = []
+            for e, _ in sorted(groups[key], key=lambda pair: pair[1]):
                 start, end, _s = locked.bounds(customer_id, e.event_time)
                 spans.add(periods.Period(start, end))
-                usage.append(credits.Usage(e.event_id, e.quantity, e.event_time, start, state))
-            spans_in_order = sorted(spans, key=lambda p: p.start)
-            grants, now = await credits.locked(
-                conn, customer_id, feature, spans_in_order, now, self.clock
+                usage[key].append(credits.Usage(e.event_id, e.quantity, e.event_time, start, state))
+            wanted.append(
+                credits.Wanted(customer_id, feature, sorted(spans, key=lambda p: p.start))
             )
-            aggregation = self.plans.meters[meter].aggregation
-            rows, after = await credits.burn(
-                conn, customer_id, feature, aggregation, grants, usage, now
+        grants, now = await credits.lock(conn, wanted, self.clock(), self.clock)
+        burners = [
+            credits.Burner(
+                w.customer_id,
+                w.feature,
+                self.plans.meters[w.feature.meter].aggregation,
+                grants[w.key],
+                usage[w.key],
             )
-            for r in rows:
-                replaced[(r["customer_id"], r["meter"], r["period_start"])] = r
-            start, end, _s = locked.bounds(customer_id, now)
+            for w in wanted
+        ]
+        rows, afters = await credits.burn(conn, burners, now)
+        replaced = {(r["customer_id"], r["meter"], r["period_start"]): r for r in rows}
+        for b, after in zip(burners, afters, strict=True):
+            start, end, _s = locked.bounds(b.customer_id, now)
             credit = credits.credit_detail(
-                customer_id, feature, after, periods.Period(start, end), now
+                b.customer_id, b.feature, after, periods.Period(start, end), now
             )
-            details.setdefault(customer_id, {"credit": {}})["credit"].update(credit)
+            details.setdefault(b.customer_id, {"credit": {}})["credit"].update(credit)
         return [replaced.get((r["customer_id"], r["meter"], r["period_start"]), r) for r in changed]
 
     async def _lock_customers(self, conn: Conn, events: Sequence[domain.UsageEvent]) -> _Locked:
@@ -634,9 +643,9 @@ class Store:
             balance = None
             burn_at = now
             if prepaid is not None:
-                grants, burn_at = await credits.locked(
-                    conn, customer.customer_id, prepaid, [period], now, self.clock
-                )
+                wanted = credits.Wanted(customer.customer_id, prepaid, [period])
+                held, burn_at = await credits.lock(conn, [wanted], now, self.clock)
+                grants = held[wanted.key]
                 balance = credits.balance(grants, burn_at, at=now)
             decision = decide(customer, totals, balance)
             if not decision.allowed:
@@ -658,9 +667,8 @@ class Store:
                     str(inserted["event_id"]), event.quantity, now, period.start, state
                 )
                 aggregation = self.plans.meters[event.meter].aggregation
-                burned, after = await credits.burn(
-                    conn, customer.customer_id, prepaid, aggregation, grants, [usage], burn_at
-                )
+                burner = credits.Burner(customer.customer_id, prepaid, aggregation, grants, [usage])
+                burned, (after,) = await credits.burn(conn, [burner], burn_at)
                 figures = burned[0] if burned else inserted
                 credit = credits.credit_detail(
                     customer.customer_id, prepaid, after, period, burn_at
