@@ -242,7 +242,8 @@ def decide(
         covered = 0
     if decision.allowed and covered < need and not feature.overage:
         decision = dataclasses.replace(decision, allowed=False, reason=Reason.BALANCE_EXHAUSTED)
-    return dataclasses.replace(decision, balance=left, covered=covered)
+    # what the grants pay for, should it be consumed: nothing when it is denied
+    return dataclasses.replace(decision, balance=left, covered=covered if decision.allowed else 0)
 
 
 def _by_limits(
