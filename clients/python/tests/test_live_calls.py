@@ -177,7 +177,12 @@ def test_a_consumed_decision_is_kept_as_answered(
     assert first.allowed and first.decision_id and first.totals_version > 0
     assert first.as_of_time is not None and before <= first.as_of_time <= dt.datetime.now(dt.UTC)
     assert first.rule == usage_client.DecisionRule(
-        plan_id="starter", feature="tokens", included=1000, limit=5000, enforcement="hard"
+        plan_id="starter",
+        feature="tokens",
+        included=1000,
+        limit=5000,
+        enforcement="hard",
+        billing="arrears",
     )
     kept = client.get_decision(first.decision_id)
     assert kept == usage_client.Decision(

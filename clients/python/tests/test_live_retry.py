@@ -153,6 +153,28 @@ async def test_async_retry_after_a_lost_answer_returns_the_original_event(
     assert client.get_usage_summary(cid).meter("tokens").used == 42
 
 
+async def test_async_create_grant_retried_after_a_lost_answer_grants_once(
+    target: str, client: usage_client.UsageClient, retries: RetryLog
+) -> None:
+    cid = new_customer(client, plan_id="prepaid").customer_id
+    lossy = LoseFirstAnswer()
+    async with usage_client.AsyncUsageClient(
+        target, retry=usage_client.RetryPolicy(initial_backoff=0.01), interceptors=[lossy]
+    ) as c:
+        result = await c.create_grant(cid, "tokens", 250, idempotency_key=key())
+    assert len(lossy.requests) == 2
+    assert lossy.requests[0] == lossy.requests[1]  # the very same request, key included
+    assert lossy.lost[0].duplicate is False
+    assert result.duplicate is True and result.grant.grant_id == lossy.lost[0].grant.grant_id
+    assert [(r.method, r.code) for r in retries.retries] == [("CreateGrant", "DEADLINE_EXCEEDED")]
+    top_ups = [
+        g for g in client.list_grants(cid, "tokens") if g.source is usage_client.GrantSource.TOP_UP
+    ]
+    assert [g.grant_id for g in top_ups] == [result.grant.grant_id]
+    # The plan's 100 and the 250 granted once.
+    assert client.get_usage_summary(cid, "tokens").meter("tokens").balance == 350
+
+
 class _Failed(grpc.RpcError, grpc.Call):
     def __init__(self, code: grpc.StatusCode) -> None:
         self._code = code

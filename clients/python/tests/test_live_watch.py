@@ -113,6 +113,27 @@ async def test_a_snapshot_then_each_change_only_the_meters_asked_for_and_a_resum
     assert again == second
 
 
+async def test_a_grant_is_a_credit_change_of_its_meter_balance(
+    client: usage_client.UsageClient, aclient: usage_client.AsyncUsageClient
+) -> None:
+    cid = new_customer(client, plan_id="prepaid").customer_id
+    watch = aclient.watch_usage(cid, meters=["tokens"])
+    snapshot = await next_within(watch)
+    # The plan's grant of the period counts before it is made.
+    assert [(m.meter, m.billing, m.balance) for m in snapshot.meters] == [
+        ("tokens", "prepaid", 100)
+    ]
+    created = await aclient.create_grant(cid, "tokens", 40, idempotency_key=key())
+    granted = await next_within(watch)
+    await aclient.void_grant(cid, created.grant.grant_id)
+    voided = await next_within(watch)
+    await watch.aclose()
+    assert (granted.kind, voided.kind) == (UsageChangeKind.CREDIT, UsageChangeKind.CREDIT)
+    assert snapshot.version < granted.version < voided.version
+    assert [(m.meter, m.balance, m.granted) for m in granted.meters] == [("tokens", 140, 140)]
+    assert [(m.meter, m.balance) for m in voided.meters] == [("tokens", 100)]
+
+
 async def test_a_cut_connection_is_resumed_with_nothing_missed_or_repeated(
     service: Server,
     client: usage_client.UsageClient,

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import pytest
-from usage.v1 import customer_pb2, usage_pb2
+from usage.v1 import credit_pb2, customer_pb2, usage_pb2
 
 import usage_client
 
@@ -25,6 +25,8 @@ import usage_client
         (usage_client.EntitlementReason, usage_pb2.EntitlementReason, "ENTITLEMENT_REASON_"),
         (usage_client.UsageChangeKind, usage_pb2.UsageChangeKind, "USAGE_CHANGE_KIND_"),
         (usage_client.SnapshotReason, usage_pb2.SnapshotReason, "SNAPSHOT_REASON_"),
+        (usage_client.GrantSource, credit_pb2.GrantSource, "GRANT_SOURCE_"),
+        (usage_client.GrantState, credit_pb2.GrantState, "GRANT_STATE_"),
     ],
 )
 def test_python_enums_match_the_contract(
@@ -46,6 +48,9 @@ def test_records_cover_every_response_field() -> None:
         usage_client.Customer: customer_pb2.Customer,
         usage_client.UsageChange: usage_pb2.WatchUsageResponse,
         usage_client.ThresholdCrossing: usage_pb2.ThresholdCrossing,
+        usage_client.Grant: credit_pb2.Grant,
+        usage_client.CreateGrantResult: credit_pb2.CreateGrantResponse,
+        usage_client.VoidGrantResult: credit_pb2.VoidGrantResponse,
     }
     for record, message in expected.items():
         fields = {f.name for f in message.DESCRIPTOR.fields}
@@ -73,7 +78,10 @@ def test_importing_the_client_loads_no_server_code() -> None:
 
 def test_the_contract_imports_without_a_warning() -> None:
     """The generated code checks the installed grpcio and protobuf; they pass it without a word."""
-    code = "import usage_client, usage.v1.usage_pb2_grpc, usage.v1.customer_pb2_grpc"
+    code = (
+        "import usage_client, usage.v1.usage_pb2_grpc, usage.v1.customer_pb2_grpc, "
+        "usage.v1.credit_pb2_grpc"
+    )
     out = subprocess.run(
         [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, check=False
     )

@@ -10,7 +10,8 @@
 `AsyncUsageClient` has the same methods as coroutines. Calls have a deadline and are retried on
 transient failures with the same idempotency key, so a retry never records twice.
 `watch_usage` iterates over a customer's changes (`UsageChange`), resuming by itself after a
-dropped stream without missing or repeating one.
+dropped stream without missing or repeating one. `create_grant`, `void_grant` and `list_grants`
+keep a customer's prepaid credits (`Grant`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ from usage_client._retry import RETRYABLE_CODES, RetryPolicy
 from usage_client._sync import UsageClient
 from usage_client._types import (
     BillingInterval,
+    CreateGrantResult,
     Customer,
     Decision,
     DecisionRule,
     Entitlement,
     EntitlementReason,
+    Grant,
+    GrantSource,
+    GrantState,
     MeterUsage,
     PeriodSource,
     Provider,
@@ -55,6 +60,7 @@ from usage_client._types import (
     UsageChangeKind,
     UsageEvent,
     UsageSummary,
+    VoidGrantResult,
 )
 
 __version__ = "0.1.0"
@@ -68,6 +74,7 @@ __all__ = [
     "AsyncUsageClient",
     "BillingInterval",
     "Cancelled",
+    "CreateGrantResult",
     "Customer",
     "DeadlineExceeded",
     "Decision",
@@ -76,6 +83,9 @@ __all__ = [
     "EntitlementReason",
     "FailedPrecondition",
     "FieldViolation",
+    "Grant",
+    "GrantSource",
+    "GrantState",
     "InvalidArgument",
     "MeterUsage",
     "NotFound",
@@ -98,6 +108,7 @@ __all__ = [
     "UsageError",
     "UsageEvent",
     "UsageSummary",
+    "VoidGrantResult",
     "__version__",
     "idempotency_key",
 ]

@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 from usage.v1 import (
+    credit_pb2,
+    credit_pb2_grpc,
     customer_pb2,
     customer_pb2_grpc,
     usage_pb2,
@@ -35,7 +37,7 @@ def _untyped(interceptors: Sequence[Any]) -> list[Any]:
 
 
 class AsyncUsageClient:
-    """An asyncio client of usage.v1's UsageService and CustomerService.
+    """An asyncio client of usage.v1's UsageService, CustomerService and CreditService.
 
     Every call but `watch_usage` has a deadline (`timeout` seconds per attempt; the default or the
     call's own) and is retried on UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED by `retry`, sending
@@ -70,6 +72,7 @@ class AsyncUsageClient:
                 target, credentials, options=options, interceptors=_untyped(interceptors)
             )
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+        self._credits = credit_pb2_grpc.CreditServiceStub(self._channel)
         self._customers = customer_pb2_grpc.CustomerServiceStub(self._channel)
         self._closed = False
 
@@ -236,6 +239,62 @@ class AsyncUsageClient:
             "GetCustomer", self._customers.GetCustomer, request, timeout
         )
         return _convert.customer(response.customer)
+
+    async def create_grant(
+        self,
+        customer_id: str,
+        feature: str,
+        amount: int,
+        *,
+        idempotency_key: str,
+        priority: int = 0,
+        effective_time: dt.datetime | None = None,
+        expire_time: dt.datetime | None = None,
+        timeout: float | None = None,
+    ) -> records.CreateGrantResult:
+        """Grants `amount` prepaid units of `feature` (a top-up, e.g. a credit-pack purchase).
+
+        Lower `priority` burns first; `effective_time` defaults to now (at most 5 minutes in the
+        past); `expire_time` None never expires. `idempotency_key` names the grant for ever:
+        creating it again returns the original grant with duplicate=True; the same key with
+        another grant raises AlreadyExists.
+        """
+        request = _convert.create_grant_request(
+            customer_id, feature, amount, idempotency_key, priority, effective_time, expire_time
+        )
+        response: credit_pb2.CreateGrantResponse = await self._call(
+            "CreateGrant", self._credits.CreateGrant, request, timeout
+        )
+        return _convert.create_grant_result(response)
+
+    async def void_grant(
+        self, customer_id: str, grant_id: str, *, timeout: float | None = None
+    ) -> records.VoidGrantResult:
+        """Voids a grant: its remaining units are removed from now on. Voiding it again changes
+        nothing (voided=0), so a retried call answers 0 when an earlier attempt took effect.
+        NotFound for an unknown grant."""
+        request = _convert.void_grant_request(customer_id, grant_id)
+        response: credit_pb2.VoidGrantResponse = await self._call(
+            "VoidGrant", self._credits.VoidGrant, request, timeout
+        )
+        return _convert.void_grant_result(response)
+
+    async def list_grants(
+        self,
+        customer_id: str,
+        feature: str | None = None,
+        *,
+        include_inactive: bool = False,
+        timeout: float | None = None,
+    ) -> list[records.Grant]:
+        """The customer's grants (only of `feature` when given) in burn order, with what each
+        has left; active and pending ones only, unless `include_inactive` (spent, expired and
+        voided ones too)."""
+        request = _convert.list_grants_request(customer_id, feature, include_inactive)
+        response: credit_pb2.ListGrantsResponse = await self._call(
+            "ListGrants", self._credits.ListGrants, request, timeout
+        )
+        return _convert.grants(response)
 
     async def _call(
         self, name: str, method: Callable[..., Any], request: Any, timeout: float | None

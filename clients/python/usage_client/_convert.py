@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from google.protobuf import timestamp_pb2
-from usage.v1 import customer_pb2, usage_pb2
+from usage.v1 import credit_pb2, customer_pb2, usage_pb2
 
 from usage_client import _types as types
 
@@ -35,6 +35,10 @@ def _timestamp(value: dt.datetime, field: str) -> timestamp_pb2.Timestamp:
 
 def _datetime(stamp: timestamp_pb2.Timestamp) -> dt.datetime:
     return stamp.ToDatetime(tzinfo=dt.UTC)
+
+
+def _optional_datetime(stamp: timestamp_pb2.Timestamp, present: bool) -> dt.datetime | None:
+    return _datetime(stamp) if present else None
 
 
 def record_request(
@@ -124,6 +128,8 @@ def entitlement(response: usage_pb2.CheckEntitlementResponse) -> types.Entitleme
         as_of_time=_datetime(response.as_of_time) if response.HasField("as_of_time") else None,
         totals_version=response.totals_version,
         rule=decision_rule(response.rule) if response.HasField("rule") else None,
+        balance=response.balance if response.HasField("balance") else None,
+        covered=response.covered,
     )
 
 
@@ -135,6 +141,9 @@ def decision_rule(message: usage_pb2.DecisionRule) -> types.DecisionRule:
         limit=message.limit if message.HasField("limit") else None,
         enforcement=message.enforcement,
         enabled=message.enabled,
+        billing=message.billing,
+        overage=message.overage,
+        ceiling=message.ceiling if message.HasField("ceiling") else None,
     )
 
 
@@ -171,6 +180,16 @@ def meter_usage(message: usage_pb2.MeterUsage) -> types.MeterUsage:
         aggregation=message.aggregation,
         unit=message.unit,
         unbilled=message.unbilled,
+        billing=message.billing,
+        granted=message.granted,
+        burned=message.burned,
+        balance=message.balance,
+        next_expire_time=_optional_datetime(
+            message.next_expire_time, message.HasField("next_expire_time")
+        ),
+        covered=message.covered,
+        billable_overage=message.billable_overage,
+        ceiling=message.ceiling if message.HasField("ceiling") else None,
     )
 
 
@@ -199,10 +218,6 @@ def watch_request(
     if resume_after_version is not None:
         request.resume_after_version = resume_after_version
     return request
-
-
-def _optional_datetime(stamp: timestamp_pb2.Timestamp, present: bool) -> dt.datetime | None:
-    return _datetime(stamp) if present else None
 
 
 def usage_change(message: usage_pb2.WatchUsageResponse) -> types.UsageChange:
@@ -285,3 +300,70 @@ def upsert_request(value: types.Customer) -> customer_pb2.UpsertCustomerRequest:
 
 def get_customer_request(customer_id: str) -> customer_pb2.GetCustomerRequest:
     return customer_pb2.GetCustomerRequest(customer_id=customer_id)
+
+
+def create_grant_request(
+    customer_id: str,
+    feature: str,
+    amount: int,
+    idempotency_key: str,
+    priority: int,
+    effective_time: dt.datetime | None,
+    expire_time: dt.datetime | None,
+) -> credit_pb2.CreateGrantRequest:
+    request = credit_pb2.CreateGrantRequest(
+        customer_id=customer_id,
+        feature=feature,
+        amount=amount,
+        priority=priority,
+        idempotency_key=idempotency_key,
+    )
+    if effective_time is not None:
+        request.effective_time.CopyFrom(_timestamp(effective_time, "effective_time"))
+    if expire_time is not None:
+        request.expire_time.CopyFrom(_timestamp(expire_time, "expire_time"))
+    return request
+
+
+def grant(message: credit_pb2.Grant) -> types.Grant:
+    return types.Grant(
+        grant_id=message.grant_id,
+        customer_id=message.customer_id,
+        feature=message.feature,
+        amount=message.amount,
+        priority=message.priority,
+        effective_time=_datetime(message.effective_time),
+        expire_time=_optional_datetime(message.expire_time, message.HasField("expire_time")),
+        source=_enum(types.GrantSource, message.source),
+        burned=message.burned,
+        remaining=message.remaining,
+        forfeited=message.forfeited,
+        void_time=_optional_datetime(message.void_time, message.HasField("void_time")),
+        state=_enum(types.GrantState, message.state),
+        idempotency_key=message.idempotency_key,
+        create_time=_datetime(message.create_time),
+    )
+
+
+def create_grant_result(response: credit_pb2.CreateGrantResponse) -> types.CreateGrantResult:
+    return types.CreateGrantResult(grant=grant(response.grant), duplicate=response.duplicate)
+
+
+def void_grant_request(customer_id: str, grant_id: str) -> credit_pb2.VoidGrantRequest:
+    return credit_pb2.VoidGrantRequest(customer_id=customer_id, grant_id=grant_id)
+
+
+def void_grant_result(response: credit_pb2.VoidGrantResponse) -> types.VoidGrantResult:
+    return types.VoidGrantResult(grant=grant(response.grant), voided=response.voided)
+
+
+def list_grants_request(
+    customer_id: str, feature: str | None, include_inactive: bool
+) -> credit_pb2.ListGrantsRequest:
+    return credit_pb2.ListGrantsRequest(
+        customer_id=customer_id, feature=feature or "", include_inactive=include_inactive
+    )
+
+
+def grants(response: credit_pb2.ListGrantsResponse) -> list[types.Grant]:
+    return [grant(g) for g in response.grants]

@@ -1,9 +1,10 @@
 """When and how long to wait before a call is tried again.
 
 Every call the client makes is safe to repeat: writes carry an idempotency key that stays the same
-across attempts (the service answers a repeat with the original event and duplicate=True), and
-the other calls are reads or whole-record upserts. So a failure that may be temporary is retried
-with capped exponential backoff and jitter.
+across attempts (the service answers a repeat with the original event or grant and
+duplicate=True), and the other calls are reads, whole-record upserts or grant voids (voiding twice
+changes nothing more). So a failure that may be temporary is retried with capped exponential
+backoff and jitter.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ class UsageChangeKind(enum.Enum):
     CUSTOMER = 4  # the plan, status or period changed: every meter watched
     DRAIN = 5  # a provider accepted (or refused) reported usage: the meters whose figures moved
     THRESHOLD = 6  # a threshold of the plan was crossed (see `UsageChange.threshold`)
+    CREDIT = 7  # a grant was created or voided: the meter whose balance changed
 
 
 class SnapshotReason(enum.Enum):
@@ -83,6 +84,28 @@ class EntitlementReason(enum.Enum):
     FEATURE_NOT_IN_PLAN = 5  # denied
     SUBSCRIPTION_INACTIVE = 6  # denied: not ACTIVE or TRIALING
     CUSTOMER_NOT_FOUND = 7  # denied
+    # denied: a prepaid feature whose plan allows no overage, and the grants cannot cover it
+    BALANCE_EXHAUSTED = 8
+
+
+class GrantSource(enum.Enum):
+    """Where a grant comes from."""
+
+    UNSPECIFIED = 0
+    PLAN = 1  # the plan's recurring allowance for one billing period
+    ROLLOVER = 2  # the unused part of the previous period's plan allowance, up to a cap
+    TOP_UP = 3  # a one-off grant made with `create_grant`
+
+
+class GrantState(enum.Enum):
+    """A grant's state when it was read."""
+
+    UNSPECIFIED = 0
+    ACTIVE = 1  # effective, not expired, not voided, with a balance left
+    PENDING = 2  # not effective yet
+    SPENT = 3  # burned to zero
+    EXPIRED = 4  # past its expiry: the remainder was forfeited then
+    VOIDED = 5  # voided: the remainder was removed then
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +154,9 @@ class RecordResult:
 @dataclasses.dataclass(frozen=True)
 class DecisionRule:
     """The plan rule an entitlement decision applied. Metered features: the plan's allowance,
-    limit (None: unlimited) and enforcement ("hard" or "soft"); boolean features: enabled.
+    limit (None: unlimited) and enforcement ("hard" or "soft"), how usage is paid (billing
+    "arrears" or "prepaid"), whether a prepaid feature allows usage beyond its grants (overage)
+    and a soft limit's hard ceiling (None: none); boolean features: enabled.
     Empty where it is not known (an unknown customer, a feature outside the plan)."""
 
     plan_id: str
@@ -140,6 +165,9 @@ class DecisionRule:
     limit: int | None = None
     enforcement: str = ""
     enabled: bool = False
+    billing: str = ""
+    overage: bool = False
+    ceiling: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +193,10 @@ class Entitlement:
     # own usage committed as.
     totals_version: int = 0
     rule: DecisionRule | None = None  # the plan rule that decided
+    # Prepaid features: the units left in the customer's grants, after this call's consumption
+    # if any. None for features paid in arrears.
+    balance: int | None = None
+    covered: int = 0  # the units of this call's consumption that grants paid for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +226,58 @@ class MeterUsage:
     aggregation: str  # "sum", "count", "max" or "last"
     unit: str
     unbilled: int = 0  # recorded for a customer with no payment provider: never reported
+    # "arrears" (all usage is reported) or "prepaid" (usage burns grants first; only the rest
+    # is reported, as overage, when the plan allows overage).
+    billing: str = ""
+    # Prepaid features, over the grants that can be burned now: granted, burned so far, left.
+    granted: int = 0
+    burned: int = 0
+    balance: int = 0
+    next_expire_time: dt.datetime | None = None  # earliest expiry of a grant with units left
+    covered: int = 0  # usage in the period that grants paid for: never reported
+    billable_overage: int = 0  # prepaid with overage: the period's usage beyond the grants
+    ceiling: int | None = None  # a soft limit's hard ceiling; None: none
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    """Prepaid units of a metered feature that the customer's usage of it burns down.
+
+    Grants burn in a fixed order (`list_grants` gives it): lower priority first, then the
+    earliest expiry, then the oldest. remaining is 0 once the grant is spent, expired or voided;
+    forfeited is what an expiry or a void removed.
+    """
+
+    grant_id: str
+    customer_id: str
+    feature: str
+    amount: int
+    priority: int
+    effective_time: dt.datetime  # usage timed earlier never burns it
+    expire_time: dt.datetime | None  # None: never expires
+    source: GrantSource
+    burned: int
+    remaining: int
+    forfeited: int
+    void_time: dt.datetime | None  # set once voided
+    state: GrantState
+    # The key it was created under (plan and rollover grants: one the service chose).
+    idempotency_key: str
+    create_time: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateGrantResult:
+    grant: Grant
+    # True when the key had already created this grant: nothing new was granted.
+    duplicate: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class VoidGrantResult:
+    grant: Grant  # as it stands after the void
+    # Units this call removed (0 when the grant was already voided, expired or spent).
+    voided: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +315,8 @@ class UsageChange:
 
     `version` increases strictly (it may skip numbers: changes to meters not watched are left
     out); resume after the last one seen. A SNAPSHOT carries every meter watched, as do ROLLOVER
-    and CUSTOMER; USAGE and DRAIN carry the meters they changed; THRESHOLD carries `threshold`.
+    and CUSTOMER; USAGE and DRAIN carry the meters they changed; CREDIT the meter whose balance
+    a grant changed; THRESHOLD carries `threshold`.
     """
 
     version: int

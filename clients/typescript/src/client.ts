@@ -10,6 +10,14 @@ import {
   HealthCheckResponse_ServingStatus,
 } from "./gen/grpc/health/v1/health_pb.js";
 import {
+  CreateGrantRequestSchema,
+  CreditService,
+  GrantSource,
+  GrantState,
+  type CreateGrantRequest,
+  type Grant as GrantMessage,
+} from "./gen/usage/v1/credit_pb.js";
+import {
   BillingInterval,
   CustomerSchema,
   CustomerService,
@@ -49,6 +57,8 @@ export type PeriodSourceName = keyof typeof PeriodSource;
 export type ServingStatusName = keyof typeof HealthCheckResponse_ServingStatus;
 export type UsageChangeKindName = keyof typeof UsageChangeKind;
 export type SnapshotReasonName = keyof typeof SnapshotReason;
+export type GrantSourceName = keyof typeof GrantSource;
+export type GrantStateName = keyof typeof GrantState;
 
 /** A watch stream open this long had connected: its end starts the count of failed attempts anew. */
 export const WATCH_STEADY_MS = 5_000;
@@ -136,12 +146,21 @@ export interface Entitlement {
   readonly totalsVersion: bigint;
   /** The plan rule that decided. */
   readonly rule: DecisionRule | undefined;
+  /**
+   * Prepaid features: the units left in the customer's grants, after this call's consumption if
+   * any. undefined for features paid in arrears.
+   */
+  readonly balance: bigint | undefined;
+  /** The units of this call's consumption that grants paid for (the rest is overage). */
+  readonly covered: bigint;
 }
 
 /**
  * The plan rule an entitlement decision applied: a metered feature's allowance, limit (undefined:
- * unlimited) and enforcement ("hard" or "soft"), or a boolean feature's enabled. Empty where it is not
- * known (an unknown customer, a feature outside the plan).
+ * unlimited), enforcement ("hard" or "soft"), how it is paid (billing "arrears" or "prepaid"),
+ * whether a prepaid feature allows usage beyond its grants (overage) and a soft limit's hard
+ * ceiling (undefined: none); or a boolean feature's enabled. Empty where it is not known (an
+ * unknown customer, a feature outside the plan).
  */
 export interface DecisionRule {
   readonly planId: string;
@@ -150,6 +169,9 @@ export interface DecisionRule {
   readonly limit: bigint | undefined;
   readonly enforcement: string;
   readonly enabled: boolean;
+  readonly billing: string;
+  readonly overage: boolean;
+  readonly ceiling: bigint | undefined;
 }
 
 /** A kept decision: the request as it was checked, and the answer exactly as checkEntitlement gave it. */
@@ -176,6 +198,23 @@ export interface MeterUsage {
   readonly unit: string;
   /** Recorded for a customer with no payment provider: never reported. */
   readonly unbilled: bigint;
+  /**
+   * "arrears" (all usage is reported) or "prepaid" (usage burns grants first; only the rest is
+   * reported, as overage, when the plan allows overage).
+   */
+  readonly billing: string;
+  /** Prepaid features, over the grants that can be burned now: units granted, burned, left. */
+  readonly granted: bigint;
+  readonly burned: bigint;
+  readonly balance: bigint;
+  /** The earliest expiry of a grant with units left; undefined when none expires. */
+  readonly nextExpireTime: Date | undefined;
+  /** Usage in the period that grants paid for: never reported. */
+  readonly covered: bigint;
+  /** Prepaid features that allow overage: the period's usage beyond the grants, billed as overage. */
+  readonly billableOverage: bigint;
+  /** A soft limit's hard ceiling; undefined: none. */
+  readonly ceiling: bigint | undefined;
 }
 
 export interface UsageSummary {
@@ -206,11 +245,11 @@ export interface ThresholdCrossing {
  * One message of watchUsage: a snapshot, or a committed change and the figures after it.
  * `version` increases strictly (it may skip numbers: changes to meters not watched are left out).
  * SNAPSHOT, ROLLOVER and CUSTOMER carry every meter watched; USAGE and DRAIN the meters they
- * changed; THRESHOLD carries `threshold`.
+ * changed; CREDIT the meter whose balance a grant changed; THRESHOLD carries `threshold`.
  */
 export interface UsageChange {
   readonly version: bigint;
-  /** SNAPSHOT, USAGE, ROLLOVER, CUSTOMER, DRAIN or THRESHOLD. */
+  /** SNAPSHOT, USAGE, ROLLOVER, CUSTOMER, DRAIN, THRESHOLD or CREDIT. */
   readonly kind: UsageChangeKindName;
   /** When the change committed (a snapshot: when it was read). */
   readonly commitTime: Date | undefined;
@@ -276,6 +315,73 @@ export interface CustomerInput {
   readonly billingCycleAnchorTime?: Date;
 }
 
+/**
+ * Prepaid units of a metered feature that the customer's usage of it burns down, in burn order:
+ * lower priority first, then the earliest expiry, then the oldest.
+ */
+export interface Grant {
+  readonly grantId: string;
+  readonly customerId: string;
+  readonly feature: string;
+  readonly amount: bigint;
+  /** Lower numbers burn first. */
+  readonly priority: number;
+  /** Usage timed earlier never burns it. */
+  readonly effectiveTime: Date | undefined;
+  /** undefined: never expires. */
+  readonly expireTime: Date | undefined;
+  /** PLAN, ROLLOVER or TOP_UP. */
+  readonly source: GrantSourceName;
+  readonly burned: bigint;
+  /** Units left: 0 once spent, expired or voided. */
+  readonly remaining: bigint;
+  /** Units an expiry or a void removed. */
+  readonly forfeited: bigint;
+  /** Set once voided. */
+  readonly voidTime: Date | undefined;
+  /** ACTIVE, PENDING (not effective yet), SPENT, EXPIRED or VOIDED. */
+  readonly state: GrantStateName;
+  /** The key it was created under (plan and rollover grants: one the service chose). */
+  readonly idempotencyKey: string;
+  readonly createTime: Date | undefined;
+}
+
+export interface CreateGrantInput {
+  readonly customerId: string;
+  /** A sum or count meter. */
+  readonly feature: string;
+  /** Units to grant: > 0. */
+  readonly amount: Quantity;
+  /** Required: derive it from your own ids (e.g. the purchase) with idempotencyKey(...). */
+  readonly idempotencyKey: string;
+  /** >= 0, default 0; lower burns first. */
+  readonly priority?: number;
+  /** Default: now, at the service. Not more than 5 minutes in the past. */
+  readonly effectiveTime?: Date;
+  /** Default: never expires. */
+  readonly expireTime?: Date;
+}
+
+export interface CreateGrantResult {
+  readonly grant: Grant;
+  /** True when this key had already created the grant: nothing new was granted. */
+  readonly duplicate: boolean;
+}
+
+export interface VoidGrantResult {
+  /** The grant after the void. */
+  readonly grant: Grant;
+  /** Units this call removed (0 when the grant was already voided, expired or spent). */
+  readonly voided: bigint;
+}
+
+export interface ListGrantsFilter {
+  /** Only this feature's grants. */
+  readonly feature?: string;
+  /** Also spent, expired and voided grants (default: only active and pending ones). */
+  readonly includeInactive?: boolean;
+}
+
 function toBigInt(quantity: Quantity | undefined): bigint {
   return quantity === undefined ? 0n : BigInt(quantity);
 }
@@ -332,6 +438,8 @@ export function entitlement(response: CheckEntitlementResponse): Entitlement {
     asOfTime: toDate(response.asOfTime),
     totalsVersion: response.totalsVersion,
     rule: response.rule === undefined ? undefined : decisionRule(response.rule),
+    balance: response.balance,
+    covered: response.covered,
   };
 }
 
@@ -343,6 +451,9 @@ function decisionRule(rule: DecisionRuleMessage): DecisionRule {
     limit: rule.limit,
     enforcement: rule.enforcement,
     enabled: rule.enabled,
+    billing: rule.billing,
+    overage: rule.overage,
+    ceiling: rule.ceiling,
   };
 }
 
@@ -374,6 +485,14 @@ function meterUsage(meter: MeterUsageMessage): MeterUsage {
     aggregation: meter.aggregation,
     unit: meter.unit,
     unbilled: meter.unbilled,
+    billing: meter.billing,
+    granted: meter.granted,
+    burned: meter.burned,
+    balance: meter.balance,
+    nextExpireTime: toDate(meter.nextExpireTime),
+    covered: meter.covered,
+    billableOverage: meter.billableOverage,
+    ceiling: meter.ceiling,
   };
 }
 
@@ -451,6 +570,41 @@ export function customer(message: CustomerMessage | undefined): Customer {
   };
 }
 
+export function createGrantRequest(input: CreateGrantInput): CreateGrantRequest {
+  return create(CreateGrantRequestSchema, {
+    customerId: input.customerId,
+    feature: input.feature,
+    amount: toBigInt(input.amount),
+    priority: input.priority ?? 0,
+    effectiveTime: input.effectiveTime === undefined ? undefined : timestampFromDate(input.effectiveTime),
+    expireTime: input.expireTime === undefined ? undefined : timestampFromDate(input.expireTime),
+    idempotencyKey: input.idempotencyKey,
+  });
+}
+
+export function grant(message: GrantMessage | undefined): Grant {
+  if (message === undefined) {
+    throw new TypeError("the service answered without a grant");
+  }
+  return {
+    grantId: message.grantId,
+    customerId: message.customerId,
+    feature: message.feature,
+    amount: message.amount,
+    priority: message.priority,
+    effectiveTime: toDate(message.effectiveTime),
+    expireTime: toDate(message.expireTime),
+    source: enumName<GrantSourceName>(GrantSource, message.source),
+    burned: message.burned,
+    remaining: message.remaining,
+    forfeited: message.forfeited,
+    voidTime: toDate(message.voidTime),
+    state: enumName<GrantStateName>(GrantState, message.state),
+    idempotencyKey: message.idempotencyKey,
+    createTime: toDate(message.createTime),
+  };
+}
+
 /**
  * A usage-service client: every call has a deadline, is retried with backoff on UNAVAILABLE,
  * DEADLINE_EXCEEDED and ABORTED with the very same request (so the same idempotency key), and fails with a
@@ -462,6 +616,7 @@ export class UsageClient {
   /** The generated clients, for anything the methods below do not cover (no retries there). */
   readonly usage: Client<typeof UsageService>;
   readonly customers: Client<typeof CustomerService>;
+  readonly credits: Client<typeof CreditService>;
   readonly health: Client<typeof Health>;
 
   private readonly sessionManager: Http2SessionManager | undefined;
@@ -488,6 +643,7 @@ export class UsageClient {
     }
     this.usage = createClient(UsageService, transport);
     this.customers = createClient(CustomerService, transport);
+    this.credits = createClient(CreditService, transport);
     this.health = createClient(Health, transport);
   }
 
@@ -635,6 +791,34 @@ export class UsageClient {
   async getCustomer(customerId: string, options?: CallOptions): Promise<Customer> {
     const response = await this.call(options, (o) => this.customers.getCustomer({ customerId }, o));
     return customer(response.customer);
+  }
+
+  /**
+   * Grants prepaid units of a feature (a top-up, e.g. a credit-pack purchase). The same key again
+   * answers the original grant with duplicate: true (so a retry never grants twice); with another
+   * grant, UsageServiceError ALREADY_EXISTS.
+   */
+  async createGrant(input: CreateGrantInput, options?: CallOptions): Promise<CreateGrantResult> {
+    const request = createGrantRequest(input);
+    const response = await this.call(options, (o) => this.credits.createGrant(request, o));
+    return { grant: grant(response.grant), duplicate: response.duplicate };
+  }
+
+  /**
+   * Voids a grant: its remaining units are removed from now on. Voiding it again removes nothing
+   * (voided: 0n), so a retried call answers 0n when an earlier attempt took effect. NOT_FOUND
+   * (reason GRANT_NOT_FOUND) for an unknown grant.
+   */
+  async voidGrant(customerId: string, grantId: string, options?: CallOptions): Promise<VoidGrantResult> {
+    const response = await this.call(options, (o) => this.credits.voidGrant({ customerId, grantId }, o));
+    return { grant: grant(response.grant), voided: response.voided };
+  }
+
+  /** The customer's grants in burn order, with what each has left (active and pending ones by default). */
+  async listGrants(customerId: string, filter: ListGrantsFilter = {}, options?: CallOptions): Promise<Grant[]> {
+    const request = { customerId, feature: filter.feature ?? "", includeInactive: filter.includeInactive ?? false };
+    const response = await this.call(options, (o) => this.credits.listGrants(request, o));
+    return response.grants.map(grant);
   }
 
   /** The standard grpc.health.v1 check: "SERVING" when the service can take calls. */

@@ -134,6 +134,53 @@ test("an answer lost after the commit is retried with the same key and counted o
   }
 });
 
+test("a CreateGrant whose answer is lost is retried with the same key and grants once", async () => {
+  const service = await startService();
+  const customerId = uniqueId("cus");
+  const baseUrl = `http://${service.address}`;
+  const sent: unknown[] = [];
+  const lost: unknown[] = [];
+  // Lets the first CreateGrant reach the service and commit, then drops its answer.
+  const dropFirstAnswer: Interceptor = (next) => async (request) => {
+    const response = await next(request);
+    if (request.method.name === "CreateGrant") {
+      sent.push(request.message);
+      if (lost.length === 0) {
+        lost.push(response.message);
+        throw new ConnectError("connection reset after the request was sent", Code.Unavailable);
+      }
+    }
+    return response;
+  };
+  const sessionManager = new Http2SessionManager(baseUrl);
+  const transport = createGrpcTransport({ baseUrl, sessionManager, interceptors: [dropFirstAnswer] });
+  const retries: string[] = [];
+  const client = new UsageClient({
+    address: service.address,
+    transport,
+    retry: { initialBackoffMs: 10 },
+    onRetry: (error) => retries.push(error.codeName),
+  });
+  try {
+    await client.upsertCustomer(activeCustomer(customerId, "prepaid"));
+    const key = idempotencyKey("lost-grant", customerId);
+    const result = await client.createGrant({ customerId, feature: "llm_tokens", amount: 250, idempotencyKey: key });
+    assert.deepEqual(retries, ["UNAVAILABLE"]);
+    assert.equal(sent.length, 2);
+    assert.equal(sent[0], sent[1], "the very same request, key included");
+    assert.equal(result.duplicate, true, "the retry found the grant the first attempt made");
+    const first = lost[0] as { grant?: { grantId: string } };
+    assert.equal(result.grant.grantId, first.grant?.grantId);
+    const topUps = (await client.listGrants(customerId)).filter((g) => g.source === "TOP_UP");
+    assert.deepEqual(topUps.map((g) => g.grantId), [result.grant.grantId], "granted once");
+    const summary = await client.getUsageSummary(customerId, { meter: "llm_tokens" });
+    assert.equal(summary.meters[0]?.balance, 350n, "the plan's 100 and the 250 granted once");
+  } finally {
+    client.close();
+    sessionManager.abort();
+  }
+});
+
 /** A TCP server that accepts connections and never answers. */
 async function blackHole(): Promise<{ address: string; close: () => Promise<void> }> {
   const sockets = new Set<Socket>();

@@ -36,9 +36,9 @@ async function failure(promise: Promise<unknown>): Promise<UsageServiceError> {
   assert.fail("the call succeeded");
 }
 
-async function newCustomer(): Promise<string> {
+async function newCustomer(planId = "starter"): Promise<string> {
   const customerId = uniqueId("cus");
-  await client.upsertCustomer(activeCustomer(customerId));
+  await client.upsertCustomer(activeCustomer(customerId, planId));
   return customerId;
 }
 
@@ -299,6 +299,9 @@ describe("CheckEntitlement", () => {
       limit: 1000n,
       enforcement: "hard",
       enabled: false,
+      billing: "arrears",
+      overage: false,
+      ceiling: undefined,
     });
     const kept = await client.getDecision(first.decisionId);
     assert.deepEqual(kept, {
@@ -392,6 +395,14 @@ describe("GetUsageSummary", () => {
       aggregation: "sum",
       unit: "tokens",
       unbilled: 150n,
+      billing: "arrears",
+      granted: 0n,
+      burned: 0n,
+      balance: 0n,
+      nextExpireTime: undefined,
+      covered: 0n,
+      billableOverage: 0n,
+      ceiling: undefined,
     };
     assert.deepEqual(byMeter.get("llm_tokens"), tokens);
     const seats = byMeter.get("seats")!;
@@ -410,5 +421,165 @@ describe("GetUsageSummary", () => {
     const error = await failure(client.getUsageSummary(uniqueId("missing")));
     assert.equal(error.codeName, "NOT_FOUND");
     assert.equal(error.reason, "CUSTOMER_NOT_FOUND");
+  });
+});
+
+/**
+ * The `prepaid` plan of test/fixtures/plans.toml: llm_tokens burns grants and allows no usage beyond
+ * them, with a plan grant of 100 a period at priority 5 (top-ups at priority 0 burn first);
+ * api_calls burns grants and bills the rest as overage, with a soft limit of 10 and a ceiling of 15.
+ */
+describe("CreditService", () => {
+  test("a top-up pays for a consume, is listed in burn order with the plan's grant, and is voided", async () => {
+    const input = activeCustomer(uniqueId("cus"), "prepaid");
+    const customerId = input.customerId;
+    await client.upsertCustomer(input);
+    const expireTime = new Date(Math.floor(Date.now() / 1000) * 1000 + 10 * DAY_MS);
+    const key = idempotencyKey("test-grant", customerId);
+    const request = { customerId, feature: "llm_tokens", amount: 500, idempotencyKey: key, expireTime };
+    const created = await client.createGrant(request);
+    const topUp = created.grant;
+    assert.equal(created.duplicate, false);
+    assert.ok(topUp.grantId.length > 0);
+    assert.deepEqual(
+      [topUp.customerId, topUp.feature, topUp.amount, topUp.priority, topUp.source, topUp.state],
+      [customerId, "llm_tokens", 500n, 0, "TOP_UP", "ACTIVE"],
+    );
+    assert.deepEqual([topUp.burned, topUp.remaining, topUp.forfeited], [0n, 500n, 0n]);
+    assert.equal(topUp.expireTime?.getTime(), expireTime.getTime());
+    assert.equal(topUp.voidTime, undefined);
+    assert.equal(topUp.idempotencyKey, key);
+    assert.ok(topUp.effectiveTime !== undefined && topUp.createTime !== undefined);
+    assert.deepEqual(await client.createGrant(request), { grant: topUp, duplicate: true });
+
+    const spent = await client.checkEntitlement({
+      customerId, feature: "llm_tokens", quantity: 300, consume: true,
+      idempotencyKey: idempotencyKey("test-grant-consume", customerId, 1),
+    });
+    assert.deepEqual([spent.allowed, spent.reason], [true, "WITHIN_LIMIT"]);
+    assert.deepEqual([spent.used, spent.covered, spent.balance], [300n, 300n, 300n]);
+    assert.deepEqual(spent.rule, {
+      planId: "prepaid",
+      feature: "llm_tokens",
+      included: 0n,
+      limit: undefined,
+      enforcement: "hard",
+      enabled: false,
+      billing: "prepaid",
+      overage: false,
+      ceiling: undefined,
+    });
+    const denied = await client.checkEntitlement({
+      customerId, feature: "llm_tokens", quantity: 301, consume: true,
+      idempotencyKey: idempotencyKey("test-grant-consume", customerId, 2),
+    });
+    assert.deepEqual([denied.allowed, denied.reason, denied.balance, denied.eventId], [
+      false, "BALANCE_EXHAUSTED", 300n, "",
+    ]);
+
+    const listed = await client.listGrants(customerId);
+    assert.deepEqual(
+      listed.map((g) => [g.source, g.priority, g.burned, g.remaining]),
+      [["TOP_UP", 0, 300n, 200n], ["PLAN", 5, 0n, 100n]],
+    );
+    assert.equal(listed[0]!.grantId, topUp.grantId);
+    const planGrant = listed[1]!;
+    assert.ok(planGrant.idempotencyKey.startsWith("plan:llm_tokens:"), planGrant.idempotencyKey);
+    assert.equal(planGrant.effectiveTime?.getTime(), input.currentPeriodStartTime.getTime());
+    assert.equal(planGrant.expireTime?.getTime(), input.currentPeriodEndTime.getTime());
+    assert.deepEqual(await client.listGrants(customerId, { feature: "api_calls" }), []);
+
+    const tokens = (await client.getUsageSummary(customerId, { meter: "llm_tokens" })).meters[0]!;
+    assert.deepEqual(
+      [tokens.billing, tokens.granted, tokens.burned, tokens.balance, tokens.covered, tokens.billableOverage],
+      ["prepaid", 600n, 300n, 300n, 300n, 0n],
+    );
+    assert.equal(tokens.nextExpireTime?.getTime(), expireTime.getTime());
+
+    const voided = await client.voidGrant(customerId, topUp.grantId);
+    assert.equal(voided.voided, 200n);
+    assert.deepEqual([voided.grant.state, voided.grant.remaining, voided.grant.forfeited], ["VOIDED", 0n, 200n]);
+    assert.ok(voided.grant.voidTime !== undefined);
+    const twice = await client.voidGrant(customerId, topUp.grantId);
+    assert.equal(twice.voided, 0n, "voiding twice removes nothing");
+    assert.deepEqual((await client.listGrants(customerId)).map((g) => g.grantId), [planGrant.grantId]);
+    assert.deepEqual(
+      (await client.listGrants(customerId, { includeInactive: true })).map((g) => [g.grantId, g.state]),
+      [[topUp.grantId, "VOIDED"], [planGrant.grantId, "ACTIVE"]],
+    );
+    const after = (await client.getUsageSummary(customerId, { meter: "llm_tokens" })).meters[0]!;
+    assert.deepEqual([after.balance, after.covered], [100n, 300n]);
+  });
+
+  test("grants cover usage; the rest is overage, allowed past the soft limit up to the ceiling", async () => {
+    const customerId = uniqueId("cus");
+    // A customer with a provider: the usage the grants do not cover is billed as overage.
+    const withProvider = { provider: "STRIPE", providerCustomerId: "cus_stripe_credits" } as const;
+    await client.upsertCustomer({ ...activeCustomer(customerId, "prepaid"), ...withProvider });
+    const created = await client.createGrant({
+      customerId,
+      feature: "api_calls",
+      amount: 2n,
+      priority: 1,
+      idempotencyKey: idempotencyKey("calls-pack", customerId),
+    });
+    assert.equal(created.grant.expireTime, undefined);
+    const calls = (n: number, from = 0) =>
+      [...Array(n).keys()].map((i) => ({
+        customerId, meter: "api_calls", quantity: 1, idempotencyKey: idempotencyKey("calls", customerId, from + i),
+      }));
+    // A count meter: each event takes one unit, so the third one is overage.
+    await client.batchRecordUsage(calls(3));
+    const meter = (await client.getUsageSummary(customerId, { meter: "api_calls" })).meters[0]!;
+    assert.deepEqual(
+      [meter.billing, meter.used, meter.covered, meter.billableOverage, meter.balance, meter.unbilled],
+      ["prepaid", 3n, 2n, 1n, 0n, 0n],
+    );
+    assert.deepEqual([meter.limit, meter.ceiling, meter.nextExpireTime], [10n, 15n, undefined]);
+    const check = await client.checkEntitlement({ customerId, feature: "api_calls", quantity: 1 });
+    assert.deepEqual([check.allowed, check.balance, check.covered], [true, 0n, 0n]);
+    assert.deepEqual(
+      [check.rule?.billing, check.rule?.overage, check.rule?.ceiling, check.rule?.enforcement],
+      ["prepaid", true, 15n, "soft"],
+    );
+    await client.batchRecordUsage(calls(9, 3));
+    const soft = await client.checkEntitlement({ customerId, feature: "api_calls", quantity: 1 });
+    assert.deepEqual([soft.allowed, soft.reason], [true, "SOFT_LIMIT_EXCEEDED"]);
+    await client.batchRecordUsage(calls(3, 12));
+    const over = await client.checkEntitlement({ customerId, feature: "api_calls", quantity: 1 });
+    assert.deepEqual([over.allowed, over.reason], [false, "LIMIT_EXCEEDED"]);
+    assert.deepEqual(await client.listGrants(customerId, { feature: "api_calls" }), []);
+    const inactive = await client.listGrants(customerId, { feature: "api_calls", includeInactive: true });
+    assert.deepEqual(
+      inactive.map((g) => [g.grantId, g.state, g.burned, g.remaining]),
+      [[created.grant.grantId, "SPENT", 2n, 0n]],
+    );
+  });
+
+  test("an arrears feature has no balance", async () => {
+    const customerId = await newCustomer();
+    const check = await client.checkEntitlement({ customerId, feature: "llm_tokens", quantity: 1 });
+    assert.deepEqual([check.balance, check.covered, check.rule?.billing], [undefined, 0n, "arrears"]);
+  });
+
+  test("errors: a reserved key and no amount, a key reused for another grant, an unknown grant", async () => {
+    const customerId = await newCustomer("prepaid");
+    const invalid = await failure(
+      client.createGrant({ customerId, feature: "llm_tokens", amount: 0, idempotencyKey: "plan:mine" }),
+    );
+    assert.equal(invalid.codeName, "INVALID_ARGUMENT");
+    assert.deepEqual(invalid.fieldViolations.map((v) => v.field).sort(), ["amount", "idempotency_key"]);
+    const key = idempotencyKey("test-grant-conflict", customerId);
+    await client.createGrant({ customerId, feature: "llm_tokens", amount: 10, idempotencyKey: key });
+    const reused = await failure(
+      client.createGrant({ customerId, feature: "llm_tokens", amount: 11, idempotencyKey: key }),
+    );
+    assert.equal(reused.codeName, "ALREADY_EXISTS");
+    assert.equal(reused.attempts, 1);
+    const missing = await failure(client.voidGrant(customerId, "00000000-0000-4000-8000-000000000000"));
+    assert.equal(missing.codeName, "NOT_FOUND");
+    assert.equal(missing.reason, "GRANT_NOT_FOUND");
+    const nobody = await failure(client.listGrants(uniqueId("missing")));
+    assert.equal(nobody.reason, "CUSTOMER_NOT_FOUND");
   });
 });

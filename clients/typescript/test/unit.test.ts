@@ -5,13 +5,16 @@ import { describe, test } from "node:test";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { ConnectError } from "@connectrpc/connect";
 
-import { customer, customerMessage, entitlement, usageSummary } from "../src/client.js";
+import { createGrantRequest, customer, customerMessage, entitlement, grant, usageSummary } from "../src/client.js";
 import { BadRequestSchema, ErrorInfoSchema } from "../src/gen/google/rpc/error_details_pb.js";
+import { GrantSchema, GrantSource, GrantState } from "../src/gen/usage/v1/credit_pb.js";
 import { BillingInterval, PeriodSource } from "../src/gen/usage/v1/customer_pb.js";
 import {
   CheckEntitlementResponseSchema,
+  EntitlementReason,
   GetUsageSummaryResponseSchema,
 } from "../src/gen/usage/v1/usage_pb.js";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { toUsageServiceError } from "../src/errors.js";
 import { withRetry } from "../src/retry.js";
 import { backoffMs, Code, idempotencyKey, retryPolicy, UsageServiceError } from "../src/index.js";
@@ -224,5 +227,88 @@ describe("conversions", () => {
     assert.equal(summary.periodSource, "PROJECTED");
     assert.equal(summary.meters[0]?.unbilled, 120n);
     assert.equal(summary.meters[0]?.pending, 0n);
+  });
+
+  test("a prepaid check reads its balance, covered units and rule; an arrears one no balance", () => {
+    const prepaid = entitlement(
+      create(CheckEntitlementResponseSchema, {
+        reason: EntitlementReason.BALANCE_EXHAUSTED,
+        balance: 70n,
+        covered: 30n,
+        rule: { billing: "prepaid", overage: false, limit: 20n, ceiling: 30n },
+      }),
+    );
+    assert.deepEqual([prepaid.reason, prepaid.balance, prepaid.covered], ["BALANCE_EXHAUSTED", 70n, 30n]);
+    assert.deepEqual([prepaid.rule?.billing, prepaid.rule?.overage, prepaid.rule?.ceiling], ["prepaid", false, 30n]);
+    const arrears = entitlement(create(CheckEntitlementResponseSchema, { rule: { billing: "arrears" } }));
+    assert.deepEqual([arrears.balance, arrears.covered, arrears.rule?.ceiling], [undefined, 0n, undefined]);
+  });
+
+  test("a meter reads its credits", () => {
+    const expiry = new Date("2026-02-28T09:00:00Z");
+    const summary = usageSummary(
+      create(GetUsageSummaryResponseSchema, {
+        meters: [
+          {
+            meter: "tokens",
+            billing: "prepaid",
+            granted: 1000n,
+            burned: 700n,
+            balance: 300n,
+            covered: 700n,
+            billableOverage: 200n,
+            ceiling: 1500n,
+            nextExpireTime: timestampFromDate(expiry),
+          },
+          { meter: "calls" },
+        ],
+      }),
+    );
+    const [tokens, calls] = summary.meters;
+    assert.deepEqual(
+      [tokens?.billing, tokens?.granted, tokens?.burned, tokens?.balance, tokens?.covered, tokens?.billableOverage],
+      ["prepaid", 1000n, 700n, 300n, 700n, 200n],
+    );
+    assert.deepEqual([tokens?.ceiling, tokens?.nextExpireTime?.getTime()], [1500n, expiry.getTime()]);
+    assert.deepEqual([calls?.ceiling, calls?.nextExpireTime, calls?.billing], [undefined, undefined, ""]);
+  });
+
+  test("a grant reads its optional times and enum names", () => {
+    const start = new Date("2026-01-31T09:00:00Z");
+    const message = create(GrantSchema, {
+      grantId: "g_1",
+      amount: 500n,
+      priority: 2,
+      source: GrantSource.TOP_UP,
+      state: GrantState.ACTIVE,
+      burned: 120n,
+      remaining: 380n,
+      effectiveTime: timestampFromDate(start),
+      createTime: timestampFromDate(start),
+    });
+    const read = grant(message);
+    assert.deepEqual(
+      [read.grantId, read.amount, read.priority, read.source, read.state, read.burned, read.remaining],
+      ["g_1", 500n, 2, "TOP_UP", "ACTIVE", 120n, 380n],
+    );
+    assert.equal(read.effectiveTime?.getTime(), start.getTime());
+    assert.deepEqual([read.expireTime, read.voidTime], [undefined, undefined]);
+    message.source = 99 as GrantSource;
+    assert.equal(grant(message).source, "UNSPECIFIED");
+    assert.throws(() => grant(undefined), TypeError);
+  });
+
+  test("a grant request sends its times only when given", () => {
+    const bare = createGrantRequest({ customerId: "c", feature: "tokens", amount: 10, idempotencyKey: "k" });
+    assert.deepEqual(
+      [bare.amount, bare.priority, bare.effectiveTime, bare.expireTime],
+      [10n, 0, undefined, undefined],
+    );
+    const expires = new Date("2026-03-01T00:00:00Z");
+    const timed = createGrantRequest({
+      customerId: "c", feature: "tokens", amount: 10n, idempotencyKey: "k", priority: 3, expireTime: expires,
+    });
+    assert.equal(timed.priority, 3);
+    assert.equal(timed.expireTime?.seconds, BigInt(expires.getTime() / 1000));
   });
 });

@@ -222,6 +222,43 @@ test("a snapshot, then each change; only the meters asked for; a resume; a signa
   }
 });
 
+test("a grant created or voided is a CREDIT change of its meter's balance", async () => {
+  const customerId = uniqueId("cus");
+  await client.upsertCustomer(activeCustomer(customerId, "prepaid"));
+  const controller = new AbortController();
+  const watch = client.watchUsage({ customerId, meters: ["llm_tokens"], signal: controller.signal })[
+    Symbol.asyncIterator
+  ]();
+  try {
+    const snapshot = (await within(watch.next(), "the snapshot")).value;
+    assert.ok(snapshot !== undefined);
+    // The plan's grant of the period counts before it is made.
+    assert.deepEqual(
+      snapshot.meters.map((m) => [m.meter, m.billing, m.balance]),
+      [["llm_tokens", "prepaid", 100n]],
+    );
+    const created = await client.createGrant({
+      customerId, feature: "llm_tokens", amount: 40, idempotencyKey: idempotencyKey("watch-grant", customerId),
+    });
+    const granted = (await within(watch.next(), "the grant's change")).value;
+    await client.voidGrant(customerId, created.grant.grantId);
+    const voided = (await within(watch.next(), "the void's change")).value;
+    assert.ok(granted !== undefined && voided !== undefined);
+    assert.deepEqual([granted.kind, voided.kind], ["CREDIT", "CREDIT"]);
+    assert.ok(snapshot.version < granted.version && granted.version < voided.version);
+    assert.deepEqual(
+      granted.meters.map((m) => [m.meter, m.balance, m.granted]),
+      [["llm_tokens", 140n, 140n]],
+    );
+    assert.deepEqual(
+      voided.meters.map((m) => [m.meter, m.balance]),
+      [["llm_tokens", 100n]],
+    );
+  } finally {
+    controller.abort();
+  }
+});
+
 for (const how of ["reset", "close"] as const) {
   test(`a connection cut (${how}) is resumed with nothing missed or repeated`, async () => {
     const customerId = await newCustomer();
