@@ -119,12 +119,6 @@ def test_a_top_up_pays_for_consumption_then_is_listed_and_voided(
     assert after.next_expire_time == customer.current_period_end_time
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a denied consume answers covered = min(quantity, balance) although it consumed "
-    "nothing: domain.decide() sets covered before the overage rule denies, and only the "
-    "plain-check path (usage_api.CheckEntitlement without consume) resets it to 0",
-)
 def test_a_denied_consume_covers_nothing(client: usage_client.UsageClient) -> None:
     cid = new_customer(client, plan_id="prepaid").customer_id
     client.create_grant(cid, "tokens", 50, idempotency_key=key())
