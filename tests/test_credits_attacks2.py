@@ -785,3 +785,42 @@ async def test_list_grants_beside_consumes_across_a_period_boundary(
     assert rollover["amount"] == min(1000, old["amount"] - old["burned"])
     burned = await service.db.fetchval("SELECT sum(amount) FROM credit_burns")
     assert burned == sum(r["burned"] for r in rows)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a late event (timed in the period before) that spends the balance raises no "
+    "credits-running-low alert: its change is logged in the ended period, which crossings "
+    "pass over whole, though the credit it carries is today's balance; with overage = false "
+    "every later consume is denied and logs nothing, so the alert is never raised",
+)
+async def test_a_late_event_that_spends_the_balance_alerts_in_the_current_period(
+    st: store.Store, plans: plans_mod.Plans, dsn: str
+) -> None:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    st.clock = lambda: dt.datetime.now(dt.UTC)
+    current = now - 10 * DAY
+    before = Period(current - 30 * DAY, current)
+    await _upsert(st, _customer("low", before.start, before.end), before.start)
+    customer = await _upsert(st, _customer("low", current, current + 30 * DAY), now)
+    pack = Grant(
+        customer_id="c1",
+        grant_id=str(uuid.uuid4()),
+        feature="tokens",
+        amount=800,
+        priority=0,
+        effective_at=before.start,
+        expires_at=None,
+        source=GrantSource.TOP_UP,
+        idempotency_key=_key(),
+        created_at=before.start,
+    )
+    await st.create_grant(pack, b"pack", customer, before)
+    async with alerts_support.pool(dsn) as db:
+        alerter = alerts_support.alerter(db, plans)
+        await st.record([_event(800, current - 5 * DAY)])  # late: paid by the pack
+        denied = await _consume_at(st, plans, 1, dt.datetime.now(dt.UTC))
+        assert denied.decision is not None and not denied.decision.allowed
+        assert denied.decision.balance == 0
+        await alerter.catch_up()
+        assert await _low_alerts(db, "c1") == [("balance 0", current), ("balance 500", current)]
