@@ -22,6 +22,7 @@ from usage_service.storage.alerts import Crossing, Known
 LATE = dt.timedelta(days=1)  # how long after its period ended a crossing is still raised
 OWN_KIND = "threshold"  # the alerter's own changes: never judged
 PLAN_KIND = "customer"  # UpsertCustomer's changes: their detail names the plan
+BALANCE_KINDS = frozenset({"usage", "credit"})  # changes whose credit can cross a balance alert
 
 
 def watched_plans(plans: Plans) -> frozenset[str]:
@@ -65,7 +66,9 @@ def crossings(
                 if key not in seen:
                     seen.add(key)
                     out.append(Crossing(meter, t.text, t.amount, used, start, end, totals))
-        for meter, value in c.detail.get("credit", {}).items():
+        # credits run low by what burns or voids them, not by a plan or period change
+        credit = c.detail.get("credit", {}) if c.kind in BALANCE_KINDS else {}
+        for meter, value in credit.items():
             feature = plan.metered.get(meter)
             if feature is None or not feature.prepaid:
                 continue

@@ -155,10 +155,12 @@ async def _watch(
         if change.period_start is not None and change.period_end is not None:
             if change.period_start >= state.period.start or change.kind in WHOLE:
                 state.period = periods.Period(change.period_start, change.period_end)
-        if change.kind in WHOLE:  # a new period's plan grants, or another plan's features
+        if change.kind in WHOLE and "credit" not in change.detail:  # a new period's grants
             now = _now()
             since = min(now, state.period.start)
             state.count_credit(plans, await watch.grants(hub.pool, customer_id, since), now)
+        if change.kind in WHOLE and "credit" in change.detail:  # the plan's credit, whole
+            state.credit = {}
         for meter, value in change.detail.get("credit", {}).items():
             state.credit[meter] = domain.Credit.from_json(value)
         message = _message(

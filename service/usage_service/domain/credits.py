@@ -236,12 +236,19 @@ def period_grants(
     Stored grants are the customer's grants of `feature` that expire at or after the start of
     the previous period, or never."""
     keys = {g.idempotency_key for g in stored}
+
+    def made(source: GrantSource) -> bool:
+        """Whether the period has its grant from `source` (one whose span starts in it, as
+        webhooks may have moved it there), or its key is taken."""
+        inside = (g for g in stored if g.source is source and period.contains(g.effective_at))
+        return any(inside) or plan_key(feature, source, period) in keys
+
     out = []
-    key = plan_key(feature, GrantSource.PLAN, period)
-    if key not in keys:
+    if not made(GrantSource.PLAN):
+        key = plan_key(feature, GrantSource.PLAN, period)
         out.append(_plan_grant(customer_id, feature, spec, period, spec.amount, key, now))
     key = plan_key(feature, GrantSource.ROLLOVER, period)
-    if spec.rollover_cap and now >= period.start and key not in keys:
+    if spec.rollover_cap and now >= period.start and not made(GrantSource.ROLLOVER):
         unused = sum(
             g.amount - g.burned
             for g in stored

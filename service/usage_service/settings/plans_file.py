@@ -15,6 +15,7 @@ import json
 import pathlib
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, NoReturn
@@ -44,6 +45,8 @@ from usage_service.domain.plans import (
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 Whole = Annotated[int, Field(ge=0)]
+Total = Annotated[int, Field(ge=0, le=domain.MAX_TOTAL)]  # a figure the service stores (int64)
+Positive = Annotated[int, Field(ge=1, le=domain.MAX_TOTAL)]
 
 _PERCENT = r"((?=[0-9.]*[1-9])\d+(?:\.\d+)?)% of (included|limit)"  # a percentage > 0
 THRESHOLD_FORMS = '"P% of included", "P% of limit" or a whole number >= 1'
@@ -124,11 +127,11 @@ class MeterTable(_Table):
 class GrantTable(_Table):
     """A prepaid feature's grant each billing period."""
 
-    amount: Annotated[int, Field(ge=1)] = Field(description="units granted each period")
+    amount: Positive = Field(description="units granted each period")
     priority: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = Field(
         None, description="lower burns first (default 0)"
     )
-    rollover_cap: Whole | None = Field(
+    rollover_cap: Total | None = Field(
         None,
         description="carry the unused part of a period's grant into the next, up to this "
         "(default 0: nothing carries over)",
@@ -147,7 +150,7 @@ class FeatureTable(_Table):
     thresholds: list[ThresholdItem] | None = Field(
         None, description="usage levels that raise an alert once per period (webhook and stream)"
     )
-    ceiling: Whole | None = Field(
+    ceiling: Total | None = Field(
         None,
         description="a soft limit's hard ceiling: past the limit allow and flag, past this deny",
     )
@@ -160,7 +163,7 @@ class FeatureTable(_Table):
         None, description="prepaid: allow (and report) usage beyond the grants (default true)"
     )
     grant: GrantTable | None = Field(None, description="prepaid: a grant each period")
-    balance_alerts: list[Whole] | None = Field(
+    balance_alerts: list[Total] | None = Field(
         None,
         description="prepaid: balances that raise an alert once per period when the grants' "
         "balance falls to or below them (credits running low)",
@@ -239,13 +242,16 @@ def _reason(error: ErrorDetails) -> str:
         return f"declare at least one {str(error['loc'][-1]).removesuffix('s')}"
     if kind == "string_too_long":
         return f"names must be 1..{MAX_NAME_LENGTH} printable characters"
+    if kind == "greater_than_equal":
+        return f"must be a whole number >= {context.get('ge', 0)}"
+    if kind == "less_than_equal":
+        return f"must be at most {context.get('le')} (the largest int64)"
     return _REASONS.get(kind) or settings.describe(error)
 
 
 _REASONS = {
     "missing": "is missing",
     "int_type": "must be a whole number >= 0",
-    "greater_than_equal": "must be a whole number >= 0",
     "bool_type": "must be true or false",
     "string_type": "must be a non-empty string",
     "string_too_short": "must be a non-empty string",
@@ -263,6 +269,8 @@ def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
         if typing.get_origin(kind) is dict:  # a table of named entries: skip the name
             parts.pop(0)
             kind = typing.get_args(kind)[1]
+        if isinstance(kind, types.UnionType):  # an optional table: the table
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
         model = kind
     return sorted(model.model_fields)
 

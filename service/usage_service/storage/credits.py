@@ -197,47 +197,55 @@ async def lock(
     the next period's rollover from it)."""
     ordered = sorted(wanted, key=lambda w: w.key)
     sinces = [min([now, *(p.start for p in w.spans)]) for w in ordered]
-    for _ in range(3):
-        rows = await conn.fetch(
-            q.LOCK_GRANTS_OF,
-            [w.customer_id for w in ordered],
-            [w.feature.meter for w in ordered],
-            sinces,
+    rows = await conn.fetch(
+        q.LOCK_GRANTS_OF,
+        [w.customer_id for w in ordered],
+        [w.feature.meter for w in ordered],
+        sinces,
+    )
+    now = max(now, clock())
+    grants: dict[tuple[str, str], list[Grant]] = {w.key: [] for w in ordered}
+    for r in rows:
+        grants[(r["customer_id"], r["feature"])].append(grant_from_row(r))
+    missing = [
+        dataclasses.replace(g, grant_id=ids.new_event_id())
+        for w in ordered
+        if w.feature.grant is not None
+        for p in w.spans
+        if p.end > now
+        for g in credits.period_grants(
+            w.customer_id, w.feature.meter, w.feature.grant, p, grants[w.key], now
         )
-        now = max(now, clock())
-        grants: dict[tuple[str, str], list[Grant]] = {w.key: [] for w in ordered}
-        for r in rows:
-            grants[(r["customer_id"], r["feature"])].append(grant_from_row(r))
-        missing = [
-            dataclasses.replace(g, grant_id=ids.new_event_id())
-            for w in ordered
-            if w.feature.grant is not None
-            for p in w.spans
-            if p.end > now
-            for g in credits.period_grants(
-                w.customer_id, w.feature.meter, w.feature.grant, p, grants[w.key], now
-            )
+    ]
+    if not missing:
+        return grants, now
+    made = await conn.fetch(
+        q.INSERT_PLAN_GRANTS,
+        [g.customer_id for g in missing],
+        [g.grant_id for g in missing],
+        [g.feature for g in missing],
+        [g.amount for g in missing],
+        [g.priority for g in missing],
+        [g.effective_at for g in missing],
+        [g.expires_at for g in missing],
+        [g.source.value for g in missing],
+        [g.idempotency_key for g in missing],
+        now,
+    )
+    if len(made) < len(missing):  # another burner made some first: lock them, newest last
+        mine = {(r["customer_id"], r["idempotency_key"]) for r in made}
+        theirs = [g for g in missing if (g.customer_id, g.idempotency_key) not in mine]
+        made = [
+            *made,
+            *await conn.fetch(
+                q.LOCK_GRANTS_BY_KEY,
+                [g.customer_id for g in theirs],
+                [g.idempotency_key for g in theirs],
+            ),
         ]
-        if not missing:
-            return grants, now
-        made = await conn.fetch(
-            q.INSERT_PLAN_GRANTS,
-            [g.customer_id for g in missing],
-            [g.grant_id for g in missing],
-            [g.feature for g in missing],
-            [g.amount for g in missing],
-            [g.priority for g in missing],
-            [g.effective_at for g in missing],
-            [g.expires_at for g in missing],
-            [g.source.value for g in missing],
-            [g.idempotency_key for g in missing],
-            now,
-        )
-        if len(made) == len(missing):  # ours, so locked by this transaction
-            for r in made:
-                grants[(r["customer_id"], r["feature"])].append(grant_from_row(r))
-            return grants, now
-    raise asyncpg.exceptions.SerializationError("plan grants kept changing; retry")
+    for r in made:
+        grants[(r["customer_id"], r["feature"])].append(grant_from_row(r))
+    return grants, now
 
 
 async def follow_periods(
@@ -248,21 +256,22 @@ async def follow_periods(
     now: dt.datetime,
 ) -> None:
     """A webhook confirmed a period starting at `start` (`schedule`: the customer's periods
-    now): the plan's grants follow the boundaries. One that ran past `start` ends there; one of
-    a period from `start` on ends with its period, or is voided when no period starts where it
-    does any more."""
-    for row in await conn.fetch(q.PLAN_GRANTS_FROM, customer_id, start):
-        g = grant_from_row(row)
-        if g.effective_at < start:
-            end: dt.datetime | None = start
-        else:
-            period = periods.period_at(schedule, g.effective_at)
-            end = period.end if period.start == g.effective_at else None
-        if end is None:
+    now): the plan's grants follow the boundaries. Each plan (and rollover) grant it moves ends
+    with the period that contains its start (the start of the period it was made for); when two
+    land in one period, the earlier keeps it and the later is voided (what it paid for stays
+    paid)."""
+    claimed: set[tuple[str, GrantSource, dt.datetime]] = set()
+    moved = [grant_from_row(r) for r in await conn.fetch(q.PLAN_GRANTS_FROM, customer_id, start)]
+    for g in sorted(moved, key=lambda g: (g.feature, g.source, g.effective_at, g.grant_id)):
+        period = periods.period_at(schedule, g.effective_at)
+        key = (g.feature, g.source, period.start)
+        if key in claimed:
             if g.voided_at is None:
                 await conn.execute(q.VOID_GRANT, customer_id, g.grant_id, now)
-        elif end != g.expires_at:
-            await conn.execute(q.SET_GRANT_EXPIRY, customer_id, g.grant_id, end)
+            continue
+        claimed.add(key)
+        if g.expires_at != period.end:
+            await conn.execute(q.SET_GRANT_EXPIRY, customer_id, g.grant_id, period.end)
 
 
 async def make_plan_grants(

@@ -14,15 +14,25 @@ GRANT_COLUMNS_OF_G = """g.customer_id, g.grant_id::text, g.feature, g.amount, g.
 _KEPT = """(expires_at >= $3
     OR (expires_at IS NULL AND voided_at IS NULL AND (spent_at IS NULL OR spent_at >= $3)))"""
 
-# The grants of several customers' features that may still count (as _KEPT), locked in
-# customer order. $1 customer_id[], $2 feature[], $3 since[]
+# The grants of several customers' features that may still count (as _KEPT), locked in the one
+# order every locker of grants takes: customer, feature, effective time, id (grants made later
+# are for later periods, so a burner that makes them locks them last).
+# $1 customer_id[], $2 feature[], $3 since[]
 LOCK_GRANTS_OF = f"""
 SELECT {GRANT_COLUMNS_OF_G} FROM credit_grants g
 JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(c, f, since)
     ON g.customer_id = u.c AND g.feature = u.f
 WHERE g.expires_at >= u.since OR (g.expires_at IS NULL AND g.voided_at IS NULL
     AND (g.spent_at IS NULL OR g.spent_at >= u.since))
-ORDER BY g.customer_id, g.feature, g.grant_id
+ORDER BY g.customer_id, g.feature, g.effective_at, g.grant_id
+FOR UPDATE OF g"""
+
+# Grants by key, locked (in the order above): the plan's grants another burner made first.
+# $1 customer_id[], $2 idempotency_key[]
+LOCK_GRANTS_BY_KEY = f"""
+SELECT {GRANT_COLUMNS_OF_G} FROM credit_grants g
+JOIN unnest($1::text[], $2::text[]) AS u(c, k) ON g.customer_id = u.c AND g.idempotency_key = u.k
+ORDER BY g.customer_id, g.feature, g.effective_at, g.grant_id
 FOR UPDATE OF g"""
 
 # The plan's grants of periods, made on first use; a key taken already inserts nothing.
@@ -109,12 +119,13 @@ WHERE t.customer_id = u.c AND t.meter = u.m AND t.period_start = u.s
 RETURNING t.*"""
 
 # The plan's grants of a customer that a webhook confirming a period starting at $2 may move:
-# those of periods from $2 on, and one that ran past $2. $1 customer_id, $2 start
+# those of periods from $2 on, and those that ran past $2, locked in the order burners lock
+# grants. $1 customer_id, $2 start
 PLAN_GRANTS_FROM = f"""
 SELECT {GRANT_COLUMNS} FROM credit_grants
 WHERE customer_id = $1 AND source IN ('plan', 'rollover')
     AND (effective_at >= $2 OR expires_at > $2)
-ORDER BY grant_id
+ORDER BY feature, effective_at, grant_id
 FOR UPDATE"""
 
 # $1 customer_id, $2 grant_id, $3 expires_at

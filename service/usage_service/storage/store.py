@@ -207,17 +207,17 @@ class Store:
             period = await self.period_now(saved, now, conn)
             rows = await conn.fetch(queries.PERIOD_TOTALS, saved.customer_id, period.start)
             figures = {r["meter"]: totals_from_row(r) for r in rows}
+            detail: dict[str, object] = {
+                "plan_id": saved.plan_id,
+                "status": saved.subscription_status.value,
+            }
+            prepaid = {n: f for n, f in (plan.metered.items() if plan else ()) if f.prepaid}
+            if prepaid:  # the plan's credit as this change leaves it, for WatchUsage
+                credit = await credits.credit(conn, saved.customer_id, prepaid, period, now)
+                detail["credit"] = {m: cr.to_json() for m, cr in credit.items()}
             await changes.append(
                 conn,
-                [
-                    changes.Change(
-                        saved.customer_id,
-                        "customer",
-                        *period.bounds,
-                        figures,
-                        {"plan_id": saved.plan_id, "status": saved.subscription_status.value},
-                    )
-                ],
+                [changes.Change(saved.customer_id, "customer", *period.bounds, figures, detail)],
                 dt.datetime.now(dt.UTC),
             )
         return saved, period
