@@ -40,7 +40,6 @@ __all__ = [
     "live",
     "lock",
     "log_grant",
-    "make_plan_grants",
     "top_up",
     "void",
 ]
@@ -272,18 +271,6 @@ async def follow_periods(
         claimed.add(key)
         if g.expires_at != period.end:
             await conn.execute(q.SET_GRANT_EXPIRY, customer_id, g.grant_id, period.end)
-
-
-async def make_plan_grants(
-    conn: Conn,
-    customer_id: str,
-    feature: MeteredFeature,
-    period: Period,
-    clock: Callable[[], dt.datetime],
-) -> None:
-    """Makes the plan's grants of `period` (unless it has ended) that are not made yet, holding
-    the feature's grants as burners do."""
-    await lock(conn, [Wanted(customer_id, feature, [period])], clock(), clock)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -561,12 +561,18 @@ class Store:
     ) -> list[credits.Grant]:
         """The customer's grants (of `feature`, '' all) in burn order, after making the plan's
         grants of `period` for the features in `made`, so that each has an id."""
-        if made:
+        if made:  # as a burner: the customer (shared), the totals rows, then the grants
             async with self.pool.acquire() as conn, conn.transaction():
-                for _, f in sorted(made.items()):
-                    await credits.make_plan_grants(
-                        conn, customer.customer_id, f, period, lambda: max(now, self.clock())
+                await conn.fetch(queries.LOCK_CUSTOMERS, [customer.customer_id])
+                for name in sorted(made):
+                    await conn.fetchrow(
+                        queries.LOCK_TOTALS, customer.customer_id, name, *period.bounds
                     )
+                wanted = [
+                    credits.Wanted(customer.customer_id, f, [period])
+                    for _, f in sorted(made.items())
+                ]
+                await credits.lock(conn, wanted, max(now, self.clock()), self.clock)
         return await credits.listed(self.pool, customer.customer_id, feature)
 
     async def burned_by(self, customer_id: str, event_id: str) -> int:
