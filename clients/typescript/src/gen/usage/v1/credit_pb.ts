@@ -408,8 +408,8 @@ export const CreditService: GenService<{
     output: typeof CreateGrantResponseSchema;
   },
   /**
-   * Voids a grant: its remaining balance is removed from then on. Voiding twice changes
-   * nothing more.
+   * Voids a grant: its remaining balance is removed from then on. A grant already voided,
+   * spent or expired is answered as it is, with voided = 0.
    *
    * @generated from rpc usage.v1.CreditService.VoidGrant
    */
