@@ -69,8 +69,8 @@ class CreditServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def VoidGrant(self, request, context):
-        """Voids a grant: its remaining balance is removed from then on. Voiding twice changes
-        nothing more.
+        """Voids a grant: its remaining balance is removed from then on. A grant already voided,
+        spent or expired is answered as it is, with voided = 0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
