@@ -245,9 +245,9 @@ def period_grants(
 
     out = []
     if not made(GrantSource.PLAN):
-        key = plan_key(feature, GrantSource.PLAN, period)
-        out.append(_plan_grant(customer_id, feature, spec, period, spec.amount, key, now))
-    key = plan_key(feature, GrantSource.ROLLOVER, period)
+        out.append(
+            _plan_grant(customer_id, feature, spec, period, spec.amount, GrantSource.PLAN, now)
+        )
     if spec.rollover_cap and now >= period.start and not made(GrantSource.ROLLOVER):
         unused = sum(
             g.amount - g.burned
@@ -259,7 +259,8 @@ def period_grants(
         )
         amount = min(unused, spec.rollover_cap)
         if amount > 0:
-            out.append(_plan_grant(customer_id, feature, spec, period, amount, key, now))
+            source = GrantSource.ROLLOVER
+            out.append(_plan_grant(customer_id, feature, spec, period, amount, source, now))
     return out
 
 
@@ -269,12 +270,9 @@ def _plan_grant(
     spec: RecurringGrant,
     period: Period,
     amount: int,
-    key: str,
+    source: GrantSource,
     now: dt.datetime,
 ) -> Grant:
-    source = (
-        GrantSource.ROLLOVER if key.startswith(GrantSource.ROLLOVER.value) else GrantSource.PLAN
-    )
     return Grant(
         customer_id=customer_id,
         grant_id="",
@@ -284,7 +282,7 @@ def _plan_grant(
         effective_at=period.start,
         expires_at=period.end,
         source=source,
-        idempotency_key=key,
+        idempotency_key=plan_key(feature, source, period),
         created_at=now,
     )
 

@@ -160,8 +160,7 @@ async def credit(
 ) -> dict[str, domain.Credit]:
     """Per prepaid feature, its grants as usage timed `now` sees them, the plan's grants of
     `period` counted whether made yet or not. A read."""
-    rows = await conn.fetch(q.LIVE_GRANTS_OF, customer_id, list(features), min(period.start, now))
-    grants = [grant_from_row(r) for r in rows]
+    grants = await live(conn, customer_id, min(period.start, now))
     return {
         name: credits.credit_of(customer_id, feature, grants, period, now)
         for name, feature in features.items()

@@ -48,11 +48,6 @@ FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[], $5::integer[],
 ON CONFLICT (customer_id, idempotency_key) DO NOTHING
 RETURNING {GRANT_COLUMNS}"""
 
-# Several features' grants of one customer, for a summary. $1 customer_id, $2 feature[], $3 since
-LIVE_GRANTS_OF = f"""
-SELECT {GRANT_COLUMNS} FROM credit_grants
-WHERE customer_id = $1 AND feature = ANY($2::text[]) AND {_KEPT}"""
-
 # Every feature's grants of one customer that may still count (as _KEPT). $1 customer_id, $2 since
 CUSTOMER_GRANTS = f"""
 SELECT {GRANT_COLUMNS} FROM credit_grants
