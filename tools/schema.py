@@ -30,9 +30,18 @@ HEADER = """\
 -- tests/test_schema.py compares this file with a database built from the migrations.
 """
 
+# Tables, partitioned ones with their partition key. Partitions are left out: the months of
+# usage_events are made as time goes on (storage/partitions.py); the DEFAULT ones are listed.
 TABLES = """
-SELECT c.oid, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
+SELECT c.oid, c.relname, pg_get_partkeydef(c.oid) AS partition_key
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+ORDER BY c.relname"""
+
+# $1 partitioned table oid
+DEFAULT_PARTITIONS = """
+SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = $1 AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT'
 ORDER BY c.relname"""
 
 # $1 table oid
@@ -80,8 +89,13 @@ async def dump(conn: asyncpg.Connection) -> str:
             lines.append(line)
         for con in await conn.fetch(CONSTRAINTS, table["oid"]):
             lines.append(f"    CONSTRAINT {con['conname']} {con['definition']}")
-        out.append(f"CREATE TABLE {table['relname']} (\n" + ",\n".join(lines) + "\n);")
+        key = f" PARTITION BY {table['partition_key']}" if table["partition_key"] else ""
+        out.append(f"CREATE TABLE {table['relname']} (\n" + ",\n".join(lines) + f"\n){key};")
         out += [f"{index['definition']};" for index in await conn.fetch(INDEXES, table["oid"])]
+        out += [
+            f"CREATE TABLE {part['relname']} PARTITION OF {table['relname']} DEFAULT;"
+            for part in await conn.fetch(DEFAULT_PARTITIONS, table["oid"])
+        ]
         out.append("")
     for seq in await conn.fetch(SEQUENCES):
         out.append(

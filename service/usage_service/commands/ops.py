@@ -38,7 +38,8 @@ def add_commands(commands: Any) -> None:
         "prune",
         help="delete events reported to their provider more than DAYS ago",
         description="Delete events reported to their provider more than DAYS ago, in past "
-        "periods, customer by customer; totals stay. Progress goes to stderr.",
+        "periods: a month (of recording) whose events all qualify is dropped whole, the rest "
+        "go customer by customer; totals and idempotency keys stay. Progress goes to stderr.",
     )
     prune.add_argument("--older-than", type=int, required=True, metavar="DAYS", help="at least 1")
     prune.add_argument(
@@ -77,8 +78,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.older_than < MIN_PRUNE_DAYS or args.batch_size < 1:
         print("usage-service: --older-than and --batch-size must be >= 1", file=sys.stderr)
         return 2
-    deleted = asyncio.run(_prune(settings, args.older_than, args.batch_size))
-    print(f"pruned {deleted} reported events older than {args.older_than} days")
+    pruned = asyncio.run(_prune(settings, args.older_than, args.batch_size))
+    months = ", ".join(f"{m:%Y-%m}" for m in pruned.months) or "none"
+    print(
+        f"pruned {pruned.events} reported events older than {args.older_than} days"
+        f" (months dropped whole: {months})"
+    )
     return 0
 
 
@@ -145,8 +150,6 @@ async def _verify(settings: Settings, customers: list[str], fix: bool) -> list[h
         return await history.verify(st.pool, customers, progress_printer("verify"), fix)
 
 
-async def _prune(settings: Settings, days: int, batch: int) -> int:
+async def _prune(settings: Settings, days: int, batch: int) -> ops.Pruned:
     async with database.database(settings.database) as st:
-        return await ops.prune_reported(
-            st.pool, dt.timedelta(days=days), batch, progress_printer("prune")
-        )
+        return await ops.prune(st.pool, dt.timedelta(days=days), batch, progress_printer("prune"))

@@ -3,19 +3,21 @@ replicas starting at once apply each one exactly once."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import pathlib
 
 import asyncpg
 
-from usage_service.storage import queries
+from usage_service.storage import partitions, queries
 
 MIGRATIONS = pathlib.Path(__file__).with_name("migrations")
 log = logging.getLogger(__name__)
 
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Applies the migrations not yet applied; returns their versions."""
+    """Applies the migrations not yet applied, then makes the month partitions of usage_events
+    due (storage/partitions.py); returns the versions applied."""
     applied_now: list[str] = []
     await conn.execute(queries.MIGRATION_LOCK)
     try:
@@ -30,6 +32,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 await conn.execute(queries.MIGRATION_DONE, file.stem)
             log.info("applied migration %s", file.stem, extra={"action": "migrate"})
             applied_now.append(file.stem)
+        await partitions.ensure(conn, dt.datetime.now(dt.UTC))
     finally:
         await conn.execute(queries.MIGRATION_UNLOCK)
     return applied_now

@@ -148,21 +148,31 @@ FROM ({_EVENT_TOTALS}) agg"""
 # $1 event_id[], $2 customer_id[], $3 idempotency_key[], $4 meter[], $5 quantity[],
 # $6 event_time[], $7 properties[] (JSON text), $8 payload_hash[], $9 acceptance order[] (the
 # event's place in the call, < 2^20): seq = one sequence value per statement, then that order;
-# $10 provider[] (the customer's; '' none: the event is unbilled; NULL: not decided yet)
+# $10 provider[] (the customer's; '' none: the event is unbilled; NULL: not decided yet).
+# Each event first claims its key in usage_keys (rows come sorted by key); an event whose key is
+# taken, now or long ago (its event may be pruned), is not stored and returns no row.
 INSERT_EVENTS = """
+WITH u AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                         $6::timestamptz[], $7::text[], $8::bytea[], $9::bigint[], $10::text[])
+        AS u(e, c, k, m, q, t, p, h, o, pr)
+), claimed AS (
+    INSERT INTO usage_keys (customer_id, idempotency_key, payload_hash, event_id)
+    SELECT c, k, h, e FROM u
+    ON CONFLICT (customer_id, idempotency_key) DO NOTHING
+    RETURNING event_id
+)
 INSERT INTO usage_events (
     event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
     payload_hash, seq, provider, report_state)
 SELECT e, c, k, m, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o, pr,
     CASE WHEN pr = '' THEN 'unbilled' ELSE 'pending' END
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::timestamptz[],
-            $7::text[], $8::bytea[], $9::bigint[], $10::text[]) AS u(e, c, k, m, q, t, p, h, o, pr)
-ON CONFLICT (customer_id, idempotency_key) DO NOTHING
+FROM u JOIN claimed ON claimed.event_id = u.e
 RETURNING seq"""
 
-# $1 customer_id[], $2 idempotency_key[]
+# The event each key names, pruned or not. $1 customer_id[], $2 idempotency_key[]
 EXISTING_EVENTS = """
-SELECT customer_id, idempotency_key, event_id, payload_hash FROM usage_events
+SELECT customer_id, idempotency_key, event_id, payload_hash FROM usage_keys
 WHERE (customer_id, idempotency_key) IN (
     SELECT * FROM unnest($1::text[], $2::text[]))"""
 
@@ -234,8 +244,8 @@ RETURNING period_start, period_end, {_TOTALS_COLUMNS}"""
 
 # The consume path's first statement: the customer (shared lock); the totals row of the period
 # containing now, locked, when one exists and the customer's plan meters the feature and its
-# status allows usage; and the event already stored under the key, if any, with the decision
-# that consumed it (both read before the totals lock was granted).
+# status allows usage; and the event the key names (usage_keys: even if the event was pruned),
+# if any, with the decision that consumed it (both read before the totals lock was granted).
 # $1 customer_id, $2 meter, $3 plan ids that meter $2, $4 allowed statuses, $5 idempotency_key,
 # $6 now
 CONSUME_LOCK = f"""
@@ -256,34 +266,40 @@ SELECT c.*, locked.t_start IS NOT NULL AS locked, locked.*,
     d.decision_id AS seen_decision_id
 FROM c
 LEFT JOIN locked ON true
-LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $5
+LEFT JOIN usage_keys k ON k.customer_id = $1 AND k.idempotency_key = $5
 LEFT JOIN decisions d ON d.customer_id = $1 AND d.event_id = k.event_id"""
 
-# The event stored under a key (with the decision that consumed it) and the customer's change
-# version, read once the consume holds its locks: always one row.
+# The event a key names (usage_keys: even if the event was pruned; with the decision that
+# consumed it) and the customer's change version, read once the consume holds its locks: always
+# one row.
 # $1 customer_id, $2 idempotency_key
 KEY_AND_VERSION = """
 SELECT k.event_id AS seen_event_id, k.payload_hash AS seen_payload_hash,
     d.decision_id AS seen_decision_id, coalesce(h.version, 0) AS totals_version
 FROM (SELECT 1) one
-LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $2
+LEFT JOIN usage_keys k ON k.customer_id = $1 AND k.idempotency_key = $2
 LEFT JOIN decisions d ON d.customer_id = $1 AND d.event_id = k.event_id
 LEFT JOIN usage_change_heads h ON h.customer_id = $1"""
 
 # One consumed event, its lifetime total and its period's totals row (created and locked by
 # CONSUME_LOCK or LOCK_TOTALS), in one statement, answering the event id and the totals row as
-# the event left it. No row: the key was taken.
+# the event left it. No row: the key was taken (usage_keys: now, or by an event since pruned).
 # $1 event_id, $2 customer_id, $3 idempotency_key, $4 meter, $5 quantity, $6 event_time,
 # $7 properties (JSON text), $8 payload_hash, $9 period_start, $10 provider ('' none: unbilled)
 CONSUME_INSERT = """
-WITH ins AS (
+WITH claimed AS (
+    INSERT INTO usage_keys (customer_id, idempotency_key, payload_hash, event_id)
+    VALUES ($2, $3, $8, $1::uuid)
+    ON CONFLICT (customer_id, idempotency_key) DO NOTHING
+    RETURNING event_id
+), ins AS (
     INSERT INTO usage_events (
         event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
         payload_hash, seq, provider, report_state)
-    VALUES ($1::uuid, $2, $3, $4, $5, $6, $7::text::jsonb, $8,
+    SELECT $1::uuid, $2, $3, $4, $5, $6, $7::text::jsonb, $8,
         nextval('usage_events_seq') * 1048576, $10::text,
-        CASE WHEN $10::text = '' THEN 'unbilled' ELSE 'pending' END)
-    ON CONFLICT (customer_id, idempotency_key) DO NOTHING
+        CASE WHEN $10::text = '' THEN 'unbilled' ELSE 'pending' END
+    FROM claimed
     RETURNING event_id, customer_id, meter, quantity, event_time, seq
 ), life AS (
     INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)

@@ -193,16 +193,24 @@ CREATE TABLE usage_events (
     provider text,
     covered bigint NOT NULL DEFAULT 0,
     CONSTRAINT usage_events_covered_within CHECK (((covered >= 0) AND (covered <= quantity))),
-    CONSTRAINT usage_events_customer_key UNIQUE (customer_id, idempotency_key),
-    CONSTRAINT usage_events_pkey PRIMARY KEY (event_id),
+    CONSTRAINT usage_events_pkey PRIMARY KEY (event_id, customer_id, recorded_at),
     CONSTRAINT usage_events_provider_known CHECK ((provider = ANY (ARRAY[''::text, 'stripe'::text, 'lemon_squeezy'::text, 'polar'::text, 'dodo_payments'::text, 'creem'::text]))),
     CONSTRAINT usage_events_quantity_check CHECK ((quantity >= 0)),
     CONSTRAINT usage_events_report_state_known CHECK ((report_state = ANY (ARRAY['pending'::text, 'reported'::text, 'failed'::text, 'unbilled'::text, 'covered'::text])))
+) PARTITION BY RANGE (recorded_at);
+CREATE INDEX usage_events_customer_time ON ONLY public.usage_events USING btree (customer_id, event_time);
+CREATE INDEX usage_events_in_report ON ONLY public.usage_events USING btree (report_id) WHERE ((report_state = 'pending'::text) AND (report_id IS NOT NULL));
+CREATE INDEX usage_events_parked ON ONLY public.usage_events USING btree (customer_id) WHERE (report_state = 'failed'::text);
+CREATE INDEX usage_events_unclaimed ON ONLY public.usage_events USING btree (provider, event_time, event_id) WHERE ((report_state = 'pending'::text) AND (report_id IS NULL));
+CREATE TABLE usage_events_default PARTITION OF usage_events DEFAULT;
+
+CREATE TABLE usage_keys (
+    customer_id text NOT NULL,
+    idempotency_key text NOT NULL,
+    payload_hash bytea NOT NULL,
+    event_id uuid NOT NULL,
+    CONSTRAINT usage_keys_pkey PRIMARY KEY (customer_id, idempotency_key)
 );
-CREATE INDEX usage_events_customer_time ON public.usage_events USING btree (customer_id, event_time);
-CREATE INDEX usage_events_in_report ON public.usage_events USING btree (report_id) WHERE ((report_state = 'pending'::text) AND (report_id IS NOT NULL));
-CREATE INDEX usage_events_parked ON public.usage_events USING btree (customer_id) WHERE (report_state = 'failed'::text);
-CREATE INDEX usage_events_unclaimed ON public.usage_events USING btree (provider, event_time, event_id) WHERE ((report_state = 'pending'::text) AND (report_id IS NULL));
 
 CREATE TABLE usage_lifetime (
     customer_id text NOT NULL,
