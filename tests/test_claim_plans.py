@@ -75,9 +75,27 @@ def indexes(used: set[tuple[str, str, str]], relation: str) -> set[str]:
     return found
 
 
+# Partitions and their indexes, with the table or index they belong to, and whether the
+# partition holds no rows (as ANALYZE saw it).
+PARTS = """
+SELECT c.relname AS part, p.relname AS parent, c.relkind = 'r' AND c.reltuples <= 0 AS empty
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent"""
+
+
 async def plan(conn: asyncpg.Connection, sql: str, *args: Any) -> set[tuple[str, str, str]]:
+    """The scans of a plan, those of a partition (usage_events' months) named after its table
+    and index; scans of empty partitions (months ahead, DEFAULT) are left out: whatever the
+    planner reads them with costs nothing."""
     (explained,) = json.loads(await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args))
-    return set(scans(explained["Plan"]))
+    parts = {r["part"]: r for r in await conn.fetch(PARTS)}
+    out = set()
+    for kind, rel, index in scans(explained["Plan"]):
+        if rel in parts:
+            if parts[rel]["empty"]:
+                continue
+            rel = parts[rel]["parent"]
+        out.add((kind, rel, parts[index]["parent"] if index in parts else index))
+    return out
 
 
 async def without(conn: asyncpg.Connection, index: str, sql: str, *args: Any) -> set[str]:

@@ -121,7 +121,8 @@ SECOND = dt.timedelta(seconds=1)
 EVER = dt.datetime.max.replace(tzinfo=dt.UTC)
 TABLES = (
     "credit_burns, credit_grants, decisions, reports, usage_changes, usage_change_heads, "
-    "usage_events, usage_totals, usage_lifetime, billing_periods, customer_providers, customers"
+    "usage_events, usage_keys, usage_totals, usage_lifetime, billing_periods, customer_providers, "
+    "customers"
 )
 EVENT_ROWS = """
 SELECT event_id::text, covered, report_state FROM usage_events WHERE customer_id = $1"""

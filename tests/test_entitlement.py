@@ -213,6 +213,12 @@ async def test_a_consume_that_waited_for_its_own_original_is_a_replay(service: S
             event_id,
             domain.payload_hash("tokens", 10, None, {}),
         )
+        await conn.execute(  # its key, claimed as every write of an event claims it
+            "INSERT INTO usage_keys (customer_id, idempotency_key, payload_hash, event_id)"
+            " VALUES ('cus_1', 'last', $2, $1)",
+            event_id,
+            domain.payload_hash("tokens", 10, None, {}),
+        )
         retry = asyncio.ensure_future(
             service.usage.CheckEntitlement(check(quantity=10, consume=True, key="last"))
         )

@@ -345,7 +345,9 @@ burst_ops = st.one_of(
 
 # --- the live service --------------------------------------------------------------------------
 
-TABLES = "reports, usage_events, usage_totals, usage_lifetime, billing_periods, customers"
+TABLES = (
+    "reports, usage_events, usage_keys, usage_totals, usage_lifetime, billing_periods, customers"
+)
 EVENTS = """
 SELECT event_id::text AS event_id, customer_id, idempotency_key, meter, quantity, event_time
 FROM usage_events"""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ from usage_service.storage import partitions_queries as pq
 
 DEFAULT_PRUNE_BATCH = 1000  # events deleted per transaction
 DROP_TRIES = 5  # attempts at a month's drop lock before leaving the month to the next prune
+CLOSE_CHUNK = 100  # customers whose periods prune closes per transaction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,7 @@ def pool_use(pool: asyncpg.Pool) -> PoolUse:
 class Pruned:
     events: int  # events gone: dropped with their month, or deleted one by one
     months: tuple[dt.date, ...]  # months of recorded_at dropped whole
+    longest_lock: float = 0.0  # seconds, of any drop's hold on usage_events
 
 
 async def prune(
@@ -58,74 +61,97 @@ async def prune(
     periods: each month partition (of recorded_at) wholly before the cutoff whose events all
     qualify is dropped whole; then `prune_reported` deletes the qualifying events left (in
     months that still hold unsettled events or open periods, in the DEFAULT partition, in the
-    month of the cutoff). Idempotency keys stay in usage_keys for ever either way."""
-    now = now or dt.datetime.now(dt.UTC)
-    cutoff = now - older_than
-    async with pool.acquire() as conn:
-        await partitions.ensure(conn, now)
-        old = [m for m in await partitions.months(conn) if partitions.bounds(m)[1] <= cutoff]
-    dropped: list[dt.date] = []
-    events = 0
-    for month in old:
-        gone = await _drop_month(pool, month)
-        if gone is not None:
-            dropped.append(month)
-            events += gone
-    events += await prune_reported(pool, older_than, batch, progress, now)
-    return Pruned(events, tuple(dropped))
-
-
-async def _drop_month(pool: asyncpg.Pool, month: dt.date) -> int | None:
-    """Drops a month partition whose events are all settled and all in their customers'
-    closed periods, counting them as pruned in the lifetime totals in the same transaction;
-    returns how many events went, None when the month stays.
+    month of the cutoff). Idempotency keys stay in usage_keys for ever either way.
 
     Nothing inserts into a past month (recorded_at is the inserting transaction's now()), and
-    nothing but prune deletes events or changes their customer, meter or quantity, so the
-    counts read before the drop's lock still hold under it; a settled event never becomes
-    unsettled, but the drop checks again under its lock all the same."""
+    nothing but prune deletes events or changes their customer, meter, quantity or event_time,
+    so a month's counts read first still hold when it is dropped; a settled event never
+    becomes unsettled, but each drop checks again under its lock all the same."""
+    now = now or dt.datetime.now(dt.UTC)
+    cutoff = now - older_than
+    counted: dict[dt.date, list[asyncpg.Record]] = {}
     async with pool.acquire() as conn:
-        if await conn.fetchval(partitions.sql(pq.UNSETTLED, month)):
-            return None
-        counts = await conn.fetch(partitions.sql(pq.MONTH_COUNTS, month))
-        latest: dict[str, dt.datetime] = {}
-        for r in counts:
-            c = r["customer_id"]
-            latest[c] = max(latest.get(c, r["last_event_time"]), r["last_event_time"])
-        customers = sorted(latest)
-        open_ = await conn.fetch(pq.OPEN_CUSTOMERS, customers, [latest[c] for c in customers])
-        if open_:
-            return None
-        # Each customer's periods before its last confirmed one are closed for good, as a row
-        # deletion would: no webhook may move them back over these events from now on.
-        for c in customers:
-            if await conn.fetchval(pq.CLOSE_BEFORE, c, latest[c]) is None:
-                return None
-        by_customer: dict[str, list[asyncpg.Record]] = defaultdict(list)
-        for r in counts:
-            by_customer[r["customer_id"]].append(r)
-        lifetime = [
-            (
-                c,
-                [r["meter"] for r in by_customer[c]],
-                [r["events"] for r in by_customer[c]],
-                [r["quantity"] for r in by_customer[c]],
-            )
-            for c in customers
-        ]
+        await partitions.ensure(conn, now)
+        for month in await partitions.months(conn):
+            if partitions.bounds(month)[1] > cutoff:
+                continue
+            if await conn.fetchval(partitions.sql(pq.UNSETTLED, month)):
+                continue
+            rows = await conn.fetch(partitions.sql(pq.MONTH_COUNTS, month))
+            latest = _latest(rows)
+            customers = sorted(latest)
+            if not await conn.fetch(pq.OPEN_CUSTOMERS, customers, [latest[c] for c in customers]):
+                counted[month] = rows
+    latest = _latest([r for rows in counted.values() for r in rows])
+    still_open = await _close_periods(pool, latest)
+    dropped: list[dt.date] = []
+    events = 0
+    longest = 0.0
+    for month, rows in counted.items():
+        if any(r["customer_id"] in still_open for r in rows):
+            continue
+        gone = await _drop_month(pool, month, rows)
+        if gone is not None:
+            dropped.append(month)
+            events += gone[0]
+            longest = max(longest, gone[1])
+    events += await prune_reported(pool, older_than, batch, progress, now)
+    return Pruned(events, tuple(dropped), longest)
+
+
+def _latest(rows: list[asyncpg.Record]) -> dict[str, dt.datetime]:
+    """The latest event_time of each customer in MONTH_COUNTS rows."""
+    latest: dict[str, dt.datetime] = {}
+    for r in rows:
+        c, t = r["customer_id"], r["last_event_time"]
+        latest[c] = max(latest.get(c, t), t)
+    return latest
+
+
+async def _close_periods(pool: asyncpg.Pool, latest: dict[str, dt.datetime]) -> set[str]:
+    """Closes for good each customer's periods before its last confirmed one, as a row
+    deletion does, when its events to drop (`latest`: the latest event_time of each customer's)
+    are all before that period: no webhook may move those periods back over them from now on.
+    Customers in order, CLOSE_CHUNK to a transaction; returns those whose periods are open."""
+    still_open: set[str] = set()
+    customers = sorted(latest)
+    for first in range(0, len(customers), CLOSE_CHUNK):
+        async with pool.acquire() as conn, conn.transaction():
+            for c in customers[first : first + CLOSE_CHUNK]:
+                if await conn.fetchval(pq.CLOSE_BEFORE, c, latest[c]) is None:
+                    still_open.add(c)
+    return still_open
+
+
+async def _drop_month(
+    pool: asyncpg.Pool, month: dt.date, rows: list[asyncpg.Record]
+) -> tuple[int, float] | None:
+    """Drops a month partition, counting its events (`rows`: MONTH_COUNTS) as pruned in the
+    lifetime totals in the same transaction; returns how many events went and how long
+    usage_events was held, or None when the month stays (an unsettled event, or the lock not
+    granted in DROP_TRIES tries)."""
+    by_customer: dict[str, list[asyncpg.Record]] = defaultdict(list)
+    for r in rows:
+        by_customer[r["customer_id"]].append(r)
+    lifetime = [
+        (c, [r["meter"] for r in mine], [r["events"] for r in mine], [r["quantity"] for r in mine])
+        for c, mine in sorted(by_customer.items())
+    ]
+    async with pool.acquire() as conn:
         for attempt in range(DROP_TRIES):
             try:
                 async with conn.transaction():
                     await conn.execute(pq.DROP_LOCK_TIMEOUT)
                     await conn.execute(pq.LOCK_EVENTS)
+                    held = time.perf_counter()
                     if await conn.fetchval(partitions.sql(pq.UNSETTLED, month)):
                         return None
                     await conn.executemany(ops_queries.COUNT_PRUNED, lifetime)
                     await conn.execute(partitions.sql(pq.DROP_MONTH, month))
-                return sum(int(r["events"]) for r in counts)
+                return sum(int(r["events"]) for r in rows), time.perf_counter() - held
             except asyncpg.exceptions.LockNotAvailableError:
                 await asyncio.sleep(0.1 * (attempt + 1))
-        return None
+    return None
 
 
 async def prune_reported(
