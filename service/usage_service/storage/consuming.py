@@ -206,19 +206,17 @@ class Group:
         for p in self.decided:
             e = p.request.event
             c, period, before = self.customer, self.period, p.before
-            if p.seen is not None or p.winner >= 0:
+            if p.seen is not None or p.winner >= 0:  # as it is now: after the ones before
                 if p.seen is not None:
                     owner = (p.seen.event_id, p.seen.payload_hash)
-                    at = version(p.allowed_before)
                 else:
-                    won = self.decided[p.winner]
-                    assert won.after is not None
-                    owner = (won.request.event.event_id, won.request.event.payload_hash)
-                    at, before = version(won.allowed_before + 1), won.after
+                    won = self.decided[p.winner].request.event
+                    owner = (won.event_id, won.payload_hash)
                 if owner[1] != e.payload_hash:
                     out.append(KeyConflict(0, owner[0]))
                     continue
                 decision_id = p.seen.decision_id if p.seen is not None else ""
+                at = version(p.allowed_before)
                 out.append(Consumed(c, None, before, owner[0], True, period, at, decision_id))
             elif p.after is not None:
                 at = versions[p.allowed_before]
