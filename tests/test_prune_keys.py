@@ -13,7 +13,7 @@ from conftest import Service, with_database
 from helpers import RECOUNT_DRAIN_COUNTERS, details, record
 
 from usage.v1 import customer_pb2, usage_pb2
-from usage_service.storage import migrate, ops, partitions
+from usage_service.storage import history, migrate, ops, partitions
 
 PARTITIONS = """
 SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -115,6 +115,7 @@ async def test_a_retry_after_its_event_was_pruned_is_answered_as_before(service:
     assert await retries(service, old) == before
     assert await service.count_events() == 0  # no retry stored anything
     assert await service.usage.GetUsageSummary(summary) == summary_before
+    assert await history.verify(service.db) == []  # as `usage-service verify` finds it
     keys = await service.db.fetch("SELECT idempotency_key, event_id::text FROM usage_keys")
     assert dict(keys) == {
         "one": one.event_id,
@@ -167,6 +168,7 @@ async def test_a_month_holding_an_event_not_settled_stays(service: Service) -> N
     await service.db.execute(RECOUNT_DRAIN_COUNTERS)
     again = await ops.prune(service.db, dt.timedelta(days=30))
     assert (again.events, again.months) == (1, (month,))
+    assert await history.verify(service.db) == []
 
 
 async def test_a_month_with_events_of_an_open_period_stays(service: Service) -> None:
