@@ -14,6 +14,7 @@ from helpers import RECOUNT_DRAIN_COUNTERS, details, record
 
 from usage.v1 import customer_pb2, usage_pb2
 from usage_service.storage import history, migrate, ops, partitions
+from usage_service.storage import partitions_queries as pq
 
 PARTITIONS = """
 SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -272,3 +273,33 @@ async def test_the_migration_keeps_every_event_and_its_key(server_dsn: str) -> N
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_a_drop_not_yet_folded_counts_as_pruned(service: Service) -> None:
+    """A prune stopped between a month's drop and folding its counts into the lifetime totals:
+    verify finds nothing, and the next fold (every prune's) completes it."""
+    now = dt.datetime.now(dt.UTC)
+    await service.add_customer("cus_1")
+    old = now - dt.timedelta(days=60)
+    for i in range(3):
+        await service.usage.RecordUsage(record(key=f"k{i}", quantity=i + 1, when=old))
+    month = months_back(now, 3)
+    await service.db.execute("UPDATE usage_events SET recorded_at = $1", inside(month))
+    async with service.db.acquire() as conn:
+        await partitions.ensure(conn, now)
+        rows = await conn.fetch(partitions.sql(pq.MONTH_COUNTS, month))
+    await service.db.execute("UPDATE customers SET pruned_before = period_start")
+
+    gone = await ops._drop_month(service.db, month, rows)
+
+    assert gone is not None and gone[0] == 3
+    assert await service.count_events() == 0
+    assert await service.db.fetchval("SELECT count(*) FROM usage_pruned") == 1
+    life = await service.db.fetchrow("SELECT * FROM usage_lifetime")
+    assert (life["pruned_count"], life["pruned_sum"]) == (0, 0)
+    assert await history.verify(service.db) == []
+    await ops.fold_pruned(service.db)
+    assert await service.db.fetchval("SELECT count(*) FROM usage_pruned") == 0
+    life = await service.db.fetchrow("SELECT * FROM usage_lifetime")
+    assert (life["pruned_count"], life["pruned_sum"]) == (3, 6)
+    assert await history.verify(service.db) == []

@@ -266,6 +266,7 @@ async def repair(conn: Conn, customer_id: str) -> None:
     row = await conn.fetchrow(queries.GET_CUSTOMER_FOR_UPDATE, customer_id)
     customer = customer_from_row(row) if row else None
     pruned_before = row["pruned_before"] if row else None
+    await conn.execute(queries.FOLD_PRUNED, customer_id)
     await conn.execute(queries.RECOUNT_LIFETIME, customer_id)
     await conn.execute(queries.DROP_TOTALS_AFTER, customer_id, pruned_before)
     if customer is None:

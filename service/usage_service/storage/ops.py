@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import asyncpg
 
-from usage_service.storage import ops_queries, partitions
+from usage_service.storage import ops_queries, partitions, queries
 from usage_service.storage import partitions_queries as pq
 
 DEFAULT_PRUNE_BATCH = 1000  # events deleted per transaction
 DROP_TRIES = 5  # attempts at a month's drop lock before leaving the month to the next prune
-CLOSE_CHUNK = 100  # customers whose periods prune closes per transaction
+CLOSE_CHUNK = 100  # customers a transaction, closing periods or folding counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +95,20 @@ async def prune(
             dropped.append(month)
             events += gone[0]
             longest = max(longest, gone[1])
+    await fold_pruned(pool)
     events += await prune_reported(pool, older_than, batch, progress, now)
     return Pruned(events, tuple(dropped), longest)
+
+
+async def fold_pruned(pool: asyncpg.Pool) -> None:
+    """Folds the counts of dropped months (usage_pruned) into the lifetime totals' pruned
+    counts, customer by customer in order, CLOSE_CHUNK to a transaction (those a dropping
+    prune left unfolded too)."""
+    customers = [r["customer_id"] for r in await pool.fetch(pq.UNFOLDED)]
+    for first in range(0, len(customers), CLOSE_CHUNK):
+        async with pool.acquire() as conn, conn.transaction():
+            for c in customers[first : first + CLOSE_CHUNK]:
+                await conn.execute(queries.FOLD_PRUNED, c)
 
 
 def _latest(rows: list[asyncpg.Record]) -> dict[str, dt.datetime]:
@@ -126,15 +138,21 @@ async def _close_periods(pool: asyncpg.Pool, latest: dict[str, dt.datetime]) -> 
 async def _drop_month(
     pool: asyncpg.Pool, month: dt.date, rows: list[asyncpg.Record]
 ) -> tuple[int, float] | None:
-    """Drops a month partition, counting its events (`rows`: MONTH_COUNTS) as pruned in the
-    lifetime totals in the same transaction; returns how many events went and how long
-    usage_events was held, or None when the month stays (an unsettled event, or the lock not
-    granted in DROP_TRIES tries)."""
+    """Drops a month partition, keeping its events' counts (`rows`: MONTH_COUNTS) in
+    usage_pruned in the same transaction, to be folded into the lifetime totals; returns how
+    many events went and how long usage_events was held, or None when the month stays (an
+    unsettled event, or the lock not granted in DROP_TRIES tries)."""
     by_customer: dict[str, list[asyncpg.Record]] = defaultdict(list)
     for r in rows:
         by_customer[r["customer_id"]].append(r)
-    lifetime = [
-        (c, [r["meter"] for r in mine], [r["events"] for r in mine], [r["quantity"] for r in mine])
+    kept = [
+        (
+            c,
+            month,
+            [r["meter"] for r in mine],
+            [r["events"] for r in mine],
+            [r["quantity"] for r in mine],
+        )
         for c, mine in sorted(by_customer.items())
     ]
     async with pool.acquire() as conn:
@@ -142,11 +160,12 @@ async def _drop_month(
             try:
                 async with conn.transaction():
                     await conn.execute(pq.DROP_LOCK_TIMEOUT)
+                    # New rows of their own: written before the lock, they wait for no one.
+                    await conn.executemany(pq.KEEP_PRUNED, kept)
                     await conn.execute(pq.LOCK_EVENTS)
                     held = time.perf_counter()
                     if await conn.fetchval(partitions.sql(pq.UNSETTLED, month)):
                         return None
-                    await conn.executemany(ops_queries.COUNT_PRUNED, lifetime)
                     await conn.execute(partitions.sql(pq.DROP_MONTH, month))
                 return sum(int(r["events"]) for r in rows), time.perf_counter() - held
             except asyncpg.exceptions.LockNotAvailableError:

@@ -69,6 +69,16 @@ UPDATE customers SET pruned_before = greatest(pruned_before, period_start)
 WHERE customer_id = $1 AND period_start > $2
 RETURNING period_start"""
 
+# What a month's drop takes from a customer, per meter, kept until prune folds it into the
+# lifetime totals (queries.FOLD_PRUNED). $1 customer_id, $2 month, $3 meter[], $4 events[],
+# $5 quantity[]
+KEEP_PRUNED = """
+INSERT INTO usage_pruned (customer_id, month, meter, events, quantity)
+SELECT $1, $2, * FROM unnest($3::text[], $4::bigint[], $5::bigint[])"""
+
+# Customers with dropped months' counts not folded in yet, in order. A read.
+UNFOLDED = "SELECT DISTINCT customer_id FROM usage_pruned ORDER BY 1"
+
 # A month's drop waits at most this long for each lock, so recorders never queue behind it for
 # longer: a drop that times out is tried again, or left to the next prune.
 DROP_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '500ms'"

@@ -356,9 +356,30 @@ CUSTOMER_TOTALS = f"""
 SELECT period_start, period_end, {_TOTALS_COLUMNS} FROM usage_totals WHERE customer_id = $1"""
 
 # $1 customer_id
+# (What a dropped month took and prune has not folded in yet counts as pruned.)
 CUSTOMER_LIFETIME = """
-SELECT meter, event_count - pruned_count AS event_count, quantity_sum - pruned_sum AS quantity_sum
-FROM usage_lifetime WHERE customer_id = $1"""
+SELECT l.meter, l.event_count - l.pruned_count - coalesce(p.events, 0) AS event_count,
+    l.quantity_sum - l.pruned_sum - coalesce(p.quantity, 0) AS quantity_sum
+FROM usage_lifetime l
+LEFT JOIN (
+    SELECT meter, sum(events)::bigint AS events, sum(quantity)::bigint AS quantity
+    FROM usage_pruned WHERE customer_id = $1 GROUP BY meter
+) p ON p.meter = l.meter
+WHERE l.customer_id = $1"""
+
+# Folds what dropped months took from a customer into its lifetime totals' pruned counts.
+# $1 customer_id
+FOLD_PRUNED = """
+WITH gone AS (
+    DELETE FROM usage_pruned WHERE customer_id = $1 RETURNING meter, events, quantity
+), folded AS (
+    SELECT meter, sum(events)::bigint AS events, sum(quantity)::bigint AS quantity
+    FROM gone GROUP BY meter
+)
+UPDATE usage_lifetime l SET pruned_count = l.pruned_count + f.events,
+    pruned_sum = l.pruned_sum + f.quantity
+FROM folded f
+WHERE l.customer_id = $1 AND l.meter = f.meter"""
 
 # Sets a customer's lifetime totals to what its events and prune say. $1 customer_id
 RECOUNT_LIFETIME = """

@@ -222,6 +222,15 @@ CREATE TABLE usage_lifetime (
     CONSTRAINT usage_lifetime_pkey PRIMARY KEY (customer_id, meter)
 );
 
+CREATE TABLE usage_pruned (
+    customer_id text NOT NULL,
+    month date NOT NULL,
+    meter text NOT NULL,
+    events bigint NOT NULL,
+    quantity bigint NOT NULL,
+    CONSTRAINT usage_pruned_pkey PRIMARY KEY (customer_id, month, meter)
+);
+
 CREATE TABLE usage_totals (
     customer_id text NOT NULL,
     meter text NOT NULL,

@@ -36,6 +36,18 @@ SELECT customer_id, idempotency_key, payload_hash, event_id FROM usage_events;
 -- service's random UUIDs and usage_keys names each one once; lookups by event id (the drain's)
 -- use its prefix. Nothing references usage_events by foreign key (credit_burns, decisions and
 -- reports name event ids by value, and outlive pruned events as before).
+-- A dropped month's events per customer and meter, written in the drop's transaction, before it
+-- takes usage_events (no other writer touches these rows, so the drop's hold stays short);
+-- prune then folds them into usage_lifetime's pruned counts, one customer at a time.
+CREATE TABLE usage_pruned (
+    customer_id text NOT NULL,
+    month       date NOT NULL,
+    meter       text NOT NULL,
+    events      bigint NOT NULL,
+    quantity    bigint NOT NULL,
+    PRIMARY KEY (customer_id, month, meter)
+);
+
 ALTER TABLE usage_events RENAME TO usage_events_unpartitioned;
 
 ALTER TABLE usage_events_unpartitioned DROP CONSTRAINT usage_events_pkey;
