@@ -303,3 +303,18 @@ async def test_a_drop_not_yet_folded_counts_as_pruned(service: Service) -> None:
     life = await service.db.fetchrow("SELECT * FROM usage_lifetime")
     assert (life["pruned_count"], life["pruned_sum"]) == (3, 6)
     assert await history.verify(service.db) == []
+
+
+async def test_a_month_detached_but_not_dropped_goes_at_the_next_prune(service: Service) -> None:
+    now = dt.datetime.now(dt.UTC)
+    month = months_back(now, 5)
+    async with service.db.acquire() as conn:
+        await partitions.ensure(conn, partitions.bounds(month)[0], ahead=0)
+    assert partitions.name(month) in await partition_names(service.db)
+    await service.db.execute(partitions.sql(pq.DETACH_MONTH, month))
+    table = "SELECT count(*) FROM pg_class WHERE relname = $1"
+    assert await service.db.fetchval(table, partitions.name(month)) == 1
+
+    await ops.prune(service.db, dt.timedelta(days=30))
+
+    assert await service.db.fetchval(table, partitions.name(month)) == 0

@@ -71,6 +71,10 @@ async def prune(
     cutoff = now - older_than
     counted: dict[dt.date, list[asyncpg.Record]] = {}
     async with pool.acquire() as conn:
+        for r in await conn.fetch(pq.DETACHED):  # left by a prune stopped after a detach
+            month = partitions.month_named(r["relname"])
+            assert month is not None
+            await conn.execute(partitions.sql(pq.DROP_MONTH, month))
         await partitions.ensure(conn, now)
         for month in await partitions.months(conn):
             if partitions.bounds(month)[1] > cutoff:
@@ -138,10 +142,11 @@ async def _close_periods(pool: asyncpg.Pool, latest: dict[str, dt.datetime]) -> 
 async def _drop_month(
     pool: asyncpg.Pool, month: dt.date, rows: list[asyncpg.Record]
 ) -> tuple[int, float] | None:
-    """Drops a month partition, keeping its events' counts (`rows`: MONTH_COUNTS) in
-    usage_pruned in the same transaction, to be folded into the lifetime totals; returns how
-    many events went and how long usage_events was held, or None when the month stays (an
-    unsettled event, or the lock not granted in DROP_TRIES tries)."""
+    """Detaches a month partition, keeping its events' counts (`rows`: MONTH_COUNTS) in
+    usage_pruned in the same transaction, to be folded into the lifetime totals, then drops
+    the detached table; returns how many events went and how long usage_events was held, or
+    None when the month stays (an unsettled event, or the lock not granted in DROP_TRIES
+    tries)."""
     by_customer: dict[str, list[asyncpg.Record]] = defaultdict(list)
     for r in rows:
         by_customer[r["customer_id"]].append(r)
@@ -166,8 +171,10 @@ async def _drop_month(
                     held = time.perf_counter()
                     if await conn.fetchval(partitions.sql(pq.UNSETTLED, month)):
                         return None
-                    await conn.execute(partitions.sql(pq.DROP_MONTH, month))
-                return sum(int(r["events"]) for r in rows), time.perf_counter() - held
+                    await conn.execute(partitions.sql(pq.DETACH_MONTH, month))
+                held = time.perf_counter() - held
+                await conn.execute(partitions.sql(pq.DROP_MONTH, month))
+                return sum(int(r["events"]) for r in rows), held
             except asyncpg.exceptions.LockNotAvailableError:
                 await asyncio.sleep(0.1 * (attempt + 1))
     return None

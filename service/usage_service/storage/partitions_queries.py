@@ -87,4 +87,15 @@ DROP_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '500ms'"
 # the month's rows while they go. Taken first, so the drop never waits for a lock it upgrades.
 LOCK_EVENTS = "LOCK TABLE ONLY usage_events IN ACCESS EXCLUSIVE MODE"
 
+# Out of usage_events under the lock (a change of the catalog only); its files go after the
+# commit, by DROP_MONTH, holding nothing but the table itself.
+DETACH_MONTH = "ALTER TABLE usage_events DETACH PARTITION {name}"
+
 DROP_MONTH = "DROP TABLE {name}"
+
+# Month tables detached but not dropped (a prune stopped between the two), by name.
+DETACHED = """
+SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition
+    AND c.relname ~ '^usage_events_[0-9]{4}_[0-9]{2}$'
+ORDER BY 1"""
