@@ -51,7 +51,7 @@ SOAK_WARMUP = 60.0  # seconds of each path's soak left out of its RSS baseline (
 SOAK_WINDOW = 10.0  # seconds of samples whose median is the baseline, and the end (<= 1/10)
 SOAK_SAMPLE = 1.0  # seconds between RSS samples
 MEMORY_GROWTH = 10.0  # goal: RSS grows less than this % over the soak
-GROWTH_SCENARIOS = "noop,record,check,consume,summary"
+GROWTH_SCENARIOS = "record,check,consume,summary"
 FLAT = 0.9  # goal: throughput (÷ no-op) with events stored >= this x the same with none
 VERIFY_SAMPLE = 20  # customers `verify` checks after each preload
 DRAIN_EVENTS = 20_000
@@ -502,59 +502,91 @@ def fmt_soak(rows_: Sequence[dict[str, Any]]) -> str:
 
 
 def data_growth(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The hot paths (closed loop, medians of the repeats) on a new database with no events
-    stored, then after preloading each `--preload` size in turn (each adds to the one before,
-    so the stored events are the preloads' plus the bench's own). The service is stopped while
-    the database is filled and started afresh for each stage."""
+    """The hot paths with events stored against the same with none: two new databases, two
+    services, the same customers; one database stays empty (but for the bench's own calls), the
+    other is preloaded to each `--preload` size in turn (each adds to the one before; its
+    service is stopped while it is filled and started afresh). At each size every scenario runs
+    closed loop on the empty one and then at once on the loaded one, `repeats` times, so both
+    sides of a pair see the same machine; the ratio is the median of the pairs' calls/s ratios.
+    """
     scenarios = [s for s in args.preload_scenarios.split(",") if s]
     ids = [f"bench-{i}" for i in range(args.customers)]
     stages: list[dict[str, Any]] = []
-    with scratch_database(args.database_url) as dsn:
-        for size in [0, *args.preload]:
-            stage: dict[str, Any] = {"preloaded": size, "preload": None}
-            if size:
-                added = size - (stages[-1]["preloaded"] if stages else 0)
+    env = {"USAGE_PLANS_FILE": args.plans}
+    with (
+        scratch_database(args.database_url) as empty_dsn,
+        scratch_database(args.database_url) as dsn,
+    ):
+        empty = Service(empty_dsn, args.workers, dict(env))
+        try:
+            add_customers(empty.address, args.customers)
+            loaded = Service(dsn, args.workers, dict(env))
+            try:
+                add_customers(loaded.address, args.customers)
+            finally:
+                loaded.stop()
+            stored = 0
+            for size in args.preload:
                 took = asyncio.run(
                     preload.preload(
-                        dsn, added, ids, dt.datetime.now(dt.UTC), progress=progress_line
+                        dsn, size - stored, ids, dt.datetime.now(dt.UTC), progress=progress_line
                     )
                 )
-                stage["preload"] = {"events": added, **took}
                 print(
-                    f"  preloaded {added:,} events in {took['total_s']:.1f} s "
+                    f"  preloaded {size - stored:,} events in {took['total_s']:.1f} s "
                     f"(insert {took['insert_s']:.1f}, totals {took['totals_s']:.1f}, "
                     f"vacuum {took['vacuum_s']:.1f})",
                     file=sys.stderr,
                 )
                 sample = ids[:: max(1, len(ids) // VERIFY_SAMPLE)][:VERIFY_SAMPLE]
-                stage["verify"] = asyncio.run(preload.verify(dsn, sample))
-                stage["verified"] = len(sample)
-            service = Service(dsn, args.workers, {"USAGE_PLANS_FILE": args.plans})
-            try:
-                stage["stored"] = asyncio.run(stored_events(dsn))  # migrated by the service
-                if not stages:
-                    add_customers(service.address, args.customers)
-                runs: dict[str, list[dict[str, Any]]] = {s: [] for s in scenarios}
-                for r in range(args.repeats):
-                    for s in scenarios:
-                        res = measured(
-                            service,
-                            service.address,
-                            s,
-                            args,
-                            mode="closed",
-                            concurrency=args.concurrency,
-                        )
-                        print(
-                            f"  {size:,} preloaded, repeat {r + 1} {s}: {res['calls_per_s']:.0f}/s",
-                            file=sys.stderr,
-                        )
-                        runs[s].append(res)
-                stage["rows"] = {s: median_of(v) for s, v in runs.items()}
-            finally:
-                service.stop()
-            stages.append(stage)
+                stage: dict[str, Any] = {
+                    "preloaded": size,
+                    "preload": {"events": size - stored, **took},
+                    "verify": asyncio.run(preload.verify(dsn, sample)),
+                    "verified": len(sample),
+                }
+                stored = size
+                loaded = Service(dsn, args.workers, dict(env))
+                try:
+                    stage["stored"] = asyncio.run(stored_events(dsn))
+                    stage.update(paired(args, scenarios, empty, loaded, size))
+                finally:
+                    loaded.stop()
+                stages.append(stage)
+        finally:
+            empty.stop()
     return stages
+
+
+def paired(
+    args: argparse.Namespace, scenarios: Sequence[str], empty: Service, loaded: Service, size: int
+) -> dict[str, Any]:
+    """Each scenario on `empty`, then on `loaded`, `repeats` times: medians of each side and of
+    the pairs' calls/s ratios (loaded ÷ empty)."""
+    runs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {s: [] for s in scenarios}
+    for r in range(args.repeats):
+        for s in scenarios:
+            a = measured(empty, empty.address, s, args, mode="closed", concurrency=args.concurrency)
+            b = measured(
+                loaded, loaded.address, s, args, mode="closed", concurrency=args.concurrency
+            )
+            print(
+                f"  {size:,} preloaded, repeat {r + 1} {s}: {a['calls_per_s']:.0f}/s with none, "
+                f"{b['calls_per_s']:.0f}/s with them",
+                file=sys.stderr,
+            )
+            runs[s].append((a, b))
+    return {
+        "none": {s: median_of([a for a, _ in v]) for s, v in runs.items()},
+        "rows": {s: median_of([b for _, b in v]) for s, v in runs.items()},
+        "ratio": {
+            s: statistics.median(
+                b["calls_per_s"] / a["calls_per_s"] if a["calls_per_s"] else float("nan")
+                for a, b in v
+            )
+            for s, v in runs.items()
+        },
+    }
 
 
 def progress_line(text: str) -> None:
@@ -570,49 +602,35 @@ async def stored_events(dsn: str) -> int:
 
 
 def flatness(stages: Sequence[dict[str, Any]]) -> dict[tuple[int, str], float]:
-    """(preloaded, path) -> its calls/s ÷ no-op with that many events stored, over the same with
-    none (1.0 = as fast as with an empty database)."""
-    out: dict[tuple[int, str], float] = {}
-    base = stages[0]["rows"]
-    for st in stages[1:]:
-        rows_ = st["rows"]
-        for s, r in rows_.items():
-            if s == "noop" or "noop" not in rows_:
-                continue
-            now = r["calls_per_s"] / rows_["noop"]["calls_per_s"]
-            before = base[s]["calls_per_s"] / base["noop"]["calls_per_s"]
-            out[(st["preloaded"], s)] = now / before if before else float("nan")
-    return out
+    """(preloaded, path) -> its calls/s with that many events stored over the same with none
+    (medians of back-to-back pairs; 1.0 = as fast as with an empty database)."""
+    return {(st["preloaded"], s): x for st in stages for s, x in st["ratio"].items() if s != "noop"}
 
 
 def fmt_growth(stages: Sequence[dict[str, Any]]) -> str:
-    flat = flatness(stages)
-    head = "| path |" + "".join(
-        f" {st['preloaded']:,} preloaded ({st['stored']:,} stored): calls/s, p50 / p99 ms |"
-        for st in stages
-    )
-    lines = [head, "|---|" + "---:|" * len(stages)]
-    for s in stages[0]["rows"]:
-        cells = []
-        for st in stages:
-            r = st["rows"][s]
-            x = flat.get((st["preloaded"], s))
-            vs = f" ({x:.2f}x)" if x is not None else ""
-            cells.append(
-                f" {r['calls_per_s']:,.0f}{vs}, {r['p50'] * 1e3:.2f} / {r['p99'] * 1e3:.2f} |"
+    lines = [
+        "| path | events stored | calls/s with none | calls/s with them | ratio "
+        "| p50 ms none / them | p99 ms none / them |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for st in stages:
+        for s, r in st["rows"].items():
+            n = st["none"][s]
+            lines.append(
+                f"| {s} | {st['stored']:,} | {n['calls_per_s']:,.0f} | {r['calls_per_s']:,.0f} "
+                f"| {st['ratio'][s]:.2f}x | {n['p50'] * 1e3:.2f} / {r['p50'] * 1e3:.2f} "
+                f"| {n['p99'] * 1e3:.2f} / {r['p99'] * 1e3:.2f} |"
             )
-        lines.append(f"| {s} |" + "".join(cells))
     times = [
         f"{st['preload']['events']:,} events in {st['preload']['total_s']:.1f} s (insert "
         f"{st['preload']['insert_s']:.1f} s, totals {st['preload']['totals_s']:.1f} s, vacuum "
         f"{st['preload']['vacuum_s']:.1f} s); verify of {st['verified']} customers: "
         f"{len(st['verify'])} differences"
         for st in stages
-        if st["preload"]
     ]
     lines += [
         "",
-        "(x): calls/s ÷ no-op over the same with none stored.",
+        "ratio: median over the repeats of calls/s with them ÷ with none, run back to back.",
         "Preload: " + "; ".join(times),
     ]
     return "\n".join(lines)
