@@ -126,8 +126,9 @@ def test_bench_soaks_and_preloads(server_dsn: str) -> None:
         ),
         (
             "drain: ... = 21,000 events/s (fake Polar)\n"
-            "drain, Stripe v2 stream: 30,500.5 events/s (fake Stripe)",
-            {"polar": 21000.0, "stripe": 30500.5},
+            "drain, Stripe v2 stream: 30,500.5 events/s (fake Stripe)\n"
+            "drain, Stripe v1: 900 events/s (fake Stripe)",
+            {"polar": 21000.0, "stripe-stream": 30500.5, "stripe-v1": 900.0},
         ),
         (
             'text first\n{"provider": "polar", "events_per_s": 20100.0, "events": 20000}',
@@ -135,7 +136,7 @@ def test_bench_soaks_and_preloads(server_dsn: str) -> None:
         ),
         (
             '{"polar": {"events_per_s": 1.5}, "stripe_v2": {"events_per_s": 2.5}}',
-            {"polar": 1.5, "stripe": 2.5},
+            {"polar": 1.5, "stripe-stream": 2.5},
         ),
         (
             '[{"scenario": "Stripe", "events_per_s": 7}, {"name": "polar", "events_per_s": 8}]',
@@ -148,6 +149,21 @@ def test_the_drain_figures_are_read_from_its_text_or_json(
     output: str, rates: dict[str, float]
 ) -> None:
     assert run.drain_rates(output) == rates
+
+
+def test_the_goals_show_each_drain_against_its_target() -> None:
+    found = {
+        g: (m, t, v)
+        for g, m, t, v in run.goals(
+            [], {"polar": [19_000.0, 21_000.0, 22_000.0], "stripe-stream": [5.0]}, None, None
+        )
+    }
+    assert tuple(found) == GOALS
+    assert found["drain, Polar"] == ("21,000 events/s", ">= 20,000 events/s", "MET")
+    assert found["drain, Stripe (fake)"] == ("stream 5 events/s", "shown", "MET")
+    assert found["RecordUsage"][2] == "NOT RUN"
+    found = {g: v for g, _, _, v in run.goals([], {"polar": [1.0]}, None, None)}
+    assert found["drain, Polar"] == "MISSED" and found["drain, Stripe (fake)"] == "MISSED"
 
 
 def test_drain_bench_reports_every_event(server_dsn: str) -> None:
