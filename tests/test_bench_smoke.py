@@ -212,6 +212,7 @@ async def test_preload_stores_what_recording_the_events_would(service: Service, 
     times = sorted(r["event_time"] for r in rows)
     assert now - dt.timedelta(days=372) < times[0] < now - dt.timedelta(days=360)
     assert now - dt.timedelta(days=1) < times[-1] < now
+    assert all(r["recorded_at"] == r["event_time"] for r in rows)  # recorded as they happened
     assert {r["report_state"] for r in rows if r["customer_id"] == "bench-0"} == {"unbilled"}
     assert {r["report_state"] for r in rows if r["customer_id"] == "bench-1"} == {"pending"}
     for r in rows[::397]:
