@@ -213,7 +213,7 @@ def loadgen(address: str, scenario: str, args: argparse.Namespace, **opts: Any) 
         "duration": args.duration,
         "warmup": args.warmup,
         "procs": args.procs,
-        "customers": args.customers,
+        "customers": getattr(args, "customers", CUSTOMERS),  # bench/watch.py passes none
         "batch": BATCH,
         **opts,
     }
@@ -296,7 +296,7 @@ def rows(args: argparse.Namespace, service: Service) -> Iterator[dict[str, Any]]
     for s in args.scenarios:
         conc = args.batch_concurrency if s == "batch" else args.concurrency
         yield {**best[s], "concurrency": conc}
-    if args.no_open:
+    if getattr(args, "no_open", False):
         return
     # Open loop: every call scenario at one constant rate, a fraction of the no-op's maximum.
     rate = round(noop_rate * args.open_fraction, -1)
@@ -413,13 +413,28 @@ def drain_rates(output: str) -> dict[str, float]:
     return found
 
 
+def drain_flags() -> list[str]:
+    """The flags that make bench/drain.py run Polar and, when it has them, the Stripe stream
+    (`--scenario`) and answer in JSON (`--json`), read from its --help."""
+    text = subprocess.run(
+        [sys.executable, str(DRAIN), "--help"], check=True, capture_output=True, text=True
+    ).stdout
+    flags = []
+    if "--scenario" in text and "stripe-stream" in text:
+        flags += ["--scenario", "polar", "--scenario", "stripe-stream"]
+    if "--json" in text:
+        flags.append("--json")
+    return flags
+
+
 def drain(args: argparse.Namespace) -> dict[str, list[float]]:
     """bench/drain.py run `repeats` times through its command line (its own scratch database);
     events/s by provider, one figure per run."""
     runs: dict[str, list[float]] = {}
+    flags = drain_flags() if not args.drain_args else shlex.split(args.drain_args)
     for r in range(args.repeats):
         cmd = [sys.executable, str(DRAIN), "--database-url", args.database_url]
-        cmd += ["--events", str(args.drain_events), *shlex.split(args.drain_args)]
+        cmd += ["--events", str(args.drain_events), *flags]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rates = drain_rates(out.stdout)
         if not rates:
@@ -762,7 +777,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-raw", action="store_true", help="skip the raw asyncpg baseline")
     p.add_argument("--no-drain", action="store_true", help="skip the drain (bench/drain.py)")
     p.add_argument("--drain-events", type=int, default=DRAIN_EVENTS, help="events per drain run")
-    p.add_argument("--drain-args", default="", help="more arguments for bench/drain.py")
+    p.add_argument(
+        "--drain-args",
+        default="",
+        help="bench/drain.py's arguments besides --database-url and --events\n"
+        "(default: Polar, and the Stripe stream and JSON when it has them)",
+    )
     p.add_argument(
         "--soak",
         type=float,
