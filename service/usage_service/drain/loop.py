@@ -26,7 +26,7 @@ from usage_service import domain, metrics, settings
 from usage_service.domain.plans import Aggregation, Meter
 from usage_service.domain.reports import Report
 from usage_service.drain.reports import build_reports
-from usage_service.providers import Adapter, outcome
+from usage_service.providers import Adapter, StreamAdapter, outcome
 from usage_service.providers.outcome import Outcome
 from usage_service.storage.drain_store import DrainStore
 
@@ -75,6 +75,16 @@ def _label(answer: Outcome) -> str:
     if isinstance(answer, outcome.Rejected):
         return "rejected"
     return "checkpoint"
+
+
+def _too_old(adapter: Adapter, report: Report) -> bool:
+    """First sent longer ago than the adapter re-sends (the provider's dedupe may be over)."""
+    window = adapter.reporting.resend_window
+    return (
+        window is not None
+        and report.first_sent_at is not None
+        and dt.datetime.now(dt.UTC) - report.first_sent_at > window
+    )
 
 
 class Drain:
@@ -178,21 +188,10 @@ class Drain:
             lambda claimed: build_reports(provider, adapter.reporting, self.meters, claimed),
             self._figures if adapter.reporting.lanes else (),
         )
-        gate = asyncio.Semaphore(s.concurrency)
-
-        async def send(report: Report) -> tuple[Report, Outcome | None]:
-            async with gate:
-                try:
-                    return await self._send(adapter, report)
-                except Exception:  # its lease runs out and it is sent again
-                    log.exception(
-                        "sending report %s failed",
-                        report.report_id,
-                        extra={"action": "drain_send", "provider": provider.value},
-                    )
-                    return report, None
-
-        sent = [(r, a) for r, a in await asyncio.gather(*(send(r) for r in reports)) if a]
+        if isinstance(adapter, StreamAdapter):
+            sent = await self._send_together(adapter, reports) if reports else []
+        else:
+            sent = await self._send_each(adapter, reports)
         previous = self._settling.pop(provider, None)
         if previous is not None:  # one settling per provider at a time
             await asyncio.gather(previous, return_exceptions=True)
@@ -202,6 +201,54 @@ class Drain:
         else:
             self._settling[provider] = asyncio.create_task(settling)
         return len(reports)
+
+    async def _send_each(
+        self, adapter: Adapter, reports: list[Report]
+    ) -> list[tuple[Report, Outcome]]:
+        """Each report in its own send, `concurrency` at a time; the answers to settle."""
+        gate = asyncio.Semaphore(self.settings.concurrency)
+
+        async def send(report: Report) -> tuple[Report, Outcome | None]:
+            async with gate:
+                try:
+                    return await self._send(adapter, report)
+                except Exception:  # its lease runs out and it is sent again
+                    log.exception(
+                        "sending report %s failed",
+                        report.report_id,
+                        extra={"action": "drain_send", "provider": report.provider.value},
+                    )
+                    return report, None
+
+        return [(r, a) for r, a in await asyncio.gather(*(send(r) for r in reports)) if a]
+
+    async def _send_together(
+        self, adapter: StreamAdapter, reports: list[Report]
+    ) -> list[tuple[Report, Outcome]]:
+        """The reports in shared calls (the adapter batches them); the answers to settle."""
+        sent: list[tuple[Report, Outcome]] = []
+        due = []
+        for report in reports:
+            if _too_old(adapter, report):
+                sent.append((report, outcome.Failed(adapter.reporting.too_old)))
+            else:
+                due.append(report)
+        if not due:
+            return sent
+        provider = due[0].provider.value
+        started = time.monotonic()
+        try:
+            answers = await adapter.send_many(due)
+        except Exception as exc:  # an adapter bug must not stop the drain
+            log.exception("sending %d reports failed", len(due), extra={"action": "drain_send"})
+            answers = [outcome.Retry(f"internal error: {exc!r}")] * len(due)
+        seconds = time.monotonic() - started
+        for report, answer in zip(due, answers, strict=True):
+            if isinstance(answer, outcome.Checkpoint):  # not for shared calls: send it again
+                answer = outcome.Retry("a checkpoint was asked for in a shared call")
+            metrics.provider_call(provider, _label(answer), seconds)
+            sent.append((report, answer))
+        return sent
 
     async def _settle_all(
         self, provider: domain.Provider, sent: list[tuple[Report, Outcome]]
@@ -234,12 +281,7 @@ class Drain:
         """Sends a report (saving checkpoints as asked); the answer to settle, or None when
         there is nothing to settle."""
         rid = report.report_id
-        window = adapter.reporting.resend_window
-        if (
-            window is not None
-            and report.first_sent_at is not None
-            and dt.datetime.now(dt.UTC) - report.first_sent_at > window
-        ):
+        if _too_old(adapter, report):
             return report, outcome.Failed(adapter.reporting.too_old)
         answer: Outcome = outcome.Retry("too many checkpoints")
         try:
