@@ -179,15 +179,21 @@ class Drain:
 
     async def _provider_cycle(self, provider: domain.Provider, adapter: Adapter) -> int:
         s = self.settings
+        reporting = adapter.reporting
         reports = await self.store.claim_reports(provider, self.owner, s.lease, s.claim)
-        reports += await self.store.claim_new(
-            provider,
-            self.owner,
-            s.lease,
-            s.claim,
-            lambda claimed: build_reports(provider, adapter.reporting, self.meters, claimed),
-            self._figures if adapter.reporting.lanes else (),
-        )
+        if reporting.lanes:
+            reports += await self.store.claim_new(
+                provider,
+                self.owner,
+                s.lease,
+                s.claim,
+                lambda claimed: build_reports(provider, reporting, self.meters, claimed),
+                self._figures,
+            )
+        else:
+            reports += await self.store.claim_batches(
+                provider, self.owner, s.lease, s.claim, reporting.batch
+            )
         if isinstance(adapter, StreamAdapter):
             sent = await self._send_together(adapter, reports) if reports else []
         else:
@@ -196,7 +202,7 @@ class Drain:
         if previous is not None:  # one settling per provider at a time
             await asyncio.gather(previous, return_exceptions=True)
         settling = self._settle_all(provider, sent)
-        if adapter.reporting.lanes:
+        if reporting.lanes:
             await settling
         else:
             self._settling[provider] = asyncio.create_task(settling)
