@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import pathlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
@@ -346,3 +349,22 @@ async def test_v1_when_the_stream_is_off(service: Service, fakes: Fakes, drains:
     assert calls(fakes.stripe, "/v1/billing/meter_events") == 1 + 3 + 1 + 1
     assert fakes.stripe.totals()[("cus_s", "llm_tokens")] == sum(recorded["tokens"])
     assert fakes.stripe.violations == []
+
+
+def test_the_drain_bench_runs_both_stripe_paths(server_dsn: str) -> None:
+    bench = pathlib.Path(__file__).resolve().parent.parent / "bench" / "drain.py"
+    out = subprocess.run(
+        [
+            *(sys.executable, str(bench), "--database-url", server_dsn, "--events", "1500"),
+            *("--scenario", "stripe-stream", "--scenario", "stripe-v1", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["scenario"] for r in runs] == ["stripe-stream", "stripe-v1"]
+    for r in runs:
+        assert r["reported"] == 1500 and r["violations"] == 0, r
+        assert r["accepted_by_fake"] == r["expected_by_fake"] == 75_750, r
