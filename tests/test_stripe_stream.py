@@ -18,7 +18,7 @@ from fakes import event, report
 from fakes.base import Fault
 from fakes.stripe import KEY, SESSION_PATH, STREAM_PATH, FakeStripe
 from fakes.world import Fakes
-from helpers import Drains
+from helpers import Drains, record
 from test_drain import FAST, add_customers, drain_until_quiet, record_many, states, summary
 
 from usage.v1 import customer_pb2
@@ -368,3 +368,25 @@ def test_the_drain_bench_runs_both_stripe_paths(server_dsn: str) -> None:
     for r in runs:
         assert r["reported"] == 1500 and r["violations"] == 0, r
         assert r["accepted_by_fake"] == r["expected_by_fake"] == 75_750, r
+
+
+async def test_a_batch_providers_claim_keeps_each_events_properties(
+    service: Service, fakes: Fakes, drains: Drains, plans: plans.Plans
+) -> None:
+    await add_customers(service, ["polar"])
+    await service.usage.RecordUsage(record("c_polar", "tokens", 3, "with", region="eu", tier="1"))
+    await service.usage.RecordUsage(record("c_polar", "tokens", 4, "without"))
+    env = {k: v for k, v in fakes.env().items() if k.startswith("POLAR_")}
+    dead = await drains.make(env, FAST, "dead")
+    # Claimed and committed in one statement, then resent from the stored report.
+    (claimed,) = await dead.store.claim_batches(domain.Provider.POLAR, "dead", 0.5, 100, 500)
+    assert sorted(e.properties.get("region", "") for e in claimed.events) == ["", "eu"]
+    live = await drains.make(env, FAST, "live")
+    await drain_until_quiet([live], service.db)
+
+    sent = sorted(fakes.polar.accepted.values(), key=lambda e: e["metadata"]["value"])
+    assert [e["metadata"] for e in sent] == [
+        {"value": 3, "region": "eu", "tier": "1"},
+        {"value": 4},
+    ]
+    assert await states(service.db, "c_polar") == {"reported": 2}

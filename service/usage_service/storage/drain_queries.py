@@ -6,9 +6,10 @@ from usage_service.storage.queries import CHANGED_TOTALS
 
 LANE_SEPARATOR = "\x1f"  # chr(31) in SQL
 
-# An event's quantity to report: the part grants did not pay for.
+# An event's quantity to report: the part grants did not pay for; properties NULL when empty
+# (nothing to decode).
 _EVENT_FIELDS = """e.event_id, e.customer_id, e.meter, e.quantity - e.covered AS quantity,
-    e.event_time, e.properties, p.provider_customer_id,
+    e.event_time, nullif(e.properties, '{}'::jsonb) AS properties, p.provider_customer_id,
     coalesce(p.subscription_items ->> e.meter, '') AS subscription_item"""
 
 # Pending events attributed to one provider, not yet in a report, oldest first, skipping rows
@@ -60,7 +61,8 @@ WITH locked AS (
     SELECT k.report_id, $1,
         jsonb_agg(jsonb_build_object(
             'event_id', k.event_id, 'customer_id', k.customer_id, 'meter', k.meter,
-            'quantity', k.quantity, 'event_time', k.event_time, 'properties', k.properties,
+            'quantity', k.quantity, 'event_time', k.event_time,
+            'properties', coalesce(k.properties, '{{}}'::jsonb),
             'provider_customer_id', k.provider_customer_id,
             'subscription_item', k.subscription_item) ORDER BY k.event_time, k.event_id),
         now() + make_interval(secs => $6), $5, now()

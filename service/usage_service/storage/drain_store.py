@@ -83,7 +83,7 @@ def claimed_from_row(row: asyncpg.Record) -> Claimed:
         meter=row["meter"],
         quantity=row["quantity"],
         event_time=row["event_time"],
-        properties={str(k): str(v) for k, v in _json(row["properties"]).items()},
+        properties={str(k): str(v) for k, v in _json(row["properties"] or {}).items()},
         provider_customer_id=row["provider_customer_id"],
         subscription_item=row["subscription_item"],
     )
