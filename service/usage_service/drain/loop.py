@@ -249,10 +249,11 @@ class Drain:
             log.exception("sending %d reports failed", len(due), extra={"action": "drain_send"})
             answers = [outcome.Retry(f"internal error: {exc!r}")] * len(due)
         seconds = time.monotonic() - started
-        for report, answer in zip(due, answers, strict=True):
+        for k, (report, answer) in enumerate(zip(due, answers, strict=True)):
             if isinstance(answer, outcome.Checkpoint):  # not for shared calls: send it again
                 answer = outcome.Retry("a checkpoint was asked for in a shared call")
-            metrics.provider_call(provider, _label(answer), seconds)
+            # an outcome per report; the duration once, for the shared calls as a whole
+            metrics.provider_call(provider, _label(answer), None if k else seconds)
             sent.append((report, answer))
         return sent
 

@@ -55,7 +55,6 @@ WITH locked AS (
     UPDATE usage_events e SET report_id = k.report_id
     FROM picked k
     WHERE e.event_id = k.event_id
-    RETURNING e.event_id
 ), made AS (
     INSERT INTO reports (report_id, provider, events, lease_until, leased_by, first_sent_at)
     SELECT k.report_id, $1,
@@ -68,10 +67,8 @@ WITH locked AS (
         now() + make_interval(secs => $6), $5, now()
     FROM picked k
     GROUP BY k.report_id
-    RETURNING report_id
 )
-SELECT k.*, (SELECT count(*) FROM assigned) AS assigned, (SELECT count(*) FROM made) AS made
-FROM picked k
+SELECT k.* FROM picked k
 ORDER BY k.event_time, k.event_id"""
 
 # The max and the last value of the events billed to one provider in periods of customers'
