@@ -11,7 +11,9 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
+import httpx
 import pytest
+import stripe
 import test_drain
 from conftest import Service
 from fakes import event, report
@@ -19,6 +21,7 @@ from fakes.base import Fault
 from fakes.stripe import KEY, SESSION_PATH, STREAM_PATH, FakeStripe
 from fakes.world import Fakes
 from helpers import Drains, record
+from test_adapters_wire import Wire, stripe_http
 from test_drain import FAST, add_customers, drain_until_quiet, record_many, states, summary
 
 from usage.v1 import customer_pb2
@@ -390,3 +393,41 @@ async def test_a_batch_providers_claim_keeps_each_events_properties(
         {"value": 4},
     ]
     assert await states(service.db, "c_polar") == {"reported": 2}
+
+
+async def test_the_wire_session_on_the_api_host_events_on_the_meter_events_host(
+    plans: plans.Plans,
+) -> None:
+    api, meter_events = "https://api.provider.test", "https://meter-events.provider.test"
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=15)).isoformat()
+    session = {"object": "v2.billing.meter_event_session", "id": "mes_1", "livemode": False}
+    session |= {"authentication_token": "tok_1", "created": later, "expires_at": later}
+    wire = Wire(httpx.Response(200, json=session), httpx.Response(200, json={}))
+    adapter = StripeMeterStream(
+        Endpoint(KEY, api), meter_events, plans.meters, 5.0, stripe_http(wire)
+    )
+    when = dt.datetime(2026, 11, 30, 6, 0, 1, 500000, dt.UTC)
+    r = report(STRIPE, event(quantity=3, when=when), value=3)
+    try:
+        assert await adapter.send(r) == outcome.Delivered()
+    finally:
+        await adapter.aclose()
+
+    made, sent = wire.requests
+    assert (made.method, str(made.url)) == ("POST", f"{api}{SESSION_PATH}")
+    assert made.headers["authorization"] == f"Bearer {KEY}"
+    assert json.loads(made.content) == {}
+    assert (sent.method, str(sent.url)) == ("POST", f"{meter_events}{STREAM_PATH}")
+    assert sent.headers["authorization"] == "Bearer tok_1"
+    assert sent.headers["content-type"] == "application/json"
+    assert sent.headers["stripe-version"] == stripe.api_version
+    assert json.loads(sent.content) == {
+        "events": [
+            {
+                "event_name": "llm_tokens",
+                "identifier": r.report_id,
+                "payload": {"stripe_customer_id": "cus_1", "value": "3"},
+                "timestamp": "2026-11-30T06:00:01.000Z",
+            }
+        ]
+    }
