@@ -40,6 +40,7 @@ DEFAULT_BACKOFF_CAP = 300.0  # seconds
 DEFAULT_CONCURRENCY = 8  # reports in flight per provider in one process
 MAX_CYCLES_PER_WAKE = 100  # cycles run back to back while there is work, before sleeping
 MAX_CHECKPOINTS = 3  # checkpoints one send may ask for
+PIPELINE = 2  # batches per provider sent / settled in the background while the next is claimed
 
 
 class DrainSettings(settings.Group):
@@ -108,9 +109,10 @@ class Drain:
             for name, m in meters.items()
             if m.aggregation in (Aggregation.MAX, Aggregation.LAST)
         )
-        # provider -> its previous cycle's settling, still running while the next cycle claims
-        # and sends (per-event providers only; a lane's next report waits for its settle anyway)
-        self._settling: dict[domain.Provider, asyncio.Task[None]] = {}
+        # provider -> its batches being sent and settled in the background, oldest first, while
+        # the next cycle claims (providers without lanes; a lane's next report waits for its
+        # settle anyway): at most PIPELINE, each settled after the one before it
+        self._in_flight: dict[domain.Provider, list[asyncio.Task[None]]] = {}
 
     def stop(self) -> None:
         """The running loop finishes its current cycle, then returns."""
@@ -131,8 +133,8 @@ class Drain:
         self, max_cycles: int = MAX_CYCLES_PER_WAKE, progress: Callable[[int], None] | None = None
     ) -> int:
         """Cycles until nothing is due (or `max_cycles`, or `stop`); returns the reports handled
-        (`progress(handled so far)` after each cycle). A cycle's settling overlaps the next
-        cycle's claim and sends; all is settled on return."""
+        (`progress(handled so far)` after each cycle). For providers without lanes a cycle's
+        sends and settling overlap the next cycles' claims; all is settled on return."""
         total = 0
         try:
             for _ in range(max_cycles):
@@ -155,8 +157,9 @@ class Drain:
             await self._settled()
 
     async def _settled(self) -> None:
-        """Waits for the settling still running (each logs its own failures)."""
-        running, self._settling = list(self._settling.values()), {}
+        """Waits for the batches still being sent and settled (each logs its own failures)."""
+        running = [task for tasks in self._in_flight.values() for task in tasks]
+        self._in_flight = {}
         await asyncio.gather(*running, return_exceptions=True)
 
     async def _cycle(self) -> int:
@@ -194,19 +197,39 @@ class Drain:
             reports += await self.store.claim_batches(
                 provider, self.owner, s.lease, s.claim, reporting.batch
             )
-        if isinstance(adapter, StreamAdapter):
-            sent = await self._send_together(adapter, reports) if reports else []
-        else:
-            sent = await self._send_each(adapter, reports)
-        previous = self._settling.pop(provider, None)
-        if previous is not None:  # one settling per provider at a time
-            await asyncio.gather(previous, return_exceptions=True)
-        settling = self._settle_all(provider, sent)
         if reporting.lanes:
-            await settling
-        else:
-            self._settling[provider] = asyncio.create_task(settling)
+            await self._settle_all(provider, await self._send_all(adapter, reports))
+        else:  # sent and settled in the background while the next cycle claims
+            flight = self._in_flight.setdefault(provider, [])
+            before = flight[-1] if flight else None
+            flight.append(
+                asyncio.create_task(self._send_and_settle(provider, adapter, reports, before))
+            )
+            while len(flight) > PIPELINE:
+                await asyncio.gather(flight.pop(0), return_exceptions=True)
         return len(reports)
+
+    async def _send_and_settle(
+        self,
+        provider: domain.Provider,
+        adapter: Adapter,
+        reports: list[Report],
+        before: asyncio.Task[None] | None,
+    ) -> None:
+        """Sends a batch, then settles it once the batch before it is settled."""
+        sent = await self._send_all(adapter, reports)
+        if before is not None:
+            await asyncio.gather(before, return_exceptions=True)
+        await self._settle_all(provider, sent)
+
+    async def _send_all(
+        self, adapter: Adapter, reports: list[Report]
+    ) -> list[tuple[Report, Outcome]]:
+        if not reports:
+            return []
+        if isinstance(adapter, StreamAdapter):
+            return await self._send_together(adapter, reports)
+        return await self._send_each(adapter, reports)
 
     async def _send_each(
         self, adapter: Adapter, reports: list[Report]
