@@ -6,6 +6,10 @@ Two modes, each run by `--procs` processes (each with its own connection):
 - open: calls start at a constant `--rate` whatever the answers do, and each latency is counted
   from the moment its call was due, not sent, so a stalled server cannot hide slow calls.
 
+Scenarios: noop (grpc.health.v1 Check), record (RecordUsage), batch (BatchRecordUsage),
+check (CheckEntitlement), consume (CheckEntitlement with consume, spread over the customers),
+consume_hot (the same, every call on one customer and feature), summary (GetUsageSummary).
+
 Prints one JSON object: calls, events, errors, seconds, and a latency histogram summary.
 """
 
@@ -27,7 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from usage.v1 import usage_pb2, usage_pb2_grpc
 
-SCENARIOS = ("noop", "record", "batch", "check", "consume")
+SCENARIOS = ("noop", "record", "batch", "check", "consume", "consume_hot", "summary")
+HOT_CUSTOMER = "bench-0"  # consume_hot: every call consumes this customer's `tokens`
 MAX_OUTSTANDING = 20_000  # open mode: calls in flight before new ones count as dropped
 BUCKET_GROWTH = 1.02  # histogram: 2% wide latency buckets
 CALL_TIMEOUT = 30.0  # seconds
@@ -132,12 +137,13 @@ def _call_factory(
             )
 
         return check, 0
-    if scenario == "consume":
+    if scenario in ("consume", "consume_hot"):
+        hot = scenario == "consume_hot"
 
         def consume(i: int) -> Awaitable[Any]:
             return usage.CheckEntitlement(
                 usage_pb2.CheckEntitlementRequest(
-                    customer_id=f"bench-{i % customers}",
+                    customer_id=HOT_CUSTOMER if hot else f"bench-{i % customers}",
                     feature="tokens",
                     quantity=1,
                     consume=True,
@@ -148,6 +154,16 @@ def _call_factory(
             )
 
         return consume, 1
+    if scenario == "summary":
+
+        def summary(i: int) -> Awaitable[Any]:
+            return usage.GetUsageSummary(
+                usage_pb2.GetUsageSummaryRequest(customer_id=f"bench-{i % customers}"),
+                timeout=CALL_TIMEOUT,
+                metadata=md,
+            )
+
+        return summary, 0
     raise SystemExit(f"unknown scenario {scenario!r}")
 
 
