@@ -46,6 +46,7 @@ VARIABLES = {
     "USAGE_DRAIN_CONCURRENCY",
     "STRIPE_API_KEY",
     "STRIPE_API_BASE",
+    "STRIPE_METER_EVENT_STREAM",
     "LEMONSQUEEZY_API_KEY",
     "LEMONSQUEEZY_API_BASE",
     "LEMONSQUEEZY_SETTLE_SECONDS",
@@ -89,6 +90,7 @@ def test_defaults() -> None:
     assert s.providers.endpoint(domain.Provider.STRIPE).base_url == "https://api.stripe.com"
     assert (s.providers.http_timeout, s.providers.lemon_squeezy_settle) == (15.0, 30.0)
     assert s.providers.stripe_meter_events_base == STRIPE_METER_EVENTS
+    assert s.providers.stripe_meter_event_stream is False
     assert (s.reconcile.interval, s.reconcile.settle) == (0.0, 600.0)
     assert not s.tls.enabled and not s.auth.allow_unauthenticated
     assert not s.decisions.keep_denials

@@ -46,6 +46,20 @@ same Authorization, Stripe-Version and User-Agent headers, `Stripe/v2` in the Us
   their `data`, which `GET /v2/core/events/{id}` gives. This fake holds only the
   `v1.billing.meter.error_report_triggered` events tests add with `report_error` (shape:
   stripe/events/_v1_billing_meter_error_report_triggered_event.py and Stripe's v2 Event object).
+The v2 meter event stream, as stripe-python 16.1.0 sends it (stripe/v2/billing/
+_meter_event_session_service.py, _meter_event_stream_service.py, _meter_event_session.py,
+params/v2/billing/_meter_event_stream_create_params.py; _api_requestor.py: on /v2 a JSON body,
+`Content-Type: application/json`, the same Authorization, Stripe-Version, Idempotency-Key and
+`Stripe/v2` User-Agent):
+- `POST /v2/billing/meter_event_session` (the "api" base; body `{}`, secret key as bearer):
+  a `v2.billing.meter_event_session` (`id`, `authentication_token`, `created`, `expires_at`
+  ISO-8601, `livemode`), the token valid `session_ttl` seconds (Stripe: 15 minutes);
+- `POST /v2/billing/meter_event_stream` (the "meter_events" base; the session's token as bearer):
+  `{"events": [...]}`, 1..100 events, each `event_name`, `payload` (str -> str), and the optional
+  `identifier` and `timestamp` (ISO-8601) our client always sends; answers `{}`. An expired token
+  is a 401 `billing_meter_event_session_expired`. Events Stripe already holds (by identifier, v1
+  or v2) are ignored. A 400 refuses the whole request (nothing stored): for a malformed event (a
+  violation of ours), or an identifier a test put in `refused`.
 Summaries are computed from the events held, with drift a test injects: `drop` (an accepted event
 missing from summaries), `double` (counted twice), `lag` / `catch_up` (summaries frozen as they
 were when `lag` was called).
@@ -57,6 +71,7 @@ import collections
 import dataclasses
 import datetime as dt
 import itertools
+import json
 import math
 import re
 import threading
@@ -82,6 +97,12 @@ SUMMARIES = re.compile(r"/v1/billing/meters/([^/]+)/event_summaries")
 EVENTS_PATH = "/v2/core/events"
 EVENT = re.compile(r"/v2/core/events/([^/]+)")
 ERROR_REPORT = "v1.billing.meter.error_report_triggered"
+SESSION_PATH = "/v2/billing/meter_event_session"
+STREAM_PATH = "/v2/billing/meter_event_stream"
+STREAM_EVENTS = 100  # events per stream request, at most
+SESSION_TTL = 15 * 60.0  # seconds a session's token is valid
+EXPIRED = "billing_meter_event_session_expired"
+STREAM_FIELDS = {"event_name", "identifier", "payload", "timestamp"}
 # The tests' plans (tests/plans.toml): Stripe event name -> the formula our adapter expects.
 METERS = {"llm_tokens": "sum", "calls": "count", "storage": "last", "seats": "last"}
 CUSTOMERS = ("cus_1", "cus_s")  # fakes.event's default and fakes.world's Stripe customer
@@ -173,6 +194,10 @@ class FakeStripe(FakeProvider):
         self._flight_lock = threading.Lock()
         self._received = itertools.count(1)
         self._request_ids = itertools.count(1)
+        self.session_ttl = SESSION_TTL  # seconds a new session's token is valid
+        self.tokens: dict[str, float] = {}  # session token -> when it expires (time.time())
+        self.stream_sizes: list[int] = []  # events per stream request answered 200
+        self.refused: dict[str, str] = {}  # identifier -> why the stream refuses it (a 400)
         for event_name, formula in meters.items():
             self.add_meter(event_name, formula)
 
@@ -184,7 +209,15 @@ class FakeStripe(FakeProvider):
     def _handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
         summaries = SUMMARIES.fullmatch(path)
         one = EVENT.fullmatch(path)
-        known = (method, path) in (("POST", PATH), ("GET", METERS_PATH), ("GET", EVENTS_PATH))
+        if method == "POST" and path == STREAM_PATH:
+            self._check_headers(headers, path)
+            return self._stream(headers, body)
+        known = (method, path) in (
+            ("POST", PATH),
+            ("POST", SESSION_PATH),
+            ("GET", METERS_PATH),
+            ("GET", EVENTS_PATH),
+        )
         if not known and not (method == "GET" and (summaries or one)):
             self.violation(f"unexpected call {method} {path}")
             return error(404, f"Unrecognized request URL ({method}: {path}).")
@@ -201,6 +234,8 @@ class FakeStripe(FakeProvider):
             if one:
                 return self._event(urllib.parse.unquote(one.group(1)), query)
             return self._list_meters(query) if path == METERS_PATH else self._events(query)
+        if path == SESSION_PATH:
+            return self._new_session(body)
         return self._post(headers, body)
 
     def _post(self, headers: Mapping[str, str], body: bytes) -> Answer:
@@ -232,10 +267,12 @@ class FakeStripe(FakeProvider):
                 self._in_flight[lane] -= 1
 
     def _check_headers(self, headers: Mapping[str, str], path: str) -> None:
-        if path == PATH and not headers.get("content-type", "").startswith(
-            "application/x-www-form-urlencoded"
-        ):
-            self.violation(f"content-type {headers.get('content-type')}")
+        form = "application/x-www-form-urlencoded"
+        wanted = {PATH: form, SESSION_PATH: "application/json", STREAM_PATH: "application/json"}
+        if path in wanted and not headers.get("content-type", "").startswith(wanted[path]):
+            self.violation(f"content-type {headers.get('content-type')} on {path}")
+        if path in (SESSION_PATH, STREAM_PATH) and not headers.get("idempotency-key"):
+            self.violation(f"no Idempotency-Key on {path}")
         version = headers.get("stripe-version", "")
         if not API_VERSION.fullmatch(version):
             self.violation(f"Stripe-Version {version!r}")
@@ -349,6 +386,119 @@ class FakeStripe(FakeProvider):
                 },
                 "timestamp": stamp,
             },
+        )
+
+    # --- the v2 meter event stream ---
+
+    def _new_session(self, body: bytes) -> Answer:
+        if body.strip() not in (b"", b"{}"):
+            self.violation(f"meter event session with parameters {body[:100]!r}")
+        now = time.time()
+        token = f"mes_tok_{next(self._ids):06d}"
+        expires = now + self.session_ttl
+        with self.lock:
+            self.tokens[token] = expires
+        stamp = dt.datetime.fromtimestamp
+        return Answer(
+            200,
+            {
+                "id": f"mes_test_{next(self._ids):06d}",
+                "object": "v2.billing.meter_event_session",
+                "authentication_token": token,
+                "created": rfc3339(stamp(now, dt.UTC)),
+                "expires_at": rfc3339(stamp(expires, dt.UTC)),
+                "livemode": False,
+            },
+        )
+
+    def expire_sessions(self) -> None:
+        """Every session's token expires now."""
+        with self.lock:
+            self.tokens = dict.fromkeys(self.tokens, 0.0)
+
+    def _stream(self, headers: Mapping[str, str], body: bytes) -> Answer:
+        auth = headers.get("authorization", "")
+        token = auth.removeprefix("Bearer ")
+        with self.lock:
+            expires = self.tokens.get(token)
+        if expires is None:
+            self.violation(f"stream call without a session token: {auth[:20]!r}")
+            return error(401, "Invalid authentication token.", "invalid_request_error")
+        if time.time() >= expires:
+            return error(
+                401, "The meter event session has expired.", "invalid_request_error", EXPIRED
+            )
+        try:
+            request = json.loads(body)
+        except ValueError:
+            self.violation(f"stream body is not JSON: {body[:100]!r}")
+            return error(400, "Invalid JSON body.")
+        if not isinstance(request, dict) or set(request) != {"events"}:
+            self.violation(f"stream body is not {{'events': [...]}}: {body[:100]!r}")
+            return error(400, "Invalid request body.", param="events")
+        events = request["events"]
+        if not isinstance(events, list) or not 0 < len(events) <= STREAM_EVENTS:
+            self.violation(f"stream request of {len(events)} events")
+            return error(400, f"events must hold 1 to {STREAM_EVENTS} events.", param="events")
+        parsed = []
+        for k, raw in enumerate(events):
+            checked = self._check_stream_event(raw, k)
+            if isinstance(checked, Answer):
+                return checked
+            if checked.identifier in self.refused:
+                return error(400, self.refused[checked.identifier], param=f"events[{k}]")
+            parsed.append(checked)
+        if len({e.identifier for e in parsed}) != len(parsed):
+            self.violation("an identifier twice in one stream request")
+        with self.lock:
+            for e in parsed:
+                held = self.events.get(e.identifier)
+                if held is None:
+                    self.events[e.identifier] = dataclasses.replace(
+                        e, received=next(self._received)
+                    )
+                elif dataclasses.replace(held, received=0) != e:
+                    self.violation(f"identifier {e.identifier} re-sent with another payload")
+            self.stream_sizes.append(len(parsed))
+        return Answer(200, {})
+
+    def _check_stream_event(self, raw: Any, k: int) -> MeterEvent | Answer:
+        """One stream event as held, or a 400 (and a violation) for what our client must never
+        send: a missing or unknown field, a value that is not a whole number of at most 15
+        digits, a time that is not ISO-8601 or outside Stripe's window."""
+        where = f"events[{k}]"
+
+        def bad(text: str, param: str) -> Answer:
+            self.violation(f"{where}: {text}")
+            return error(400, f"Invalid {param}: {text}", param=f"{where}.{param}")
+
+        if not isinstance(raw, dict) or set(raw) != STREAM_FIELDS:
+            return bad(f"fields {sorted(raw) if isinstance(raw, dict) else raw!r}", "event")
+        name, identifier, payload = raw["event_name"], raw["identifier"], raw["payload"]
+        for field, text in (("event_name", name), ("identifier", identifier)):
+            if not isinstance(text, str) or not 0 < len(text) <= MAX_NAME:
+                return bad(f"{field} {text!r}", field)
+        if not isinstance(payload, dict) or set(payload) != {"stripe_customer_id", "value"}:
+            return bad(f"payload {payload!r}", "payload")
+        if not all(isinstance(v, str) for v in payload.values()):
+            return bad(f"payload values {payload!r} are not strings", "payload")
+        value = payload["value"]
+        if not re.fullmatch(r"\d+", value) or len(value.lstrip("0")) > MAX_DIGITS:
+            return bad(f"value {value!r}", "payload.value")
+        stamp = raw["timestamp"]
+        try:
+            when = dt.datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            return bad(f"timestamp {stamp!r} is not ISO-8601 with a zone", "timestamp")
+        now = time.time()
+        if not now - WINDOW_BACK <= when.timestamp() <= now + WINDOW_AHEAD:
+            return bad(f"timestamp {stamp} outside the past 35 days and 5 minutes", "timestamp")
+        if when.timestamp() != int(when.timestamp()):
+            return bad(f"timestamp {stamp} is not a whole second", "timestamp")
+        return MeterEvent(
+            name, payload["stripe_customer_id"], int(value), identifier, int(when.timestamp())
         )
 
     def _meter_events(

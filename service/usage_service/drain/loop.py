@@ -26,7 +26,7 @@ from usage_service import domain, metrics, settings
 from usage_service.domain.plans import Aggregation, Meter
 from usage_service.domain.reports import Report
 from usage_service.drain.reports import build_reports
-from usage_service.providers import Adapter, outcome
+from usage_service.providers import Adapter, StreamAdapter, outcome
 from usage_service.providers.outcome import Outcome
 from usage_service.storage.drain_store import DrainStore
 
@@ -40,6 +40,7 @@ DEFAULT_BACKOFF_CAP = 300.0  # seconds
 DEFAULT_CONCURRENCY = 8  # reports in flight per provider in one process
 MAX_CYCLES_PER_WAKE = 100  # cycles run back to back while there is work, before sleeping
 MAX_CHECKPOINTS = 3  # checkpoints one send may ask for
+PIPELINE = 2  # batches per provider sent / settled in the background while the next is claimed
 
 
 class DrainSettings(settings.Group):
@@ -77,6 +78,16 @@ def _label(answer: Outcome) -> str:
     return "checkpoint"
 
 
+def _too_old(adapter: Adapter, report: Report) -> bool:
+    """First sent longer ago than the adapter re-sends (the provider's dedupe may be over)."""
+    window = adapter.reporting.resend_window
+    return (
+        window is not None
+        and report.first_sent_at is not None
+        and dt.datetime.now(dt.UTC) - report.first_sent_at > window
+    )
+
+
 class Drain:
     def __init__(
         self,
@@ -98,9 +109,10 @@ class Drain:
             for name, m in meters.items()
             if m.aggregation in (Aggregation.MAX, Aggregation.LAST)
         )
-        # provider -> its previous cycle's settling, still running while the next cycle claims
-        # and sends (per-event providers only; a lane's next report waits for its settle anyway)
-        self._settling: dict[domain.Provider, asyncio.Task[None]] = {}
+        # provider -> its batches being sent and settled in the background, oldest first, while
+        # the next cycle claims (providers without lanes; a lane's next report waits for its
+        # settle anyway): at most PIPELINE, each settled after the one before it
+        self._in_flight: dict[domain.Provider, list[asyncio.Task[None]]] = {}
 
     def stop(self) -> None:
         """The running loop finishes its current cycle, then returns."""
@@ -121,8 +133,8 @@ class Drain:
         self, max_cycles: int = MAX_CYCLES_PER_WAKE, progress: Callable[[int], None] | None = None
     ) -> int:
         """Cycles until nothing is due (or `max_cycles`, or `stop`); returns the reports handled
-        (`progress(handled so far)` after each cycle). A cycle's settling overlaps the next
-        cycle's claim and sends; all is settled on return."""
+        (`progress(handled so far)` after each cycle). For providers without lanes a cycle's
+        sends and settling overlap the next cycles' claims; all is settled on return."""
         total = 0
         try:
             for _ in range(max_cycles):
@@ -145,8 +157,9 @@ class Drain:
             await self._settled()
 
     async def _settled(self) -> None:
-        """Waits for the settling still running (each logs its own failures)."""
-        running, self._settling = list(self._settling.values()), {}
+        """Waits for the batches still being sent and settled (each logs its own failures)."""
+        running = [task for tasks in self._in_flight.values() for task in tasks]
+        self._in_flight = {}
         await asyncio.gather(*running, return_exceptions=True)
 
     async def _cycle(self) -> int:
@@ -169,16 +182,60 @@ class Drain:
 
     async def _provider_cycle(self, provider: domain.Provider, adapter: Adapter) -> int:
         s = self.settings
+        reporting = adapter.reporting
         reports = await self.store.claim_reports(provider, self.owner, s.lease, s.claim)
-        reports += await self.store.claim_new(
-            provider,
-            self.owner,
-            s.lease,
-            s.claim,
-            lambda claimed: build_reports(provider, adapter.reporting, self.meters, claimed),
-            self._figures if adapter.reporting.lanes else (),
-        )
-        gate = asyncio.Semaphore(s.concurrency)
+        if reporting.lanes:
+            reports += await self.store.claim_new(
+                provider,
+                self.owner,
+                s.lease,
+                s.claim,
+                lambda claimed: build_reports(provider, reporting, self.meters, claimed),
+                self._figures,
+            )
+        else:
+            reports += await self.store.claim_batches(
+                provider, self.owner, s.lease, s.claim, reporting.batch
+            )
+        if reporting.lanes:
+            await self._settle_all(provider, await self._send_all(adapter, reports))
+        else:  # sent and settled in the background while the next cycle claims
+            flight = self._in_flight.setdefault(provider, [])
+            before = flight[-1] if flight else None
+            flight.append(
+                asyncio.create_task(self._send_and_settle(provider, adapter, reports, before))
+            )
+            while len(flight) > PIPELINE:
+                await asyncio.gather(flight.pop(0), return_exceptions=True)
+        return len(reports)
+
+    async def _send_and_settle(
+        self,
+        provider: domain.Provider,
+        adapter: Adapter,
+        reports: list[Report],
+        before: asyncio.Task[None] | None,
+    ) -> None:
+        """Sends a batch, then settles it once the batch before it is settled."""
+        sent = await self._send_all(adapter, reports)
+        if before is not None:
+            await asyncio.gather(before, return_exceptions=True)
+        await self._settle_all(provider, sent)
+
+    async def _send_all(
+        self, adapter: Adapter, reports: list[Report]
+    ) -> list[tuple[Report, Outcome]]:
+        if not reports:
+            return []
+        if isinstance(adapter, StreamAdapter):
+            return await self._send_together(adapter, reports)
+        return await self._send_each(adapter, reports)
+
+    async def _send_each(
+        self, adapter: Adapter, reports: list[Report]
+    ) -> list[tuple[Report, Outcome]]:
+        """Each report in its own send, `concurrency` at a time; the answers to settle."""
+        gate = asyncio.Semaphore(self.settings.concurrency)
 
         async def send(report: Report) -> tuple[Report, Outcome | None]:
             async with gate:
@@ -188,20 +245,40 @@ class Drain:
                     log.exception(
                         "sending report %s failed",
                         report.report_id,
-                        extra={"action": "drain_send", "provider": provider.value},
+                        extra={"action": "drain_send", "provider": report.provider.value},
                     )
                     return report, None
 
-        sent = [(r, a) for r, a in await asyncio.gather(*(send(r) for r in reports)) if a]
-        previous = self._settling.pop(provider, None)
-        if previous is not None:  # one settling per provider at a time
-            await asyncio.gather(previous, return_exceptions=True)
-        settling = self._settle_all(provider, sent)
-        if adapter.reporting.lanes:
-            await settling
-        else:
-            self._settling[provider] = asyncio.create_task(settling)
-        return len(reports)
+        return [(r, a) for r, a in await asyncio.gather(*(send(r) for r in reports)) if a]
+
+    async def _send_together(
+        self, adapter: StreamAdapter, reports: list[Report]
+    ) -> list[tuple[Report, Outcome]]:
+        """The reports in shared calls (the adapter batches them); the answers to settle."""
+        sent: list[tuple[Report, Outcome]] = []
+        due = []
+        for report in reports:
+            if _too_old(adapter, report):
+                sent.append((report, outcome.Failed(adapter.reporting.too_old)))
+            else:
+                due.append(report)
+        if not due:
+            return sent
+        provider = due[0].provider.value
+        started = time.monotonic()
+        try:
+            answers = await adapter.send_many(due)
+        except Exception as exc:  # an adapter bug must not stop the drain
+            log.exception("sending %d reports failed", len(due), extra={"action": "drain_send"})
+            answers = [outcome.Retry(f"internal error: {exc!r}")] * len(due)
+        seconds = time.monotonic() - started
+        for k, (report, answer) in enumerate(zip(due, answers, strict=True)):
+            if isinstance(answer, outcome.Checkpoint):  # not for shared calls: send it again
+                answer = outcome.Retry("a checkpoint was asked for in a shared call")
+            # an outcome per report; the duration once, for the shared calls as a whole
+            metrics.provider_call(provider, _label(answer), None if k else seconds)
+            sent.append((report, answer))
+        return sent
 
     async def _settle_all(
         self, provider: domain.Provider, sent: list[tuple[Report, Outcome]]
@@ -234,12 +311,7 @@ class Drain:
         """Sends a report (saving checkpoints as asked); the answer to settle, or None when
         there is nothing to settle."""
         rid = report.report_id
-        window = adapter.reporting.resend_window
-        if (
-            window is not None
-            and report.first_sent_at is not None
-            and dt.datetime.now(dt.UTC) - report.first_sent_at > window
-        ):
+        if _too_old(adapter, report):
             return report, outcome.Failed(adapter.reporting.too_old)
         answer: Outcome = outcome.Retry("too many checkpoints")
         try:

@@ -5,13 +5,20 @@ They know nothing of the database; the drain gives them reports and settles what
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 from usage_service import domain
 from usage_service.domain.plans import Meter
 from usage_service.domain.reports import Report, ReportEvent
-from usage_service.providers import creem, dodo_payments, lemon_squeezy, polar, stripe_meters
+from usage_service.providers import (
+    creem,
+    dodo_payments,
+    lemon_squeezy,
+    polar,
+    stripe_meters,
+    stripe_stream,
+)
 from usage_service.providers.config import ProviderSettings
 from usage_service.providers.outcome import (
     Checkpoint,
@@ -36,6 +43,7 @@ __all__ = [
     "ReportEvent",
     "Reporting",
     "Retry",
+    "StreamAdapter",
     "adapters",
 ]
 
@@ -51,6 +59,13 @@ class Adapter(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class StreamAdapter(Adapter, Protocol):
+    """An adapter that sends many reports in shared calls: one outcome per report, in order."""
+
+    async def send_many(self, reports: Sequence[Report]) -> list[Outcome]: ...
+
+
 def adapters(
     settings: ProviderSettings, meters: Mapping[str, Meter]
 ) -> dict[domain.Provider, Adapter]:
@@ -60,9 +75,12 @@ def adapters(
     for provider in settings.configured():
         endpoint = settings.endpoint(provider)
         if provider is domain.Provider.STRIPE:
-            built[provider] = stripe_meters.StripeMeters(
-                endpoint, settings.stripe_meter_events_base, meters, timeout
+            stripe = (
+                stripe_stream.StripeMeterStream
+                if settings.stripe_meter_event_stream
+                else stripe_meters.StripeMeters
             )
+            built[provider] = stripe(endpoint, settings.stripe_meter_events_base, meters, timeout)
         elif provider is domain.Provider.LEMON_SQUEEZY:
             built[provider] = lemon_squeezy.LemonSqueezy(
                 endpoint, meters, timeout, settings.lemon_squeezy_settle

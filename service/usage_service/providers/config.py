@@ -47,6 +47,10 @@ class ProviderSettings(settings.Group):
 
     stripe_api_key: settings.Secret = _key("STRIPE_API_KEY")
     stripe_api_base: str = Field("", validation_alias="STRIPE_API_BASE")
+    # Stripe: send through the v2 meter event stream (sessions, 100 events a call); off: v1
+    stripe_meter_event_stream: settings.Flag = Field(
+        False, validation_alias="STRIPE_METER_EVENT_STREAM"
+    )
     lemon_squeezy_api_key: settings.Secret = _key("LEMONSQUEEZY_API_KEY")
     lemon_squeezy_api_base: str = Field("", validation_alias="LEMONSQUEEZY_API_BASE")
     polar_api_key: settings.Secret = _key("POLAR_ACCESS_TOKEN")

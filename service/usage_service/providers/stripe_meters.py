@@ -86,6 +86,82 @@ def stated(when: dt.datetime, start: dt.datetime, end: dt.datetime) -> dt.dateti
 
 
 @dataclasses.dataclass(frozen=True)
+class Piece:
+    """One meter event a report goes out as, the same on every send of the report."""
+
+    identifier: str  # the report id (`-1`, `-2`, ... for a split sum), or a count event's id
+    event_name: str
+    customer: str  # the Stripe customer id
+    value: int
+    timestamp: int  # unix seconds
+    event_id: str = ""  # count meters: the usage event it carries; "" for a collapsed record
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The meter events of a report, in sending order. Count meters: one per usage event, and
+    `rejected` the events refused before any send (event id -> reason)."""
+
+    pieces: tuple[Piece, ...]
+    count: bool
+    rejected: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def plan(report: Report, meters: Mapping[str, Meter], now: dt.datetime) -> Plan | Outcome:
+    """The meter events a report is sent as (on v1 and on the v2 stream alike, so the
+    identifiers never change), or the outcome when it cannot be sent (yet)."""
+    first = report.events[0]
+    meter = meters.get(first.meter)
+    if meter is None:
+        return outcome.Failed(f"meter {first.meter!r} is not in the plans file")
+    customer = first.provider_customer_id
+    if not customer:
+        return outcome.Failed("the customer has no Stripe customer id (provider_customer_id)")
+    newest = max(e.event_time for e in report.events)
+    ahead = (newest - now).total_seconds()
+    if ahead > 0:  # a time ahead of Stripe's clock is refused for good: send it once due
+        return outcome.Retry("stripe: an event is timed in the future", ahead + 1.0)
+    name = meter.stripe.event_name
+    if meter.aggregation is Aggregation.COUNT:
+        rejected: dict[str, str] = {}
+        each = []
+        for event in sorted(report.events, key=lambda e: (e.event_time, e.event_id)):
+            if event.quantity > MAX_VALUE:
+                rejected[event.event_id] = f"stripe: value {event.quantity} has more than 15 digits"
+                continue
+            stamp = int(event.event_time.timestamp())
+            each.append(
+                Piece(event.event_id, name, customer, event.quantity, stamp, event.event_id)
+            )
+        return Plan(tuple(each), True, rejected)
+    timestamp = int((report.stated_at or newest).timestamp())
+    pieces = split(report.value) if meter.aggregation is Aggregation.SUM else [report.value]
+    if pieces[0] > MAX_VALUE:
+        return outcome.Failed(
+            f"stripe: value {report.value} has more than 15 digits: a meter event cannot "
+            f"carry it, and a {meter.aggregation.value} figure cannot be split"
+        )
+    if len(pieces) > MAX_PIECES:
+        return outcome.Failed(
+            f"stripe: sum {report.value} would take {len(pieces)} meter events of at most "
+            f"15 digits (the most sent for one report is {MAX_PIECES}); check its events"
+        )
+    return Plan(
+        tuple(
+            Piece(
+                report.report_id if len(pieces) == 1 else f"{report.report_id}-{k}",
+                name,
+                customer,
+                value,
+                timestamp,
+            )
+            for k, value in enumerate(pieces, 1)
+        ),
+        False,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class StripeMeter:
     meter_id: str
     event_name: str
@@ -142,51 +218,25 @@ class StripeMeters:
         await self._http.close_async()  # type: ignore[no-untyped-call]
 
     async def send(self, report: Report) -> Outcome:
-        first = report.events[0]
-        meter = self._meters.get(first.meter)
-        if meter is None:
-            return outcome.Failed(f"meter {first.meter!r} is not in the plans file")
-        customer = first.provider_customer_id
-        if not customer:
-            return outcome.Failed("the customer has no Stripe customer id (provider_customer_id)")
-        newest = max(e.event_time for e in report.events)
-        ahead = (newest - dt.datetime.now(dt.UTC)).total_seconds()
-        if ahead > 0:  # a time ahead of Stripe's clock is refused for good: send it once due
-            return outcome.Retry("stripe: an event is timed in the future", ahead + 1.0)
-        if meter.aggregation is Aggregation.COUNT:
-            return await self._send_each(meter, customer, report)
-        timestamp = int((report.stated_at or newest).timestamp())
-        pieces = split(report.value) if meter.aggregation is Aggregation.SUM else [report.value]
-        if pieces[0] > MAX_VALUE:
-            return outcome.Failed(
-                f"stripe: value {report.value} has more than 15 digits: a meter event cannot "
-                f"carry it, and a {meter.aggregation.value} figure cannot be split"
-            )
-        if len(pieces) > MAX_PIECES:
-            return outcome.Failed(
-                f"stripe: sum {report.value} would take {len(pieces)} meter events of at most "
-                f"15 digits (the most sent for one report is {MAX_PIECES}); check its events"
-            )
+        planned = plan(report, self._meters, dt.datetime.now(dt.UTC))
+        if not isinstance(planned, Plan):
+            return planned
+        if planned.count:
+            return await self._send_each(planned)
         duplicate = True
-        for k, value in enumerate(pieces, 1):
-            identifier = report.report_id if len(pieces) == 1 else f"{report.report_id}-{k}"
-            answer = await self._create(_params(meter, customer, value, identifier, timestamp))
+        for piece in planned.pieces:
+            answer = await self._create(_params(piece))
             if not isinstance(answer, outcome.Delivered):
                 return answer  # a retry sends the same pieces again
             duplicate = duplicate and answer.duplicate
         return outcome.Delivered(duplicate)
 
-    async def _send_each(self, meter: Meter, customer: str, report: Report) -> Outcome:
-        rejected: dict[str, str] = {}
-        for event in sorted(report.events, key=lambda e: (e.event_time, e.event_id)):
-            if event.quantity > MAX_VALUE:
-                rejected[event.event_id] = f"stripe: value {event.quantity} has more than 15 digits"
-                continue
-            stamp = int(event.event_time.timestamp())
-            params = _params(meter, customer, event.quantity, event.event_id, stamp)
-            answer = await self._create(params)
+    async def _send_each(self, planned: Plan) -> Outcome:
+        rejected = dict(planned.rejected)
+        for piece in planned.pieces:
+            answer = await self._create(_params(piece))
             if isinstance(answer, outcome.Failed):
-                rejected[event.event_id] = answer.reason
+                rejected[piece.event_id] = answer.reason
             elif not isinstance(answer, outcome.Delivered):
                 return answer
         return outcome.Rejected(rejected) if rejected else outcome.Delivered()
@@ -344,14 +394,12 @@ def last_timestamp(now: dt.datetime, start: dt.datetime, end: dt.datetime) -> in
     return int(stated(now, start, end).timestamp())
 
 
-def _params(
-    meter: Meter, customer: str, value: int, identifier: str, timestamp: int
-) -> stripe.params.billing.MeterEventCreateParams:
+def _params(piece: Piece) -> stripe.params.billing.MeterEventCreateParams:
     return {
-        "event_name": meter.stripe.event_name,
-        "payload": {"stripe_customer_id": customer, "value": str(value)},
-        "identifier": identifier,
-        "timestamp": timestamp,
+        "event_name": piece.event_name,
+        "payload": {"stripe_customer_id": piece.customer, "value": str(piece.value)},
+        "identifier": piece.identifier,
+        "timestamp": piece.timestamp,
     }
 
 

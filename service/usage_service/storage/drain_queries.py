@@ -6,9 +6,10 @@ from usage_service.storage.queries import CHANGED_TOTALS
 
 LANE_SEPARATOR = "\x1f"  # chr(31) in SQL
 
-# An event's quantity to report: the part grants did not pay for.
+# An event's quantity to report: the part grants did not pay for; properties NULL when empty
+# (nothing to decode).
 _EVENT_FIELDS = """e.event_id, e.customer_id, e.meter, e.quantity - e.covered AS quantity,
-    e.event_time, e.properties, p.provider_customer_id,
+    e.event_time, nullif(e.properties, '{}'::jsonb) AS properties, p.provider_customer_id,
     coalesce(p.subscription_items ->> e.meter, '') AS subscription_item"""
 
 # Pending events attributed to one provider, not yet in a report, oldest first, skipping rows
@@ -29,6 +30,46 @@ WHERE e.report_state = 'pending' AND e.report_id IS NULL AND e.provider = $1
 ORDER BY e.event_time, e.event_id
 LIMIT $2
 FOR UPDATE OF e SKIP LOCKED"""
+
+# Batch providers (no lanes), in one statement: claims pending events like CLAIM_EVENTS (no
+# period bounds, no lanes), puts them in reports of $4 events in claim order (the k-th report
+# takes the id $3[k]), inserts the reports (events as event_to_json writes them, oldest first)
+# leased to $5 for $6 seconds, and returns the claimed events with their report ids.
+# $1 provider, $2 limit, $3 report_id[] (at least ceil($2 / $4)), $4 events per report,
+# $5 owner, $6 lease (seconds)
+CLAIM_BATCHES = f"""
+WITH locked AS (
+    SELECT {_EVENT_FIELDS}
+    FROM usage_events e
+    JOIN customer_providers p ON p.customer_id = e.customer_id AND p.provider = e.provider
+    WHERE e.report_state = 'pending' AND e.report_id IS NULL AND e.provider = $1
+    ORDER BY e.event_time, e.event_id
+    LIMIT $2
+    FOR UPDATE OF e SKIP LOCKED
+), picked AS (  -- numbered once locked: rows skipped for other workers leave no gaps
+    SELECT k.*,
+        ($3::uuid[])[(row_number() OVER (ORDER BY k.event_time, k.event_id) - 1) / $4 + 1]
+            AS report_id
+    FROM locked k
+), assigned AS (
+    UPDATE usage_events e SET report_id = k.report_id
+    FROM picked k
+    WHERE e.event_id = k.event_id
+), made AS (
+    INSERT INTO reports (report_id, provider, events, lease_until, leased_by, first_sent_at)
+    SELECT k.report_id, $1,
+        jsonb_agg(jsonb_build_object(
+            'event_id', k.event_id, 'customer_id', k.customer_id, 'meter', k.meter,
+            'quantity', k.quantity, 'event_time', k.event_time,
+            'properties', coalesce(k.properties, '{{}}'::jsonb),
+            'provider_customer_id', k.provider_customer_id,
+            'subscription_item', k.subscription_item) ORDER BY k.event_time, k.event_id),
+        now() + make_interval(secs => $6), $5, now()
+    FROM picked k
+    GROUP BY k.report_id
+)
+SELECT k.* FROM picked k
+ORDER BY k.event_time, k.event_id"""
 
 # The max and the last value of the events billed to one provider in periods of customers'
 # meters, parked ones left out: a period's totals also count events billed elsewhere or unbilled.
@@ -141,6 +182,21 @@ UPDATE usage_events e SET report_state = 'reported', reported_at = now(), last_e
 WHERE e.report_id = ANY($1::uuid[]) AND e.report_state = 'pending'
 {_MOVED}"""
 
+# MARK_REPORTED, folded per totals row (events outside every period left out), sorted.
+# $1 report_id[]
+MARK_REPORTED_FOLDED = f"""
+WITH moved AS (
+    UPDATE usage_events e SET report_state = 'reported', reported_at = now(), last_error = ''
+    WHERE e.report_id = ANY($1::uuid[]) AND e.report_state = 'pending'
+    {_MOVED}
+)
+SELECT t.customer_id, t.meter, t.period_start, count(*) AS n, sum(m.quantity) AS s
+FROM moved m
+JOIN usage_totals t ON t.customer_id = m.customer_id AND t.meter = m.meter
+    AND t.period_start <= m.event_time AND m.event_time < t.period_end
+GROUP BY 1, 2, 3
+ORDER BY 1, 2, 3"""
+
 _PARKED = """e.report_state = 'failed' AND ($1::text = '' OR e.provider = $1)
     AND (cardinality($2::uuid[]) = 0 OR e.event_id = ANY($2::uuid[]))"""
 
@@ -182,6 +238,28 @@ FROM (
     {_EVENTS_IN_TOTALS}
     GROUP BY 1, 2, 3
 ) a
+WHERE t.customer_id = a.customer_id AND t.meter = a.meter AND t.period_start = a.period_start
+RETURNING {CHANGED_TOTALS}"""
+
+# ADJUST_TOTALS for events already folded per totals row (MARK_REPORTED_FOLDED): the rows are
+# locked in key order (the CTE is read in full by the update), then moved.
+# $1 customer_id[], $2 meter[], $3 period_start[], $4 events[], $5 quantity sum[],
+# $6 reported delta per event (-1, 0, 1), $7 failed delta, $8 unbilled delta
+ADJUST_FOLDED = f"""
+WITH locked AS (
+    SELECT t.customer_id, t.meter, t.period_start, a.n, a.s
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[])
+        AS a(customer_id, meter, period_start, n, s)
+    JOIN usage_totals t ON t.customer_id = a.customer_id AND t.meter = a.meter
+        AND t.period_start = a.period_start
+    ORDER BY 1, 2, 3
+    FOR UPDATE OF t
+)
+UPDATE usage_totals t SET
+    reported_count = t.reported_count + $6 * a.n, reported_sum = t.reported_sum + $6 * a.s,
+    failed_count = t.failed_count + $7 * a.n, failed_sum = t.failed_sum + $7 * a.s,
+    unbilled_count = t.unbilled_count + $8 * a.n, unbilled_sum = t.unbilled_sum + $8 * a.s
+FROM locked a
 WHERE t.customer_id = a.customer_id AND t.meter = a.meter AND t.period_start = a.period_start
 RETURNING {CHANGED_TOTALS}"""
 

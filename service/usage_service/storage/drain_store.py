@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from usage_service import domain
+from usage_service.domain import ids
 from usage_service.domain.reports import Report, ReportEvent
 from usage_service.storage import changes
 from usage_service.storage import drain_queries as q
@@ -82,11 +83,11 @@ def claimed_from_row(row: asyncpg.Record) -> Claimed:
         meter=row["meter"],
         quantity=row["quantity"],
         event_time=row["event_time"],
-        properties={str(k): str(v) for k, v in _json(row["properties"]).items()},
+        properties={str(k): str(v) for k, v in _json(row["properties"] or {}).items()},
         provider_customer_id=row["provider_customer_id"],
         subscription_item=row["subscription_item"],
     )
-    return Claimed(event, row["period_start"], row["period_end"])
+    return Claimed(event, row.get("period_start"), row.get("period_end"))
 
 
 def report_from_row(row: asyncpg.Record) -> Report:
@@ -152,6 +153,20 @@ class DrainStore:
             Report(r.report_id, provider, r.events, r.value, stated_at=r.stated_at) for r in kept
         ]
 
+    async def claim_batches(
+        self, provider: domain.Provider, owner: str, lease: float, limit: int, batch: int
+    ) -> list[Report]:
+        """Claims pending events into reports of `batch` events (a provider without lanes),
+        committed and leased to `owner`, in one statement."""
+        report_ids = [ids.new_report_id() for _ in range(-(-limit // batch))]
+        rows = await self.pool.fetch(
+            q.CLAIM_BATCHES, provider.value, limit, report_ids, batch, owner, lease
+        )
+        grouped: dict[str, list[ReportEvent]] = {}
+        for row in rows:
+            grouped.setdefault(str(row["report_id"]), []).append(claimed_from_row(row).event)
+        return [Report(rid, provider, tuple(events)) for rid, events in grouped.items()]
+
     async def save_checkpoint(
         self, report_id: str, owner: str, state: Mapping[str, Any], lease: float
     ) -> bool:
@@ -191,8 +206,12 @@ class DrainStore:
             closed = [r["report_id"] for r in await conn.fetch(q.CLOSE_DELIVERED, list(report_ids))]
             if closed:
                 await conn.execute(q.LOCK_REPORT_CUSTOMERS, closed)
-                moved = await conn.fetch(q.MARK_REPORTED, closed)
-                await log_drained(conn, await adjust(conn, moved, reported=1, failed=0))
+                folded = await conn.fetch(q.MARK_REPORTED_FOLDED, closed)
+                if folded:
+                    columns = ("customer_id", "meter", "period_start", "n", "s")
+                    arrays = [[r[c] for r in folded] for c in columns]
+                    changed = await conn.fetch(q.ADJUST_FOLDED, *arrays, 1, 0, 0)
+                    await log_drained(conn, changed)
         return {str(r) for r in closed}
 
     async def failed(self, report_id: str, reason: str) -> bool:
