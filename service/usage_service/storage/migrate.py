@@ -8,7 +8,7 @@ import pathlib
 
 import asyncpg
 
-from usage_service.storage import queries
+from usage_service.storage import changes, queries
 
 MIGRATIONS = pathlib.Path(__file__).with_name("migrations")
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 await conn.execute(queries.MIGRATION_DONE, file.stem)
             log.info("applied migration %s", file.stem, extra={"action": "migrate"})
             applied_now.append(file.stem)
+        if applied_now:  # running replicas forget what they read before
+            await changes.notify(conn, None)
     finally:
         await conn.execute(queries.MIGRATION_UNLOCK)
     return applied_now
