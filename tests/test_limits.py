@@ -44,9 +44,9 @@ async def _add_customer(channel: grpc.aio.Channel) -> None:
     )
 
 
-def _consume(key: str) -> usage_pb2.CheckEntitlementRequest:
+def _consume(key: str, feature: str = "tokens") -> usage_pb2.CheckEntitlementRequest:
     return usage_pb2.CheckEntitlementRequest(
-        customer_id="cus_1", feature="tokens", quantity=1, consume=True, idempotency_key=key
+        customer_id="cus_1", feature=feature, quantity=1, consume=True, idempotency_key=key
     )
 
 
@@ -58,8 +58,10 @@ async def test_calls_past_the_in_flight_limit_are_refused_not_queued(
         usage = usage_pb2_grpc.UsageServiceStub(channel)
         async with db.acquire() as blocker, blocker.transaction():
             await blocker.execute("SELECT 1 FROM customers WHERE customer_id = 'cus_1' FOR UPDATE")
+            # two features: consumes of one feature would wait as one group on one lock
             held = [
-                asyncio.ensure_future(usage.CheckEntitlement(_consume(f"k{i}"))) for i in (1, 2)
+                asyncio.ensure_future(usage.CheckEntitlement(_consume(f"k{i}", feature)))
+                for i, feature in ((1, "tokens"), (2, "calls"))
             ]
 
             async def both_waiting() -> bool:

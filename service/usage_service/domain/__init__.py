@@ -130,6 +130,31 @@ class Totals:
             return max(self.quantity_max, quantity)
         return quantity
 
+    def plus(self, quantity: int, event_time: dt.datetime, unbilled: bool) -> Totals:
+        """The totals once one more event is counted, accepted after every event they hold."""
+        later = self.last_event_time is None or event_time >= self.last_event_time
+        return dataclasses.replace(
+            self,
+            event_count=self.event_count + 1,
+            quantity_sum=self.quantity_sum + quantity,
+            quantity_max=max(self.quantity_max, quantity),
+            last_quantity=quantity if later else self.last_quantity,
+            last_event_time=event_time if later else self.last_event_time,
+            unbilled_count=self.unbilled_count + unbilled,
+            unbilled_sum=self.unbilled_sum + (quantity if unbilled else 0),
+        )
+
+    def billed_as(self, counts: tuple[int, int, int, int]) -> Totals:
+        """The totals once an event's covering (`credits.Covering.counts`) is applied."""
+        covered_count, covered_sum, unbilled_count, unbilled_sum = counts
+        return dataclasses.replace(
+            self,
+            covered_count=self.covered_count + covered_count,
+            covered_sum=self.covered_sum + covered_sum,
+            unbilled_count=self.unbilled_count + unbilled_count,
+            unbilled_sum=self.unbilled_sum + unbilled_sum,
+        )
+
     def progress(self, aggregation: Aggregation) -> tuple[int, int, int, int]:
         """(reported, pending, failed, unbilled): summed quantities for sum meters, events
         otherwise. What grants paid for (covered) is in none of them."""

@@ -296,6 +296,17 @@ class Covering:
     covered: int
     state: str
 
+    def counts(self, recorded_state: str, quantity: int) -> tuple[int, int, int, int]:
+        """What the covering changes in its period's totals, from the event as it was recorded
+        in `recorded_state`: (covered events, covered units, unbilled events, unbilled units)."""
+        unbilled_count = unbilled_sum = 0
+        if recorded_state == "unbilled":  # out of unbilled what it counted there
+            unbilled_count, unbilled_sum = -1, -quantity
+        if self.state == "unbilled":
+            unbilled_count += 1
+            unbilled_sum += quantity - self.covered
+        return int(self.state == "covered"), self.covered, unbilled_count, unbilled_sum
+
 
 def covering(
     feature: MeteredFeature,

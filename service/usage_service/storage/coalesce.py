@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+Key = TypeVar("Key", bound=Hashable)
 
 DEFAULT_MAX_ITEMS = 2000  # weight units (rows) per flush
 DEFAULT_MAX_FLUSHES = 2  # flushes running at once, each on its own connection
@@ -35,15 +36,18 @@ class Coalescer(Generic[Item, Result]):
         max_items: int = DEFAULT_MAX_ITEMS,
         max_flushes: int = DEFAULT_MAX_FLUSHES,
         parallel_weight: int = DEFAULT_PARALLEL_WEIGHT,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self._run = run
+        self._on_idle = on_idle  # called when the last flush ends with nothing queued
         self._weight = weight
         self._max_items = max_items
         self._max_flushes = max_flushes
         self._parallel_weight = parallel_weight
         self._queue: collections.deque[tuple[Item, asyncio.Future[Result]]] = collections.deque()
         self._queued_weight = 0
-        self._flushes: set[asyncio.Task[None]] = set()
+        # running flushes, each with its callers' futures
+        self._flushes: dict[asyncio.Task[None], list[asyncio.Future[Result]]] = {}
 
     async def submit(self, item: Item) -> Result:
         """Queues `item` and waits for its own answer (raised when it is an exception)."""
@@ -51,7 +55,13 @@ class Coalescer(Generic[Item, Result]):
         self._queue.append((item, future))
         self._queued_weight += self._weight(item)
         self._start_flushes()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller went away: so may its flush, if all did
+            for task, futures in self._flushes.items():
+                if future in futures and all(f.done() for f in futures):
+                    task.cancel()
+            raise
 
     async def close(self) -> None:
         """Waits until every queued item has been flushed."""
@@ -66,8 +76,9 @@ class Coalescer(Generic[Item, Result]):
                 and self._queued_weight >= self._parallel_weight
             )
         ):
-            task = asyncio.get_running_loop().create_task(self._flush(self._take()))
-            self._flushes.add(task)
+            taken = self._take()
+            task = asyncio.get_running_loop().create_task(self._flush(taken))
+            self._flushes[task] = [f for _, f in taken]
             task.add_done_callback(self._flush_done)
 
     def _take(self) -> list[tuple[Item, asyncio.Future[Result]]]:
@@ -89,8 +100,10 @@ class Coalescer(Generic[Item, Result]):
         return taken
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
-        self._flushes.discard(task)
+        self._flushes.pop(task, None)
         self._start_flushes()
+        if self._on_idle is not None and not self._flushes and not self._queue:
+            self._on_idle()
 
     async def _flush(self, taken: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         if not taken:
@@ -113,3 +126,38 @@ class Coalescer(Generic[Item, Result]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+class Keyed(Generic[Key, Item, Result]):
+    """A coalescer per key, each flushing one group at a time: items of one key (say, one hot
+    row) are run together, and items of different keys never wait for each other. A key's
+    coalescer is dropped once it has nothing queued or running."""
+
+    def __init__(
+        self,
+        run: Callable[[Sequence[Item]], Awaitable[Sequence[Result | BaseException]]],
+        max_items: int = DEFAULT_MAX_ITEMS,
+    ) -> None:
+        self._run = run
+        self._max_items = max_items
+        self._by_key: dict[Key, Coalescer[Item, Result]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    async def submit(self, key: Key, item: Item) -> Result:
+        coalescer = self._by_key.get(key)
+        if coalescer is None:
+
+            def drop() -> None:
+                if self._by_key.get(key) is coalescer:
+                    del self._by_key[key]
+
+            coalescer = Coalescer(self._run, max_items=self._max_items, max_flushes=1, on_idle=drop)
+            self._by_key[key] = coalescer
+        return await coalescer.submit(item)
+
+    async def close(self) -> None:
+        """Waits until every key's queued items have been flushed."""
+        for coalescer in list(self._by_key.values()):
+            await coalescer.close()

@@ -326,14 +326,8 @@ async def burn(
                 continue
             event_rows.append((b.customer_id, e.event_id, cover.covered, cover.state))
             d = deltas.setdefault((b.customer_id, b.feature.meter, e.period_start), [0, 0, 0, 0])
-            d[0] += cover.state == "covered"
-            d[1] += cover.covered
-            if e.state == "unbilled":  # out of unbilled what it counted there
-                d[2] -= 1
-                d[3] -= e.quantity
-            if cover.state == "unbilled":
-                d[2] += 1
-                d[3] += e.quantity - cover.covered
+            for n, change in enumerate(cover.counts(e.state, e.quantity)):
+                d[n] += change
     if not event_rows and not burn_rows:
         return [], afters
     rows = sorted(deltas)

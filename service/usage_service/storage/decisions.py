@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 
 import asyncpg
 
@@ -43,6 +44,23 @@ async def keep(conn: Conn | asyncpg.Pool, d: Kept) -> None:
         d.event_id,
         d.response,
         d.created_at,
+    )
+
+
+async def keep_many(conn: Conn, kept: Sequence[Kept]) -> None:
+    if not kept:
+        return
+    await conn.execute(
+        q.KEEP_MANY,
+        [d.customer_id for d in kept],
+        [d.decision_id for d in kept],
+        [d.feature for d in kept],
+        [d.quantity for d in kept],
+        [d.consume for d in kept],
+        [d.allowed for d in kept],
+        [d.event_id for d in kept],
+        [d.response for d in kept],
+        [d.created_at for d in kept],
     )
 
 

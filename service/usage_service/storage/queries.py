@@ -234,10 +234,11 @@ RETURNING period_start, period_end, {_TOTALS_COLUMNS}"""
 
 # The consume path's first statement: the customer (shared lock); the totals row of the period
 # containing now, locked, when one exists and the customer's plan meters the feature and its
-# status allows usage; and the event already stored under the key, if any, with the decision
-# that consumed it (both read before the totals lock was granted).
-# $1 customer_id, $2 meter, $3 plan ids that meter $2, $4 allowed statuses, $5 idempotency_key,
-# $6 now
+# status allows usage; and the events already stored under the keys, if any, with the decisions
+# that consumed them (read before the totals lock was granted): one row per key found, or one
+# row with no key when none is.
+# $1 customer_id, $2 meter, $3 plan ids that meter $2, $4 allowed statuses,
+# $5 idempotency_key[], $6 now
 CONSUME_LOCK = f"""
 WITH c AS (
     SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1 FOR SHARE
@@ -252,65 +253,74 @@ WITH c AS (
     FOR UPDATE
 )
 SELECT c.*, locked.t_start IS NOT NULL AS locked, locked.*,
-    k.event_id AS seen_event_id, k.payload_hash AS seen_payload_hash,
-    d.decision_id AS seen_decision_id
+    k.idempotency_key AS seen_key, k.event_id AS seen_event_id,
+    k.payload_hash AS seen_payload_hash, d.decision_id AS seen_decision_id
 FROM c
 LEFT JOIN locked ON true
-LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $5
+LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = ANY($5::text[])
 LEFT JOIN decisions d ON d.customer_id = $1 AND d.event_id = k.event_id"""
 
-# The event stored under a key (with the decision that consumed it) and the customer's change
-# version, read once the consume holds its locks: always one row.
-# $1 customer_id, $2 idempotency_key
-KEY_AND_VERSION = """
-SELECT k.event_id AS seen_event_id, k.payload_hash AS seen_payload_hash,
-    d.decision_id AS seen_decision_id, coalesce(h.version, 0) AS totals_version
+# The events stored under keys (with the decisions that consumed them) and the customer's change
+# version, read once the consume holds its locks: one row per key found, or one row with no key.
+# $1 customer_id, $2 idempotency_key[]
+KEYS_AND_VERSION = """
+SELECT k.idempotency_key AS seen_key, k.event_id AS seen_event_id,
+    k.payload_hash AS seen_payload_hash, d.decision_id AS seen_decision_id,
+    coalesce(h.version, 0) AS totals_version
 FROM (SELECT 1) one
-LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = $2
-LEFT JOIN decisions d ON d.customer_id = $1 AND d.event_id = k.event_id
-LEFT JOIN usage_change_heads h ON h.customer_id = $1"""
+LEFT JOIN usage_change_heads h ON h.customer_id = $1
+LEFT JOIN usage_events k ON k.customer_id = $1 AND k.idempotency_key = ANY($2::text[])
+LEFT JOIN decisions d ON d.customer_id = $1 AND d.event_id = k.event_id"""
 
-# One consumed event, its lifetime total and its period's totals row (created and locked by
-# CONSUME_LOCK or LOCK_TOTALS), in one statement, answering the event id and the totals row as
-# the event left it. No row: the key was taken.
-# $1 event_id, $2 customer_id, $3 idempotency_key, $4 meter, $5 quantity, $6 event_time,
-# $7 properties (JSON text), $8 payload_hash, $9 period_start, $10 provider ('' none: unbilled)
-CONSUME_INSERT = """
+# The allowed events of a group of consumes of one customer's meter, in one statement: the
+# events (in acceptance order $9), their lifetime total and their period's totals row (created
+# and locked by CONSUME_LOCK or LOCK_TOTALS), with the events folded by the caller ($12-$17:
+# count, sum, max, and the latest event's time, acceptance order and quantity). The totals count
+# only when every event went in; `inserted` says how many did (fewer: a key was taken meanwhile,
+# and the caller rolls back).
+# $1 event_id[], $2 customer_id, $3 idempotency_key[], $4 meter, $5 quantity[], $6 event_time[],
+# $7 properties (JSON text)[], $8 payload_hash[], $9 order[], $10 provider ('' none: unbilled),
+# $11 period_start, $12 count, $13 sum, $14 max, $15 last time, $16 last order, $17 last quantity
+CONSUME_INSERT = f"""
 WITH ins AS (
     INSERT INTO usage_events (
         event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
         payload_hash, seq, provider, report_state)
-    VALUES ($1::uuid, $2, $3, $4, $5, $6, $7::text::jsonb, $8,
-        nextval('usage_events_seq') * 1048576, $10::text,
-        CASE WHEN $10::text = '' THEN 'unbilled' ELSE 'pending' END)
+    SELECT e, $2, k, $4, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o,
+        $10::text, CASE WHEN $10::text = '' THEN 'unbilled' ELSE 'pending' END
+    FROM unnest($1::uuid[], $3::text[], $5::bigint[], $6::timestamptz[], $7::text[],
+                $8::bytea[], $9::bigint[]) AS u(e, k, q, t, p, h, o)
     ON CONFLICT (customer_id, idempotency_key) DO NOTHING
-    RETURNING event_id, customer_id, meter, quantity, event_time, seq
+    RETURNING seq
+), n AS (
+    SELECT count(*) AS n, max(seq) - max(seq) % 1048576 AS base FROM ins
 ), life AS (
     INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
-    SELECT customer_id, meter, 1, quantity FROM ins
+    SELECT $2, $4, $12::bigint, $13::bigint FROM n WHERE n.n = $12::bigint
     ON CONFLICT (customer_id, meter) DO UPDATE SET
-        event_count = l.event_count + 1, quantity_sum = l.quantity_sum + excluded.quantity_sum
+        event_count = l.event_count + excluded.event_count,
+        quantity_sum = l.quantity_sum + excluded.quantity_sum
 ), added AS (
     UPDATE usage_totals t SET
-        event_count = t.event_count + 1,
-        quantity_sum = t.quantity_sum + ins.quantity,
-        unbilled_count = t.unbilled_count + CASE WHEN $10::text = '' THEN 1 ELSE 0 END,
-        unbilled_sum = t.unbilled_sum + CASE WHEN $10::text = '' THEN ins.quantity ELSE 0 END,
-        quantity_max = greatest(t.quantity_max, ins.quantity),
+        event_count = t.event_count + $12::bigint,
+        quantity_sum = t.quantity_sum + $13::bigint,
+        unbilled_count = t.unbilled_count + CASE WHEN $10::text = '' THEN $12::bigint ELSE 0 END,
+        unbilled_sum = t.unbilled_sum + CASE WHEN $10::text = '' THEN $13::bigint ELSE 0 END,
+        quantity_max = greatest(t.quantity_max, $14::bigint),
         last_quantity = CASE
             WHEN t.last_event_time IS NULL
-                OR (ins.event_time, ins.seq) > (t.last_event_time, t.last_seq)
-            THEN ins.quantity ELSE t.last_quantity END,
+                OR ($15::timestamptz, n.base + $16::bigint) > (t.last_event_time, t.last_seq)
+            THEN $17::bigint ELSE t.last_quantity END,
         last_seq = CASE
             WHEN t.last_event_time IS NULL
-                OR (ins.event_time, ins.seq) > (t.last_event_time, t.last_seq)
-            THEN ins.seq ELSE t.last_seq END,
-        last_event_time = greatest(t.last_event_time, ins.event_time)
-    FROM ins
-    WHERE t.customer_id = $2 AND t.meter = ins.meter AND t.period_start = $9
-    RETURNING t.*
+                OR ($15::timestamptz, n.base + $16::bigint) > (t.last_event_time, t.last_seq)
+            THEN n.base + $16::bigint ELSE t.last_seq END,
+        last_event_time = greatest(t.last_event_time, $15::timestamptz)
+    FROM n
+    WHERE n.n = $12::bigint AND t.customer_id = $2 AND t.meter = $4 AND t.period_start = $11
+    RETURNING {CHANGED_TOTALS}
 )
-SELECT ins.event_id, added.* FROM ins LEFT JOIN added ON true"""
+SELECT n.n AS inserted, added.* FROM n LEFT JOIN added ON true"""
 
 # $1 customer_id, $2 period_start
 PERIOD_TOTALS = f"""

@@ -20,6 +20,7 @@ from usage_service.domain.plans import MeteredFeature, Plans
 from usage_service.storage import (
     changes,
     coalesce,
+    consuming,
     credits,
     decisions,
     history,
@@ -27,6 +28,8 @@ from usage_service.storage import (
     queries,
     readmodel,
 )
+from usage_service.storage.consuming import Consumed as Consumed
+from usage_service.storage.consuming import Group, Keep, Planned, Request, keep_nothing
 from usage_service.storage.rows import (
     Conn,
     customer_from_row,
@@ -36,6 +39,7 @@ from usage_service.storage.rows import (
 )
 
 ORDER_MASK = 2**20 - 1  # the acceptance-order bits of an event's seq (see INSERT_EVENTS)
+MAX_CONSUME_GROUP = 256  # consumes of one customer's meter decided in one transaction
 MAX_RECORD_ROUNDS = 10  # transactions tried for one group before answering CONCURRENCY_CONFLICT
 # Failures of the database as a whole: a group that meets one fails whole, never retried item
 # by item (every caller retries with its own key).
@@ -47,32 +51,6 @@ _DATABASE_DOWN = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Consumed:
-    """The outcome of a check-and-consume. For a replayed key, `decision` is None and `totals`
-    already hold the earlier consumption. `period`: the one containing the event. `version`:
-    the customer's change version the figures are at (for a consume, the one it committed as).
-    `decision_id`: the kept decision ('' none; a replay's is the original consume's)."""
-
-    customer: domain.Customer | None
-    decision: domain.Decision | None
-    totals: domain.Totals = dataclasses.field(default_factory=domain.Totals)
-    event_id: str = ""
-    duplicate: bool = False
-    period: periods.Period | None = None
-    version: int = 0
-    decision_id: str = ""
-
-
-# Given a decision of a consume (with the id it is to be kept under), its answer serialized to
-# be kept, or None when the decision is not to be kept.
-Keep: TypeAlias = Callable[[Consumed], bytes | None]
-
-
-def _keep_nothing(consumed: Consumed) -> None:
-    return None
-
-
 class Checked(NamedTuple):
     """A read for a check: the customer (None when unknown), the period containing now, the
     customer's totals for the meter in it and its change version, read together."""
@@ -81,22 +59,6 @@ class Checked(NamedTuple):
     period: periods.Period | None = None
     totals: domain.Totals = domain.Totals()
     version: int = 0
-
-
-class _Seen(NamedTuple):
-    """The event stored under a consume's key, and the decision that consumed it ('' none)."""
-
-    event_id: str
-    payload_hash: bytes
-    decision_id: str
-
-
-def _seen_in(row: asyncpg.Record) -> _Seen | None:
-    owner = idempotency.key_owner(row["seen_event_id"], row["seen_payload_hash"])
-    if owner is None:
-        return None
-    decision = row["seen_decision_id"]
-    return _Seen(owner[0], owner[1], "" if decision is None else str(decision))
 
 
 _NO_TOTALS = domain.Totals()
@@ -178,6 +140,10 @@ class Store:
         self._reads: coalesce.Coalescer[tuple[str, str, dt.datetime], Checked] = coalesce.Coalescer(
             self.check_read_many, max_items=1000
         )
+        # consumes, grouped per customer and meter (one totals row at a time)
+        self._consumes: coalesce.Keyed[tuple[str, str], Request, Consumed] = coalesce.Keyed(
+            self.consume_many, max_items=MAX_CONSUME_GROUP
+        )
 
     @contextlib.asynccontextmanager
     async def _writing(self, customer_ids: Collection[str]) -> AsyncIterator[Conn]:
@@ -195,6 +161,7 @@ class Store:
     async def close(self) -> None:
         await self._writes.close()
         await self._reads.close()
+        await self._consumes.close()
         await self.pool.close()
 
     # --- customers ---
@@ -670,7 +637,7 @@ class Store:
         gate: Callable[[domain.Customer | None], domain.Decision | None],
         decide: Callable[[domain.Customer, domain.Totals, int | None], domain.Decision],
         metering_plans: Sequence[str] = (),
-        keep: Keep = _keep_nothing,
+        keep: Keep = keep_nothing,
     ) -> Consumed:
         """Check-and-consume in one transaction holding the lock of the totals row of the period
         containing the event's time (now), so no two callers can both take the last units. A
@@ -683,186 +650,231 @@ class Store:
         existing totals row with the customer; otherwise a second statement creates and locks
         it. Either way `decide` only ever sees the locked row.
 
+        Concurrent consumes of one customer's meter are grouped (with group commit on): one
+        transaction decides them in arrival order against the locked row, each seeing the
+        ones before it, so a hard limit holds exactly as if each ran alone.
+
         A consumed event is appended to the change log last; its version is the decision's.
         `keep` gives the answer to keep for a decision (every consume's, denials' as it
         chooses), kept in the same transaction. A decision that was not consumed is at the
-        version read once the locks are held, so nothing it read can have changed since."""
-        now = event.event_time
-        async with self._writing([event.customer_id]) as conn:
-            row = await conn.fetchrow(
+        version its figures are at once the locks are held."""
+        request = Request(event, gate, decide, tuple(metering_plans), keep)
+        if self.group_commit:
+            return await self._consumes.submit((event.customer_id, event.meter), request)
+        (result,) = await self.consume_many([request])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def consume_many(self, requests: Sequence[Request]) -> list[Consumed | BaseException]:
+        """Consumes of one customer's meter, decided in order, in as few transactions as their
+        periods allow (one, unless the group straddles a period boundary). A group that fails
+        for a reason that belongs to one request (a total out of range) is run again request by
+        request, so only that request's caller fails."""
+        results: dict[int, Consumed | BaseException] = {}
+        todo = list(range(len(requests)))
+        rounds = 0
+        while todo:
+            try:
+                todo = await self._consume_round(requests, todo, results)
+            except idempotency.Replan:
+                rounds += 1
+                if rounds < MAX_RECORD_ROUNDS:
+                    continue
+                raise asyncpg.exceptions.SerializationError(
+                    "idempotency keys kept changing; retry"
+                ) from None
+            except _DATABASE_DOWN:
+                raise
+            except asyncpg.exceptions.NumericValueOutOfRangeError:
+                if len(todo) == 1:  # the lifetime total: refused
+                    results[todo[0]] = TotalOutOfRange(0)
+                    break
+                for i in todo:
+                    (results[i],) = await self.consume_many([requests[i]])
+                break
+        return [results[i] for i in range(len(requests))]
+
+    async def _consume_round(
+        self,
+        requests: Sequence[Request],
+        todo: Sequence[int],
+        results: dict[int, Consumed | BaseException],
+    ) -> list[int]:
+        """One transaction: decides the requests in `todo` whose time falls in the period of
+        the first one's, puts their outcomes in `results` once committed, and returns the rest.
+        Raises Replan when a key turned out to be taken meanwhile (nothing is kept)."""
+        first = requests[todo[0]]
+        customer_id, meter = first.event.customer_id, first.event.meter
+        keys = sorted({requests[i].event.idempotency_key for i in todo})
+        async with self._writing([customer_id]) as conn:
+            rows = await conn.fetch(
                 queries.CONSUME_LOCK,
-                event.customer_id,
-                event.meter,
-                list(metering_plans),
+                customer_id,
+                meter,
+                list(first.metering_plans),
                 [s.value for s in domain.ALLOWED_STATUSES],
-                event.idempotency_key,
-                now,
+                keys,
+                first.event.event_time,
             )
+            row = rows[0] if rows else None
             customer = customer_from_row(row) if row else None
-            seen = _seen_in(row) if row else None
-            period = await self.period_now(customer, now, conn) if customer else None
-            if seen is not None:
-                totals, version = await self._totals_in(conn, event, period)
-                return self._replay(customer, period, totals, event, seen, version)
-            denial = gate(customer)
-            if denial is not None or customer is None:
-                version = await changes.head(conn, event.customer_id)
-                gated = Consumed(customer, denial, period=period, version=version)
-                return await self._kept(conn, event, gated, keep)
-            assert row is not None and period is not None
-            if row["locked"] and (row["t_start"], row["t_end"]) == period.bounds:
-                totals = totals_from_row(row)
-            else:
-                locked = await conn.fetchrow(
-                    queries.LOCK_TOTALS, customer.customer_id, event.meter, *period.bounds
-                )
-                assert locked is not None and locked["period_end"] == period.end
-                totals = totals_from_row(locked)
-                seen, version = await self._seen(conn, event)
-                if seen is not None:
-                    return self._replay(customer, period, totals, event, seen, version)
-            prepaid = self.prepaid(customer.plan_id, event.meter)
-            grants: list[credits.Grant] = []
-            balance = None
-            burn_at = now
-            if prepaid is not None:
-                wanted = credits.Wanted(customer.customer_id, prepaid, [period])
-                held, burn_at = await credits.lock(conn, [wanted], now, self.clock)
-                grants = held[wanted.key]
-                balance = credits.balance(grants, burn_at, at=now)
-            decision = decide(customer, totals, balance)
-            if not decision.allowed:
-                # The key was read before the lock was granted: a consume of the same key that
-                # committed meanwhile is a replay, not a denial.
-                seen, version = await self._seen(conn, event)
-                if seen is not None:
-                    return self._replay(customer, period, totals, event, seen, version)
-                denied = Consumed(customer, decision, totals, period=period, version=version)
-                return await self._kept(conn, event, denied, keep)
-            inserted = await self._insert_consumed(conn, event, period, customer.provider.value)
-            if isinstance(inserted, tuple):  # a concurrent RecordUsage took the key
-                seen, version = inserted
-                return self._replay(customer, period, totals, event, seen, version)
-            if prepaid is not None:
-                assert self.plans is not None
-                state = "unbilled" if customer.provider is domain.Provider.NONE else "pending"
-                usage = credits.Usage(
-                    str(inserted["event_id"]), event.quantity, now, period.start, state
-                )
-                aggregation = self.plans.meters[event.meter].aggregation
-                burner = credits.Burner(customer.customer_id, prepaid, aggregation, grants, [usage])
-                burned, (after,) = await credits.burn(conn, [burner], burn_at)
-                figures = burned[0] if burned else inserted
-                credit = credits.credit_detail(
-                    customer.customer_id, prepaid, after, period, burn_at
-                )
-                detail: dict[str, object] = {"credit": credit}
-            else:
-                figures, detail = inserted, {}
-            change = changes.Change(
-                customer.customer_id,
-                "usage",
-                period.start,
-                period.end,
-                {event.meter: totals_from_row(figures)},
-                detail,
-            )
-            versions = await changes.append(conn, [change], dt.datetime.now(dt.UTC))
-            consumed = Consumed(
-                customer,
-                decision,
-                totals,
-                str(inserted["event_id"]),
-                period=period,
-                version=versions[customer.customer_id],
-            )
-            return await self._kept(conn, event, consumed, keep)
+            period: periods.Period | None = None
+            mine, rest = list(todo), []
+            if customer is not None:
+                when = {i: requests[i].event.event_time for i in todo}
+                period = await self.period_now(customer, when[todo[0]], conn)
+                mine = [i for i in todo if period.start <= when[i] < period.end]
+                rest = [i for i in todo if i not in mine]
+            seen = consuming.seen_in(rows)
+            group = Group(customer, period, [requests[i] for i in mine], seen)
+            if customer is not None and group.deciding():
+                assert row is not None and period is not None
+                if row["locked"] and (row["t_start"], row["t_end"]) == period.bounds:
+                    group.totals = totals_from_row(row)
+                else:
+                    locked = await conn.fetchrow(
+                        queries.LOCK_TOTALS, customer_id, meter, *period.bounds
+                    )
+                    assert locked is not None and locked["period_end"] == period.end
+                    group.totals = totals_from_row(locked)
+                    await self._keys_held(conn, group, keys)  # as they are with the lock held
+                await self._lock_grants(conn, group)
+            elif group.seen:  # replays only: the figures they show, as they are now
+                start = period.start if period else None
+                figures = await conn.fetchrow(queries.METER_TOTALS, customer_id, meter, start)
+                assert figures is not None
+                if figures["event_count"] is not None:
+                    group.totals = totals_from_row(figures)
+                group.head = figures["totals_version"]
+            group.decide()
+            if group.needs_fresh_keys() and await self._keys_held(conn, group, keys):
+                group.decide()  # a key it denied was consumed meanwhile: a replay
+            outcomes = await self._commit_group(conn, group)
+        results.update(zip(mine, outcomes, strict=True))
+        return rest
 
     @staticmethod
-    async def _kept(conn: Conn, e: domain.UsageEvent, consumed: Consumed, keep: Keep) -> Consumed:
-        """The decision, kept under a new id when `keep` says so."""
-        decision = consumed.decision
-        assert decision is not None
-        consumed = dataclasses.replace(consumed, decision_id=ids.new_decision_id())
-        answer = keep(consumed)
-        if answer is None:
-            return dataclasses.replace(consumed, decision_id="")
-        kept = decisions.Kept(
-            customer_id=e.customer_id,
-            decision_id=consumed.decision_id,
-            feature=e.meter,
-            quantity=e.quantity,
-            consume=True,
-            allowed=decision.allowed,
-            event_id=consumed.event_id or None,
-            response=answer,
-            created_at=e.event_time,
+    async def _keys_held(conn: Conn, group: Group, keys: Sequence[str]) -> bool:
+        """Reads the keys and the change version once the locks are held; whether a key is
+        newly found stored."""
+        customer_id = group.requests[0].event.customer_id
+        rows = await conn.fetch(queries.KEYS_AND_VERSION, customer_id, list(keys))
+        return group.saw(consuming.seen_in(rows), rows[0]["totals_version"])
+
+    async def _lock_grants(self, conn: Conn, group: Group) -> None:
+        """For a prepaid feature, locks the grants the group may burn (after its totals row)."""
+        assert group.customer is not None and group.period is not None
+        prepaid = self.prepaid(group.customer.plan_id, group.requests[0].event.meter)
+        if prepaid is None:
+            return
+        assert self.plans is not None
+        wanted = credits.Wanted(group.customer.customer_id, prepaid, [group.period])
+        latest = max(r.event.event_time for r in group.requests)
+        held, burn_at = await credits.lock(conn, [wanted], latest, self.clock)
+        aggregation = self.plans.meters[prepaid.meter].aggregation
+        group.credit = consuming.Credit(prepaid, aggregation, held[wanted.key], burn_at)
+
+    async def _commit_group(self, conn: Conn, group: Group) -> list[Consumed | BaseException]:
+        """Stores what the group's decisions consumed, logs one change per consume and keeps
+        the decisions; returns each request's outcome."""
+        customer, period = group.customer, group.period
+        allowed = group.allowed()
+        versions: list[int] = []
+        if allowed:
+            assert customer is not None and period is not None
+            await self._insert_allowed(conn, group, allowed)
+            change_list = [
+                changes.Change(
+                    customer.customer_id,
+                    "usage",
+                    period.start,
+                    period.end,
+                    {p.request.event.meter: p.after or domain.Totals()},
+                    {"credit": p.credit} if p.credit is not None else {},
+                )
+                for p in allowed
+            ]
+            latest = (await changes.append(conn, change_list, dt.datetime.now(dt.UTC)))[
+                customer.customer_id
+            ]
+            versions = list(range(latest - len(allowed) + 1, latest + 1))
+        head = group.head
+        if head is None and group.needs_head():
+            head = await changes.head(conn, group.requests[0].event.customer_id)
+        outcomes = group.outcomes(versions, head or 0)
+        kept: list[decisions.Kept] = []
+        for n, (p, outcome) in enumerate(zip(group.decided, outcomes, strict=True)):
+            if not isinstance(outcome, Consumed) or outcome.decision is None:
+                continue
+            decision = outcome.decision
+            outcome = dataclasses.replace(outcome, decision_id=ids.new_decision_id())
+            answer = p.request.keep(outcome)
+            if answer is None:
+                outcomes[n] = dataclasses.replace(outcome, decision_id="")
+                continue
+            outcomes[n] = outcome
+            e = p.request.event
+            kept.append(
+                decisions.Kept(
+                    customer_id=e.customer_id,
+                    decision_id=outcome.decision_id,
+                    feature=e.meter,
+                    quantity=e.quantity,
+                    consume=True,
+                    allowed=decision.allowed,
+                    event_id=outcome.event_id or None,
+                    response=answer,
+                    created_at=e.event_time,
+                )
+            )
+        await decisions.keep_many(conn, kept)
+        return group.replays_of(outcomes)
+
+    async def _insert_allowed(self, conn: Conn, group: Group, allowed: Sequence[Planned]) -> None:
+        """Stores the allowed consumes' events and adds them to the totals (and burns their
+        grants); Replan when a key was taken since it was read."""
+        customer, period = group.customer, group.period
+        assert customer is not None and period is not None
+        events = [p.request.event for p in allowed]
+        folded = domain.fold([(e, o) for o, e in enumerate(events)])
+        last = max(range(len(events)), key=lambda o: (events[o].event_time, o))
+        provider = customer.provider.value
+        row = await conn.fetchrow(
+            queries.CONSUME_INSERT,
+            [e.event_id for e in events],
+            customer.customer_id,
+            [e.idempotency_key for e in events],
+            events[0].meter,
+            [e.quantity for e in events],
+            [e.event_time for e in events],
+            [properties_json(e.properties) for e in events],
+            [e.payload_hash for e in events],
+            list(range(len(events))),
+            provider,
+            period.start,
+            folded.event_count,
+            folded.quantity_sum,
+            folded.quantity_max,
+            folded.last_event_time,
+            last,
+            folded.last_quantity,
         )
-        await decisions.keep(conn, kept)
-        return consumed
-
-    @staticmethod
-    async def _totals_in(
-        conn: Conn, e: domain.UsageEvent, period: periods.Period | None
-    ) -> tuple[domain.Totals, int]:
-        """The customer's totals for the event's meter in `period` and its change version, read
-        together (no period: no totals)."""
-        start = period.start if period else None
-        row = await conn.fetchrow(queries.METER_TOTALS, e.customer_id, e.meter, start)
         assert row is not None
-        totals = totals_from_row(row) if row["event_count"] is not None else domain.Totals()
-        return totals, row["totals_version"]
-
-    @staticmethod
-    async def _seen(conn: Conn, e: domain.UsageEvent) -> tuple[_Seen | None, int]:
-        """The event stored under the key, and the customer's change version."""
-        row = await conn.fetchrow(queries.KEY_AND_VERSION, e.customer_id, e.idempotency_key)
-        assert row is not None
-        return _seen_in(row), row["totals_version"]
-
-    @staticmethod
-    def _replay(
-        customer: domain.Customer | None,
-        period: periods.Period | None,
-        totals: domain.Totals,
-        e: domain.UsageEvent,
-        seen: _Seen,
-        version: int,
-    ) -> Consumed:
-        """The key names a stored event: a replay when the payload matches, else a conflict."""
-        if seen.payload_hash != e.payload_hash:
-            raise KeyConflict(0, seen.event_id)
-        return Consumed(
-            customer, None, totals, seen.event_id, True, period, version, seen.decision_id
+        if row["inserted"] < len(events):  # a concurrent RecordUsage took a key
+            raise idempotency.Replan
+        assert row["event_count"] is not None  # the totals row is locked: it exists
+        credit = group.credit
+        if credit is None:
+            return
+        state = "unbilled" if customer.provider is domain.Provider.NONE else "pending"
+        usage = [
+            credits.Usage(e.event_id, e.quantity, e.event_time, period.start, state) for e in events
+        ]
+        burner = credits.Burner(
+            customer.customer_id, credit.feature, credit.aggregation, credit.grants, usage
         )
-
-    async def _insert_consumed(
-        self, conn: Conn, e: domain.UsageEvent, period: periods.Period, provider: str
-    ) -> asyncpg.Record | tuple[_Seen, int]:
-        """Stores the event, answering its id and its totals row as it left it; when the key
-        was taken meanwhile, the event under it and the change version."""
-        try:
-            inserted = await conn.fetchrow(
-                queries.CONSUME_INSERT,
-                e.event_id,
-                e.customer_id,
-                e.idempotency_key,
-                e.meter,
-                e.quantity,
-                e.event_time,
-                properties_json(e.properties),
-                e.payload_hash,
-                period.start,
-                provider,
-            )
-        except asyncpg.exceptions.NumericValueOutOfRangeError:  # the lifetime total: refused
-            raise TotalOutOfRange(0) from None
-        if inserted is None:  # a concurrent RecordUsage took the key between our check and insert
-            seen, version = await self._seen(conn, e)
-            assert seen is not None
-            return seen, version
-        assert inserted["event_count"] is not None  # the totals row is locked: it exists
-        return inserted
+        await credits.burn(conn, [burner], credit.burn_at)
 
 
 def properties_json(properties: Mapping[str, str]) -> str:
