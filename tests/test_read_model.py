@@ -90,6 +90,21 @@ class Deaf(readmodel.ReadModel[store.Kept]):
         pass
 
 
+class Muffled(readmodel.ReadModel[store.Kept]):
+    """A read model whose listening connection stops delivering (as a half-open one would)
+    once `muffled` is set: neither changes nor fences are heard."""
+
+    muffled = False
+
+    def notified(self, payload: object) -> None:
+        if not self.muffled:
+            super().notified(payload)
+
+    def _heard(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        if not self.muffled:
+            super()._heard(conn, pid, channel, payload)
+
+
 @dataclasses.dataclass
 class Replica:
     usage: usage_pb2_grpc.UsageServiceStub
@@ -348,15 +363,18 @@ async def test_another_replicas_cancel_is_seen_within_the_bound(
             for status, allowed in ((CANCELED, False), (ACTIVE, True)):
                 assert (await r.usage.CheckEntitlement(check())).allowed != allowed  # cached
                 await service.add_customer(status=status)
-                lag = await _until(r, allowed)
-                assert lag < MAX_LAG
+                assert await _until(r, allowed) < 2 * MAX_LAG  # generous: the machine is shared
 
 
 async def _until(r: Replica, allowed: bool) -> float:
-    """Seconds until the replica's checks answer `allowed`, every check after agreeing."""
+    """Seconds until the replica's checks answer `allowed`, every check after agreeing. A check
+    started more than MAX_LAG after the change was acknowledged must see it."""
     acknowledged = time.monotonic()
-    while (await r.usage.CheckEntitlement(check())).allowed != allowed:
-        assert time.monotonic() - acknowledged < 2 * MAX_LAG, "still stale"
+    while True:
+        sent = time.monotonic()
+        if (await r.usage.CheckEntitlement(check())).allowed == allowed:
+            break
+        assert sent - acknowledged < MAX_LAG, "a check started past the bound was stale"
     lag = time.monotonic() - acknowledged
     for _ in range(5):
         assert (await r.usage.CheckEntitlement(check())).allowed == allowed
@@ -409,7 +427,7 @@ async def test_a_dropped_listen_connection_leaves_no_stale_answer(
         answer = await r.usage.CheckEntitlement(check())
         assert answer.reason == R.ENTITLEMENT_REASON_SUBSCRIPTION_INACTIVE
         await service.add_customer(status=ACTIVE)
-        assert await _until(r, True) < MAX_LAG
+        assert await _until(r, True) < 2 * MAX_LAG
 
 
 async def test_a_kill_racing_a_cancel_is_still_seen_within_the_bound(
@@ -423,7 +441,7 @@ async def test_a_kill_racing_a_cancel_is_still_seen_within_the_bound(
             service.db.execute("SELECT pg_terminate_backend($1)", pid),
             service.add_customer(status=CANCELED),
         )
-        assert await _until(r, False) < MAX_LAG
+        assert await _until(r, False) < 2 * MAX_LAG
 
 
 async def test_a_kept_read_ends_with_its_period(dsn: str, plans: plans_mod.Plans) -> None:
@@ -460,3 +478,16 @@ async def test_a_kept_grant_expires_at_its_instant(dsn: str, prepaid: plans_mod.
             fresh = await r.store.credit(read.customer, {"tokens": feature}, read.period, when)
             assert kept == fresh["tokens"]
             assert kept.balance == (50 if when < expiry else 0)
+
+
+async def test_a_silent_listen_connection_sends_checks_to_the_database_within_the_bound(
+    service: Service, dsn: str, plans: plans_mod.Plans
+) -> None:
+    await service.add_customer()
+    async with replica(dsn, plans, Muffled) as r:
+        assert isinstance(r.model, Muffled)
+        assert (await r.usage.CheckEntitlement(check())).allowed
+        r.model.muffled = True
+        await service.add_customer(status=CANCELED)  # never heard by the replica
+        assert await _until(r, False) < 2 * MAX_LAG
+        assert not r.model.fresh()
