@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import tomllib
 from collections.abc import AsyncIterator, Mapping
 
 import grpc
@@ -17,10 +18,12 @@ from hypothesis import strategies as st
 
 from usage.v1 import usage_pb2
 from usage_service import domain
-from usage_service.domain import ids
+from usage_service.domain import credits as credits_model
+from usage_service.domain import ids, periods
 from usage_service.domain import plans as plans_mod
 from usage_service.domain.errors import KeyConflict, TotalOutOfRange
-from usage_service.storage import changes, connections, consuming, store
+from usage_service.settings import plans_file
+from usage_service.storage import changes, connections, consuming, history, store
 
 
 def consume(
@@ -277,3 +280,90 @@ async def test_a_group_answers_as_the_same_consumes_one_at_a_time(
     for (_, quantity), o in zip(drawn, out, strict=True):
         if isinstance(o, consuming.Consumed) and o.decision and o.decision.allowed:
             assert sums[o.version] == o.totals.quantity_sum + quantity
+
+
+PREPAID = """
+[meters.tokens]
+aggregation = "sum"
+[meters.calls]
+aggregation = "count"
+
+[plans.pack]
+[plans.pack.features.tokens]
+billing = "prepaid"
+overage = false
+[plans.pack.features.tokens.grant]
+amount = 1000
+[plans.pack.features.calls]
+billing = "prepaid"
+overage = false
+[plans.pack.features.calls.grant]
+amount = 5
+"""
+
+
+@pytest.fixture
+async def prepaid(dsn: str) -> AsyncIterator[tuple[store.Store, plans_mod.Plans]]:
+    plans = plans_file.parse(tomllib.loads(PREPAID), "prepaid.toml")
+    st = store.Store(await connections.create_pool(dsn, size=4), plans=plans)
+    yield st, plans
+    await st.close()
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    st.sampled_from(["tokens", "calls"]),
+    st.lists(
+        st.tuples(st.sampled_from("abcdef"), st.integers(min_value=1, max_value=400)),
+        min_size=1,
+        max_size=10,
+    ),
+)
+async def test_a_prepaid_group_burns_as_the_same_consumes_one_at_a_time(
+    prepaid: tuple[store.Store, plans_mod.Plans], feature: str, drawn: list[tuple[str, int]]
+) -> None:
+    """Grants burn in arrival order: a group and the same consumes one by one cover the same
+    units, deny the same ones (BALANCE_EXHAUSTED) and log the same balance after each."""
+    st_, plans = prepaid
+    run = ids.new_event_id()[:8]
+    grouped, alone = f"g{run}", f"s{run}"
+    now = dt.datetime.now(dt.UTC)
+    for c in (grouped, alone):
+        customer = domain.Customer(
+            customer_id=c,
+            plan_id="pack",
+            subscription_status=domain.SubscriptionStatus.ACTIVE,
+            period_start=now - dt.timedelta(days=1),
+            period_end=now + dt.timedelta(days=29),
+            cadence=periods.Cadence(periods.Interval.MONTH, 1, now - dt.timedelta(days=1)),
+            provider=domain.Provider.NONE,
+            provider_customer_id="",
+        )
+        await st_.upsert_customer(customer, history.CadenceRequest(), now)
+    out = await st_.consume_many([request(plans, k, q, grouped, feature) for k, q in drawn])
+    one_by_one = [
+        (await st_.consume_many([request(plans, k, q, alone, feature)]))[0] for k, q in drawn
+    ]
+
+    def shape(o: consuming.Consumed | BaseException) -> object:
+        if not isinstance(o, consuming.Consumed):
+            return type(o).__name__
+        d = o.decision
+        decided = (d.allowed, d.reason, d.balance, d.covered) if d else None
+        return decided, o.duplicate, o.totals.covered_sum, o.totals.event_count
+
+    assert [shape(o) for o in out] == [shape(o) for o in one_by_one]
+    logged = await changes.since(st_.pool, grouped, 0, 100)
+    balances = {
+        c.version: credits_model.Credit.from_json(c.change.detail["credit"][feature]).balance
+        for c in logged
+        if "credit" in c.change.detail and feature in c.change.detail["credit"]
+    }
+    for o in out:
+        if isinstance(o, consuming.Consumed) and o.decision and o.decision.allowed:
+            assert o.decision.balance is not None
+            assert balances[o.version] == o.decision.balance - o.decision.covered

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import uuid
 
 from hypothesis import given, settings
@@ -107,3 +108,19 @@ def test_event_ids_are_random_version_4_uuids() -> None:
         parsed = uuid.UUID(text)
         assert str(parsed) == text
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_a_forked_child_never_hands_out_its_parents_ids() -> None:
+    """Ids come from random bytes read ahead; a child forked after the parent read them (as
+    `serve --workers` may) reads its own."""
+    ids.new_event_id()  # the parent has bytes read ahead
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.write(write, json.dumps(ids.new_event_ids(50)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = set(json.loads(pipe.read()))
+    assert len(child) == 50 and not child & set(ids.new_event_ids(50))

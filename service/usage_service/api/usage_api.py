@@ -212,11 +212,15 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
                 decision_id=c.decision_id,
             )
 
+        kept: list[tuple[Consumed, usage_pb2.CheckEntitlementResponse]] = []
+
         def keep(c: Consumed) -> bytes | None:
             assert c.decision is not None
             if not c.decision.allowed and not self.keep_denials:
                 return None
-            return _serialized(answer_to(c))
+            answer = answer_to(c)
+            kept.append((c, answer))
+            return _serialized(answer)
 
         try:
             result = await self.store.consume(
@@ -224,6 +228,8 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
             )
         except TotalOutOfRange:
             raise out_of_range("quantity") from None
+        if kept and kept[-1][0] is result:  # answered as kept
+            return kept[-1][1]
         replayed_credit = await self._replayed_credit(result, feature, now)
         return answer_to(result)
 
