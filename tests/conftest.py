@@ -29,7 +29,7 @@ from usage.v1 import customer_pb2, customer_pb2_grpc, usage_pb2_grpc
 from usage_service.api.server import start_server
 from usage_service.domain import plans as plans_mod
 from usage_service.settings import plans_file
-from usage_service.storage import connections, history, migrate, store
+from usage_service.storage import connections, history, migrate, readmodel, store
 
 PLANS_FILE = pathlib.Path(__file__).with_name("plans.toml")
 # A test that uses any of these needs PostgreSQL: the shared server, or one of its own.
@@ -179,10 +179,22 @@ class Service:
         )
 
 
+async def _until_fresh(model: readmodel.ReadModel[store.Kept]) -> None:
+    """Waits for the model's first fence (checks read the database until then)."""
+    for _ in range(1000):
+        if model.fresh():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the read model heard no fence in 10 s")
+
+
 @pytest.fixture
 async def service(dsn: str, plans: plans_mod.Plans) -> AsyncIterator[Service]:
-    st = store.Store(await connections.create_pool(dsn, size=20))
+    pool = await connections.create_pool(dsn, size=20)
+    model = readmodel.ReadModel[store.Kept](pool)  # checks from memory, as `serve` answers them
+    st = store.Store(pool, read_model=model)
     running = await start_server(st, plans, "127.0.0.1:0")
+    await _until_fresh(model)
     address = f"127.0.0.1:{running.port}"
     channel = grpc.aio.insecure_channel(address)
     db = await asyncpg.create_pool(dsn, min_size=1, max_size=2)

@@ -63,7 +63,8 @@ async def test_concurrent_checks_are_read_by_few_statements(dsn: str) -> None:
 async def test_another_replicas_upsert_is_seen_by_the_very_next_check(
     service: Service, dsn: str, plans: plans_mod.Plans
 ) -> None:
-    """Customers are read fresh with the totals, never from a cache: staleness is zero."""
+    """A replica with the read model off reads customers fresh with the totals: staleness is
+    zero (with it on, test_read_model bounds it)."""
     other_store = store.Store(await connections.create_pool(dsn))
     other = await start_server(other_store, plans, "127.0.0.1:0")
     try:

@@ -37,7 +37,9 @@ async def serve(settings: Settings) -> None:
     tokens = server.access(settings.grpc_address, settings.auth, settings.tls)
     tracing.setup(settings.tracing)
     async with contextlib.AsyncExitStack() as stack:
-        st = await stack.enter_async_context(database.database(settings.database))
+        st = await stack.enter_async_context(
+            database.database(settings.database, settings.read_model)
+        )
         if settings.metrics_address:
             port = stack.enter_context(metrics.serving(settings.metrics_address))
             host = settings.metrics_address.rsplit(":", 1)[0]

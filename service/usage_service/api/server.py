@@ -80,7 +80,7 @@ async def start_server(
         + interceptor.max_watches
         + EXTRA_CONCURRENT_RPCS
     )
-    hub = Hub(st.pool)
+    hub = Hub(st.pool, st.read_model)
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[

@@ -142,10 +142,7 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
                 metered = self.plans.plans[read.customer.plan_id].metered[feature]
                 balance = None
                 if metered.prepaid:
-                    credit = await self.store.credit(
-                        read.customer, {feature: metered}, read.period, now
-                    )
-                    balance = credit[feature].balance
+                    balance = (await self.store.check_credit(read, metered, now)).balance
                 # a check consumes nothing: no units are covered by it
                 decision = dataclasses.replace(
                     decide(read.customer, read.totals, balance), covered=0

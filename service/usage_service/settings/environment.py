@@ -26,6 +26,7 @@ from usage_service.drain.loop import DrainSettings
 from usage_service.providers.config import ProviderSettings
 from usage_service.reconcile.background import ReconcileSettings
 from usage_service.storage.database import DatabaseSettings
+from usage_service.storage.readmodel import ReadModelSettings
 from usage_service.tls import TlsFiles
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
@@ -83,6 +84,7 @@ class Settings(pydantic_settings.BaseSettings):
     health_server_name: str = Field("", validation_alias="USAGE_HEALTH_SERVER_NAME")
 
     database: DatabaseSettings = DatabaseSettings()
+    read_model: ReadModelSettings = ReadModelSettings()
     tls: TlsFiles = TlsFiles()
     auth: AuthSettings = AuthSettings()
     decisions: DecisionSettings = DecisionSettings()

@@ -149,6 +149,13 @@ async def append(conn: Conn, changes: Sequence[Change], now: dt.datetime) -> dic
     return {r["customer_id"]: r["version"] for r in rows}
 
 
+async def notify(conn: Conn | asyncpg.Connection, customer_ids: Sequence[str] | None) -> None:
+    """Inside a writing transaction that changed figures checks read without appending a
+    change: its listeners hear of these customers (None: of any) at commit."""
+    payload = "*" if customer_ids is None else json.dumps(sorted(set(customer_ids)))
+    await conn.execute(q.NOTIFY, payload if len(payload) <= q.MAX_PAYLOAD else "*")
+
+
 async def rollover(
     conn: Conn,
     customer_id: str,

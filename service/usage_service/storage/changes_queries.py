@@ -58,6 +58,15 @@ INSERT INTO usage_changes (customer_id, version, kind, committed_at, period_star
 SELECT $1, version, 'rollover', $5, $2, $3, $4::text::jsonb FROM h
 RETURNING version, pg_notify('{CHANNEL}', json_build_array($1::text)::text) AS notified"""
 
+# Tells the log's listeners, at commit, that customers' figures changed without a change in
+# the log (a repair, a migration, a grant of a feature not prepaid in the plan).
+# $1 payload: a JSON array of customer ids, or '*' (any)
+NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
+
+# A read model's fence: a NOTIFY on its own channel, delivered after every notification of the
+# log committed before it. $1 channel, $2 payload (the fence's token)
+FENCE = "SELECT pg_notify($1, $2)"
+
 # The customer's latest version (0 before any change). $1 customer_id
 HEAD = "SELECT version, period_start FROM usage_change_heads WHERE customer_id = $1"
 

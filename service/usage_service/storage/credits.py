@@ -105,6 +105,8 @@ async def top_up(
         stored, duplicate = await create(conn, grant, payload_hash)
         if logged is not None and not duplicate:
             await log_grant(conn, stored, logged[0], logged[1], grant.created_at)
+        elif not duplicate:  # not prepaid in the plan read: checks still hear of it
+            await changes.notify(conn, [grant.customer_id])
     return stored, duplicate
 
 
@@ -133,6 +135,8 @@ async def void(
         where = logged(voided.feature)
         if where is not None:
             await log_grant(conn, voided, where[0], where[1], now)
+        else:  # not prepaid in the plan read: checks still hear of it
+            await changes.notify(conn, [customer_id])
         return voided, removed
 
 

@@ -12,7 +12,7 @@ import asyncpg
 from pydantic import Field
 
 from usage_service import settings
-from usage_service.storage import connections, embedded, migrate, store
+from usage_service.storage import connections, embedded, migrate, readmodel, store
 
 DEFAULT_DATA_DIR = ".data"  # embedded PostgreSQL lives in DATA_DIR/postgres
 DEFAULT_POOL_SIZE = 10  # database connections per process
@@ -29,15 +29,20 @@ class DatabaseSettings(settings.Group):
 
 
 @contextlib.asynccontextmanager
-async def database(config: DatabaseSettings) -> AsyncIterator[store.Store]:
-    """Migrated storage on DATABASE_URL, or on an embedded PostgreSQL when it is unset."""
+async def database(
+    config: DatabaseSettings, read_model: readmodel.ReadModelSettings | None = None
+) -> AsyncIterator[store.Store]:
+    """Migrated storage on DATABASE_URL, or on an embedded PostgreSQL when it is unset; with
+    `read_model` (when enabled), checks are answered from memory kept fresh by the server."""
     handle: Any = None
     dsn = config.url
     if not dsn:
         dsn, handle = await asyncio.to_thread(embedded.start, config.data_dir)
     try:
         await migrate.migrate_dsn(dsn)
-        st = store.Store(await connections.create_pool(dsn, config.pool_size))
+        pool = await connections.create_pool(dsn, config.pool_size)
+        model = readmodel.ReadModel[store.Kept].configured(pool, read_model) if read_model else None
+        st = store.Store(pool, read_model=model)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = " ".join(str(exc).split()) or "no reason given"
         raise settings.ConfigError(

@@ -13,7 +13,7 @@ import asyncpg
 from usage_service import domain
 from usage_service.domain import periods
 from usage_service.domain.errors import PeriodsPruned
-from usage_service.storage import credits_queries, queries
+from usage_service.storage import changes, credits_queries, queries
 from usage_service.storage.rows import Conn, customer_from_row, stored_periods
 
 _TICK = dt.timedelta(microseconds=1)  # PostgreSQL's resolution: [first, last + tick) holds last
@@ -267,6 +267,7 @@ async def repair(conn: Conn, customer_id: str) -> None:
     customer = customer_from_row(row) if row else None
     pruned_before = row["pruned_before"] if row else None
     await conn.execute(queries.FOLD_PRUNED, customer_id)
+    await changes.notify(conn, [customer_id])  # at commit: figures changed, no change logged
     await conn.execute(queries.RECOUNT_LIFETIME, customer_id)
     await conn.execute(queries.DROP_TOTALS_AFTER, customer_id, pruned_before)
     if customer is None:

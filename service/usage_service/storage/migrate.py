@@ -9,7 +9,7 @@ import pathlib
 
 import asyncpg
 
-from usage_service.storage import partitions, queries
+from usage_service.storage import changes, partitions, queries
 
 MIGRATIONS = pathlib.Path(__file__).with_name("migrations")
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             log.info("applied migration %s", file.stem, extra={"action": "migrate"})
             applied_now.append(file.stem)
         await partitions.ensure(conn, dt.datetime.now(dt.UTC))
+        if applied_now:  # running replicas forget what they read before
+            await changes.notify(conn, None)
     finally:
         await conn.execute(queries.MIGRATION_UNLOCK)
     return applied_now

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from typing import NamedTuple, TypeAlias
 
 import asyncpg
 
 from usage_service import domain
+from usage_service.domain import credits as domain_credits
 from usage_service.domain import ids, periods
 from usage_service.domain.errors import KeyConflict, TotalOutOfRange
 from usage_service.domain.plans import MeteredFeature, Plans
@@ -24,6 +26,7 @@ from usage_service.storage import (
     history,
     idempotency,
     queries,
+    readmodel,
 )
 from usage_service.storage.consuming import Consumed as Consumed
 from usage_service.storage.consuming import Group, Keep, Planned, Request, keep_nothing
@@ -59,6 +62,18 @@ class Checked(NamedTuple):
 
 
 _NO_TOTALS = domain.Totals()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grants:
+    """A customer's grants that may count in a period (`credits.live` since its start)."""
+
+    grants: tuple[credits.Grant, ...]
+
+
+# What the read model keeps: a check's read per (customer, meter), and a customer's grants per
+# (customer, the start of the period they are read for).
+Kept: TypeAlias = Checked | _Grants
 
 
 def _utc_now() -> dt.datetime:
@@ -104,10 +119,16 @@ class _Locked(NamedTuple):
 
 class Store:
     def __init__(
-        self, pool: asyncpg.Pool, group_commit: bool = True, plans: Plans | None = None
+        self,
+        pool: asyncpg.Pool,
+        group_commit: bool = True,
+        plans: Plans | None = None,
+        read_model: readmodel.ReadModel[Kept] | None = None,
     ) -> None:
         self.pool = pool
         self.group_commit = group_commit
+        # what checks read, kept in memory (None: every check reads the database)
+        self.read_model = read_model
         # the plans whose prepaid features burn grants when usage is recorded (None: none do)
         self.plans = plans
         # what recording takes as now: whether a grant has expired (a consume's now is its
@@ -123,6 +144,19 @@ class Store:
         self._consumes: coalesce.Keyed[tuple[str, str], Request, Consumed] = coalesce.Keyed(
             self.consume_many, max_items=MAX_CONSUME_GROUP
         )
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, customer_ids: Collection[str]) -> AsyncIterator[Conn]:
+        """A connection in a transaction that writes these customers: once it commits, and
+        before the caller is answered, the read model forgets them."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                yield conn
+            self._wrote(customer_ids)
+
+    def _wrote(self, customer_ids: Collection[str]) -> None:
+        if self.read_model is not None:
+            self.read_model.forget(customer_ids)
 
     async def close(self) -> None:
         await self._writes.close()
@@ -159,7 +193,7 @@ class Store:
     ) -> tuple[domain.Customer, periods.Period]:
         """Writes the customer and confirms its period, rewriting the periods from that period's
         start on and rebuilding exactly the totals whose periods changed, in one transaction."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._writing([c.customer_id]) as conn:
             plan = self.plans.plans.get(c.plan_id) if self.plans else None
             credits_only = [
                 name
@@ -285,7 +319,7 @@ class Store:
         if not ordered:
             return answers
         fresh = [e for e, _ in ordered]
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._writing({e.customer_id for e in fresh}) as conn:
             locked = await self._lock_customers(conn, fresh)
             inserted_rows = await conn.fetch(
                 queries.INSERT_EVENTS,
@@ -457,9 +491,47 @@ class Store:
         return {r["meter"]: totals_from_row(r) for r in rows}
 
     async def check_read(self, customer_id: str, meter: str, now: dt.datetime) -> Checked:
-        """A customer, the period containing `now` and its totals for one meter, read fresh in
-        one statement that concurrent callers share (one round trip for a whole group)."""
-        return await self._reads.submit((customer_id, meter, now))
+        """A customer, the period containing `now` and its totals for one meter: from the read
+        model when it holds them for a period containing `now`, else read in one statement that
+        concurrent callers share (one round trip for a whole group)."""
+        model = self.read_model
+        if model is None or not model.fresh():
+            return await self._reads.submit((customer_id, meter, now))
+        kept = model.get(customer_id, meter)
+        if isinstance(kept, Checked) and (
+            kept.period is None or kept.period.start <= now < kept.period.end
+        ):
+            return kept
+
+        async def fetch() -> Kept:
+            return await self._reads.submit((customer_id, meter, now))
+
+        read = await model.read(customer_id, meter, fetch)
+        assert isinstance(read, Checked)
+        return read
+
+    async def check_credit(
+        self, read: Checked, feature: MeteredFeature, now: dt.datetime
+    ) -> domain.Credit:
+        """A prepaid feature's credit for a check (`read`: the check's read), as `credit` reads
+        it, from the grants the read model keeps when it can."""
+        assert read.customer is not None and read.period is not None
+        customer_id, period = read.customer.customer_id, read.period
+        model = self.read_model
+        grants: Sequence[credits.Grant]
+        if model is None or not model.fresh() or now < period.start:
+            grants = await credits.live(self.pool, customer_id, min(period.start, now))
+        else:
+            kept = model.get(customer_id, period.start)
+            if not isinstance(kept, _Grants):
+
+                async def fetch() -> Kept:
+                    return _Grants(tuple(await credits.live(self.pool, customer_id, period.start)))
+
+                kept = await model.read(customer_id, period.start, fetch)
+            assert isinstance(kept, _Grants)
+            grants = kept.grants
+        return domain_credits.credit_of(customer_id, feature, grants, period, now)
 
     async def check_read_many(self, keys: Sequence[tuple[str, str, dt.datetime]]) -> list[Checked]:
         now = max(k[2] for k in keys)  # the group's reads all happen after each caller's now
@@ -501,7 +573,9 @@ class Store:
         a change (`period`: the one containing now)."""
         feature = self.prepaid(customer.plan_id, grant.feature)
         logged = (feature, period) if feature is not None else None
-        return await credits.top_up(self.pool, grant, payload_hash, logged)
+        made = await credits.top_up(self.pool, grant, payload_hash, logged)
+        self._wrote([grant.customer_id])
+        return made
 
     async def void_grant(
         self,
@@ -516,7 +590,9 @@ class Store:
             feature = self.prepaid(customer.plan_id, name)
             return (feature, period) if feature is not None else None
 
-        return await credits.void(self.pool, customer.customer_id, grant_id, now, logged)
+        voided = await credits.void(self.pool, customer.customer_id, grant_id, now, logged)
+        self._wrote([customer.customer_id])
+        return voided
 
     async def list_grants(
         self,
@@ -529,7 +605,7 @@ class Store:
         """The customer's grants (of `feature`, '' all) in burn order, after making the plan's
         grants of `period` for the features in `made`, so that each has an id."""
         if made:  # as a burner: the customer (shared), the totals rows, then the grants
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self._writing([customer.customer_id]) as conn:
                 await conn.fetch(queries.LOCK_CUSTOMERS, [customer.customer_id])
                 for name in sorted(made):
                     await conn.fetchrow(
@@ -540,6 +616,7 @@ class Store:
                     for _, f in sorted(made.items())
                 ]
                 await credits.lock(conn, wanted, max(now, self.clock()), self.clock)
+                await changes.notify(conn, [customer.customer_id])
         return await credits.listed(self.pool, customer.customer_id, feature)
 
     async def burned_by(self, customer_id: str, event_id: str) -> int:
@@ -630,7 +707,7 @@ class Store:
         first = requests[todo[0]]
         customer_id, meter = first.event.customer_id, first.event.meter
         keys = sorted({requests[i].event.idempotency_key for i in todo})
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._writing([customer_id]) as conn:
             rows = await conn.fetch(
                 queries.CONSUME_LOCK,
                 customer_id,

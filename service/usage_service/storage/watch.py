@@ -6,6 +6,8 @@ that arrives early, late, twice or never (the listening connection dropped: ever
 customer is read again when it is back) can neither reorder nor lose a change. Each watcher has
 a bounded queue: one whose queue is full is left behind (the log holds its changes, not memory)
 and catches up when it has room again, so it never slows the others.
+
+The same connection feeds the read model (storage/readmodel.py), the hub's `follower`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import datetime as dt
 import functools
 import logging
 from collections.abc import Iterator
+from typing import Protocol
 
 import asyncpg
 
@@ -31,6 +34,16 @@ QUEUE = 256  # changes a watcher may have waiting; more wait in the log until it
 READ_BATCH = 200  # changes read from the log per query
 RELISTEN_DELAY = 1.0  # seconds between attempts to listen again after the connection dropped
 RETRY_DELAY = 1.0  # seconds before a failed read of a customer's log is tried again
+
+
+class Follower(Protocol):
+    """Told what the hub's listening connection hears, and when it starts and stops."""
+
+    async def listening(self, conn: rows.Conn) -> None: ...
+
+    def notified(self, payload: object) -> None: ...
+
+    async def lost(self, conn: rows.Conn) -> None: ...
 
 
 @dataclasses.dataclass(eq=False)
@@ -54,8 +67,9 @@ class Watcher:
 
 
 class Hub:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, follower: Follower | None = None) -> None:
         self.pool = pool
+        self.follower = follower
         self._watchers: dict[str, set[Watcher]] = {}
         self._reading: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
@@ -153,10 +167,14 @@ class Hub:
                     conn.add_termination_listener(functools.partial(_set, lost))
                     await conn.add_listener(q.CHANNEL, self._notified)
                     try:
+                        if self.follower is not None:
+                            await self.follower.listening(conn)
                         for customer_id in list(self._watchers):  # missed while away
                             self.wake(customer_id)
                         await lost.wait()
                     finally:
+                        if self.follower is not None:
+                            await self.follower.lost(conn)
                         with contextlib.suppress(Exception):
                             await conn.remove_listener(q.CHANNEL, self._notified)
             except asyncio.CancelledError:
@@ -166,6 +184,8 @@ class Hub:
             await asyncio.sleep(RELISTEN_DELAY)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if self.follower is not None:
+            self.follower.notified(payload)
         named = changes.notified(payload)
         for customer_id in list(self._watchers) if named is None else named:
             self.wake(customer_id)
