@@ -187,7 +187,7 @@ class ReadModel(Generic[V]):
         self.forget(None)
         self._conn = conn
         await conn.add_listener(self.channel, self._heard)
-        self._fencing = asyncio.create_task(self._fence_loop(), name="read-model-fences")
+        self._fencing = asyncio.create_task(self._fence_loop(conn), name="read-model-fences")
 
     def notified(self, payload: object) -> None:
         """A NOTIFY of the change log: its customers (or everyone) changed."""
@@ -213,9 +213,10 @@ class ReadModel(Generic[V]):
             self._trusted_until = max(self._trusted_until, fence.sent + self.max_lag)
             fence.heard.set()
 
-    async def _fence_loop(self) -> None:
+    async def _fence_loop(self, conn: Conn) -> None:
+        """Fences `conn` while it is the listening connection (a cancel ends it sooner)."""
         every = self.max_lag / FENCES_PER_LAG
-        while True:
+        while self._conn is conn:
             self._fences += 1
             fence = self._fence = _Fence(str(self._fences), self.clock())
             try:
@@ -225,7 +226,8 @@ class ReadModel(Generic[V]):
                 await asyncio.sleep(every)
                 continue
             try:
-                await asyncio.wait_for(fence.heard.wait(), max(DEAD_AFTER, self.max_lag))
+                async with asyncio.timeout(max(DEAD_AFTER, self.max_lag)):
+                    await fence.heard.wait()
             except TimeoutError:
                 log.warning(
                     "read model fence unheard: listening again", extra={"action": "read-model"}
