@@ -142,9 +142,6 @@ class Keyed(Generic[Key, Item, Result]):
         self._max_items = max_items
         self._by_key: dict[Key, Coalescer[Item, Result]] = {}
 
-    def __len__(self) -> int:
-        return len(self._by_key)
-
     async def submit(self, key: Key, item: Item) -> Result:
         coalescer = self._by_key.get(key)
         if coalescer is None:
