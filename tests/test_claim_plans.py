@@ -3,6 +3,7 @@ without the index, the planner scans it whole, EXPLAIN must show the intended in
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -35,8 +36,9 @@ SELECT gen_random_uuid(), 'c_' || p || '_' || n, 'k' || i, 'tokens', 1,
     now() - make_interval(secs => n * {PER_CUSTOMER} + i), '\\x00', p,
     CASE WHEN {_CLAIMABLE} THEN 'pending' ELSE 'reported' END
 {_EACH};
-INSERT INTO reports (report_id, provider, lane, state, events, next_attempt_at)
-SELECT gen_random_uuid(), p, p || chr(31) || 'c_' || p || '_' || n || chr(31) || 'm' || i,
+INSERT INTO reports (customer_id, report_id, provider, lane, state, events, next_attempt_at)
+SELECT 'c_' || p || '_' || n, gen_random_uuid(), p,
+    p || chr(31) || 'c_' || p || '_' || n || chr(31) || 'm' || i,
     CASE WHEN {_CLAIMABLE} THEN 'open' ELSE 'delivered' END, '[]',
     now() - make_interval(secs => n * {PER_CUSTOMER} + i)
 {_EACH};
@@ -109,18 +111,40 @@ async def without(conn: asyncpg.Connection, index: str, sql: str, *args: Any) ->
         await savepoint.rollback()
 
 
-async def test_claiming_events_reads_the_unclaimed_index(filled: asyncpg.Connection) -> None:
-    sql, args = drain_queries.CLAIM_EVENTS, ("stripe", 100)
+async def test_finding_due_events_reads_the_unclaimed_index(filled: asyncpg.Connection) -> None:
+    sql, args = drain_queries.DUE_LANE_EVENTS, ("stripe", 100)
     used = await plan(filled, sql, *args)
     assert indexes(used, "usage_events") == {"usage_events_unclaimed"}
     # the lane check of each event reads the one open report of its lane, if any
     assert indexes(used, "reports") == {"reports_open_lane"}
-    assert "usage_events" in await without(filled, "usage_events_unclaimed", sql, *args)
+
+
+async def test_claiming_a_customers_events_reads_its_unclaimed_index(
+    filled: asyncpg.Connection,
+) -> None:
+    for sql, args in (
+        (drain_queries.CLAIM_EVENTS, ("c_stripe_10", "stripe", 100)),
+        (drain_queries.CLAIM_BATCH_EVENTS, ("c_polar_10", "polar", 100)),
+    ):
+        used = await plan(filled, sql, *args)
+        assert indexes(used, "usage_events") == {"usage_events_unclaimed_by_customer"}
+    used = await plan(filled, drain_queries.CLAIM_EVENTS, "c_stripe_10", "stripe", 100)
+    assert indexes(used, "reports") == {"reports_open_lane"}
 
 
 async def test_claiming_reports_reads_the_due_index(filled: asyncpg.Connection) -> None:
-    sql, args = drain_queries.CLAIM_REPORTS, ("stripe", "worker", 30.0, 100)
+    sql, args = drain_queries.DUE_REPORTS, ("stripe", 100)
     used = await plan(filled, sql, *args)
-    # the due reports through reports_due, then each one's row by its key
-    assert indexes(used, "reports") == {"reports_due", "reports_pkey"}
+    assert indexes(used, "reports") == {"reports_due"}
     assert "reports" in await without(filled, "reports_due", sql, *args)
+    # then each one's row by its key
+    used = await plan(
+        filled,
+        drain_queries.CLAIM_REPORT,
+        "c_stripe_10",
+        "00000000-0000-0000-0000-000000000000",
+        "worker",
+        30.0,
+        dt.datetime.now(dt.UTC),
+    )
+    assert indexes(used, "reports") == {"reports_pkey"}

@@ -242,7 +242,7 @@ async def test_an_overlapping_webhook_never_claims_an_event_twice(service: Servi
     await upsert(service, start + hours(12), start + hours(36), **stripe)  # overlaps
     await upsert(service, start + hours(6), start + hours(30), **stripe)  # and backwards
     async with service.db.acquire() as conn, conn.transaction():
-        claimed = await conn.fetch(drain_queries.CLAIM_EVENTS, "stripe", 100)
+        claimed = await conn.fetch(drain_queries.CLAIM_EVENTS, "cus_1", "stripe", 100)
         ids = [r["event_id"] for r in claimed]
         assert len(ids) == len(set(ids)) == 6
         assert all(r["period_start"] is not None for r in claimed)

@@ -123,8 +123,8 @@ INSERT INTO customer_providers (customer_id, provider) VALUES ('c1', 'stripe');
 INSERT INTO usage_events (event_id, customer_id, idempotency_key, meter, quantity, event_time,
     payload_hash, provider, report_state)
 VALUES (gen_random_uuid(), 'c1', 'k', 'tokens', 1, now(), '\\x00', '', 'unbilled');
-INSERT INTO reports (report_id, provider, events, kind)
-VALUES (gen_random_uuid(), 'stripe', '[]', 'fix');
+INSERT INTO reports (customer_id, report_id, provider, events, kind)
+VALUES ('c1', gen_random_uuid(), 'stripe', '[]', 'fix');
 """
 
 BAD = [

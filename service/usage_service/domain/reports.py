@@ -29,7 +29,9 @@ class ReportEvent:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """What is sent as one unit, under a stable identifier stored before the first send.
+    """What is sent as one unit, under a stable identifier stored before the first send: the
+    events of one customer (its key is (customer_id, report_id)). Per-event providers get several
+    customers' reports in one call.
 
     Lane reports (Stripe, Lemon Squeezy) hold one customer's events of one meter and period, and
     `value` is what a collapsed record carries: the sum (sum meters), the event count (count
@@ -43,6 +45,12 @@ class Report:
     attempts: int = 0
     first_sent_at: dt.datetime | None = None
     stated_at: dt.datetime | None = None  # Stripe max / last: when the figure is stated
+    customer_id: str = ""  # whose events these are
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(customer_id, report_id): the report's key in storage."""
+        return self.customer_id, self.report_id
 
 
 @dataclasses.dataclass(frozen=True)

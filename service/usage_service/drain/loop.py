@@ -1,8 +1,9 @@
 """The drain: reports recorded usage to payment providers, exactly once as far as they can tell.
 
 Each cycle, per provider with credentials: lease the open reports that are due (retries, and those
-of workers that died), claim pending events into new reports (committed with their stable ids
-before any send), send each report through the provider's adapter and settle the outcome.
+of workers that died), claim pending events into new reports of one customer each (committed with
+their stable ids before any send), send the reports through the provider's adapter (per-event
+providers: several customers' reports in one call) and settle each report's outcome.
 Replicas coordinate through row locks and leases only, so any number may run at once.
 """
 
@@ -76,6 +77,29 @@ def _label(answer: Outcome) -> str:
     if isinstance(answer, outcome.Rejected):
         return "rejected"
     return "checkpoint"
+
+
+def _packed(reports: list[Report], size: int) -> list[list[Report]]:
+    """Reports in order, in groups of at most `size` events (a larger report alone)."""
+    groups: list[list[Report]] = []
+    count = 0
+    for report in reports:
+        if groups and count + len(report.events) <= size:
+            groups[-1].append(report)
+            count += len(report.events)
+        else:
+            groups.append([report])
+            count = len(report.events)
+    return groups
+
+
+def _own(answer: Outcome, report: Report) -> Outcome:
+    """A shared call's answer for one of its reports: a rejection names its own events only."""
+    if not isinstance(answer, outcome.Rejected):
+        return answer
+    ids = {e.event_id for e in report.events}
+    mine = {k: v for k, v in answer.reasons.items() if k in ids}
+    return outcome.Rejected(mine) if mine else outcome.Delivered()
 
 
 def _too_old(adapter: Adapter, report: Report) -> bool:
@@ -229,6 +253,8 @@ class Drain:
             return []
         if isinstance(adapter, StreamAdapter):
             return await self._send_together(adapter, reports)
+        if not adapter.reporting.lanes:
+            return await self._send_combined(adapter, reports)
         return await self._send_each(adapter, reports)
 
     async def _send_each(
@@ -250,6 +276,46 @@ class Drain:
                     return report, None
 
         return [(r, a) for r, a in await asyncio.gather(*(send(r) for r in reports)) if a]
+
+    async def _send_combined(
+        self, adapter: Adapter, reports: list[Report]
+    ) -> list[tuple[Report, Outcome]]:
+        """Per-event providers: the reports (one customer each) packed into calls of at most
+        the adapter's batch of events, `concurrency` calls at a time; each report is answered
+        from its call's outcome (a rejection: its own events' reasons only)."""
+        sent: list[tuple[Report, Outcome]] = []
+        due = []
+        for report in reports:
+            if _too_old(adapter, report):
+                sent.append((report, outcome.Failed(adapter.reporting.too_old)))
+            else:
+                due.append(report)
+        gate = asyncio.Semaphore(self.settings.concurrency)
+
+        async def send(group: list[Report]) -> list[tuple[Report, Outcome]]:
+            first = group[0]
+            combined = dataclasses.replace(
+                first, events=tuple(e for r in group for e in r.events), customer_id=""
+            )
+            async with gate:
+                started = time.monotonic()
+                try:
+                    answer = await adapter.send(combined)
+                except Exception as exc:  # an adapter bug must not stop the drain
+                    log.exception(
+                        "sending %d reports failed",
+                        len(group),
+                        extra={"action": "drain_send", "provider": first.provider.value},
+                    )
+                    answer = outcome.Retry(f"internal error: {exc!r}")
+                seconds = time.monotonic() - started
+            metrics.provider_call(first.provider.value, _label(answer), seconds)
+            if isinstance(answer, outcome.Checkpoint):  # not for shared calls: send it again
+                answer = outcome.Retry("a checkpoint was asked for in a shared call")
+            return [(r, _own(answer, r)) for r in group]
+
+        answered = await asyncio.gather(*(send(g) for g in _packed(due, adapter.reporting.batch)))
+        return sent + [pair for group in answered for pair in group]
 
     async def _send_together(
         self, adapter: StreamAdapter, reports: list[Report]
@@ -284,10 +350,10 @@ class Drain:
         self, provider: domain.Provider, sent: list[tuple[Report, Outcome]]
     ) -> None:
         # Reports delivered in full are settled together, in one transaction.
-        whole = {r.report_id: r for r, a in sent if isinstance(a, outcome.Delivered)}
+        whole = {r.key: r for r, a in sent if isinstance(a, outcome.Delivered)}
         try:
-            for rid in await self.store.delivered_all(list(whole)):
-                metrics.events_reported(provider.value, "delivered", len(whole[rid].events))
+            for key in await self.store.delivered_all(list(whole)):
+                metrics.events_reported(provider.value, "delivered", len(whole[key].events))
         except Exception:  # their leases run out and they are sent again
             log.exception(
                 "settling %d reports failed",
@@ -305,7 +371,7 @@ class Drain:
                     extra={"action": "drain_settle", "provider": provider.value},
                 )
 
-        await asyncio.gather(*(settle(r, a) for r, a in sent if r.report_id not in whole))
+        await asyncio.gather(*(settle(r, a) for r, a in sent if r.key not in whole))
 
     async def _send(self, adapter: Adapter, report: Report) -> tuple[Report, Outcome | None]:
         """Sends a report (saving checkpoints as asked); the answer to settle, or None when
@@ -324,7 +390,9 @@ class Drain:
                     break
                 # held at least as long as the adapter asks: the send may land until then
                 lease = max(self.settings.lease, answer.hold)
-                if not await self.store.save_checkpoint(rid, self.owner, answer.state, lease):
+                if not await self.store.save_checkpoint(
+                    report.key, self.owner, answer.state, lease
+                ):
                     log.warning("lease lost before sending %s", rid, extra={"action": "lease"})
                     return report, None
                 report = dataclasses.replace(report, checkpoint=answer.state)
@@ -338,21 +406,21 @@ class Drain:
         extra = {"action": "drain_settle", "provider": provider, "report_id": rid}
         count = len(report.events)
         if isinstance(answer, outcome.Delivered):
-            if await self.store.delivered(rid):
+            if await self.store.delivered(report.key):
                 metrics.events_reported(provider, "delivered", count)
         elif isinstance(answer, outcome.Rejected):
             refused = len(answer.reasons)
-            if await self.store.delivered(rid, answer.reasons):
+            if await self.store.delivered(report.key, answer.reasons):
                 metrics.events_reported(provider, "delivered", count - refused)
                 metrics.events_reported(provider, "failed", refused)
             log.warning("%s: %d events refused", provider, refused, extra=extra)
         elif isinstance(answer, outcome.Failed):
-            if await self.store.failed(rid, answer.reason):
+            if await self.store.failed(report.key, answer.reason):
                 metrics.events_reported(provider, "failed", count)
             log.warning("%s: report parked: %s", provider, answer.reason, extra=extra)
         elif isinstance(answer, outcome.Retry):
             delay = answer.after
             if delay is None:
                 delay = self.settings.backoff(report.attempts)
-            await self.store.retry_later(rid, self.owner, max(delay, 0.001), answer.reason)
+            await self.store.retry_later(report.key, self.owner, max(delay, 0.001), answer.reason)
             log.info("%s: retry in %.1fs: %s", provider, delay, answer.reason, extra=extra)

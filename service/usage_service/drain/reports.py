@@ -10,7 +10,7 @@ from usage_service.domain import ids
 from usage_service.domain.plans import Aggregation, Meter
 from usage_service.domain.reports import lane
 from usage_service.providers.outcome import Reporting
-from usage_service.storage.drain_store import Claimed, NewReport
+from usage_service.storage.drain_store import Claimed, NewReport, batches
 
 
 def build_reports(
@@ -22,17 +22,15 @@ def build_reports(
 ) -> list[NewReport]:
     """Groups claimed events (oldest first) into reports, as the provider's adapter declares.
     Lane providers: one report per customer and meter, of one period only (the rest waits for
-    that report to settle). Batch providers: batches of one provider call each.
+    that report to settle). Batch providers: one customer's events per report, at most one
+    provider call's worth (the drain sends several customers' reports in one call).
 
     A sum report takes events while their sum fits the adapter's largest value, so one
     customer's huge usage can never fail the claim of every customer. Where the adapter states
     figures at a time, a sum report is stated at its newest event and a max / last report now,
     each clamped into the period by the adapter."""
     if not reporting.lanes:
-        return [
-            NewReport(ids.new_report_id(), None, tuple(c.event for c in batch))
-            for batch in _chunks(claimed, reporting.batch)
-        ]
+        return batches(claimed, reporting.batch)
     now = now or dt.datetime.now(dt.UTC)
     lanes: dict[tuple[str, str], list[Claimed]] = {}
     for c in claimed:
@@ -98,7 +96,3 @@ def _value(aggregation: Aggregation, items: list[Claimed]) -> int:
     if last.period_last is not None:
         return last.period_last
     return max(items, key=lambda c: (c.event.event_time, c.event.event_id)).event.quantity
-
-
-def _chunks(items: list[Claimed], size: int) -> list[list[Claimed]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]

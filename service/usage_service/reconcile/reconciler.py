@@ -236,7 +236,7 @@ class Reconciler:
         if unit.provider in PER_EVENT:
             if not held.missing:
                 return "not fixed: the provider names no missing event"
-            queued = await self.store.queued(held.missing)
+            queued = await self.store.queued(unit.customer_id, held.missing)
             todo = [e for e in held.missing if e not in queued]
             if not todo:
                 return "a re-send is already queued"

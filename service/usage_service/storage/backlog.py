@@ -41,16 +41,26 @@ class Backlog:
 
     async def requeue(self, provider: str = "", event_ids: Sequence[str] = ()) -> int:
         """Puts parked events back to pending (those billed to no provider: unbilled); returns
-        how many."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(q.LOCK_PARKED_CUSTOMERS, provider, list(event_ids))
-            moved = await conn.fetch(q.REQUEUE, provider, list(event_ids))
-            unbilled = [r for r in moved if r["report_state"] == "unbilled"]
-            billed = [r for r in moved if r["report_state"] != "unbilled"]
-            changed = await drain_store.adjust(conn, billed, reported=0, failed=-1)
-            changed += await drain_store.adjust(conn, unbilled, reported=0, failed=-1, unbilled=1)
-            await drain_store.log_drained(conn, changed)
-        return len(moved)
+        how many. A lock-free read finds their customers; each customer's are moved in a
+        transaction of their own, in customer order."""
+        ids = list(event_ids)
+        customers = [
+            r["customer_id"] for r in await self.pool.fetch(q.PARKED_CUSTOMERS, provider, ids)
+        ]
+        total = 0
+        for customer_id in customers:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(q.LOCK_CUSTOMER, customer_id)
+                moved = await conn.fetch(q.REQUEUE, provider, ids, customer_id)
+                unbilled = [r for r in moved if r["report_state"] == "unbilled"]
+                billed = [r for r in moved if r["report_state"] != "unbilled"]
+                changed = await drain_store.adjust(conn, billed, reported=0, failed=-1)
+                changed += await drain_store.adjust(
+                    conn, unbilled, reported=0, failed=-1, unbilled=1
+                )
+                await drain_store.log_drained(conn, changed)
+            total += len(moved)
+        return total
 
     async def move_to_current_provider(
         self, provider: str = "", customer_ids: Sequence[str] = (), open_reports: bool = False
@@ -59,33 +69,51 @@ class Backlog:
         parked) to the customer's current provider: an operator's decision after a switch.
         Events in open reports were handed to that provider, which may hold them: they move only
         with `open_reports` (their reports are abandoned), and never while a worker holds the
-        report or its retry is not due (a send's outcome may still land)."""
-        ids = list(customer_ids)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(q.LOCK_MOVABLE_CUSTOMERS, provider, ids)
-            reports = (
-                await conn.fetch(q.LOCK_MOVABLE_REPORTS, provider, ids) if open_reports else []
-            )
-            abandoned = [r["report_id"] for r in reports]
-            moved = await conn.fetch(q.MOVE_EVENTS, provider, ids, abandoned)
-            if abandoned:
-                await conn.execute(q.RELEASE_EVENTS, abandoned)
-                await conn.execute(
-                    q.ABANDON_REPORTS, abandoned, "abandoned: its events moved to another provider"
+        report or its retry is not due (a send's outcome may still land). A lock-free read finds
+        the customers; each one's events move in a transaction of their own, in customer
+        order."""
+        customers = [
+            r["customer_id"]
+            for r in await self.pool.fetch(q.MOVABLE_CUSTOMERS, provider, list(customer_ids))
+        ]
+        moved: list[asyncpg.Record] = []
+        abandoned: set[tuple[str, object]] = set()
+        left = 0
+        for customer_id in customers:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(q.LOCK_CUSTOMER, customer_id)
+                reports = (
+                    await conn.fetch(q.LOCK_MOVABLE_REPORTS, provider, customer_id)
+                    if open_reports
+                    else []
                 )
-            changed = []
-            for was in ("pending", "failed"):
-                for now in ("pending", "unbilled"):
-                    part = [r for r in moved if r["was"] == was and r["report_state"] == now]
-                    changed += await drain_store.adjust(
-                        conn,
-                        part,
-                        reported=0,
-                        failed=-1 if was == "failed" else 0,
-                        unbilled=1 if now == "unbilled" else 0,
+                mine = [r["report_id"] for r in reports]
+                rows = await conn.fetch(q.MOVE_EVENTS, provider, customer_id, mine)
+                if mine:
+                    await conn.execute(q.RELEASE_EVENTS, customer_id, mine)
+                    await conn.execute(
+                        q.ABANDON_REPORTS,
+                        customer_id,
+                        mine,
+                        "abandoned: its events moved to another provider",
                     )
-            left = await conn.fetchval(q.COUNT_IN_OPEN_REPORTS, provider, ids)
-            await drain_store.log_drained(conn, changed)
+                changed = []
+                for was in ("pending", "failed"):
+                    for now in ("pending", "unbilled"):
+                        part = [r for r in rows if r["was"] == was and r["report_state"] == now]
+                        changed += await drain_store.adjust(
+                            conn,
+                            part,
+                            reported=0,
+                            failed=-1 if was == "failed" else 0,
+                            unbilled=1 if now == "unbilled" else 0,
+                        )
+                left += int(
+                    await conn.fetchval(q.COUNT_IN_OPEN_REPORTS, provider, customer_id) or 0
+                )
+                await drain_store.log_drained(conn, changed)
+            moved += rows
+            abandoned.update((customer_id, r) for r in mine)
         routes: dict[tuple[str, str], int] = {}
         for r in moved:
             key = (r["was_provider"], r["target"])
@@ -93,8 +121,10 @@ class Backlog:
         return Moved(
             events=len(moved),
             by_route=tuple((a, b, n) for (a, b), n in sorted(routes.items())),
-            from_open_reports=sum(1 for r in moved if r["was_report"] in abandoned),
-            left_in_open_reports=int(left or 0),
+            from_open_reports=sum(
+                1 for r in moved if (r["customer_id"], r["was_report"]) in abandoned
+            ),
+            left_in_open_reports=left,
         )
 
     async def status(self) -> list[ProviderStatus]:

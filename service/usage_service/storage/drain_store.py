@@ -1,18 +1,20 @@
 """The drain's storage: claiming events into reports, leases, and settling what providers answer.
 
-Its statements are in drain_queries.py. A report's events, value and id are committed before
-the first send; settling moves events to reported / failed and adjusts the period totals' drain
-counters in the same transaction. Locks are taken in the core's order: customers (shared,
-sorted), then events, then totals rows (sorted), so the drain never deadlocks with recorders or
-upserts.
+Its statements are in drain_queries.py. A report holds one customer's events; its events, value
+and id are committed before the first send; settling moves events to reported / failed and
+adjusts the period totals' drain counters in the same transaction. Every statement that writes or
+locks names one customer; several customers' work is a lock-free read, then statements per
+customer in customer_id order. Locks are taken in the core's order: customers (shared, sorted),
+then events, then totals rows (sorted), so the drain never deadlocks with recorders or upserts.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -39,11 +41,17 @@ class Claimed:
 
 @dataclasses.dataclass(frozen=True)
 class NewReport:
+    """A report `build` makes of claimed events: all of one customer."""
+
     report_id: str
     lane: str | None
     events: tuple[ReportEvent, ...]
     value: int = 0
     stated_at: dt.datetime | None = None
+
+    @property
+    def customer_id(self) -> str:
+        return self.events[0].customer_id
 
 
 def _json(value: Any) -> Any:
@@ -92,6 +100,7 @@ def claimed_from_row(row: asyncpg.Record) -> Claimed:
 
 def report_from_row(row: asyncpg.Record) -> Report:
     return Report(
+        customer_id=row["customer_id"],
         report_id=str(row["report_id"]),
         provider=domain.Provider(row["provider"]),
         events=tuple(event_from_json(raw) for raw in _json(row["events"])),
@@ -103,6 +112,9 @@ def report_from_row(row: asyncpg.Record) -> Report:
     )
 
 
+ReportKey = tuple[str, str]  # (customer_id, report_id): a report's key
+
+
 class DrainStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -110,8 +122,18 @@ class DrainStore:
     async def claim_reports(
         self, provider: domain.Provider, owner: str, lease: float, limit: int
     ) -> list[Report]:
-        """Takes a lease on due open reports (retries, and those of workers that died)."""
-        rows = await self.pool.fetch(q.CLAIM_REPORTS, provider.value, owner, lease, limit)
+        """Takes a lease on due open reports (retries, and those of workers that died): a
+        lock-free read of their keys, then one statement per report, in key order (those another
+        worker took in between are left out)."""
+        due = await self.pool.fetch(q.DUE_REPORTS, provider.value, limit)
+        if not due:
+            return []
+        order = {(r["customer_id"], str(r["report_id"])): k for k, r in enumerate(due)}
+        now = dt.datetime.now(dt.UTC)
+        rows = await self.pool.fetchmany(
+            q.CLAIM_REPORT, [(c, rid, owner, lease, now) for c, rid in sorted(order)]
+        )
+        rows = sorted(rows, key=lambda r: order[(r["customer_id"], str(r["report_id"]))])
         return [report_from_row(r) for r in rows]
 
     async def claim_new(
@@ -123,106 +145,187 @@ class DrainStore:
         build: Callable[[list[Claimed]], list[NewReport]],
         figures: Collection[str] = (),
     ) -> list[Report]:
-        """Claims pending events and commits the reports `build` makes of them, leased to
-        `owner`; events of the meters in `figures` come with their period's figures. Events
-        `build` leaves out, or whose lane another worker just took, stay pending."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(q.CLAIM_EVENTS, provider.value, limit)
-            claimed = [claimed_from_row(r) for r in rows]
-            if figures:
-                claimed = await _with_figures(conn, provider, claimed, figures)
-            new = build(claimed) if claimed else []
-            if not new:
-                return []
-            inserted = await conn.fetch(
-                q.INSERT_REPORTS,
-                [r.report_id for r in new],
-                provider.value,
-                [r.lane for r in new],
-                [json.dumps([event_to_json(e) for e in r.events]) for r in new],
-                [r.value for r in new],
-                owner,
-                lease,
-                [r.stated_at for r in new],
-            )
-            created = {str(r["report_id"]) for r in inserted}
-            kept = [r for r in new if r.report_id in created]
-            pairs = [(e.event_id, r.report_id) for r in kept for e in r.events]
-            await conn.execute(q.ASSIGN_EVENTS, [p[0] for p in pairs], [p[1] for p in pairs])
-        return [
-            Report(r.report_id, provider, r.events, r.value, stated_at=r.stated_at) for r in kept
-        ]
+        """Claims pending events into the reports `build` makes of them (each of one customer),
+        committed and leased to `owner`; events of the meters in `figures` come with their
+        period's figures. Events `build` leaves out, or whose lane another worker just took,
+        stay pending."""
+        return await self._claim(
+            provider, owner, lease, limit, build, figures, q.DUE_LANE_EVENTS, q.CLAIM_EVENTS
+        )
 
     async def claim_batches(
         self, provider: domain.Provider, owner: str, lease: float, limit: int, batch: int
     ) -> list[Report]:
-        """Claims pending events into reports of `batch` events (a provider without lanes),
-        committed and leased to `owner`, in one statement."""
-        report_ids = [ids.new_report_id() for _ in range(-(-limit // batch))]
-        rows = await self.pool.fetch(
-            q.CLAIM_BATCHES, provider.value, limit, report_ids, batch, owner, lease
+        """Claims pending events into reports of at most `batch` events of one customer each (a
+        provider without lanes), committed and leased to `owner`."""
+
+        def build(claimed: list[Claimed]) -> list[NewReport]:
+            return batches(claimed, batch)
+
+        return await self._claim(
+            provider, owner, lease, limit, build, (), q.DUE_EVENTS, q.CLAIM_BATCH_EVENTS
         )
-        grouped: dict[str, list[ReportEvent]] = {}
-        for row in rows:
-            grouped.setdefault(str(row["report_id"]), []).append(claimed_from_row(row).event)
-        return [Report(rid, provider, tuple(events)) for rid, events in grouped.items()]
+
+    async def _claim(
+        self,
+        provider: domain.Provider,
+        owner: str,
+        lease: float,
+        limit: int,
+        build: Callable[[list[Claimed]], list[NewReport]],
+        figures: Collection[str],
+        due_sql: str,
+        claim_sql: str,
+    ) -> list[Report]:
+        """A lock-free read of the oldest `limit` due events finds their customers; then, in one
+        transaction, each customer's events are claimed (FOR UPDATE SKIP LOCKED), its reports
+        inserted and its events assigned to them: one statement per customer or report, in
+        customer order, each sent without waiting for the one before."""
+        due = await self.pool.fetch(due_sql, provider.value, limit)
+        if not due:
+            return []
+        counts = collections.Counter(r["customer_id"] for r in due)
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetchmany(
+                claim_sql, [(c, provider.value, counts[c]) for c in sorted(counts)]
+            )
+            claimed = sorted(
+                (claimed_from_row(r) for r in rows),
+                key=lambda c: (c.event.event_time, c.event.event_id),
+            )
+            if figures and claimed:
+                claimed = await _with_figures(conn, provider, claimed, figures)
+            new = build(claimed) if claimed else []
+            if not new:
+                return []
+            inserted = await conn.fetchmany(
+                q.INSERT_REPORT,
+                [
+                    (
+                        r.customer_id,
+                        r.report_id,
+                        provider.value,
+                        r.lane,
+                        json.dumps([event_to_json(e) for e in r.events]),
+                        r.value,
+                        owner,
+                        lease,
+                        r.stated_at,
+                    )
+                    for r in sorted(new, key=lambda r: (r.customer_id, r.report_id))
+                ],
+            )
+            created = {(r["customer_id"], str(r["report_id"])) for r in inserted}
+            kept = [r for r in new if (r.customer_id, r.report_id) in created]
+            if kept:
+                await conn.executemany(
+                    q.ASSIGN_EVENTS,
+                    [
+                        (r.customer_id, r.report_id, [e.event_id for e in r.events])
+                        for r in sorted(kept, key=lambda r: (r.customer_id, r.report_id))
+                    ],
+                )
+        return [
+            Report(
+                r.report_id,
+                provider,
+                r.events,
+                r.value,
+                stated_at=r.stated_at,
+                customer_id=r.customer_id,
+            )
+            for r in kept
+        ]
 
     async def save_checkpoint(
-        self, report_id: str, owner: str, state: Mapping[str, Any], lease: float
+        self, key: ReportKey, owner: str, state: Mapping[str, Any], lease: float
     ) -> bool:
         """Stores the state and holds the lease `lease` seconds from now. False when the lease is
         no longer ours: the caller must not send."""
-        found = await self.pool.fetchval(
-            q.SAVE_CHECKPOINT, report_id, owner, json.dumps(state), lease
-        )
+        found = await self.pool.fetchval(q.SAVE_CHECKPOINT, *key, owner, json.dumps(state), lease)
         return found is not None
 
-    async def retry_later(self, report_id: str, owner: str, delay: float, reason: str) -> None:
-        await self.pool.execute(q.RETRY_LATER, report_id, owner, delay, reason)
+    async def retry_later(self, key: ReportKey, owner: str, delay: float, reason: str) -> None:
+        await self.pool.execute(q.RETRY_LATER, *key, owner, delay, reason)
 
-    async def delivered(self, report_id: str, rejected: Mapping[str, str] | None = None) -> bool:
+    async def delivered(self, key: ReportKey, rejected: Mapping[str, str] | None = None) -> bool:
         """The provider holds the report, except `rejected` events (parked with their reason).
         False when another worker settled it first."""
+        customer_id, report_id = key
         async with self.pool.acquire() as conn, conn.transaction():
-            if await conn.fetchval(q.CLOSE_REPORT, report_id, "delivered", "") is None:
+            if await conn.fetchval(q.CLOSE_REPORT, *key, "delivered", "") is None:
                 return False
-            await conn.execute(q.LOCK_REPORT_CUSTOMERS, [report_id])
+            await conn.execute(q.LOCK_CUSTOMER, customer_id)
             changed = []
             if rejected:
                 ids = list(rejected)
-                parked = await conn.fetch(q.PARK_EVENTS, report_id, ids, [rejected[i] for i in ids])
+                parked = await conn.fetch(q.PARK_EVENTS, *key, ids, [rejected[i] for i in ids])
                 changed += await adjust(conn, parked, reported=0, failed=1)
-            reported = await conn.fetch(q.MARK_REPORTED, [report_id])
+            reported = await conn.fetch(q.MARK_REPORTED, customer_id, [report_id])
             changed += await adjust(conn, reported, reported=1, failed=0)
             await log_drained(conn, changed)
         return True
 
-    async def delivered_all(self, report_ids: Sequence[str]) -> set[str]:
-        """Settles reports the provider holds in full, in one transaction; returns the ids it
-        settled (another worker may have settled some first)."""
-        if not report_ids:
+    async def delivered_all(self, keys: Sequence[ReportKey]) -> set[ReportKey]:
+        """Settles reports the provider holds in full, in one transaction; returns the keys it
+        settled (another worker may have settled some first). Each statement takes one
+        customer's rows; every step goes through the customers in order (reports, then the
+        customers' rows, then events, then totals rows)."""
+        if not keys:
             return set()
         async with self.pool.acquire() as conn, conn.transaction():
-            closed = [r["report_id"] for r in await conn.fetch(q.CLOSE_DELIVERED, list(report_ids))]
-            if closed:
-                await conn.execute(q.LOCK_REPORT_CUSTOMERS, closed)
-                folded = await conn.fetch(q.MARK_REPORTED_FOLDED, closed)
-                if folded:
-                    columns = ("customer_id", "meter", "period_start", "n", "s")
-                    arrays = [[r[c] for r in folded] for c in columns]
-                    changed = await conn.fetch(q.ADJUST_FOLDED, *arrays, 1, 0, 0)
+            closed = await conn.fetchmany(
+                q.CLOSE_DELIVERED, sorted(_by_customer((c, r) for c, r in keys).items())
+            )
+            settled = _by_customer((r["customer_id"], r["report_id"]) for r in closed)
+            if settled:
+                customers = sorted(settled)
+                await conn.executemany(q.LOCK_CUSTOMER, [(c,) for c in customers])
+                folded = await conn.fetchmany(
+                    q.MARK_REPORTED_FOLDED, [(c, settled[c]) for c in customers]
+                )
+                per_customer: dict[str, list[asyncpg.Record]] = {}
+                for row in folded:
+                    per_customer.setdefault(row["customer_id"], []).append(row)
+                if per_customer:
+                    columns = ("meter", "period_start", "n", "s")
+                    changed = await conn.fetchmany(
+                        q.ADJUST_FOLDED,
+                        [
+                            (c, *([r[k] for r in per_customer[c]] for k in columns), 1, 0, 0)
+                            for c in sorted(per_customer)
+                        ],
+                    )
                     await log_drained(conn, changed)
-        return {str(r) for r in closed}
+        return {(r["customer_id"], str(r["report_id"])) for r in closed}
 
-    async def failed(self, report_id: str, reason: str) -> bool:
+    async def failed(self, key: ReportKey, reason: str) -> bool:
         """Parks every event of the report with the provider's reason."""
         async with self.pool.acquire() as conn, conn.transaction():
-            if await conn.fetchval(q.CLOSE_REPORT, report_id, "failed", reason) is None:
+            if await conn.fetchval(q.CLOSE_REPORT, *key, "failed", reason) is None:
                 return False
-            await conn.execute(q.LOCK_REPORT_CUSTOMERS, [report_id])
-            parked = await conn.fetch(q.PARK_REPORT_EVENTS, report_id, reason)
+            await conn.execute(q.LOCK_CUSTOMER, key[0])
+            parked = await conn.fetch(q.PARK_REPORT_EVENTS, *key, reason)
             await log_drained(conn, await adjust(conn, parked, reported=0, failed=1))
         return True
+
+
+def _by_customer(pairs: Iterable[tuple[str, Any]]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for customer_id, value in pairs:
+        out.setdefault(customer_id, []).append(value)
+    return out
+
+
+def batches(claimed: list[Claimed], size: int) -> list[NewReport]:
+    """Claimed events (oldest first) in reports of at most `size` events, each of one customer,
+    in the order of their oldest event."""
+    per_customer = _by_customer((c.event.customer_id, c.event) for c in claimed)
+    return [
+        NewReport(ids.new_report_id(), None, tuple(events[i : i + size]))
+        for events in per_customer.values()
+        for i in range(0, len(events), size)
+    ]
 
 
 async def _with_figures(
@@ -237,8 +340,13 @@ async def _with_figures(
     )
     if not periods:
         return claimed
-    rows = await conn.fetch(
-        q.PERIOD_FIGURES, provider.value, *(list(column) for column in zip(*periods, strict=True))
+    per_customer = _by_customer((p[0], p[1:]) for p in periods)
+    rows = await conn.fetchmany(
+        q.PERIOD_FIGURES,
+        [
+            (c, provider.value, *(list(column) for column in zip(*per_customer[c], strict=True)))
+            for c in sorted(per_customer)
+        ],
     )
     found = {(r["customer_id"], r["meter"], r["period_start"]): r for r in rows}
     out = []
@@ -253,17 +361,21 @@ async def _with_figures(
 async def adjust(
     conn: Conn, moved: Sequence[asyncpg.Record], reported: int, failed: int, unbilled: int = 0
 ) -> list[asyncpg.Record]:
-    """Moves events between the drain counters of their totals rows; returns the rows after."""
-    if not moved:
-        return []
-    args = (
-        [r["customer_id"] for r in moved],
-        [r["meter"] for r in moved],
-        [r["event_time"] for r in moved],
-        [r["quantity"] for r in moved],
-    )
-    await conn.execute(q.LOCK_TOTALS, *args)
-    return await conn.fetch(q.ADJUST_TOTALS, *args, reported, failed, unbilled)
+    """Moves events between the drain counters of their totals rows, one customer at a time in
+    customer order; returns the rows after."""
+    out: list[asyncpg.Record] = []
+    per_customer = _by_customer((r["customer_id"], r) for r in moved)
+    for customer_id in sorted(per_customer):
+        rows = per_customer[customer_id]
+        args = (
+            customer_id,
+            [r["meter"] for r in rows],
+            [r["event_time"] for r in rows],
+            [r["quantity"] for r in rows],
+        )
+        await conn.execute(q.LOCK_TOTALS, *args)
+        out += await conn.fetch(q.ADJUST_TOTALS, *args, reported, failed, unbilled)
+    return out
 
 
 async def log_drained(conn: Conn, rows: Sequence[asyncpg.Record]) -> None:

@@ -49,39 +49,45 @@ SELECT provider, provider_customer_id, subscription_items FROM customer_provider
 WHERE customer_id = $1"""
 
 # Fix reports of a customer's lanes: when delivered ones were accepted (the provider may still be
-# showing them), and open ones (in flight). $1 lane[]
+# showing them), and open ones (in flight). $1 customer_id, $2 lane[]
 FIXES = """
 SELECT lane, state, value, events::text AS events, settled_at FROM reports
-WHERE kind = 'fix' AND lane = ANY($1::text[]) AND state IN ('open', 'delivered')"""
+WHERE customer_id = $1 AND kind = 'fix' AND lane = ANY($2::text[])
+    AND state IN ('open', 'delivered')"""
 
-# Events in open fix reports (per-event providers): a re-send already queued. $1 event_id[]
+# A customer's events in its open fix reports (per-event providers): a re-send already queued.
+# $1 customer_id, $2 event_id[]
 QUEUED = """
 SELECT DISTINCT e.value ->> 'event_id' AS event_id
 FROM reports r, jsonb_array_elements(r.events) AS e(value)
-WHERE r.kind = 'fix' AND r.state = 'open' AND e.value ->> 'event_id' = ANY($1::text[])"""
+WHERE r.customer_id = $1 AND r.kind = 'fix' AND r.state = 'open'
+    AND e.value ->> 'event_id' = ANY($2::text[])"""
 
 # The customer ids a lane's delivered reports carried for events of a period.
-# $1 lane, $2 start, $3 end
+# $1 customer_id, $2 lane, $3 start, $4 end
 SENT_TO = """
 SELECT DISTINCT e.value ->> 'provider_customer_id' AS id
 FROM reports r, jsonb_array_elements(r.events) AS e(value)
-WHERE r.lane = $1 AND r.state = 'delivered'
-    AND (e.value ->> 'event_time')::timestamptz >= $2
-    AND (e.value ->> 'event_time')::timestamptz < $3"""
+WHERE r.customer_id = $1 AND r.lane = $2 AND r.state = 'delivered'
+    AND (e.value ->> 'event_time')::timestamptz >= $3
+    AND (e.value ->> 'event_time')::timestamptz < $4"""
 
 # Fixes of one lane serialise on this lock, taken in the fix's transaction. $1 lane
 LOCK_LANE = "SELECT pg_advisory_xact_lock(hashtext($1))"
 
-# A fix queued on the lane since a reconciliation read the provider. $1 lane, $2 read at
+# A fix queued on the lane since a reconciliation read the provider.
+# $1 customer_id, $2 lane, $3 read at
 FIXED_SINCE = """
-SELECT count(*) FROM reports WHERE kind = 'fix' AND lane = $1 AND created_at >= $2"""
+SELECT count(*) FROM reports
+WHERE customer_id = $1 AND kind = 'fix' AND lane = $2 AND created_at >= $3"""
 
-# $1 report_id, $2 provider, $3 lane (NULL: none), $4 events (JSON text), $5 value,
-# $6 stated_at (NULL: the newest event's time)
+# $1 customer_id, $2 report_id, $3 provider, $4 lane (NULL: none), $5 events (JSON text),
+# $6 value, $7 stated_at (NULL: the newest event's time)
 INSERT_FIX = """
-INSERT INTO reports (report_id, provider, lane, events, value, kind, first_sent_at, stated_at)
-VALUES ($1::uuid, $2, $3, $4::text::jsonb, $5, 'fix', now(), $6)
-ON CONFLICT (lane) WHERE state = 'open' AND lane IS NOT NULL DO NOTHING
+INSERT INTO reports (customer_id, report_id, provider, lane, events, value, kind, first_sent_at,
+                     stated_at)
+VALUES ($1, $2::uuid, $3, $4, $5::text::jsonb, $6, 'fix', now(), $7)
+ON CONFLICT (customer_id, lane) WHERE state = 'open' AND lane IS NOT NULL DO NOTHING
 RETURNING report_id"""
 
 # The latest event a provider accepted in a period: what a Stripe fix is timed and addressed by.
@@ -103,7 +109,8 @@ ORDER BY e.event_time, e.event_id"""
 
 
 # Stripe identifiers (a report's id, one of its pieces `<id>-<k>`, or a count meter's event
-# id) to the customer, meter and events they carried. $1 report_id[], $2 event_id[]
+# id) to the customer, meter and events they carried: a lock-free read across customers.
+# $1 report_id[], $2 event_id[]
 IDENTIFIED = """
 SELECT r.report_id::text AS report_id, e.value ->> 'event_id' AS event_id,
     e.value ->> 'customer_id' AS customer_id, e.value ->> 'meter' AS meter

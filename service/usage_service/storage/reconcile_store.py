@@ -83,7 +83,7 @@ class ReconcileStore:
         ]
         fixed_at: dict[str, dt.datetime] = {}
         fixing: set[str] = set()
-        for f in await self.pool.fetch(q.FIXES, lanes):
+        for f in await self.pool.fetch(q.FIXES, customer_id, lanes):
             if f["state"] == "open":
                 fixing.add(f["lane"])
                 continue
@@ -141,14 +141,15 @@ class ReconcileStore:
                 out[identifier] = Carried(rows[0][1], rows[0][2], tuple(r[0] for r in rows))
         return out
 
-    async def queued(self, event_ids: Sequence[str]) -> set[str]:
-        """Those of `event_ids` already in an open fix report."""
-        return {r["event_id"] for r in await self.pool.fetch(q.QUEUED, list(event_ids))}
+    async def queued(self, customer_id: str, event_ids: Sequence[str]) -> set[str]:
+        """Those of the customer's `event_ids` already in an open fix report."""
+        rows = await self.pool.fetch(q.QUEUED, customer_id, list(event_ids))
+        return {r["event_id"] for r in rows}
 
     async def sent_to(self, unit: Unit) -> set[str]:
         """The customer ids the unit's lane reports carried for the period's events."""
         lane = reports.lane(unit.provider, unit.customer_id, unit.meter)
-        rows = await self.pool.fetch(q.SENT_TO, lane, *unit.period.bounds)
+        rows = await self.pool.fetch(q.SENT_TO, unit.customer_id, lane, *unit.period.bounds)
         return {r["id"] for r in rows}
 
     async def fix_amount(
@@ -167,7 +168,7 @@ class ReconcileStore:
         lane = reports.lane(unit.provider, unit.customer_id, unit.meter)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(q.LOCK_LANE, lane)
-            if await conn.fetchval(q.FIXED_SINCE, lane, unit.read_at):
+            if await conn.fetchval(q.FIXED_SINCE, unit.customer_id, lane, unit.read_at):
                 return None
             return await self._insert(conn, unit, lane, [row], amount, stated(row["event_time"]))
 
@@ -203,7 +204,14 @@ class ReconcileStore:
         ]
         report_id = ids.new_report_id()
         found = await conn.fetchval(
-            q.INSERT_FIX, report_id, unit.provider.value, lane, json.dumps(events), value, stated_at
+            q.INSERT_FIX,
+            unit.customer_id,
+            report_id,
+            unit.provider.value,
+            lane,
+            json.dumps(events),
+            value,
+            stated_at,
         )
         return None if found is None else report_id
 

@@ -117,14 +117,15 @@ CREATE TABLE reports (
     settled_at timestamp with time zone,
     stated_at timestamp with time zone,
     kind text NOT NULL DEFAULT 'usage'::text,
+    customer_id text NOT NULL,
     CONSTRAINT reports_kind_known CHECK ((kind = ANY (ARRAY['usage'::text, 'fix'::text]))),
-    CONSTRAINT reports_pkey PRIMARY KEY (report_id),
+    CONSTRAINT reports_pkey PRIMARY KEY (customer_id, report_id),
     CONSTRAINT reports_provider_known CHECK ((provider = ANY (ARRAY['stripe'::text, 'lemon_squeezy'::text, 'polar'::text, 'dodo_payments'::text, 'creem'::text]))),
     CONSTRAINT reports_state_known CHECK ((state = ANY (ARRAY['open'::text, 'delivered'::text, 'failed'::text])))
 );
 CREATE INDEX reports_due ON public.reports USING btree (provider, next_attempt_at) WHERE (state = 'open'::text);
-CREATE INDEX reports_lane ON public.reports USING btree (lane) WHERE (lane IS NOT NULL);
-CREATE UNIQUE INDEX reports_open_lane ON public.reports USING btree (lane) WHERE ((state = 'open'::text) AND (lane IS NOT NULL));
+CREATE INDEX reports_lane ON public.reports USING btree (customer_id, lane) WHERE (lane IS NOT NULL);
+CREATE UNIQUE INDEX reports_open_lane ON public.reports USING btree (customer_id, lane) WHERE ((state = 'open'::text) AND (lane IS NOT NULL));
 
 CREATE TABLE schema_migrations (
     version text NOT NULL,
@@ -202,6 +203,7 @@ CREATE INDEX usage_events_customer_time ON ONLY public.usage_events USING btree 
 CREATE INDEX usage_events_in_report ON ONLY public.usage_events USING btree (report_id) WHERE ((report_state = 'pending'::text) AND (report_id IS NOT NULL));
 CREATE INDEX usage_events_parked ON ONLY public.usage_events USING btree (customer_id) WHERE (report_state = 'failed'::text);
 CREATE INDEX usage_events_unclaimed ON ONLY public.usage_events USING btree (provider, event_time, event_id) WHERE ((report_state = 'pending'::text) AND (report_id IS NULL));
+CREATE INDEX usage_events_unclaimed_by_customer ON ONLY public.usage_events USING btree (customer_id, provider, event_time, event_id) WHERE ((report_state = 'pending'::text) AND (report_id IS NULL));
 CREATE TABLE usage_events_default PARTITION OF usage_events DEFAULT;
 
 CREATE TABLE usage_keys (
