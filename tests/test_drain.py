@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -25,7 +26,7 @@ from usage_service.domain import plans, reports
 from usage_service.domain.plans import Aggregation
 from usage_service.drain.loop import Drain, DrainSettings
 from usage_service.drain.reports import build_reports
-from usage_service.providers import dodo_payments
+from usage_service.providers import dodo_payments, outcome
 from usage_service.providers import polar as polar_wire
 from usage_service.providers.config import ProviderSettings
 from usage_service.providers.outcome import Reporting
@@ -535,3 +536,107 @@ async def test_a_watcher_sees_the_drain_settle_its_usage(
     assert (refused.failed, refused.pending) == (4, 0)
     for call in calls:
         call.cancel()
+
+
+ONLY_POLAR = ("STRIPE_", "LEMONSQUEEZY_", "DODO_", "CREEM_")
+
+
+def polar_calls(fakes: Fakes) -> list[list[str]]:
+    """The external ids of every event of every answered Polar ingest call, in order."""
+    return [
+        [e["external_id"] for e in json.loads(c.body)["events"]]
+        for c in fakes.polar.calls
+        if c.method == "POST" and c.status
+    ]
+
+
+async def add_polar_customers(service: Service, count: int) -> list[str]:
+    names = [f"c_polar_{i:02d}" for i in range(count)]
+    for name in names:  # no Polar id: the customer id is sent as external_customer_id
+        await service.add_customer(name, plan_id="basic", provider=customer_pb2.PROVIDER_POLAR)
+    return names
+
+
+async def test_several_customers_go_to_polar_in_one_call_as_one_report_each(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    names = await add_polar_customers(service, 5)
+    for i, name in enumerate(names):
+        await record_many(service, name, "tokens", [i + 1] * 3)
+    d = await make_drain(without=ONLY_POLAR)
+    await drain_until_quiet([d], service.db)
+
+    assert fakes.polar.batch_sizes == [15]  # every customer's events in one call
+    rows = await service.db.fetch(
+        "SELECT customer_id, report_id, state, events::text FROM reports ORDER BY 1"
+    )
+    assert [(r["customer_id"], r["state"]) for r in rows] == [(n, "delivered") for n in names]
+    for row in rows:  # each report holds its own customer's events, and they name it
+        events = json.loads(row["events"])
+        assert {e["customer_id"] for e in events} == {row["customer_id"]} and len(events) == 3
+        claimed = await service.db.fetch(
+            "SELECT DISTINCT report_id FROM usage_events WHERE customer_id = $1",
+            row["customer_id"],
+        )
+        assert [r["report_id"] for r in claimed] == [row["report_id"]]
+    for i, name in enumerate(names):
+        assert await states(service.db, name) == {"reported": 3}
+        assert (await summary(service, name))["tokens"].reported == 3 * (i + 1)
+    assert fakes.violations() == []
+
+
+async def test_a_crash_between_claim_and_settle_resends_the_same_ids(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    names = await add_polar_customers(service, 3)
+    for name in names:
+        await record_many(service, name, "tokens", [2, 3])
+    polar = domain.Provider.POLAR
+    # A worker claims one report per customer and sends them in one call, then dies before
+    # settling: their leases run out.
+    dead = await make_drain(without=ONLY_POLAR, owner="dead")
+    claimed = await dead.store.claim_batches(polar, "dead", 1.0, 100, 500)
+    assert sorted(r.customer_id for r in claimed) == names
+    together = dataclasses.replace(
+        claimed[0], events=tuple(e for r in claimed for e in r.events), customer_id=""
+    )
+    assert await dead.adapters[polar].send(together) == outcome.Delivered()
+    first = polar_calls(fakes)
+    assert len(first) == 1 and len(first[0]) == 6
+
+    live = await make_drain(without=ONLY_POLAR, owner="live")
+    await drain_until_quiet([live], service.db)
+    calls = polar_calls(fakes)
+    assert len(calls) == 2 and sorted(calls[1]) == sorted(first[0])  # the same ids again
+    assert len(fakes.polar.accepted) == 6  # deduplicated by Polar
+    keys = await service.db.fetch("SELECT customer_id, report_id, state FROM reports")
+    assert sorted((r["customer_id"], str(r["report_id"]), r["state"]) for r in keys) == sorted(
+        (r.customer_id, r.report_id, "delivered") for r in claimed
+    )  # the same reports, settled once each; no new ones
+    for name in names:
+        assert (await summary(service, name))["tokens"].reported == 5
+
+
+async def test_two_drain_workers_never_send_an_event_twice(
+    service: Service, fakes: Fakes, make_drain: MakeDrain
+) -> None:
+    names = await add_polar_customers(service, 20)
+    for i, name in enumerate(names):
+        await record_many(service, name, "tokens", [1] * (10 + i))
+    small = FAST.model_copy(update={"claim": 40})  # many cycles, both workers busy at once
+    workers = [await make_drain(without=ONLY_POLAR, settings=small, owner=f"w{i}") for i in (1, 2)]
+    await drain_until_quiet(workers, service.db)
+
+    sent = [event_id for call in polar_calls(fakes) for event_id in call]
+    assert len(sent) == len(set(sent)) == sum(10 + i for i in range(20))
+    owners = await service.db.fetch("SELECT DISTINCT leased_by FROM reports")
+    assert {r["leased_by"] for r in owners} == {"w1", "w2"}  # both took part
+    per_report = await service.db.fetch(
+        """SELECT r.customer_id, count(DISTINCT e.customer_id) AS customers
+           FROM reports r, jsonb_array_elements(r.events) AS x(value)
+           JOIN usage_events e ON e.event_id = (x.value ->> 'event_id')::uuid
+           WHERE r.state = 'delivered' GROUP BY r.customer_id, r.report_id"""
+    )
+    assert per_report and all(r["customers"] == 1 for r in per_report)
+    for i, name in enumerate(names):
+        assert await states(service.db, name) == {"reported": 10 + i}

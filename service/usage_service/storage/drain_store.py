@@ -113,6 +113,7 @@ def report_from_row(row: asyncpg.Record) -> Report:
 
 
 ReportKey = tuple[str, str]  # (customer_id, report_id): a report's key
+CLAIM_ROUNDS = 3  # reads of due events per claim, while other workers hold some of them
 
 
 class DrainStore:
@@ -177,13 +178,40 @@ class DrainStore:
         due_sql: str,
         claim_sql: str,
     ) -> list[Report]:
-        """A lock-free read of the oldest `limit` due events finds their customers; then, in one
-        transaction, each customer's events are claimed (FOR UPDATE SKIP LOCKED), its reports
-        inserted and its events assigned to them: one statement per customer or report, in
-        customer order, each sent without waiting for the one before."""
-        due = await self.pool.fetch(due_sql, provider.value, limit)
-        if not due:
-            return []
+        """Claims in rounds: a lock-free read of the oldest due events finds their customers,
+        then `_claim_round` claims them. The read cannot see other workers' row locks: when a
+        round finds events another worker holds, the next round reads again (that worker has
+        likely committed its claim by then), up to CLAIM_ROUNDS."""
+        out: list[Report] = []
+        for _ in range(CLAIM_ROUNDS):
+            want = limit - sum(len(r.events) for r in out)
+            if want <= 0:
+                break
+            due = await self.pool.fetch(due_sql, provider.value, want)
+            if not due:
+                break
+            made, locked = await self._claim_round(
+                provider, owner, lease, due, build, figures, claim_sql
+            )
+            out += made
+            if locked >= len(due):  # nothing was held by another worker
+                break
+        return out
+
+    async def _claim_round(
+        self,
+        provider: domain.Provider,
+        owner: str,
+        lease: float,
+        due: Sequence[asyncpg.Record],
+        build: Callable[[list[Claimed]], list[NewReport]],
+        figures: Collection[str],
+        claim_sql: str,
+    ) -> tuple[list[Report], int]:
+        """In one transaction, each due customer's events are claimed (FOR UPDATE SKIP LOCKED),
+        its reports inserted and its events assigned to them: one statement per customer or
+        report, in customer order, each sent without waiting for the one before. Returns the
+        reports and how many events were locked."""
         counts = collections.Counter(r["customer_id"] for r in due)
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetchmany(
@@ -197,7 +225,7 @@ class DrainStore:
                 claimed = await _with_figures(conn, provider, claimed, figures)
             new = build(claimed) if claimed else []
             if not new:
-                return []
+                return [], len(rows)
             inserted = await conn.fetchmany(
                 q.INSERT_REPORT,
                 [
@@ -225,7 +253,7 @@ class DrainStore:
                         for r in sorted(kept, key=lambda r: (r.customer_id, r.report_id))
                     ],
                 )
-        return [
+        made = [
             Report(
                 r.report_id,
                 provider,
@@ -236,6 +264,7 @@ class DrainStore:
             )
             for r in kept
         ]
+        return made, len(rows)
 
     async def save_checkpoint(
         self, key: ReportKey, owner: str, state: Mapping[str, Any], lease: float
