@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -122,12 +123,16 @@ async def test_finding_due_events_reads_the_unclaimed_index(filled: asyncpg.Conn
 async def test_claiming_a_customers_events_reads_its_unclaimed_index(
     filled: asyncpg.Connection,
 ) -> None:
-    for sql, args in (
-        (drain_queries.CLAIM_EVENTS, ("c_stripe_10", "stripe", 100)),
-        (drain_queries.CLAIM_BATCH_EVENTS, ("c_polar_10", "polar", 100)),
+    for sql, args, also in (
+        (drain_queries.CLAIM_EVENTS, ("c_stripe_10", "stripe", 100), set()),
+        (
+            drain_queries.CLAIM_BATCHES,
+            ("c_polar_10", "polar", 100, [str(uuid.uuid4())], 100, "worker", 30.0),
+            {"usage_events_pkey"},  # setting report_id on each claimed event, by its key
+        ),
     ):
         used = await plan(filled, sql, *args)
-        assert indexes(used, "usage_events") == {"usage_events_unclaimed_by_customer"}
+        assert indexes(used, "usage_events") == {"usage_events_unclaimed_by_customer"} | also
     used = await plan(filled, drain_queries.CLAIM_EVENTS, "c_stripe_10", "stripe", 100)
     assert indexes(used, "reports") == {"reports_open_lane"}
 

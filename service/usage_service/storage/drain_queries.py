@@ -61,16 +61,47 @@ ORDER BY e.event_time, e.event_id
 LIMIT $3
 FOR UPDATE OF e SKIP LOCKED"""
 
-# CLAIM_EVENTS for batch providers (no lanes, no period bounds).
-# $1 customer_id, $2 provider, $3 limit
-CLAIM_BATCH_EVENTS = f"""
-SELECT {_EVENT_FIELDS}
-FROM usage_events e
-JOIN customer_providers p ON p.customer_id = $1 AND p.provider = e.provider
-WHERE e.customer_id = $1 AND {_UNCLAIMED} AND e.provider = $2
-ORDER BY e.event_time, e.event_id
-LIMIT $3
-FOR UPDATE OF e SKIP LOCKED"""
+# Batch providers (no lanes, no period bounds): one customer's pending events like CLAIM_EVENTS,
+# its reports and their events in one statement: the claimed events are put
+# in reports of $5 events in claim order (the k-th report takes the id $4[k]), the reports are
+# inserted (events as event_to_json writes them, oldest first) leased to $6 for $7 seconds, and
+# the claimed events come back with their report ids.
+# $1 customer_id, $2 provider, $3 limit, $4 report_id[] (at least ceil($3 / $5)),
+# $5 events per report, $6 owner, $7 lease (seconds)
+CLAIM_BATCHES = f"""
+WITH locked AS (
+    SELECT {_EVENT_FIELDS}
+    FROM usage_events e
+    JOIN customer_providers p ON p.customer_id = $1 AND p.provider = e.provider
+    WHERE e.customer_id = $1 AND {_UNCLAIMED} AND e.provider = $2
+    ORDER BY e.event_time, e.event_id
+    LIMIT $3
+    FOR UPDATE OF e SKIP LOCKED
+), picked AS (  -- numbered once locked: rows skipped for other workers leave no gaps
+    SELECT k.*,
+        ($4::uuid[])[(row_number() OVER (ORDER BY k.event_time, k.event_id) - 1) / $5 + 1]
+            AS report_id
+    FROM locked k
+), assigned AS (
+    UPDATE usage_events e SET report_id = k.report_id
+    FROM picked k
+    WHERE e.customer_id = $1 AND e.event_id = k.event_id
+), made AS (
+    INSERT INTO reports (customer_id, report_id, provider, events, lease_until, leased_by,
+                         first_sent_at)
+    SELECT $1, k.report_id, $2,
+        jsonb_agg(jsonb_build_object(
+            'event_id', k.event_id, 'customer_id', k.customer_id, 'meter', k.meter,
+            'quantity', k.quantity, 'event_time', k.event_time,
+            'properties', coalesce(k.properties, '{{}}'::jsonb),
+            'provider_customer_id', k.provider_customer_id,
+            'subscription_item', k.subscription_item) ORDER BY k.event_time, k.event_id),
+        now() + make_interval(secs => $7), $6, now()
+    FROM picked k
+    GROUP BY k.report_id
+)
+SELECT k.* FROM picked k
+ORDER BY k.event_time, k.event_id"""
 
 # The max and the last value of the events billed to one provider in periods of one customer's
 # meters, parked ones left out: a period's totals also count events billed elsewhere or unbilled.
@@ -143,18 +174,46 @@ UPDATE reports SET state = $3, last_error = $4, settled_at = now(), lease_until 
 WHERE customer_id = $1 AND report_id = $2::uuid AND state = 'open'
 RETURNING report_id"""
 
-# Several delivered reports of one customer; its report rows are locked in id order.
+# Settles one customer's delivered reports in one statement: closes those still open, marks
+# their events reported, and moves the events' counts and sums into the drain counters of their
+# periods' totals rows (locked in key order; events outside every period left out). A row per
+# adjusted totals row (its columns; NULL when none changed, one row then), each with
+# `settled_for` ($1) and `closed` (the report ids closed; NULL: none). Take LOCK_CUSTOMER first.
 # $1 customer_id, $2 report_id[]
-CLOSE_DELIVERED = """
-UPDATE reports r SET state = 'delivered', last_error = '', settled_at = now(), lease_until = NULL
-FROM (
-    SELECT report_id FROM reports
-    WHERE customer_id = $1 AND report_id = ANY($2::uuid[]) AND state = 'open'
-    ORDER BY report_id
-    FOR UPDATE
-) due
-WHERE r.customer_id = $1 AND r.report_id = due.report_id
-RETURNING r.customer_id, r.report_id"""
+SETTLE_DELIVERED = f"""
+WITH closed AS (
+    UPDATE reports r
+    SET state = 'delivered', last_error = '', settled_at = now(), lease_until = NULL
+    WHERE r.customer_id = $1 AND r.report_id = ANY($2::uuid[]) AND r.state = 'open'
+    RETURNING r.report_id
+), moved AS (
+    UPDATE usage_events e SET report_state = 'reported', reported_at = now(), last_error = ''
+    WHERE e.customer_id = $1 AND e.report_id IN (SELECT report_id FROM closed)
+        AND e.report_state = 'pending'
+    RETURNING e.meter, e.event_time, e.quantity - e.covered AS quantity
+), folded AS (
+    SELECT t.meter, t.period_start, count(*) AS n, sum(m.quantity) AS s
+    FROM moved m
+    JOIN usage_totals t ON t.customer_id = $1 AND t.meter = m.meter
+        AND t.period_start <= m.event_time AND m.event_time < t.period_end
+    GROUP BY 1, 2
+), locked AS (
+    SELECT t.meter, t.period_start, f.n, f.s
+    FROM folded f
+    JOIN usage_totals t ON t.customer_id = $1 AND t.meter = f.meter
+        AND t.period_start = f.period_start
+    ORDER BY 1, 2
+    FOR UPDATE OF t
+), adjusted AS (
+    UPDATE usage_totals t SET
+        reported_count = t.reported_count + a.n, reported_sum = t.reported_sum + a.s
+    FROM locked a
+    WHERE t.customer_id = $1 AND t.meter = a.meter AND t.period_start = a.period_start
+    RETURNING {CHANGED_TOTALS}
+)
+SELECT $1::text AS settled_for, c.closed, a.*
+FROM (SELECT array_agg(report_id) AS closed FROM closed) c
+LEFT JOIN adjusted a ON true"""
 
 # The customer's row, shared: the core's lock order (customers, then events, then totals).
 # $1 customer_id
@@ -181,21 +240,6 @@ MARK_REPORTED = f"""
 UPDATE usage_events e SET report_state = 'reported', reported_at = now(), last_error = ''
 WHERE e.customer_id = $1 AND e.report_id = ANY($2::uuid[]) AND e.report_state = 'pending'
 {_MOVED}"""
-
-# MARK_REPORTED, folded per totals row (events outside every period left out), sorted.
-# $1 customer_id, $2 report_id[]
-MARK_REPORTED_FOLDED = f"""
-WITH moved AS (
-    UPDATE usage_events e SET report_state = 'reported', reported_at = now(), last_error = ''
-    WHERE e.customer_id = $1 AND e.report_id = ANY($2::uuid[]) AND e.report_state = 'pending'
-    {_MOVED}
-)
-SELECT t.customer_id, t.meter, t.period_start, count(*) AS n, sum(m.quantity) AS s
-FROM moved m
-JOIN usage_totals t ON t.customer_id = $1 AND t.meter = m.meter
-    AND t.period_start <= m.event_time AND m.event_time < t.period_end
-GROUP BY 1, 2, 3
-ORDER BY 1, 2, 3"""
 
 _PARKED = """e.report_state = 'failed' AND ($1::text = '' OR e.provider = $1)
     AND (cardinality($2::uuid[]) = 0 OR e.event_id = ANY($2::uuid[]))"""
@@ -239,28 +283,6 @@ FROM (
     {_EVENTS_IN_TOTALS}
     GROUP BY 1, 2
 ) a
-WHERE t.customer_id = $1 AND t.meter = a.meter AND t.period_start = a.period_start
-RETURNING {CHANGED_TOTALS}"""
-
-# ADJUST_TOTALS for one customer's events already folded per totals row (MARK_REPORTED_FOLDED):
-# the rows are locked in key order (the CTE is read in full by the update), then moved.
-# $1 customer_id, $2 meter[], $3 period_start[], $4 events[], $5 quantity sum[],
-# $6 reported delta per event (-1, 0, 1), $7 failed delta, $8 unbilled delta
-ADJUST_FOLDED = f"""
-WITH locked AS (
-    SELECT t.meter, t.period_start, a.n, a.s
-    FROM unnest($2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[])
-        AS a(meter, period_start, n, s)
-    JOIN usage_totals t ON t.customer_id = $1 AND t.meter = a.meter
-        AND t.period_start = a.period_start
-    ORDER BY 1, 2
-    FOR UPDATE OF t
-)
-UPDATE usage_totals t SET
-    reported_count = t.reported_count + $6 * a.n, reported_sum = t.reported_sum + $6 * a.s,
-    failed_count = t.failed_count + $7 * a.n, failed_sum = t.failed_sum + $7 * a.s,
-    unbilled_count = t.unbilled_count + $8 * a.n, unbilled_sum = t.unbilled_sum + $8 * a.s
-FROM locked a
 WHERE t.customer_id = $1 AND t.meter = a.meter AND t.period_start = a.period_start
 RETURNING {CHANGED_TOTALS}"""
 

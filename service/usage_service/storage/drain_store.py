@@ -14,7 +14,7 @@ import collections
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -150,38 +150,50 @@ class DrainStore:
         committed and leased to `owner`; events of the meters in `figures` come with their
         period's figures. Events `build` leaves out, or whose lane another worker just took,
         stay pending."""
-        return await self._claim(
-            provider, owner, lease, limit, build, figures, q.DUE_LANE_EVENTS, q.CLAIM_EVENTS
-        )
+
+        async def claim(counts: Mapping[str, int]) -> tuple[list[Report], int]:
+            return await self._claim_lanes(provider, owner, lease, counts, build, figures)
+
+        return await self._rounds(provider, limit, q.DUE_LANE_EVENTS, claim)
 
     async def claim_batches(
         self, provider: domain.Provider, owner: str, lease: float, limit: int, batch: int
     ) -> list[Report]:
         """Claims pending events into reports of at most `batch` events of one customer each (a
-        provider without lanes), committed and leased to `owner`."""
+        provider without lanes), committed and leased to `owner`: one statement per customer
+        (CLAIM_BATCHES), all sent at once in one transaction."""
 
-        def build(claimed: list[Claimed]) -> list[NewReport]:
-            return batches(claimed, batch)
+        async def claim(counts: Mapping[str, int]) -> tuple[list[Report], int]:
+            args = [
+                (c, provider.value, n, _new_ids(-(-n // batch)), batch, owner, lease)
+                for c, n in sorted(counts.items())
+            ]
+            rows = await self.pool.fetchmany(q.CLAIM_BATCHES, args)
+            grouped: dict[ReportKey, list[ReportEvent]] = {}
+            for row in rows:
+                key = (row["customer_id"], str(row["report_id"]))
+                grouped.setdefault(key, []).append(claimed_from_row(row).event)
+            made = [
+                Report(rid, provider, tuple(events), customer_id=c)
+                for (c, rid), events in grouped.items()
+            ]
+            made.sort(key=lambda r: (r.events[0].event_time, r.events[0].event_id))
+            return made, len(rows)
 
-        return await self._claim(
-            provider, owner, lease, limit, build, (), q.DUE_EVENTS, q.CLAIM_BATCH_EVENTS
-        )
+        return await self._rounds(provider, limit, q.DUE_EVENTS, claim)
 
-    async def _claim(
+    async def _rounds(
         self,
         provider: domain.Provider,
-        owner: str,
-        lease: float,
         limit: int,
-        build: Callable[[list[Claimed]], list[NewReport]],
-        figures: Collection[str],
         due_sql: str,
-        claim_sql: str,
+        claim: Callable[[Mapping[str, int]], Awaitable[tuple[list[Report], int]]],
     ) -> list[Report]:
-        """Claims in rounds: a lock-free read of the oldest due events finds their customers,
-        then `_claim_round` claims them. The read cannot see other workers' row locks: when a
-        round finds events another worker holds, the next round reads again (that worker has
-        likely committed its claim by then), up to CLAIM_ROUNDS."""
+        """Claims in rounds: a lock-free read of the oldest due events finds their customers
+        (and how many of its events each has among them), then `claim` takes them customer by
+        customer and says how many events it locked. The read cannot see other workers' row
+        locks: when a round finds events another worker holds, the next round reads again (that
+        worker has likely committed its claim by then), up to CLAIM_ROUNDS."""
         out: list[Report] = []
         for _ in range(CLAIM_ROUNDS):
             want = limit - sum(len(r.events) for r in out)
@@ -190,32 +202,28 @@ class DrainStore:
             due = await self.pool.fetch(due_sql, provider.value, want)
             if not due:
                 break
-            made, locked = await self._claim_round(
-                provider, owner, lease, due, build, figures, claim_sql
-            )
+            made, locked = await claim(collections.Counter(r["customer_id"] for r in due))
             out += made
             if locked >= len(due):  # nothing was held by another worker
                 break
         return out
 
-    async def _claim_round(
+    async def _claim_lanes(
         self,
         provider: domain.Provider,
         owner: str,
         lease: float,
-        due: Sequence[asyncpg.Record],
+        counts: Mapping[str, int],
         build: Callable[[list[Claimed]], list[NewReport]],
         figures: Collection[str],
-        claim_sql: str,
     ) -> tuple[list[Report], int]:
-        """In one transaction, each due customer's events are claimed (FOR UPDATE SKIP LOCKED),
-        its reports inserted and its events assigned to them: one statement per customer or
-        report, in customer order, each sent without waiting for the one before. Returns the
-        reports and how many events were locked."""
-        counts = collections.Counter(r["customer_id"] for r in due)
+        """In one transaction, each customer's events are claimed (FOR UPDATE SKIP LOCKED), its
+        reports inserted and its events assigned to them: one statement per customer or report,
+        in customer order, each sent without waiting for the one before. Returns the reports and
+        how many events were locked."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetchmany(
-                claim_sql, [(c, provider.value, counts[c]) for c in sorted(counts)]
+                q.CLAIM_EVENTS, [(c, provider.value, counts[c]) for c in sorted(counts)]
             )
             claimed = sorted(
                 (claimed_from_row(r) for r in rows),
@@ -297,36 +305,22 @@ class DrainStore:
 
     async def delivered_all(self, keys: Sequence[ReportKey]) -> set[ReportKey]:
         """Settles reports the provider holds in full, in one transaction; returns the keys it
-        settled (another worker may have settled some first). Each statement takes one
-        customer's rows; every step goes through the customers in order (reports, then the
-        customers' rows, then events, then totals rows)."""
+        settled (another worker may have settled some first). The customers' rows are locked
+        (shared, in order), then each customer's reports are settled by one statement
+        (SETTLE_DELIVERED), in customer order, all sent at once."""
         if not keys:
             return set()
+        by_customer = _by_customer(keys)
+        customers = sorted(by_customer)
         async with self.pool.acquire() as conn, conn.transaction():
-            closed = await conn.fetchmany(
-                q.CLOSE_DELIVERED, sorted(_by_customer((c, r) for c, r in keys).items())
+            await conn.executemany(q.LOCK_CUSTOMER, [(c,) for c in customers])
+            rows = await conn.fetchmany(
+                q.SETTLE_DELIVERED, [(c, by_customer[c]) for c in customers]
             )
-            settled = _by_customer((r["customer_id"], r["report_id"]) for r in closed)
-            if settled:
-                customers = sorted(settled)
-                await conn.executemany(q.LOCK_CUSTOMER, [(c,) for c in customers])
-                folded = await conn.fetchmany(
-                    q.MARK_REPORTED_FOLDED, [(c, settled[c]) for c in customers]
-                )
-                per_customer: dict[str, list[asyncpg.Record]] = {}
-                for row in folded:
-                    per_customer.setdefault(row["customer_id"], []).append(row)
-                if per_customer:
-                    columns = ("meter", "period_start", "n", "s")
-                    changed = await conn.fetchmany(
-                        q.ADJUST_FOLDED,
-                        [
-                            (c, *([r[k] for r in per_customer[c]] for k in columns), 1, 0, 0)
-                            for c in sorted(per_customer)
-                        ],
-                    )
-                    await log_drained(conn, changed)
-        return {(r["customer_id"], str(r["report_id"])) for r in closed}
+            changed = [r for r in rows if r["customer_id"] is not None]
+            if changed:
+                await log_drained(conn, changed)
+        return {(r["settled_for"], str(rid)) for r in rows for rid in r["closed"] or ()}
 
     async def failed(self, key: ReportKey, reason: str) -> bool:
         """Parks every event of the report with the provider's reason."""
@@ -337,6 +331,10 @@ class DrainStore:
             parked = await conn.fetch(q.PARK_REPORT_EVENTS, *key, reason)
             await log_drained(conn, await adjust(conn, parked, reported=0, failed=1))
         return True
+
+
+def _new_ids(count: int) -> list[str]:
+    return [ids.new_report_id() for _ in range(count)]
 
 
 def _by_customer(pairs: Iterable[tuple[str, Any]]) -> dict[str, list[Any]]:
