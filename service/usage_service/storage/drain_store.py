@@ -4,8 +4,9 @@ Its statements are in drain_queries.py. A report holds one customer's events; it
 and id are committed before the first send; settling moves events to reported / failed and
 adjusts the period totals' drain counters in the same transaction. Every statement that writes or
 locks names one customer; several customers' work is a lock-free read, then statements per
-customer in customer_id order. Locks are taken in the core's order: customers (shared, sorted),
-then events, then totals rows (sorted), so the drain never deadlocks with recorders or upserts.
+customer in customer_id order. Settling takes locks in the core's order: customers (shared,
+sorted), then their reports, events, and totals rows (sorted), so the drain never deadlocks with
+recorders, upserts or another worker settling the same report.
 """
 
 from __future__ import annotations
@@ -290,9 +291,9 @@ class DrainStore:
         False when another worker settled it first."""
         customer_id, report_id = key
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(q.LOCK_CUSTOMER, customer_id)
             if await conn.fetchval(q.CLOSE_REPORT, *key, "delivered", "") is None:
                 return False
-            await conn.execute(q.LOCK_CUSTOMER, customer_id)
             changed = []
             if rejected:
                 ids = list(rejected)
@@ -325,9 +326,9 @@ class DrainStore:
     async def failed(self, key: ReportKey, reason: str) -> bool:
         """Parks every event of the report with the provider's reason."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(q.LOCK_CUSTOMER, key[0])
             if await conn.fetchval(q.CLOSE_REPORT, *key, "failed", reason) is None:
                 return False
-            await conn.execute(q.LOCK_CUSTOMER, key[0])
             parked = await conn.fetch(q.PARK_REPORT_EVENTS, *key, reason)
             await log_drained(conn, await adjust(conn, parked, reported=0, failed=1))
         return True
