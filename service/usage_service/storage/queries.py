@@ -26,20 +26,18 @@ GET_CUSTOMER = f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $
 GET_CUSTOMER_FOR_UPDATE = f"""
 SELECT {_CUSTOMER_COLUMNS}, pruned_before FROM customers WHERE customer_id = $1 FOR UPDATE"""
 
-# Customers, locked shared: recorders count on their periods, which only UpsertCustomer changes.
-# $1 customer_id[] (sorted, so concurrent batches lock in one order)
-LOCK_CUSTOMERS = """
+# A customer, locked shared: recorders count on its periods, which only UpsertCustomer changes.
+# $1 customer_id
+LOCK_CUSTOMER = """
 SELECT customer_id, plan_id, period_start, period_end, billing_interval, billing_interval_count,
     billing_anchor, provider
 FROM customers
-WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR SHARE"""
+WHERE customer_id = $1 FOR SHARE"""
 
-# Placeholders for customers not seen before, so that recorders have a row to lock (and the
-# first UpsertCustomer a row to wait on).
-# $1 customer_id[] (sorted)
-INSERT_PLACEHOLDERS = """
-INSERT INTO customers (customer_id, plan_id, subscription_status)
-SELECT unnest($1::text[]), '', ''
+# A placeholder for a customer not seen before, so that recorders have a row to lock (and the
+# first UpsertCustomer a row to wait on). $1 customer_id
+INSERT_PLACEHOLDER = """
+INSERT INTO customers (customer_id, plan_id, subscription_status) VALUES ($1, '', '')
 ON CONFLICT (customer_id) DO NOTHING"""
 
 _PERIOD_COLUMNS = """customer_id, period_start, period_end, billing_interval,
@@ -145,28 +143,28 @@ SELECT $1, meter, period_start, period_end, event_count, quantity_sum, quantity_
     failed_sum, unbilled_count, unbilled_sum, covered_count, covered_sum
 FROM ({_EVENT_TOTALS}) agg"""
 
-# $1 event_id[], $2 customer_id[], $3 idempotency_key[], $4 meter[], $5 quantity[],
-# $6 event_time[], $7 properties[] (JSON text), $8 payload_hash[], $9 acceptance order[] (the
-# event's place in the call, < 2^20): seq = one sequence value per statement, then that order;
-# $10 provider[] (the customer's; '' none: the event is unbilled; NULL: not decided yet).
+# One customer's events. $1 event_id[], $2 customer_id, $3 idempotency_key[], $4 meter[],
+# $5 quantity[], $6 event_time[], $7 properties[] (JSON text), $8 payload_hash[], $9 acceptance
+# order[] (the event's place in the call, < 2^20): seq = one sequence value per statement, then
+# that order; $10 provider (the customer's; '' none: the event is unbilled; NULL: not decided).
 # Each event first claims its key in usage_keys (rows come sorted by key); an event whose key is
 # taken, now or long ago (its event may be pruned), is not stored and returns no row.
 INSERT_EVENTS = """
 WITH u AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-                         $6::timestamptz[], $7::text[], $8::bytea[], $9::bigint[], $10::text[])
-        AS u(e, c, k, m, q, t, p, h, o, pr)
+    SELECT * FROM unnest($1::uuid[], $3::text[], $4::text[], $5::bigint[],
+                         $6::timestamptz[], $7::text[], $8::bytea[], $9::bigint[])
+        AS u(e, k, m, q, t, p, h, o)
 ), claimed AS (
     INSERT INTO usage_keys (customer_id, idempotency_key, payload_hash, event_id)
-    SELECT c, k, h, e FROM u
+    SELECT $2::text, k, h, e FROM u
     ON CONFLICT (customer_id, idempotency_key) DO NOTHING
     RETURNING event_id
 )
 INSERT INTO usage_events (
     event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
     payload_hash, seq, provider, report_state)
-SELECT e, c, k, m, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o, pr,
-    CASE WHEN pr = '' THEN 'unbilled' ELSE 'pending' END
+SELECT e, $2::text, k, m, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o,
+    $10::text, CASE WHEN $10::text = '' THEN 'unbilled' ELSE 'pending' END
 FROM u JOIN claimed ON claimed.event_id = u.e
 RETURNING seq"""
 
@@ -187,22 +185,22 @@ CHANGED_TOTALS = """t.customer_id, t.meter, t.period_start, t.period_end, t.even
     t.failed_count, t.failed_sum, t.unbilled_count, t.unbilled_sum, t.covered_count,
     t.covered_sum"""
 
-# Adds events, folded per customer, meter and period, to the lifetime totals of their customers
-# and meters (an overflow there refuses them) and to the running totals of their periods (rows
-# without a period, of placeholders, count in the lifetime totals only). Rows come sorted by
-# key so concurrent writers lock in one order.
-# $1 customer_id[], $2 meter[], $3 period_start[] (NULL: no period), $4 period_end[],
+# Adds one customer's events, folded per meter and period, to its lifetime totals per meter
+# (an overflow there refuses them) and to the running totals of their periods (rows without a
+# period, of placeholders, count in the lifetime totals only). Rows come sorted by key so
+# concurrent writers lock in one order.
+# $1 customer_id, $2 meter[], $3 period_start[] (NULL: no period), $4 period_end[],
 # $5 event_count[], $6 quantity_sum[], $7 quantity_max[], $8 last_quantity[],
-# $9 last_event_time[], $10 last_seq[], $11 unbilled[] (the customer has no provider)
+# $9 last_event_time[], $10 last_seq[], $11 unbilled (the customer has no provider)
 ADD_TOTALS = f"""
 WITH folded AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+    SELECT * FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[],
                          $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[],
-                         $9::timestamptz[], $10::bigint[], $11::boolean[])
-        AS u(c, m, ps, pe, n, s, mx, lq, lt, ls, ub)
+                         $9::timestamptz[], $10::bigint[])
+        AS u(m, ps, pe, n, s, mx, lq, lt, ls)
 ), life AS (
     INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
-    SELECT c, m, sum(n), sum(s) FROM folded GROUP BY c, m ORDER BY c, m
+    SELECT $1::text, m, sum(n), sum(s) FROM folded GROUP BY m ORDER BY m
     ON CONFLICT (customer_id, meter) DO UPDATE SET
         event_count = l.event_count + excluded.event_count,
         quantity_sum = l.quantity_sum + excluded.quantity_sum
@@ -210,8 +208,8 @@ WITH folded AS (
 INSERT INTO usage_totals AS t (
     customer_id, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
     last_quantity, last_event_time, last_seq, unbilled_count, unbilled_sum)
-SELECT c, m, ps, pe, n, s, mx, lq, lt, ls, CASE WHEN ub THEN n ELSE 0 END,
-    CASE WHEN ub THEN s ELSE 0 END
+SELECT $1::text, m, ps, pe, n, s, mx, lq, lt, ls, CASE WHEN $11::boolean THEN n ELSE 0 END,
+    CASE WHEN $11::boolean THEN s ELSE 0 END
 FROM folded WHERE ps IS NOT NULL
 ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET
     event_count = t.event_count + excluded.event_count,
