@@ -207,13 +207,18 @@ async def oldest(conn: Conn | asyncpg.Pool, customer_id: str) -> int | None:
 
 
 async def forget(pool: asyncpg.Pool, before: dt.datetime, batch: int) -> int:
-    """Deletes changes committed before `before`; returns how many."""
+    """Deletes changes committed before `before`, a batch at a time, one customer at a time;
+    returns how many."""
     deleted = 0
     while True:
-        status = await pool.execute(q.FORGET, before, batch)
-        count = int(status.split()[-1])
-        deleted += count
-        if count < batch:
+        rows = await pool.fetch(q.FORGETTABLE, before, batch)
+        versions: dict[str, list[int]] = {}
+        for r in rows:
+            versions.setdefault(r["customer_id"], []).append(r["version"])
+        for customer_id, mine in versions.items():
+            await pool.execute(q.FORGET, customer_id, mine)
+        deleted += len(rows)
+        if len(rows) < batch:
             return deleted
 
 

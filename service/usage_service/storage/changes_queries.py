@@ -78,13 +78,16 @@ WHERE customer_id = $1 AND version > $2 ORDER BY version LIMIT $3"""
 # The oldest version still kept. $1 customer_id
 OLDEST = "SELECT min(version) FROM usage_changes WHERE customer_id = $1"
 
-# Forgets changes committed before a time, a batch at a time, each customer's oldest first: a
-# change is kept while an earlier one of its customer is (clocks of replicas may disagree, so
-# committed_at need not follow version). $1 before, $2 limit
-FORGET = """
-DELETE FROM usage_changes WHERE ctid = ANY(ARRAY(
-    SELECT c.ctid FROM usage_changes c
-    WHERE c.committed_at < $1 AND NOT EXISTS (
-        SELECT 1 FROM usage_changes k
-        WHERE k.customer_id = c.customer_id AND k.version < c.version AND k.committed_at >= $1)
-    LIMIT $2))"""
+# Changes committed before a time that may go, a batch at a time, each customer's oldest first:
+# a change is kept while an earlier one of its customer is (clocks of replicas may disagree, so
+# committed_at need not follow version). A read. $1 before, $2 limit
+FORGETTABLE = """
+SELECT c.customer_id, c.version FROM usage_changes c
+WHERE c.committed_at < $1 AND NOT EXISTS (
+    SELECT 1 FROM usage_changes k
+    WHERE k.customer_id = c.customer_id AND k.version < c.version AND k.committed_at >= $1)
+ORDER BY c.customer_id, c.version
+LIMIT $2"""
+
+# $1 customer_id, $2 version[]
+FORGET = "DELETE FROM usage_changes WHERE customer_id = $1 AND version = ANY($2::bigint[])"

@@ -154,6 +154,8 @@ WITH u AS (
     SELECT * FROM unnest($1::uuid[], $3::text[], $4::text[], $5::bigint[],
                          $6::timestamptz[], $7::text[], $8::bytea[], $9::bigint[])
         AS u(e, k, m, q, t, p, h, o)
+), s AS (
+    SELECT nextval('usage_events_seq') * 1048576 AS base
 ), claimed AS (
     INSERT INTO usage_keys (customer_id, idempotency_key, payload_hash, event_id)
     SELECT $2::text, k, h, e FROM u
@@ -163,9 +165,9 @@ WITH u AS (
 INSERT INTO usage_events (
     event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
     payload_hash, seq, provider, report_state)
-SELECT e, $2::text, k, m, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o,
+SELECT e, $2::text, k, m, q, t, p::jsonb, h, s.base + o,
     $10::text, CASE WHEN $10::text = '' THEN 'unbilled' ELSE 'pending' END
-FROM u JOIN claimed ON claimed.event_id = u.e
+FROM u JOIN claimed ON claimed.event_id = u.e CROSS JOIN s
 RETURNING seq"""
 
 # The event each key names, pruned or not. $1 customer_id[], $2 idempotency_key[]
