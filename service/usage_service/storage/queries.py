@@ -415,21 +415,20 @@ UNION
 SELECT DISTINCT customer_id FROM usage_events
 ORDER BY 1"""
 
-# Checks without consume, many at once: each (customer, meter) pair with the customer, the
+# Checks without consume of one customer, many at once: each meter with the customer, the
 # latest totals row starting at or before now (the caller keeps it only when it is the period
-# containing now) and the customer's change version, all from one snapshot. Pairs of unknown
-# customers have no row.
-# $1 customer_id[], $2 meter[], $3 now; i is the pair's 1-based position
+# containing now) and the customer's change version, all from one snapshot. An unknown customer
+# has no row.
+# $1 customer_id, $2 meter[], $3 now; i is the meter's 1-based position
 CHECK_READS = f"""
 SELECT u.i, c.*, t.period_start AS t_start, t.event_count,
     t.quantity_sum, t.quantity_max, t.last_quantity, t.last_event_time, t.last_seq,
     t.reported_count, t.reported_sum, t.failed_count, t.failed_sum, t.unbilled_count,
     t.unbilled_sum, t.covered_count, t.covered_sum, coalesce(h.version, 0) AS totals_version
-FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(customer_id, meter, i)
-JOIN LATERAL (
-    SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = u.customer_id) c ON true
+FROM unnest($2::text[]) WITH ORDINALITY AS u(meter, i)
+JOIN (SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1) c ON true
 LEFT JOIN LATERAL (
     SELECT * FROM usage_totals
-    WHERE customer_id = c.customer_id AND meter = u.meter AND period_start <= $3
+    WHERE customer_id = $1 AND meter = u.meter AND period_start <= $3
     ORDER BY period_start DESC LIMIT 1) t ON true
-LEFT JOIN usage_change_heads h ON h.customer_id = c.customer_id"""
+LEFT JOIN usage_change_heads h ON h.customer_id = $1"""

@@ -139,7 +139,8 @@ class Store:
         self._writes: coalesce.Keyed[
             str, Sequence[domain.UsageEvent], list[idempotency.Recorded] | KeyConflict
         ] = coalesce.Keyed(self.record_isolated, weight=len)
-        self._reads: coalesce.Coalescer[tuple[str, str, dt.datetime], Checked] = coalesce.Coalescer(
+        # checks' reads, grouped per customer (one statement reads one customer)
+        self._reads: coalesce.Keyed[str, tuple[str, str, dt.datetime], Checked] = coalesce.Keyed(
             self.check_read_many, max_items=1000
         )
         # consumes, grouped per customer and meter (one totals row at a time)
@@ -516,7 +517,7 @@ class Store:
         concurrent callers share (one round trip for a whole group)."""
         model = self.read_model
         if model is None or not model.fresh():
-            return await self._reads.submit((customer_id, meter, now))
+            return await self._reads.submit(customer_id, (customer_id, meter, now))
         kept = model.get(customer_id, meter)
         if isinstance(kept, Checked) and (
             kept.period is None or kept.period.start <= now < kept.period.end
@@ -524,7 +525,7 @@ class Store:
             return kept
 
         async def fetch() -> Kept:
-            return await self._reads.submit((customer_id, meter, now))
+            return await self._reads.submit(customer_id, (customer_id, meter, now))
 
         read = await model.read(customer_id, meter, fetch)
         assert isinstance(read, Checked)
@@ -554,10 +555,10 @@ class Store:
         return domain_credits.credit_of(customer_id, feature, grants, period, now)
 
     async def check_read_many(self, keys: Sequence[tuple[str, str, dt.datetime]]) -> list[Checked]:
+        """Reads of one customer's checks, in one statement."""
         now = max(k[2] for k in keys)  # the group's reads all happen after each caller's now
-        rows = await self.pool.fetch(
-            queries.CHECK_READS, [c for c, _, _ in keys], [m for _, m, _ in keys], now
-        )
+        (customer_id,) = {c for c, _, _ in keys}
+        rows = await self.pool.fetch(queries.CHECK_READS, customer_id, [m for _, m, _ in keys], now)
         found: dict[int, Checked] = {}
         for r in rows:
             customer = customer_from_row(r)
