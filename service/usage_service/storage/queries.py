@@ -43,11 +43,11 @@ ON CONFLICT (customer_id) DO NOTHING"""
 _PERIOD_COLUMNS = """customer_id, period_start, period_end, billing_interval,
     billing_interval_count, billing_anchor"""
 
-# Confirmed periods of customers, oldest first. A read: callers hold the customers' rows.
-# $1 customer_id[]
+# A customer's confirmed periods, oldest first. A read: callers hold the customer's row.
+# $1 customer_id
 STORED_PERIODS = f"""
 SELECT {_PERIOD_COLUMNS} FROM billing_periods
-WHERE customer_id = ANY($1::text[]) ORDER BY customer_id, period_start"""
+WHERE customer_id = $1 ORDER BY period_start"""
 
 # A webhook's period replaces the confirmed periods from its start on; one that holds its start
 # is cut there. $1 customer_id, $2 the new period's start
@@ -170,11 +170,11 @@ SELECT e, $2::text, k, m, q, t, p::jsonb, h, s.base + o,
 FROM u JOIN claimed ON claimed.event_id = u.e CROSS JOIN s
 RETURNING seq"""
 
-# The event each key names, pruned or not. $1 customer_id[], $2 idempotency_key[]
+# The event each of a customer's keys names, pruned or not. $1 customer_id,
+# $2 idempotency_key[]
 EXISTING_EVENTS = """
 SELECT customer_id, idempotency_key, event_id, payload_hash FROM usage_keys
-WHERE (customer_id, idempotency_key) IN (
-    SELECT * FROM unnest($1::text[], $2::text[]))"""
+WHERE customer_id = $1 AND idempotency_key = ANY($2::text[])"""
 
 # $1 customer_id[], $2 meter[]
 LIFETIME_SUMS = """

@@ -267,10 +267,11 @@ class Store:
             }
             stored = {
                 (r["customer_id"], r["idempotency_key"])
+                for customer_id in sorted({e.customer_id for e in events})
                 for r in await conn.fetch(
                     queries.EXISTING_EVENTS,
-                    [e.customer_id for e in events],
-                    [e.idempotency_key for e in events],
+                    customer_id,
+                    [e.idempotency_key for e in events if e.customer_id == customer_id],
                 )
             }
         fresh = [e for e in events if (e.customer_id, e.idempotency_key) not in stored]
@@ -368,7 +369,7 @@ class Store:
         if missing:  # keys stored by earlier calls: duplicates, or conflicts to replan
             for r in await conn.fetch(
                 queries.EXISTING_EVENTS,
-                [e.customer_id for e in missing],
+                customer_id,
                 [e.idempotency_key for e in missing],
             ):
                 known[(r["customer_id"], r["idempotency_key"])] = (
