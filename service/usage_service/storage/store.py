@@ -862,30 +862,36 @@ class Store:
         folded = domain.fold([(e, o) for o, e in enumerate(events)])
         last = max(range(len(events)), key=lambda o: (events[o].event_time, o))
         provider = customer.provider.value
-        row = await conn.fetchrow(
-            queries.CONSUME_INSERT,
+        inserted = await conn.fetch(
+            queries.INSERT_EVENTS,
             [e.event_id for e in events],
             customer.customer_id,
             [e.idempotency_key for e in events],
-            events[0].meter,
+            [e.meter for e in events],
             [e.quantity for e in events],
             [e.event_time for e in events],
             [properties_json(e.properties) for e in events],
             [e.payload_hash for e in events],
             list(range(len(events))),
             provider,
+        )
+        if len(inserted) < len(events):  # a concurrent RecordUsage took a key
+            raise idempotency.Replan
+        base = max(r["seq"] for r in inserted) & ~ORDER_MASK  # one sequence value per statement
+        row = await conn.fetchrow(
+            queries.CONSUME_TOTALS,
+            customer.customer_id,
+            events[0].meter,
             period.start,
             folded.event_count,
             folded.quantity_sum,
             folded.quantity_max,
             folded.last_event_time,
-            last,
+            base + last,
             folded.last_quantity,
+            provider,
         )
-        assert row is not None
-        if row["inserted"] < len(events):  # a concurrent RecordUsage took a key
-            raise idempotency.Replan
-        assert row["event_count"] is not None  # the totals row is locked: it exists
+        assert row is not None  # the totals row is locked: it exists
         credit = group.credit
         if credit is None:
             return
