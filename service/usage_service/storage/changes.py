@@ -199,10 +199,22 @@ async def rollover(
 ) -> int | None:
     """Records that the period [start, end) began, unless a change in it (or later) already
     did; returns its version, or None."""
-    row = await conn.fetchrow(
-        q.ROLLOVER, customer_id, start, end, json.dumps(figures_json(figures)), now
+    version = await conn.fetchval(q.ROLLOVER_HEAD, customer_id, start)
+    if version is None:
+        return None
+    figures_text = json.dumps(figures_json(figures))
+    await conn.execute(
+        q.ADD_CHANGES,
+        customer_id,
+        [version],
+        ["rollover"],
+        [start],
+        [end],
+        [figures_text],
+        now,
+        ["{}"],
     )
-    return None if row is None else int(row["version"])
+    return int(version)
 
 
 async def head(conn: Conn | asyncpg.Pool, customer_id: str) -> int:

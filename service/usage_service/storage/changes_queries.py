@@ -39,18 +39,12 @@ SELECT max(version) AS version,
 FROM added"""
 
 # A rollover of a customer with no usage since its period began, written once (by whichever
-# replica's watcher sees the boundary pass first). $1 customer_id, $2 period_start,
-# $3 period_end, $4 figures (JSON text), $5 committed_at
-ROLLOVER = f"""
-WITH h AS (
-    UPDATE usage_change_heads SET version = version + 1, period_start = $2, rolled = false
-    WHERE customer_id = $1 AND (period_start IS NULL OR period_start < $2)
-    RETURNING version
-)
-INSERT INTO usage_changes (customer_id, version, kind, committed_at, period_start, period_end,
-    figures)
-SELECT $1, version, 'rollover', $5, $2, $3, $4::text::jsonb FROM h
-RETURNING version, pg_notify('{CHANNEL}', json_build_array($1::text)::text) AS notified"""
+# replica's watcher sees the boundary pass first): the head moves to the period, then
+# ADD_CHANGES writes the change. $1 customer_id, $2 period_start
+ROLLOVER_HEAD = """
+UPDATE usage_change_heads SET version = version + 1, period_start = $2, rolled = false
+WHERE customer_id = $1 AND (period_start IS NULL OR period_start < $2)
+RETURNING version"""
 
 # Tells the log's listeners, at commit, that customers' figures changed without a change in
 # the log (a repair, a migration, a grant of a feature not prepaid in the plan).
