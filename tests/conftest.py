@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
+import citus
 import grpc
 import process
 import pytest
@@ -37,6 +38,9 @@ DATABASE_FIXTURES = frozenset({"server_dsn", "cluster"})
 
 # Where the machine's own PostgreSQL normally runs; without it the tests start an embedded one.
 LOCAL_SERVER = os.environ.get("USAGE_TEST_LOCAL_PG", "postgresql://postgres@127.0.0.1:5432/test")
+# USAGE_TEST_CITUS=1: DATABASE_URL is the coordinator of a Citus cluster (scripts/citus-cluster),
+# and every test's database is a distributed one (tests/citus.py).
+CITUS = os.environ.get("USAGE_TEST_CITUS", "") == "1"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -101,8 +105,14 @@ def server_dsn() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def template_db(server_dsn: str) -> Iterator[str]:
     """A migrated database that test databases are copied from. Under pytest-xdist every worker
-    is a session of its own and builds its own, under a name of its own: nothing is shared."""
+    is a session of its own and builds its own, under a name of its own: nothing is shared.
+    On Citus, the worker's one distributed database, emptied before each test."""
     name = f"usage_tpl_{uuid.uuid4().hex[:12]}"
+    if CITUS:
+        asyncio.run(migrate.migrate_dsn(asyncio.run(citus.create_database(server_dsn, name))))
+        yield name
+        asyncio.run(citus.drop_database(server_dsn, name))
+        return
     asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
     asyncio.run(migrate.migrate_dsn(with_database(server_dsn, name)))
     yield name
@@ -123,15 +133,20 @@ async def differences(dsn: str) -> list[str]:
 def dsn(server_dsn: str, template_db: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, migrated database for one test; once the test is done, `verify` must find its
     totals equal to its events (unless the test is marked `tampers`)."""
-    name = f"usage_t_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    if CITUS:
+        name = template_db
+        asyncio.run(citus.empty(with_database(server_dsn, name)))
+    else:
+        name = f"usage_t_{uuid.uuid4().hex[:12]}"
+        asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
     url = with_database(server_dsn, name)
     yield url
     try:
         if request.node.get_closest_marker("tampers") is None:
             assert asyncio.run(differences(url)) == []
     finally:
-        asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if not CITUS:
+            asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")

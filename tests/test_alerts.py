@@ -320,7 +320,7 @@ async def test_notifications_wake_the_alerter_and_it_listens_again_when_cut_off(
         await service.usage.RecordUsage(record(quantity=800, key="a"))
         await eventually(lambda: _alerts(db, 1))
         killed = await _listener(service)
-        await service.db.execute("SELECT pg_terminate_backend($1)", killed)
+        await service.db.execute("SELECT pg_terminate_backend($1::integer)", killed)
         await eventually(lambda: _listening_again(service, a, killed))
         await service.usage.RecordUsage(record(quantity=200, key="b"))
         await eventually(lambda: _alerts(db, 2))

@@ -200,7 +200,9 @@ async def test_a_key_recorded_while_the_group_waits_is_a_replay_not_a_second_eve
     await service.add_customer()
     await service.usage.CheckEntitlement(consume("first", 1))  # the totals row exists
     async with service.db.acquire() as blocker, blocker.transaction():
-        await blocker.execute("SELECT 1 FROM usage_totals WHERE meter = 'tokens' FOR UPDATE")
+        await blocker.execute(
+            "SELECT 1 FROM usage_totals WHERE customer_id = 'cus_1' AND meter = 'tokens' FOR UPDATE"
+        )
         group = asyncio.ensure_future(
             direct.consume_many([request(plans, "a", 10), request(plans, "b", 10)])
         )

@@ -382,7 +382,11 @@ async def test_list_grants_and_a_period_webhook_never_deadlock(
         blocking = holder.transaction()
         await blocking.start()
         # a consumer of calls holds its grants for a moment: both callers queue behind it
-        await holder.execute("SELECT 1 FROM credit_grants WHERE grant_id = $1 FOR UPDATE", high)
+        await holder.execute(
+            "SELECT 1 FROM credit_grants WHERE customer_id = $1 AND grant_id = $2 FOR UPDATE",
+            customer.customer_id,
+            high,
+        )
         listing = asyncio.create_task(st.list_grants(customer, made, period, "", now))
         await _waiters_reach(dsn, 1)
         webhook = asyncio.create_task(_upsert(st, _customer("duo"), now))

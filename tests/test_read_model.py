@@ -407,7 +407,8 @@ async def test_a_dropped_listen_connection_leaves_no_stale_answer(
     async with replica(dsn, plans) as r:
         assert (await r.usage.CheckEntitlement(check())).allowed
         await service.db.execute(
-            "SELECT pg_terminate_backend($1)", await _listening_backend(service.db, r.model)
+            "SELECT pg_terminate_backend($1::integer)",
+            await _listening_backend(service.db, r.model),
         )
 
         async def forgot() -> bool:
@@ -438,7 +439,7 @@ async def test_a_kill_racing_a_cancel_is_still_seen_within_the_bound(
         assert (await r.usage.CheckEntitlement(check())).allowed
         pid = await _listening_backend(service.db, r.model)
         await asyncio.gather(
-            service.db.execute("SELECT pg_terminate_backend($1)", pid),
+            service.db.execute("SELECT pg_terminate_backend($1::integer)", pid),
             service.add_customer(status=CANCELED),
         )
         assert await _until(r, False) < 2 * MAX_LAG

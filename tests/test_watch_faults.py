@@ -53,11 +53,14 @@ async def test_a_read_that_fails_is_tried_again_without_waiting_for_another_chan
             head_tx, table_tx = head.transaction(), table.transaction()
             await head_tx.start()
             await table_tx.start()
+            # the writer's change will take this version: it waits on this uncommitted row
             await head.execute(
-                "SELECT 1 FROM usage_change_heads WHERE customer_id = 'cus_1' FOR UPDATE"
+                "INSERT INTO usage_changes (customer_id, version, kind, committed_at, figures)"
+                " VALUES ('cus_1', $1, 'usage', now(), '{}')",
+                snap.version + 1,
             )
             writing = asyncio.ensure_future(service.usage.RecordUsage(record(quantity=2)))
-            await wait_for(lambda: _waiters(service, 1), "the writer to wait for the head")
+            await wait_for(lambda: _waiters(service, 1), "the writer to wait for its version")
             # Queued behind the writer (which holds the log table): granted when it commits.
             locking = asyncio.create_task(
                 table.execute("LOCK TABLE usage_changes IN ACCESS EXCLUSIVE MODE")

@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -99,6 +99,16 @@ def _totals(values: Mapping[str, int]) -> domain.Totals:
     )
 
 
+class _Entry(NamedTuple):
+    """A change as ADD_CHANGES takes it."""
+
+    kind: str
+    period_start: dt.datetime | None
+    period_end: dt.datetime | None
+    figures: str  # JSON text
+    detail: str  # JSON text
+
+
 async def append_totals(
     conn: Conn,
     kind: str,
@@ -114,39 +124,62 @@ async def append_totals(
         figures = ",".join([str(r[f]) for f in FIGURES])
         key = (r["customer_id"], r["period_start"], r["period_end"])
         grouped.setdefault(key, []).append(f"{json.dumps(r['meter'])}:[{figures}]")
-    if not grouped:
-        return {}
-    keys = sorted(grouped)  # by customer, as APPEND takes them
-    found = await conn.fetch(
-        q.APPEND,
-        [c for c, _, _ in keys],
-        [kind] * len(keys),
-        [start for _, start, _ in keys],
-        [end for _, _, end in keys],
-        ["{" + ",".join(grouped[k]) + "}" for k in keys],
-        now,
-        [json.dumps(details.get(c, {})) if details else "{}" for c, _, _ in keys],
-    )
-    return {r["customer_id"]: r["version"] for r in found}
+    entries: dict[str, list[_Entry]] = {}
+    for c, start, end in sorted(grouped):
+        detail = json.dumps(details.get(c, {})) if details else "{}"
+        figures = "{" + ",".join(grouped[(c, start, end)]) + "}"
+        entries.setdefault(c, []).append(_Entry(kind, start, end, figures, detail))
+    return await _append(conn, entries, now)
 
 
 async def append(conn: Conn, changes: Sequence[Change], now: dt.datetime) -> dict[str, int]:
-    """Appends changes inside the writing transaction, as its last statement; returns each
+    """Appends changes inside the writing transaction, as its last statements; returns each
     customer's latest version. Watchers are notified when the transaction commits."""
-    if not changes:
-        return {}
-    ordered = sorted(changes, key=lambda c: c.customer_id)  # stable: a customer's order stays
-    rows = await conn.fetch(
-        q.APPEND,
-        [c.customer_id for c in ordered],
-        [c.kind for c in ordered],
-        [c.period_start for c in ordered],
-        [c.period_end for c in ordered],
-        [json.dumps(figures_json(c.figures)) for c in ordered],
-        now,
-        [json.dumps(dict(c.detail)) for c in ordered],
-    )
-    return {r["customer_id"]: r["version"] for r in rows}
+    entries: dict[str, list[_Entry]] = {}
+    for c in changes:  # a customer's changes keep their order
+        entries.setdefault(c.customer_id, []).append(
+            _Entry(
+                c.kind,
+                c.period_start,
+                c.period_end,
+                json.dumps(figures_json(c.figures)),
+                json.dumps(dict(c.detail)),
+            )
+        )
+    return await _append(conn, entries, now)
+
+
+async def _append(
+    conn: Conn, entries: Mapping[str, Sequence[_Entry]], now: dt.datetime
+) -> dict[str, int]:
+    """Each customer's changes (customers in order), in two statements per customer: the head
+    moves first; the first usage change in a later period than the head had is a rollover."""
+    versions: dict[str, int] = {}
+    for customer_id in sorted(entries):
+        mine = entries[customer_id]
+        starts = [e.period_start for e in mine if e.period_start is not None]
+        head = await conn.fetchrow(
+            q.ADVANCE_HEAD, customer_id, len(mine), max(starts, default=None)
+        )
+        assert head is not None
+        kinds = [e.kind for e in mine]
+        if head["rolled"]:
+            at = next(i for i, e in enumerate(mine) if e.period_start == head["period_start"])
+            if kinds[at] == "usage":
+                kinds[at] = "rollover"
+        first = head["version"] - len(mine) + 1
+        versions[customer_id] = await conn.fetchval(
+            q.ADD_CHANGES,
+            customer_id,
+            list(range(first, first + len(mine))),
+            kinds,
+            [e.period_start for e in mine],
+            [e.period_end for e in mine],
+            [e.figures for e in mine],
+            now,
+            [e.detail for e in mine],
+        )
+    return versions
 
 
 async def notify(conn: Conn | asyncpg.Connection, customer_ids: Sequence[str] | None) -> None:
@@ -166,10 +199,22 @@ async def rollover(
 ) -> int | None:
     """Records that the period [start, end) began, unless a change in it (or later) already
     did; returns its version, or None."""
-    row = await conn.fetchrow(
-        q.ROLLOVER, customer_id, start, end, json.dumps(figures_json(figures)), now
+    version = await conn.fetchval(q.ROLLOVER_HEAD, customer_id, start)
+    if version is None:
+        return None
+    figures_text = json.dumps(figures_json(figures))
+    await conn.execute(
+        q.ADD_CHANGES,
+        customer_id,
+        [version],
+        ["rollover"],
+        [start],
+        [end],
+        [figures_text],
+        now,
+        ["{}"],
     )
-    return None if row is None else int(row["version"])
+    return int(version)
 
 
 async def head(conn: Conn | asyncpg.Pool, customer_id: str) -> int:
@@ -207,13 +252,18 @@ async def oldest(conn: Conn | asyncpg.Pool, customer_id: str) -> int | None:
 
 
 async def forget(pool: asyncpg.Pool, before: dt.datetime, batch: int) -> int:
-    """Deletes changes committed before `before`; returns how many."""
+    """Deletes changes committed before `before`, a batch at a time, one customer at a time;
+    returns how many."""
     deleted = 0
     while True:
-        status = await pool.execute(q.FORGET, before, batch)
-        count = int(status.split()[-1])
-        deleted += count
-        if count < batch:
+        rows = await pool.fetch(q.FORGETTABLE, before, batch)
+        versions: dict[str, list[int]] = {}
+        for r in rows:
+            versions.setdefault(r["customer_id"], []).append(r["version"])
+        for customer_id, mine in versions.items():
+            await pool.execute(q.FORGET, customer_id, mine)
+        deleted += len(rows)
+        if len(rows) < batch:
             return deleted
 
 

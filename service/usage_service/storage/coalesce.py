@@ -136,9 +136,11 @@ class Keyed(Generic[Key, Item, Result]):
     def __init__(
         self,
         run: Callable[[Sequence[Item]], Awaitable[Sequence[Result | BaseException]]],
+        weight: Callable[[Item], int] = lambda _: 1,
         max_items: int = DEFAULT_MAX_ITEMS,
     ) -> None:
         self._run = run
+        self._weight = weight
         self._max_items = max_items
         self._by_key: dict[Key, Coalescer[Item, Result]] = {}
 
@@ -150,7 +152,9 @@ class Keyed(Generic[Key, Item, Result]):
                 if self._by_key.get(key) is coalescer:
                     del self._by_key[key]
 
-            coalescer = Coalescer(self._run, max_items=self._max_items, max_flushes=1, on_idle=drop)
+            coalescer = Coalescer(
+                self._run, self._weight, max_items=self._max_items, max_flushes=1, on_idle=drop
+            )
             self._by_key[key] = coalescer
         return await coalescer.submit(item)
 

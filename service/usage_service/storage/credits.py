@@ -198,12 +198,14 @@ async def lock(
     later, so that no grant is burned after the lock-holder before it saw it expire (and made
     the next period's rollover from it)."""
     ordered = sorted(wanted, key=lambda w: w.key)
+    (customer_id,) = {w.customer_id for w in ordered}  # every statement names one customer
     sinces = [min([now, *(p.start for p in w.spans)]) for w in ordered]
     rows = await conn.fetch(
         q.LOCK_GRANTS_OF,
         [w.customer_id for w in ordered],
         [w.feature.meter for w in ordered],
         sinces,
+        customer_id,
     )
     now = max(now, clock())
     grants: dict[tuple[str, str], list[Grant]] = {w.key: [] for w in ordered}
@@ -243,6 +245,7 @@ async def lock(
                 q.LOCK_GRANTS_BY_KEY,
                 [g.customer_id for g in theirs],
                 [g.idempotency_key for g in theirs],
+                customer_id,
             ),
         ]
     for r in made:
@@ -330,6 +333,7 @@ async def burn(
                 d[n] += change
     if not event_rows and not burn_rows:
         return [], afters
+    (customer_id,) = {b.customer_id for b in burners}  # every statement names one customer
     rows = sorted(deltas)
     changed = await conn.fetch(
         q.APPLY_BURNS,
@@ -352,6 +356,7 @@ async def burn(
         [deltas[k][2] for k in rows],
         [deltas[k][3] for k in rows],
         now,
+        customer_id,
     )
     return changed, afters
 

@@ -14,24 +14,25 @@ GRANT_COLUMNS_OF_G = """g.customer_id, g.grant_id::text, g.feature, g.amount, g.
 _KEPT = """(expires_at >= $3
     OR (expires_at IS NULL AND voided_at IS NULL AND (spent_at IS NULL OR spent_at >= $3)))"""
 
-# The grants of several customers' features that may still count (as _KEPT), locked in the one
+# The grants of one customer's features that may still count (as _KEPT), locked in the one
 # order every locker of grants takes: customer, feature, effective time, id (grants made later
 # are for later periods, so a burner that makes them locks them last).
-# $1 customer_id[], $2 feature[], $3 since[]
+# $1 customer_id[] (all $4), $2 feature[], $3 since[], $4 customer_id
 LOCK_GRANTS_OF = f"""
 SELECT {GRANT_COLUMNS_OF_G} FROM credit_grants g
 JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(c, f, since)
     ON g.customer_id = u.c AND g.feature = u.f
-WHERE g.expires_at >= u.since OR (g.expires_at IS NULL AND g.voided_at IS NULL
-    AND (g.spent_at IS NULL OR g.spent_at >= u.since))
+WHERE g.customer_id = $4 AND (g.expires_at >= u.since OR (g.expires_at IS NULL
+    AND g.voided_at IS NULL AND (g.spent_at IS NULL OR g.spent_at >= u.since)))
 ORDER BY g.customer_id, g.feature, g.effective_at, g.grant_id
 FOR UPDATE OF g"""
 
 # Grants by key, locked (in the order above): the plan's grants another burner made first.
-# $1 customer_id[], $2 idempotency_key[]
+# $1 customer_id[] (all $3), $2 idempotency_key[], $3 customer_id
 LOCK_GRANTS_BY_KEY = f"""
 SELECT {GRANT_COLUMNS_OF_G} FROM credit_grants g
 JOIN unnest($1::text[], $2::text[]) AS u(c, k) ON g.customer_id = u.c AND g.idempotency_key = u.k
+WHERE g.customer_id = $3
 ORDER BY g.customer_id, g.feature, g.effective_at, g.grant_id
 FOR UPDATE OF g"""
 
@@ -90,27 +91,28 @@ WHERE customer_id = $1 AND ($2 = '' OR feature = $2)"""
 # $1..$3 customer_id[], grant_id[], units burned[]; $4..$7 burns: customer_id[], event_id[],
 # grant_id[], units[]; $8..$11 events: customer_id[], event_id[], covered[], report_state[];
 # $12..$18 totals: customer_id[], meter[], period_start[], covered_count delta[],
-# covered_sum delta[], unbilled_count delta[], unbilled_sum delta[]; $19 now
+# covered_sum delta[], unbilled_count delta[], unbilled_sum delta[]; $19 now; $20 the one
+# customer_id all the arrays name
 APPLY_BURNS = """
 WITH spent AS (
     UPDATE credit_grants g SET burned = g.burned + u.b,
         spent_at = CASE WHEN g.burned + u.b = g.amount THEN $19::timestamptz ELSE g.spent_at END
     FROM unnest($1::text[], $2::uuid[], $3::bigint[]) AS u(c, g, b)
-    WHERE g.customer_id = u.c AND g.grant_id = u.g
+    WHERE g.customer_id = $20 AND g.customer_id = u.c AND g.grant_id = u.g
 ), burns AS (
     INSERT INTO credit_burns (customer_id, event_id, grant_id, amount)
     SELECT * FROM unnest($4::text[], $5::uuid[], $6::uuid[], $7::bigint[])
 ), events AS (
     UPDATE usage_events e SET covered = u.cv, report_state = u.s
     FROM unnest($8::text[], $9::uuid[], $10::bigint[], $11::text[]) AS u(c, e, cv, s)
-    WHERE e.customer_id = u.c AND e.event_id = u.e
+    WHERE e.customer_id = $20 AND e.customer_id = u.c AND e.event_id = u.e
 )
 UPDATE usage_totals t SET
     covered_count = t.covered_count + u.cc, covered_sum = t.covered_sum + u.cs,
     unbilled_count = t.unbilled_count + u.uc, unbilled_sum = t.unbilled_sum + u.us
 FROM unnest($12::text[], $13::text[], $14::timestamptz[], $15::bigint[], $16::bigint[],
             $17::bigint[], $18::bigint[]) AS u(c, m, s, cc, cs, uc, us)
-WHERE t.customer_id = u.c AND t.meter = u.m AND t.period_start = u.s
+WHERE t.customer_id = $20 AND t.customer_id = u.c AND t.meter = u.m AND t.period_start = u.s
 RETURNING t.*"""
 
 # The plan's grants of a customer that a webhook confirming a period starting at $2 may move:

@@ -55,7 +55,7 @@ async def confirm(
     confirms [c.period_start, c.period_end) with its cadence and writes the customer. The usage
     of a customer known only by its usage is attributed to its provider, and never billed for
     `unbilled_meters` (its plan's meters paid by credits alone)."""
-    await conn.execute(queries.INSERT_PLACEHOLDERS, [c.customer_id])
+    await conn.execute(queries.INSERT_PLACEHOLDER, c.customer_id)
     before_row = await conn.fetchrow(queries.GET_CUSTOMER_FOR_UPDATE, c.customer_id)
     assert before_row is not None
     before = customer_from_row(before_row)

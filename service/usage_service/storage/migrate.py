@@ -9,15 +9,16 @@ import pathlib
 
 import asyncpg
 
-from usage_service.storage import changes, partitions, queries
+from usage_service.storage import changes, distribution, partitions, queries
 
 MIGRATIONS = pathlib.Path(__file__).with_name("migrations")
 log = logging.getLogger(__name__)
 
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Applies the migrations not yet applied, then makes the month partitions of usage_events
-    due (storage/partitions.py); returns the versions applied."""
+    """Applies the migrations not yet applied, distributes the tables on Citus (a no-op
+    elsewhere: storage/distribution.py), then makes the month partitions of usage_events due
+    (storage/partitions.py); returns the versions applied."""
     applied_now: list[str] = []
     await conn.execute(queries.MIGRATION_LOCK)
     try:
@@ -32,6 +33,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 await conn.execute(queries.MIGRATION_DONE, file.stem)
             log.info("applied migration %s", file.stem, extra={"action": "migrate"})
             applied_now.append(file.stem)
+        await distribution.distribute(conn)
         await partitions.ensure(conn, dt.datetime.now(dt.UTC))
         if applied_now:  # running replicas forget what they read before
             await changes.notify(conn, None)

@@ -26,30 +26,28 @@ GET_CUSTOMER = f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $
 GET_CUSTOMER_FOR_UPDATE = f"""
 SELECT {_CUSTOMER_COLUMNS}, pruned_before FROM customers WHERE customer_id = $1 FOR UPDATE"""
 
-# Customers, locked shared: recorders count on their periods, which only UpsertCustomer changes.
-# $1 customer_id[] (sorted, so concurrent batches lock in one order)
-LOCK_CUSTOMERS = """
+# A customer, locked shared: recorders count on its periods, which only UpsertCustomer changes.
+# $1 customer_id
+LOCK_CUSTOMER = """
 SELECT customer_id, plan_id, period_start, period_end, billing_interval, billing_interval_count,
     billing_anchor, provider
 FROM customers
-WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR SHARE"""
+WHERE customer_id = $1 FOR SHARE"""
 
-# Placeholders for customers not seen before, so that recorders have a row to lock (and the
-# first UpsertCustomer a row to wait on).
-# $1 customer_id[] (sorted)
-INSERT_PLACEHOLDERS = """
-INSERT INTO customers (customer_id, plan_id, subscription_status)
-SELECT unnest($1::text[]), '', ''
+# A placeholder for a customer not seen before, so that recorders have a row to lock (and the
+# first UpsertCustomer a row to wait on). $1 customer_id
+INSERT_PLACEHOLDER = """
+INSERT INTO customers (customer_id, plan_id, subscription_status) VALUES ($1, '', '')
 ON CONFLICT (customer_id) DO NOTHING"""
 
 _PERIOD_COLUMNS = """customer_id, period_start, period_end, billing_interval,
     billing_interval_count, billing_anchor"""
 
-# Confirmed periods of customers, oldest first. A read: callers hold the customers' rows.
-# $1 customer_id[]
+# A customer's confirmed periods, oldest first. A read: callers hold the customer's row.
+# $1 customer_id
 STORED_PERIODS = f"""
 SELECT {_PERIOD_COLUMNS} FROM billing_periods
-WHERE customer_id = ANY($1::text[]) ORDER BY customer_id, period_start"""
+WHERE customer_id = $1 ORDER BY period_start"""
 
 # A webhook's period replaces the confirmed periods from its start on; one that holds its start
 # is cut there. $1 customer_id, $2 the new period's start
@@ -145,36 +143,39 @@ SELECT $1, meter, period_start, period_end, event_count, quantity_sum, quantity_
     failed_sum, unbilled_count, unbilled_sum, covered_count, covered_sum
 FROM ({_EVENT_TOTALS}) agg"""
 
-# $1 event_id[], $2 customer_id[], $3 idempotency_key[], $4 meter[], $5 quantity[],
-# $6 event_time[], $7 properties[] (JSON text), $8 payload_hash[], $9 acceptance order[] (the
-# event's place in the call, < 2^20): seq = one sequence value per statement, then that order;
-# $10 provider[] (the customer's; '' none: the event is unbilled; NULL: not decided yet).
+# The rows of INSERT_EVENTS' arrays. Statements for Citus name their unnest where they use it:
+# a CTE of it would be a result Citus copies to every worker.
+_EVENTS_IN = """unnest($1::uuid[], $3::text[], $4::text[], $5::bigint[], $6::timestamptz[],
+    $7::text[], $8::bytea[], $9::bigint[]) AS u(e, k, m, q, t, p, h, o)"""
+
+# One customer's events. $1 event_id[], $2 customer_id, $3 idempotency_key[], $4 meter[],
+# $5 quantity[], $6 event_time[], $7 properties[] (JSON text), $8 payload_hash[], $9 acceptance
+# order[] (the event's place in the call, < 2^20): seq = one sequence value per statement, then
+# that order; $10 provider (the customer's; '' none: the event is unbilled; NULL: not decided).
 # Each event first claims its key in usage_keys (rows come sorted by key); an event whose key is
 # taken, now or long ago (its event may be pruned), is not stored and returns no row.
-INSERT_EVENTS = """
-WITH u AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-                         $6::timestamptz[], $7::text[], $8::bytea[], $9::bigint[], $10::text[])
-        AS u(e, c, k, m, q, t, p, h, o, pr)
+INSERT_EVENTS = f"""
+WITH s AS (
+    SELECT nextval('usage_events_seq') * 1048576 AS base
 ), claimed AS (
     INSERT INTO usage_keys (customer_id, idempotency_key, payload_hash, event_id)
-    SELECT c, k, h, e FROM u
+    SELECT $2::text, k, h, e FROM {_EVENTS_IN}
     ON CONFLICT (customer_id, idempotency_key) DO NOTHING
     RETURNING event_id
 )
 INSERT INTO usage_events (
     event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
     payload_hash, seq, provider, report_state)
-SELECT e, c, k, m, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o, pr,
-    CASE WHEN pr = '' THEN 'unbilled' ELSE 'pending' END
-FROM u JOIN claimed ON claimed.event_id = u.e
+SELECT e, $2::text, k, m, q, t, p::jsonb, h, s.base + o,
+    $10::text, CASE WHEN $10::text = '' THEN 'unbilled' ELSE 'pending' END
+FROM {_EVENTS_IN} JOIN claimed ON claimed.event_id = u.e CROSS JOIN s
 RETURNING seq"""
 
-# The event each key names, pruned or not. $1 customer_id[], $2 idempotency_key[]
+# The event each of a customer's keys names, pruned or not. $1 customer_id,
+# $2 idempotency_key[]
 EXISTING_EVENTS = """
 SELECT customer_id, idempotency_key, event_id, payload_hash FROM usage_keys
-WHERE (customer_id, idempotency_key) IN (
-    SELECT * FROM unnest($1::text[], $2::text[]))"""
+WHERE customer_id = $1 AND idempotency_key = ANY($2::text[])"""
 
 # $1 customer_id[], $2 meter[]
 LIFETIME_SUMS = """
@@ -187,22 +188,19 @@ CHANGED_TOTALS = """t.customer_id, t.meter, t.period_start, t.period_end, t.even
     t.failed_count, t.failed_sum, t.unbilled_count, t.unbilled_sum, t.covered_count,
     t.covered_sum"""
 
-# Adds events, folded per customer, meter and period, to the lifetime totals of their customers
-# and meters (an overflow there refuses them) and to the running totals of their periods (rows
-# without a period, of placeholders, count in the lifetime totals only). Rows come sorted by
-# key so concurrent writers lock in one order.
-# $1 customer_id[], $2 meter[], $3 period_start[] (NULL: no period), $4 period_end[],
+# Adds one customer's events, folded per meter and period, to its lifetime totals per meter
+# (an overflow there refuses them) and to the running totals of their periods (rows without a
+# period, of placeholders, count in the lifetime totals only). Rows come sorted by key so
+# concurrent writers lock in one order.
+# $1 customer_id, $2 meter[], $3 period_start[] (NULL: no period), $4 period_end[],
 # $5 event_count[], $6 quantity_sum[], $7 quantity_max[], $8 last_quantity[],
-# $9 last_event_time[], $10 last_seq[], $11 unbilled[] (the customer has no provider)
+# $9 last_event_time[], $10 last_seq[], $11 unbilled (the customer has no provider)
 ADD_TOTALS = f"""
-WITH folded AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[],
-                         $9::timestamptz[], $10::bigint[], $11::boolean[])
-        AS u(c, m, ps, pe, n, s, mx, lq, lt, ls, ub)
-), life AS (
+WITH life AS (
     INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
-    SELECT c, m, sum(n), sum(s) FROM folded GROUP BY c, m ORDER BY c, m
+    SELECT $1::text, m, sum(n), sum(s)
+    FROM unnest($2::text[], $5::bigint[], $6::bigint[]) AS u(m, n, s)
+    GROUP BY m ORDER BY m
     ON CONFLICT (customer_id, meter) DO UPDATE SET
         event_count = l.event_count + excluded.event_count,
         quantity_sum = l.quantity_sum + excluded.quantity_sum
@@ -210,9 +208,12 @@ WITH folded AS (
 INSERT INTO usage_totals AS t (
     customer_id, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
     last_quantity, last_event_time, last_seq, unbilled_count, unbilled_sum)
-SELECT c, m, ps, pe, n, s, mx, lq, lt, ls, CASE WHEN ub THEN n ELSE 0 END,
-    CASE WHEN ub THEN s ELSE 0 END
-FROM folded WHERE ps IS NOT NULL
+SELECT $1::text, m, ps, pe, n, s, mx, lq, lt, ls, CASE WHEN $11::boolean THEN n ELSE 0 END,
+    CASE WHEN $11::boolean THEN s ELSE 0 END
+FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], $6::bigint[],
+            $7::bigint[], $8::bigint[], $9::timestamptz[], $10::bigint[])
+    AS u(m, ps, pe, n, s, mx, lq, lt, ls)
+WHERE ps IS NOT NULL
 ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET
     event_count = t.event_count + excluded.event_count,
     quantity_sum = t.quantity_sum + excluded.quantity_sum,
@@ -283,61 +284,36 @@ LEFT JOIN usage_change_heads h ON h.customer_id = $1
 LEFT JOIN usage_keys k ON k.customer_id = $1 AND k.idempotency_key = ANY($2::text[])
 LEFT JOIN decisions d ON d.customer_id = $1 AND d.event_id = k.event_id"""
 
-# The allowed events of a group of consumes of one customer's meter, in one statement: the
-# events (in acceptance order $9), their lifetime total and their period's totals row (created
-# and locked by CONSUME_LOCK or LOCK_TOTALS), with the events folded by the caller ($12-$17:
-# count, sum, max, and the latest event's time, acceptance order and quantity). The totals count
-# only when every event went in, each claiming its key in usage_keys; `inserted` says how many
-# did (fewer: a key was taken meanwhile, and the caller rolls back).
-# $1 event_id[], $2 customer_id, $3 idempotency_key[], $4 meter, $5 quantity[], $6 event_time[],
-# $7 properties (JSON text)[], $8 payload_hash[], $9 order[], $10 provider ('' none: unbilled),
-# $11 period_start, $12 count, $13 sum, $14 max, $15 last time, $16 last order, $17 last quantity
-CONSUME_INSERT = f"""
-WITH u AS (
-    SELECT * FROM unnest($1::uuid[], $3::text[], $5::bigint[], $6::timestamptz[], $7::text[],
-                         $8::bytea[], $9::bigint[]) AS u(e, k, q, t, p, h, o)
-), claimed AS (
-    INSERT INTO usage_keys (customer_id, idempotency_key, payload_hash, event_id)
-    SELECT $2, k, h, e FROM u
-    ON CONFLICT (customer_id, idempotency_key) DO NOTHING
-    RETURNING event_id
-), ins AS (
-    INSERT INTO usage_events (
-        event_id, customer_id, idempotency_key, meter, quantity, event_time, properties,
-        payload_hash, seq, provider, report_state)
-    SELECT e, $2, k, $4, q, t, p::jsonb, h, (SELECT nextval('usage_events_seq')) * 1048576 + o,
-        $10::text, CASE WHEN $10::text = '' THEN 'unbilled' ELSE 'pending' END
-    FROM u JOIN claimed ON claimed.event_id = u.e
-    RETURNING seq
-), n AS (
-    SELECT count(*) AS n, max(seq) - max(seq) % 1048576 AS base FROM ins
-), life AS (
+# Adds a group of consumes of one customer's meter, whose events INSERT_EVENTS stored, to the
+# meter's lifetime total and to its period's totals row (created and locked by CONSUME_LOCK or
+# LOCK_TOTALS), folded by the caller.
+# $1 customer_id, $2 meter, $3 period_start, $4 count, $5 sum, $6 max, $7 the latest event's
+# time, $8 its seq, $9 its quantity, $10 provider ('' none: unbilled)
+CONSUME_TOTALS = f"""
+WITH life AS (
     INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
-    SELECT $2, $4, $12::bigint, $13::bigint FROM n WHERE n.n = $12::bigint
+    VALUES ($1, $2, $4::bigint, $5::bigint)
     ON CONFLICT (customer_id, meter) DO UPDATE SET
         event_count = l.event_count + excluded.event_count,
         quantity_sum = l.quantity_sum + excluded.quantity_sum
-), added AS (
-    UPDATE usage_totals t SET
-        event_count = t.event_count + $12::bigint,
-        quantity_sum = t.quantity_sum + $13::bigint,
-        unbilled_count = t.unbilled_count + CASE WHEN $10::text = '' THEN $12::bigint ELSE 0 END,
-        unbilled_sum = t.unbilled_sum + CASE WHEN $10::text = '' THEN $13::bigint ELSE 0 END,
-        quantity_max = greatest(t.quantity_max, $14::bigint),
-        last_quantity = CASE
-            WHEN t.last_event_time IS NULL
-                OR ($15::timestamptz, n.base + $16::bigint) > (t.last_event_time, t.last_seq)
-            THEN $17::bigint ELSE t.last_quantity END,
-        last_seq = CASE
-            WHEN t.last_event_time IS NULL
-                OR ($15::timestamptz, n.base + $16::bigint) > (t.last_event_time, t.last_seq)
-            THEN n.base + $16::bigint ELSE t.last_seq END,
-        last_event_time = greatest(t.last_event_time, $15::timestamptz)
-    FROM n
-    WHERE n.n = $12::bigint AND t.customer_id = $2 AND t.meter = $4 AND t.period_start = $11
-    RETURNING {CHANGED_TOTALS}
 )
-SELECT n.n AS inserted, added.* FROM n LEFT JOIN added ON true"""
+UPDATE usage_totals t SET
+    event_count = t.event_count + $4::bigint,
+    quantity_sum = t.quantity_sum + $5::bigint,
+    unbilled_count = t.unbilled_count + CASE WHEN $10::text = '' THEN $4::bigint ELSE 0 END,
+    unbilled_sum = t.unbilled_sum + CASE WHEN $10::text = '' THEN $5::bigint ELSE 0 END,
+    quantity_max = greatest(t.quantity_max, $6::bigint),
+    last_quantity = CASE
+        WHEN t.last_event_time IS NULL
+            OR ($7::timestamptz, $8::bigint) > (t.last_event_time, t.last_seq)
+        THEN $9::bigint ELSE t.last_quantity END,
+    last_seq = CASE
+        WHEN t.last_event_time IS NULL
+            OR ($7::timestamptz, $8::bigint) > (t.last_event_time, t.last_seq)
+        THEN $8::bigint ELSE t.last_seq END,
+    last_event_time = greatest(t.last_event_time, $7::timestamptz)
+WHERE t.customer_id = $1 AND t.meter = $2 AND t.period_start = $3
+RETURNING {CHANGED_TOTALS}"""
 
 # $1 customer_id, $2 period_start
 PERIOD_TOTALS = f"""
@@ -415,21 +391,20 @@ UNION
 SELECT DISTINCT customer_id FROM usage_events
 ORDER BY 1"""
 
-# Checks without consume, many at once: each (customer, meter) pair with the customer, the
+# Checks without consume of one customer, many at once: each meter with the customer, the
 # latest totals row starting at or before now (the caller keeps it only when it is the period
-# containing now) and the customer's change version, all from one snapshot. Pairs of unknown
-# customers have no row.
-# $1 customer_id[], $2 meter[], $3 now; i is the pair's 1-based position
+# containing now) and the customer's change version, all from one snapshot. An unknown customer
+# has no row.
+# $1 customer_id, $2 meter[], $3 now; i is the meter's 1-based position
 CHECK_READS = f"""
 SELECT u.i, c.*, t.period_start AS t_start, t.event_count,
     t.quantity_sum, t.quantity_max, t.last_quantity, t.last_event_time, t.last_seq,
     t.reported_count, t.reported_sum, t.failed_count, t.failed_sum, t.unbilled_count,
     t.unbilled_sum, t.covered_count, t.covered_sum, coalesce(h.version, 0) AS totals_version
-FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(customer_id, meter, i)
-JOIN LATERAL (
-    SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = u.customer_id) c ON true
+FROM unnest($2::text[]) WITH ORDINALITY AS u(meter, i)
+JOIN (SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1) c ON true
 LEFT JOIN LATERAL (
     SELECT * FROM usage_totals
-    WHERE customer_id = c.customer_id AND meter = u.meter AND period_start <= $3
+    WHERE customer_id = $1 AND meter = u.meter AND period_start <= $3
     ORDER BY period_start DESC LIMIT 1) t ON true
-LEFT JOIN usage_change_heads h ON h.customer_id = c.customer_id"""
+LEFT JOIN usage_change_heads h ON h.customer_id = $1"""

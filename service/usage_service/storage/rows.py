@@ -98,8 +98,9 @@ def totals_from_row(row: asyncpg.Record) -> domain.Totals:
 async def stored_periods(
     conn: Conn | asyncpg.Pool, customer_ids: Sequence[str]
 ) -> dict[str, list[periods.Stored]]:
-    """Customers' confirmed periods, oldest first."""
+    """Customers' confirmed periods, oldest first (read one customer at a time)."""
     out: dict[str, list[periods.Stored]] = defaultdict(list)
-    for row in await conn.fetch(queries.STORED_PERIODS, list(customer_ids)):
-        out[row["customer_id"]].append(stored_from_row(row))
+    for customer_id in customer_ids:
+        for row in await conn.fetch(queries.STORED_PERIODS, customer_id):
+            out[customer_id].append(stored_from_row(row))
     return out

@@ -89,7 +89,7 @@ def _group_order(key: tuple[str, str, dt.datetime | None]) -> tuple[str, str, dt
 
 
 class _Locked(NamedTuple):
-    """Customers locked by a recorder: their rows (LOCK_CUSTOMERS), and all the confirmed
+    """Customers locked by a recorder: their rows (LOCK_CUSTOMER), and all the confirmed
     periods of those with events before their last confirmed one."""
 
     rows: Mapping[str, asyncpg.Record]
@@ -134,10 +134,13 @@ class Store:
         # what recording takes as now: whether a grant has expired (a consume's now is its
         # event's time)
         self.clock: Callable[[], dt.datetime] = _utc_now
-        self._writes: coalesce.Coalescer[
-            Sequence[domain.UsageEvent], list[idempotency.Recorded] | KeyConflict
-        ] = coalesce.Coalescer(self.record_isolated, weight=len)
-        self._reads: coalesce.Coalescer[tuple[str, str, dt.datetime], Checked] = coalesce.Coalescer(
+        # writes of one customer, grouped per customer (a group's statements all name it, and
+        # on Citus its transaction stays on one node)
+        self._writes: coalesce.Keyed[
+            str, Sequence[domain.UsageEvent], list[idempotency.Recorded] | KeyConflict
+        ] = coalesce.Keyed(self.record_isolated, weight=len)
+        # checks' reads, grouped per customer (one statement reads one customer)
+        self._reads: coalesce.Keyed[str, tuple[str, str, dt.datetime], Checked] = coalesce.Keyed(
             self.check_read_many, max_items=1000
         )
         # consumes, grouped per customer and meter (one totals row at a time)
@@ -226,12 +229,14 @@ class Store:
     # --- usage ---
 
     async def submit(self, events: Sequence[domain.UsageEvent]) -> list[idempotency.Recorded]:
-        """`record`, coalesced with concurrent callers into one transaction (group commit):
+        """`record`, coalesced with concurrent callers of the same customer into one transaction
+        (group commit; a call that names several customers runs alone):
         answered only after the commit that holds these events; a key conflict or a failing
         total fails only this call."""
-        if not self.group_commit:
+        customers = {e.customer_id for e in events}
+        if not self.group_commit or len(customers) != 1:
             return await self.record(events)
-        answer = await self._writes.submit(events)
+        answer = await self._writes.submit(customers.pop(), events)
         if isinstance(answer, KeyConflict):
             raise answer
         return answer
@@ -262,10 +267,11 @@ class Store:
             }
             stored = {
                 (r["customer_id"], r["idempotency_key"])
+                for customer_id in sorted({e.customer_id for e in events})
                 for r in await conn.fetch(
                     queries.EXISTING_EVENTS,
-                    [e.customer_id for e in events],
-                    [e.idempotency_key for e in events],
+                    customer_id,
+                    [e.idempotency_key for e in events if e.customer_id == customer_id],
                 )
             }
         fresh = [e for e in events if (e.customer_id, e.idempotency_key) not in stored]
@@ -318,46 +324,67 @@ class Store:
         answers, ordered = idempotency.resolve(requests, known)
         if not ordered:
             return answers
-        fresh = [e for e, _ in ordered]
-        async with self._writing({e.customer_id for e in fresh}) as conn:
-            locked = await self._lock_customers(conn, fresh)
-            inserted_rows = await conn.fetch(
-                queries.INSERT_EVENTS,
-                [e.event_id for e in fresh],
-                [e.customer_id for e in fresh],
-                [e.idempotency_key for e in fresh],
-                [e.meter for e in fresh],
-                [e.quantity for e in fresh],
-                [e.event_time for e in fresh],
-                [properties_json(e.properties) for e in fresh],
-                [e.payload_hash for e in fresh],
-                [o for _, o in ordered],
-                [locked.provider(e.customer_id) for e in fresh],
-            )
-            # seq = one value per statement, shifted, plus the event's acceptance order
-            seqs = {r["seq"] & ORDER_MASK: r["seq"] for r in inserted_rows}
-            added = [(e, seqs[o]) for e, o in ordered if o in seqs]
-            missing = [e for e, o in ordered if o not in seqs]
-            if missing:  # keys stored by earlier calls: duplicates, or conflicts to replan
-                for r in await conn.fetch(
-                    queries.EXISTING_EVENTS,
-                    [e.customer_id for e in missing],
-                    [e.idempotency_key for e in missing],
-                ):
-                    known[(r["customer_id"], r["idempotency_key"])] = (
-                        str(r["event_id"]),
-                        bytes(r["payload_hash"]),
-                    )
-                for e in missing:
-                    seen = known.get((e.customer_id, e.idempotency_key))
-                    if seen is None or seen[1] != e.payload_hash:
-                        raise idempotency.Replan
-                answers, _ = idempotency.resolve(requests, known)
-            changed = await self._add_totals(conn, locked, added)
-            details: dict[str, dict[str, dict[str, list[object]]]] = {}
-            changed = await self._burn_prepaid(conn, locked, added, changed, details)
-            await changes.append_totals(conn, "usage", changed, dt.datetime.now(dt.UTC), details)
+        by_customer: dict[str, list[tuple[domain.UsageEvent, int]]] = defaultdict(list)
+        for pair in ordered:
+            by_customer[pair[0].customer_id].append(pair)
+        async with self._writing(by_customer) as conn:
+            # one customer at a time, in customer order: every statement names one customer
+            replanned = False
+            for customer_id in sorted(by_customer):
+                mine = by_customer[customer_id]
+                replanned |= await self._record_customer(conn, customer_id, mine, known)
+        if replanned:
+            answers, _ = idempotency.resolve(requests, known)
         return answers
+
+    async def _record_customer(
+        self,
+        conn: Conn,
+        customer_id: str,
+        ordered: Sequence[tuple[domain.UsageEvent, int]],
+        known: dict[idempotency.Key, tuple[str, bytes]],
+    ) -> bool:
+        """Stores one customer's fresh events (with their acceptance order) in the caller's
+        transaction; True when some keys turned out stored by earlier calls (duplicates, now
+        in `known`); raises idempotency.Replan when one is a conflict."""
+        fresh = [e for e, _ in ordered]
+        locked = await self._lock_customer(conn, customer_id, fresh)
+        inserted_rows = await conn.fetch(
+            queries.INSERT_EVENTS,
+            [e.event_id for e in fresh],
+            customer_id,
+            [e.idempotency_key for e in fresh],
+            [e.meter for e in fresh],
+            [e.quantity for e in fresh],
+            [e.event_time for e in fresh],
+            [properties_json(e.properties) for e in fresh],
+            [e.payload_hash for e in fresh],
+            [o for _, o in ordered],
+            locked.provider(customer_id),
+        )
+        # seq = one value per statement, shifted, plus the event's acceptance order
+        seqs = {r["seq"] & ORDER_MASK: r["seq"] for r in inserted_rows}
+        added = [(e, seqs[o]) for e, o in ordered if o in seqs]
+        missing = [e for e, o in ordered if o not in seqs]
+        if missing:  # keys stored by earlier calls: duplicates, or conflicts to replan
+            for r in await conn.fetch(
+                queries.EXISTING_EVENTS,
+                customer_id,
+                [e.idempotency_key for e in missing],
+            ):
+                known[(r["customer_id"], r["idempotency_key"])] = (
+                    str(r["event_id"]),
+                    bytes(r["payload_hash"]),
+                )
+            for e in missing:
+                seen = known.get((e.customer_id, e.idempotency_key))
+                if seen is None or seen[1] != e.payload_hash:
+                    raise idempotency.Replan
+        changed = await self._add_totals(conn, locked, customer_id, added)
+        details: dict[str, dict[str, dict[str, list[object]]]] = {}
+        changed = await self._burn_prepaid(conn, locked, added, changed, details)
+        await changes.append_totals(conn, "usage", changed, dt.datetime.now(dt.UTC), details)
+        return bool(missing)
 
     def prepaid(self, plan_id: str, meter: str) -> MeteredFeature | None:
         """The plan's feature for the meter when it is prepaid."""
@@ -424,64 +451,59 @@ class Store:
             details.setdefault(b.customer_id, {"credit": {}})["credit"].update(credit)
         return [replaced.get((r["customer_id"], r["meter"], r["period_start"]), r) for r in changed]
 
-    async def _lock_customers(self, conn: Conn, events: Sequence[domain.UsageEvent]) -> _Locked:
-        """Locks the events' customers (shared), creating placeholders for unknown ones, and
-        reads all the confirmed periods of those with events before their last one."""
-        ids = sorted({e.customer_id for e in events})
-        found = await conn.fetch(queries.LOCK_CUSTOMERS, ids)
-        if len(found) < len(ids):
-            seen = {r["customer_id"] for r in found}
-            new = [c for c in ids if c not in seen]
-            await conn.execute(queries.INSERT_PLACEHOLDERS, new)
-            found = [*found, *await conn.fetch(queries.LOCK_CUSTOMERS, new)]
-        rows = {row["customer_id"]: row for row in found}
-        starts = {c: r["period_start"] for c, r in rows.items() if r["plan_id"]}
-        early = sorted(
-            {e.customer_id for e in events if e.event_time < starts.get(e.customer_id, _NEVER)}
-        )
-        return _Locked(rows, await stored_periods(conn, early) if early else {})
+    async def _lock_customer(
+        self, conn: Conn, customer_id: str, events: Sequence[domain.UsageEvent]
+    ) -> _Locked:
+        """Locks the customer (shared), creating a placeholder for an unknown one, and reads all
+        its confirmed periods when some of its events are before its last one."""
+        row = await conn.fetchrow(queries.LOCK_CUSTOMER, customer_id)
+        if row is None:
+            await conn.execute(queries.INSERT_PLACEHOLDER, customer_id)
+            row = await conn.fetchrow(queries.LOCK_CUSTOMER, customer_id)
+            assert row is not None
+        start = row["period_start"] if row["plan_id"] else _NEVER
+        early = [customer_id] if any(e.event_time < start for e in events) else []
+        return _Locked({customer_id: row}, await stored_periods(conn, early) if early else {})
 
     async def _add_totals(
         self,
         conn: Conn,
         locked: _Locked,
+        customer_id: str,
         events: Sequence[tuple[domain.UsageEvent, int]],
     ) -> list[asyncpg.Record]:
-        """Adds (event, seq) pairs to their customers' and meters' lifetime totals and to the
-        totals of the periods containing them (`schedules`: customer_id -> confirmed periods;
-        a placeholder's events count in its lifetime totals only). Returns the period totals
-        rows after the change."""
+        """Adds one customer's (event, seq) pairs to its meters' lifetime totals and to the
+        totals of the periods containing them (a placeholder's events count in its lifetime
+        totals only). Returns the period totals rows after the change."""
         if not events:
             return []
-        # (customer, meter, period start or None for a placeholder) -> (event, seq) pairs
-        groups: dict[tuple[str, str, dt.datetime | None], list[tuple[domain.UsageEvent, int]]] = (
+        # (meter, period start or None for a placeholder) -> (event, seq) pairs
+        groups: dict[tuple[str, dt.datetime | None], list[tuple[domain.UsageEvent, int]]] = (
             defaultdict(list)
         )
-        ends: dict[tuple[str, dt.datetime | None], dt.datetime] = {}
-        latest: dict[str, tuple[dt.datetime, dt.datetime, dt.datetime | None]] = {}
+        ends: dict[dt.datetime | None, dt.datetime] = {}
+        latest: tuple[dt.datetime, dt.datetime, dt.datetime | None] | None = None
         for pair in events:
-            e = pair[0]
-            customer_id, when = e.customer_id, e.event_time
-            bounds = latest.get(customer_id)  # most events of a customer share a period
-            if bounds is None or not bounds[0] <= when < bounds[1]:
-                bounds = latest[customer_id] = locked.bounds(customer_id, when)
-                ends[(customer_id, bounds[2])] = bounds[1]
-            groups[(customer_id, e.meter, bounds[2])].append(pair)
-        keys = sorted(groups, key=_group_order)
+            when = pair[0].event_time
+            if latest is None or not latest[0] <= when < latest[1]:  # most share a period
+                latest = locked.bounds(customer_id, when)
+                ends[latest[2]] = latest[1]
+            groups[(pair[0].meter, latest[2])].append(pair)
+        keys = sorted(groups, key=lambda k: _group_order((customer_id, *k)))
         folded = [domain.fold(groups[k]) for k in keys]
         return await conn.fetch(
             queries.ADD_TOTALS,
-            [c for c, _, _ in keys],
-            [m for _, m, _ in keys],
-            [s for _, _, s in keys],
-            [ends[(c, s)] for c, _, s in keys],
+            customer_id,
+            [m for m, _ in keys],
+            [s for _, s in keys],
+            [ends[s] for _, s in keys],
             [t.event_count for t in folded],
             [t.quantity_sum for t in folded],
             [t.quantity_max for t in folded],
             [t.last_quantity for t in folded],
             [t.last_event_time for t in folded],
             [t.last_seq for t in folded],
-            [locked.provider(c) == "" for c, _, _ in keys],
+            locked.provider(customer_id) == "",
         )
 
     async def period_totals(
@@ -496,7 +518,7 @@ class Store:
         concurrent callers share (one round trip for a whole group)."""
         model = self.read_model
         if model is None or not model.fresh():
-            return await self._reads.submit((customer_id, meter, now))
+            return await self._reads.submit(customer_id, (customer_id, meter, now))
         kept = model.get(customer_id, meter)
         if isinstance(kept, Checked) and (
             kept.period is None or kept.period.start <= now < kept.period.end
@@ -504,7 +526,7 @@ class Store:
             return kept
 
         async def fetch() -> Kept:
-            return await self._reads.submit((customer_id, meter, now))
+            return await self._reads.submit(customer_id, (customer_id, meter, now))
 
         read = await model.read(customer_id, meter, fetch)
         assert isinstance(read, Checked)
@@ -534,10 +556,10 @@ class Store:
         return domain_credits.credit_of(customer_id, feature, grants, period, now)
 
     async def check_read_many(self, keys: Sequence[tuple[str, str, dt.datetime]]) -> list[Checked]:
+        """Reads of one customer's checks, in one statement."""
         now = max(k[2] for k in keys)  # the group's reads all happen after each caller's now
-        rows = await self.pool.fetch(
-            queries.CHECK_READS, [c for c, _, _ in keys], [m for _, m, _ in keys], now
-        )
+        (customer_id,) = {c for c, _, _ in keys}
+        rows = await self.pool.fetch(queries.CHECK_READS, customer_id, [m for _, m, _ in keys], now)
         found: dict[int, Checked] = {}
         for r in rows:
             customer = customer_from_row(r)
@@ -606,7 +628,7 @@ class Store:
         grants of `period` for the features in `made`, so that each has an id."""
         if made:  # as a burner: the customer (shared), the totals rows, then the grants
             async with self._writing([customer.customer_id]) as conn:
-                await conn.fetch(queries.LOCK_CUSTOMERS, [customer.customer_id])
+                await conn.fetch(queries.LOCK_CUSTOMER, customer.customer_id)
                 for name in sorted(made):
                     await conn.fetchrow(
                         queries.LOCK_TOTALS, customer.customer_id, name, *period.bounds
@@ -840,30 +862,36 @@ class Store:
         folded = domain.fold([(e, o) for o, e in enumerate(events)])
         last = max(range(len(events)), key=lambda o: (events[o].event_time, o))
         provider = customer.provider.value
-        row = await conn.fetchrow(
-            queries.CONSUME_INSERT,
+        inserted = await conn.fetch(
+            queries.INSERT_EVENTS,
             [e.event_id for e in events],
             customer.customer_id,
             [e.idempotency_key for e in events],
-            events[0].meter,
+            [e.meter for e in events],
             [e.quantity for e in events],
             [e.event_time for e in events],
             [properties_json(e.properties) for e in events],
             [e.payload_hash for e in events],
             list(range(len(events))),
             provider,
+        )
+        if len(inserted) < len(events):  # a concurrent RecordUsage took a key
+            raise idempotency.Replan
+        base = max(r["seq"] for r in inserted) & ~ORDER_MASK  # one sequence value per statement
+        row = await conn.fetchrow(
+            queries.CONSUME_TOTALS,
+            customer.customer_id,
+            events[0].meter,
             period.start,
             folded.event_count,
             folded.quantity_sum,
             folded.quantity_max,
             folded.last_event_time,
-            last,
+            base + last,
             folded.last_quantity,
+            provider,
         )
-        assert row is not None
-        if row["inserted"] < len(events):  # a concurrent RecordUsage took a key
-            raise idempotency.Replan
-        assert row["event_count"] is not None  # the totals row is locked: it exists
+        assert row is not None  # the totals row is locked: it exists
         credit = group.credit
         if credit is None:
             return

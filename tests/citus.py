@@ -1,0 +1,83 @@
+"""Databases on a Citus cluster (scripts/citus-cluster), for the suite run with USAGE_TEST_CITUS=1.
+
+A database of a Citus cluster exists on every node, with the extension in each, and the
+coordinator's copy knows the workers. Creating one takes seconds, so a test run makes one per
+pytest-xdist worker, migrated (migrate distributes the schema), and each test starts from it
+emptied: every table but the migrations' is truncated."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import asyncpg
+
+# Tables that hold nothing after a migration and are emptied between tests.
+KEPT = frozenset({"schema_migrations"})
+
+
+def _at(dsn: str, host: str, port: int, database: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    user = parts.username or "postgres"
+    netloc = f"{user}@{host}:{port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, path=f"/{database}"))
+
+
+async def _nodes(coordinator: str) -> list[tuple[str, int, bool]]:
+    """(host, port, is the coordinator) of each node, the coordinator first."""
+    conn = await asyncpg.connect(coordinator)
+    try:
+        rows = await conn.fetch(
+            "SELECT nodename, nodeport, groupid = 0 AS coordinator FROM pg_dist_node"
+            " ORDER BY groupid"
+        )
+    finally:
+        await conn.close()
+    if not rows or not rows[0]["coordinator"]:
+        raise RuntimeError(f"{coordinator} is not the coordinator of a Citus cluster")
+    return [(r["nodename"], r["nodeport"], r["coordinator"]) for r in rows]
+
+
+async def _run(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def create_database(coordinator: str, name: str) -> str:
+    """Makes `name` on every node of the cluster whose coordinator's `postgres` database is
+    `coordinator`, with the workers added; returns its DSN on the coordinator."""
+    nodes = await _nodes(coordinator)
+    for host, port, _ in nodes:
+        await _run(_at(coordinator, host, port, "postgres"), f'CREATE DATABASE "{name}"')
+        await _run(_at(coordinator, host, port, name), "CREATE EXTENSION citus")
+    host, port, _ = nodes[0]
+    dsn = _at(coordinator, host, port, name)
+    statements = [f"SELECT citus_set_coordinator_host('{host}', {port})"]
+    statements += [f"SELECT citus_add_node('{h}', {p})" for h, p, first in nodes if not first]
+    await _run(dsn, *statements)
+    return dsn
+
+
+async def drop_database(coordinator: str, name: str) -> None:
+    for host, port, _ in await _nodes(coordinator):
+        drop = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+        await _run(_at(coordinator, host, port, "postgres"), drop)
+
+
+async def empty(dsn: str) -> None:
+    """Truncates every table of the public schema but the migrations' (distributed tables on
+    every shard), as one statement."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        names = await conn.fetch(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition"
+            " ORDER BY 1"
+        )
+        tables = [r["relname"] for r in names if r["relname"] not in KEPT]
+        await conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables))
+    finally:
+        await conn.close()
