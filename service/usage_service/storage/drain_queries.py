@@ -62,46 +62,46 @@ LIMIT $3
 FOR UPDATE OF e SKIP LOCKED"""
 
 # Batch providers (no lanes, no period bounds): one customer's pending events like CLAIM_EVENTS,
-# its reports and their events in one statement: the claimed events are put
-# in reports of $5 events in claim order (the k-th report takes the id $4[k]), the reports are
-# inserted (events as event_to_json writes them, oldest first) leased to $6 for $7 seconds, and
-# the claimed events come back with their report ids.
+# put in reports of $5 events in claim order (the k-th report takes the id $4[k]), and the
+# reports inserted (events as event_to_json writes them, oldest first) leased to $6 for $7
+# seconds, in one statement; returns the reports made. Each CTE is read once, so Citus runs the
+# statement on the customer's node in one go.
 # $1 customer_id, $2 provider, $3 limit, $4 report_id[] (at least ceil($3 / $5)),
 # $5 events per report, $6 owner, $7 lease (seconds)
 CLAIM_BATCHES = f"""
 WITH locked AS (
-    SELECT {_EVENT_FIELDS}
+    SELECT e.event_id, e.event_time, p.provider_customer_id,
+        coalesce(p.subscription_items ->> e.meter, '') AS subscription_item
     FROM usage_events e
     JOIN customer_providers p ON p.customer_id = $1 AND p.provider = e.provider
     WHERE e.customer_id = $1 AND {_UNCLAIMED} AND e.provider = $2
     ORDER BY e.event_time, e.event_id
     LIMIT $3
     FOR UPDATE OF e SKIP LOCKED
-), picked AS (  -- numbered once locked: rows skipped for other workers leave no gaps
-    SELECT k.*,
-        ($4::uuid[])[(row_number() OVER (ORDER BY k.event_time, k.event_id) - 1) / $5 + 1]
-            AS report_id
-    FROM locked k
 ), assigned AS (
     UPDATE usage_events e SET report_id = k.report_id
-    FROM picked k
+    FROM (  -- numbered once locked: rows skipped for other workers leave no gaps
+        SELECT l.*,
+            ($4::uuid[])[(row_number() OVER (ORDER BY l.event_time, l.event_id) - 1) / $5 + 1]
+                AS report_id
+        FROM locked l
+    ) k
     WHERE e.customer_id = $1 AND e.event_id = k.event_id
-), made AS (
-    INSERT INTO reports (customer_id, report_id, provider, events, lease_until, leased_by,
-                         first_sent_at)
-    SELECT $1, k.report_id, $2,
-        jsonb_agg(jsonb_build_object(
-            'event_id', k.event_id, 'customer_id', k.customer_id, 'meter', k.meter,
-            'quantity', k.quantity, 'event_time', k.event_time,
-            'properties', coalesce(k.properties, '{{}}'::jsonb),
-            'provider_customer_id', k.provider_customer_id,
-            'subscription_item', k.subscription_item) ORDER BY k.event_time, k.event_id),
-        now() + make_interval(secs => $7), $6, now()
-    FROM picked k
-    GROUP BY k.report_id
+    RETURNING e.report_id, e.event_id, e.meter, e.quantity - e.covered AS quantity, e.event_time,
+        e.properties, k.provider_customer_id, k.subscription_item
 )
-SELECT k.* FROM picked k
-ORDER BY k.event_time, k.event_id"""
+INSERT INTO reports (customer_id, report_id, provider, events, lease_until, leased_by,
+                     first_sent_at)
+SELECT $1, a.report_id, $2,
+    jsonb_agg(jsonb_build_object(
+        'event_id', a.event_id, 'customer_id', $1::text, 'meter', a.meter,
+        'quantity', a.quantity, 'event_time', a.event_time, 'properties', a.properties,
+        'provider_customer_id', a.provider_customer_id,
+        'subscription_item', a.subscription_item) ORDER BY a.event_time, a.event_id),
+    now() + make_interval(secs => $7), $6, now()
+FROM assigned a
+GROUP BY a.report_id
+RETURNING customer_id, report_id, events::text AS events"""
 
 # The max and the last value of the events billed to one provider in periods of one customer's
 # meters, parked ones left out: a period's totals also count events billed elsewhere or unbilled.

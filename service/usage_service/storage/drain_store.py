@@ -170,16 +170,17 @@ class DrainStore:
                 for c, n in sorted(counts.items())
             ]
             rows = await self.pool.fetchmany(q.CLAIM_BATCHES, args)
-            grouped: dict[ReportKey, list[ReportEvent]] = {}
-            for row in rows:
-                key = (row["customer_id"], str(row["report_id"]))
-                grouped.setdefault(key, []).append(claimed_from_row(row).event)
             made = [
-                Report(rid, provider, tuple(events), customer_id=c)
-                for (c, rid), events in grouped.items()
+                Report(
+                    str(row["report_id"]),
+                    provider,
+                    tuple(event_from_json(e) for e in json.loads(row["events"])),
+                    customer_id=row["customer_id"],
+                )
+                for row in rows
             ]
             made.sort(key=lambda r: (r.events[0].event_time, r.events[0].event_id))
-            return made, len(rows)
+            return made, sum(len(r.events) for r in made)
 
         return await self._rounds(provider, limit, q.DUE_EVENTS, claim)
 
