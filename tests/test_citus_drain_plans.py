@@ -38,9 +38,10 @@ PER_CUSTOMER: dict[str, tuple[str, Callable[[], tuple[Any, ...]]]] = {
     "PERIOD_FIGURES": (d.PERIOD_FIGURES, lambda: (C, "stripe", ["tokens"], [START], [END])),
     "INSERT_REPORT": (
         d.INSERT_REPORT,
-        lambda: (C, _id(), "stripe", LANE, "[]", 5, "w", 30.0, NOW),
+        lambda: (C, _id(), "stripe", LANE, "[]", 5, "w", 30.0, NOW, NOW),
     ),
     "ASSIGN_EVENTS": (d.ASSIGN_EVENTS, lambda: (C, _id(), [E1])),
+    "UNASSIGN_EVENTS": (d.UNASSIGN_EVENTS, lambda: (C, _id())),
     "CLAIM_REPORT": (d.CLAIM_REPORT, lambda: (C, _id(), "w", 30.0, NOW)),
     # sending and settling
     "SAVE_CHECKPOINT": (d.SAVE_CHECKPOINT, lambda: (C, _id(), "w", "{}", 30.0)),

@@ -116,12 +116,13 @@ GROUP BY 1, 2, 3"""
 
 # One customer's report; a lane conflict (another worker just opened a report on it) inserts
 # nothing. $1 customer_id, $2 report_id, $3 provider, $4 lane (NULL: no lane), $5 events (JSON
-# text), $6 value, $7 owner, $8 lease (seconds), $9 stated_at
+# text), $6 value, $7 owner, $8 lease (seconds), $9 stated_at, $10 now (the lease runs from
+# then: the claim's earlier statements do not eat into it)
 INSERT_REPORT = """
 INSERT INTO reports (customer_id, report_id, provider, lane, events, value, lease_until,
                      leased_by, first_sent_at, stated_at)
-VALUES ($1, $2::uuid, $3, $4, $5::text::jsonb, $6, now() + make_interval(secs => $8), $7,
-        now(), $9)
+VALUES ($1, $2::uuid, $3, $4, $5::text::jsonb, $6, $10::timestamptz + make_interval(secs => $8),
+        $7, $10, $9)
 ON CONFLICT (customer_id, lane) WHERE state = 'open' AND lane IS NOT NULL DO NOTHING
 RETURNING customer_id, report_id"""
 
@@ -129,6 +130,12 @@ RETURNING customer_id, report_id"""
 ASSIGN_EVENTS = """
 UPDATE usage_events e SET report_id = $2::uuid
 WHERE e.customer_id = $1 AND e.event_id = ANY($3::uuid[])"""
+
+# Events of a report that was not inserted (a lane conflict) go back to waiting.
+# $1 customer_id, $2 report_id
+UNASSIGN_EVENTS = """
+UPDATE usage_events e SET report_id = NULL
+WHERE e.customer_id = $1 AND e.report_id = $2::uuid AND e.report_state = 'pending'"""
 
 _REPORT_FIELDS = """r.customer_id, r.report_id, r.provider, r.events, r.value, r.checkpoint,
     r.attempts, r.first_sent_at, r.stated_at"""

@@ -219,10 +219,11 @@ class DrainStore:
         build: Callable[[list[Claimed]], list[NewReport]],
         figures: Collection[str],
     ) -> tuple[list[Report], int]:
-        """In one transaction, each customer's events are claimed (FOR UPDATE SKIP LOCKED), its
-        reports inserted and its events assigned to them: one statement per customer or report,
-        in customer order, each sent without waiting for the one before. Returns the reports and
-        how many events were locked."""
+        """In one transaction, each customer's events are claimed (FOR UPDATE SKIP LOCKED), then
+        assigned to the reports `build` makes of them, then the reports are inserted (those whose
+        lane another worker just took are not, and their events are released): one statement
+        per customer or report, in customer order, each sent without waiting for the one before.
+        Returns the reports and how many events were locked."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetchmany(
                 q.CLAIM_EVENTS, [(c, provider.value, counts[c]) for c in sorted(counts)]
@@ -236,6 +237,13 @@ class DrainStore:
             new = build(claimed) if claimed else []
             if not new:
                 return [], len(rows)
+            # Events first, then their reports, so the lease runs from the reports' insert.
+            ordered = sorted(new, key=lambda r: (r.customer_id, r.report_id))
+            await conn.executemany(
+                q.ASSIGN_EVENTS,
+                [(r.customer_id, r.report_id, [e.event_id for e in r.events]) for r in ordered],
+            )
+            now = dt.datetime.now(dt.UTC)
             inserted = await conn.fetchmany(
                 q.INSERT_REPORT,
                 [
@@ -249,19 +257,17 @@ class DrainStore:
                         owner,
                         lease,
                         r.stated_at,
+                        now,
                     )
-                    for r in sorted(new, key=lambda r: (r.customer_id, r.report_id))
+                    for r in ordered
                 ],
             )
             created = {(r["customer_id"], str(r["report_id"])) for r in inserted}
             kept = [r for r in new if (r.customer_id, r.report_id) in created]
-            if kept:
+            lost = [r for r in ordered if (r.customer_id, r.report_id) not in created]
+            if lost:  # another worker just opened a report on the lane: its events wait
                 await conn.executemany(
-                    q.ASSIGN_EVENTS,
-                    [
-                        (r.customer_id, r.report_id, [e.event_id for e in r.events])
-                        for r in sorted(kept, key=lambda r: (r.customer_id, r.report_id))
-                    ],
+                    q.UNASSIGN_EVENTS, [(r.customer_id, r.report_id) for r in lost]
                 )
         made = [
             Report(
