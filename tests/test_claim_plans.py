@@ -11,8 +11,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from conftest import CITUS
 
 from usage_service.storage import drain_queries
+
+# PostgreSQL's own plans; on Citus each statement runs on a worker (test_citus_drain_plans.py).
+pytestmark = pytest.mark.skipif(CITUS, reason="plain PostgreSQL's plans")
 
 CUSTOMERS = 400  # per provider: with each one's events few, no index but the claim's helps
 PER_CUSTOMER = 10  # events, and reports
