@@ -607,7 +607,9 @@ async def test_a_crash_between_claim_and_settle_resends_the_same_ids(
     live = await make_drain(without=ONLY_POLAR, owner="live")
     await drain_until_quiet([live], service.db)
     calls = polar_calls(fakes)
-    assert len(calls) == 2 and sorted(calls[1]) == sorted(first[0])  # the same ids again
+    # the same ids again (in one call, or one per report when their leases ran out apart)
+    again = [event_id for call in calls[1:] for event_id in call]
+    assert set(again) == set(first[0]) and len(again) >= 6
     assert len(fakes.polar.accepted) == 6  # deduplicated by Polar
     keys = await service.db.fetch("SELECT customer_id, report_id, state FROM reports")
     assert sorted((r["customer_id"], str(r["report_id"]), r["state"]) for r in keys) == sorted(

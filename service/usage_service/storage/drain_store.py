@@ -169,7 +169,8 @@ class DrainStore:
                 (c, provider.value, n, _new_ids(-(-n // batch)), batch, owner, lease)
                 for c, n in sorted(counts.items())
             ]
-            rows = await self.pool.fetchmany(q.CLAIM_BATCHES, args)
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetchmany(q.CLAIM_BATCHES, args)
             made = [
                 Report(
                     str(row["report_id"]),
