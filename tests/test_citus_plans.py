@@ -27,6 +27,8 @@ from usage_service.storage import (
     connections,
     credits_queries,
     decisions_queries,
+    distribution,
+    migrate,
     queries,
     store,
 )
@@ -291,3 +293,34 @@ async def test_a_batch_over_customers_on_two_nodes_is_one_two_phase_commit(dsn: 
         assert len(prepared) == 2, prepared  # one prepared part per worker
     finally:
         await st.close()
+
+
+async def test_migrate_distributes_every_table_by_customer_co_located(dsn: str) -> None:
+    """Every table that carries customer_id (partitions of usage_events included) is sharded by
+    it in the customers table's co-location group; the others are reference tables; a second
+    migrate changes nothing."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await migrate.migrate(conn) == []
+        assert await distribution.distribute(conn) == []
+        rows = await conn.fetch(
+            "SELECT c.relname, d.partmethod::text, d.colocationid,"
+            " EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
+            "  AND a.attname = 'customer_id' AND NOT a.attisdropped) AS by_customer,"
+            " CASE WHEN d.partmethod = 'h'"
+            "  THEN column_to_column_name(d.logicalrelid, d.partkey) END AS column_name"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " LEFT JOIN pg_dist_partition d ON d.logicalrelid = c.oid"
+            " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')"
+            " AND c.relname <> 'schema_migrations'"
+        )
+    finally:
+        await conn.close()
+    group = {r["colocationid"] for r in rows if r["relname"] == "customers"}
+    for r in rows:
+        if r["by_customer"]:
+            shape = (r["partmethod"], r["column_name"], {r["colocationid"]})
+            assert shape == ("h", "customer_id", group), r["relname"]
+        else:
+            assert r["partmethod"] == "n", r["relname"]  # a reference table
+    assert {r["relname"] for r in rows} >= {"usage_events", "usage_events_default", "usage_keys"}
