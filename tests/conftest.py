@@ -149,6 +149,20 @@ def dsn(server_dsn: str, template_db: str, request: pytest.FixtureRequest) -> It
             asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture
+def plain_dsn(server_dsn: str, dsn: str) -> Iterator[str]:
+    """`dsn`, for tests that rebuild the schema from scratch (migrations from old versions). On
+    Citus, a plain database of the coordinator's own instead, dropped afterwards: the worker's
+    distributed database outlives the test."""
+    if not CITUS:
+        yield dsn
+        return
+    name = f"usage_plain_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
+    yield with_database(server_dsn, name)
+    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(scope="session")
 def plans() -> plans_mod.Plans:
     return plans_file.load(PLANS_FILE)
