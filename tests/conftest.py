@@ -40,7 +40,7 @@ DATABASE_FIXTURES = frozenset({"server_dsn", "cluster"})
 LOCAL_SERVER = os.environ.get("USAGE_TEST_LOCAL_PG", "postgresql://postgres@127.0.0.1:5432/test")
 # USAGE_TEST_CITUS=1: DATABASE_URL is the coordinator of a Citus cluster (scripts/citus-cluster),
 # and every test's database is a distributed one (tests/citus.py).
-CITUS = os.environ.get("USAGE_TEST_CITUS", "") == "1"
+CITUS = citus.ENABLED
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
