@@ -6,7 +6,8 @@ Two modes, each run by `--procs` processes (each with its own connection):
 - open: calls start at a constant `--rate` whatever the answers do, and each latency is counted
   from the moment its call was due, not sent, so a stalled server cannot hide slow calls.
 
-Scenarios: noop (grpc.health.v1 Check), record (RecordUsage), batch (BatchRecordUsage),
+Scenarios: noop (grpc.health.v1 Check), record (RecordUsage), batch (BatchRecordUsage; its
+events spread over `--batch-customers` consecutive customers, by default one each),
 check (CheckEntitlement), consume (CheckEntitlement with consume, spread over the customers),
 consume_hot (the same, every call on one customer and feature), summary (GetUsageSummary).
 
@@ -82,6 +83,7 @@ def _call_factory(
     batch: int,
     tag: str,
     token: str = "",
+    batch_customers: int = 0,
 ) -> tuple[Callable[[int], Awaitable[Any]], int]:
     """Returns (call(i), events per call) for a scenario."""
     usage: Any = _RoundRobin([usage_pb2_grpc.UsageServiceStub(c) for c in channels])
@@ -106,13 +108,14 @@ def _call_factory(
 
         return record, 1
     if scenario == "batch":
+        spread = batch_customers or batch  # customers per batch
 
         def record_batch(i: int) -> Awaitable[Any]:
             return usage.BatchRecordUsage(
                 usage_pb2.BatchRecordUsageRequest(
                     requests=[
                         usage_pb2.RecordUsageRequest(
-                            customer_id=f"bench-{(i * batch + j) % customers}",
+                            customer_id=f"bench-{(i * spread + j % spread) % customers}",
                             meter="tokens",
                             quantity=1 + j % 100,
                             idempotency_key=f"{tag}-{i}-{j}",
@@ -176,7 +179,13 @@ async def _worker(args: argparse.Namespace, proc: int) -> dict[str, Any]:
     ]
     try:
         call, events_per_call = _call_factory(
-            args.scenario, channels, args.customers, args.batch, tag, args.token
+            args.scenario,
+            channels,
+            args.customers,
+            args.batch,
+            tag,
+            args.token,
+            args.batch_customers,
         )
         for c in range(args.channels):
             await call(-1 - proc * args.channels - c)  # connect before the clock starts
@@ -292,6 +301,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=2, help="connections per process")
     p.add_argument("--customers", type=int, default=1000)
     p.add_argument("--batch", type=int, default=500, help="events per BatchRecordUsage")
+    p.add_argument(
+        "--batch-customers",
+        type=int,
+        default=0,
+        help="customers each batch's events are spread over (0: one per event)",
+    )
     p.add_argument("--tag", default="", help="idempotency key prefix (default: random)")
     p.add_argument("--token", default="", help="bearer token sent with every call (default: none)")
     return p

@@ -7,9 +7,13 @@ emptied: every table but the migrations' is truncated."""
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 
 import asyncpg
+
+# USAGE_TEST_CITUS=1: DATABASE_URL is the coordinator of a Citus cluster (scripts/citus-cluster).
+ENABLED = os.environ.get("USAGE_TEST_CITUS", "") == "1"
 
 # Tables that hold nothing after a migration and are emptied between tests.
 KEPT = frozenset({"schema_migrations"})

@@ -40,7 +40,7 @@ DATABASE_FIXTURES = frozenset({"server_dsn", "cluster"})
 LOCAL_SERVER = os.environ.get("USAGE_TEST_LOCAL_PG", "postgresql://postgres@127.0.0.1:5432/test")
 # USAGE_TEST_CITUS=1: DATABASE_URL is the coordinator of a Citus cluster (scripts/citus-cluster),
 # and every test's database is a distributed one (tests/citus.py).
-CITUS = os.environ.get("USAGE_TEST_CITUS", "") == "1"
+CITUS = citus.ENABLED
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -147,6 +147,20 @@ def dsn(server_dsn: str, template_db: str, request: pytest.FixtureRequest) -> It
     finally:
         if not CITUS:
             asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def plain_dsn(server_dsn: str, dsn: str) -> Iterator[str]:
+    """`dsn`, for tests that rebuild the schema from scratch (migrations from old versions). On
+    Citus, a plain database of the coordinator's own instead, dropped afterwards: the worker's
+    distributed database outlives the test."""
+    if not CITUS:
+        yield dsn
+        return
+    name = f"usage_plain_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
+    yield with_database(server_dsn, name)
+    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")

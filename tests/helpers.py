@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
 import grpc
+from citus import ENABLED as CITUS
 from google.rpc import error_details_pb2, status_pb2
 
 from usage.v1 import customer_pb2, usage_pb2
@@ -33,10 +34,12 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], what: str) -> None:
 
 
 async def lock_waiters(db: asyncpg.Pool) -> int:
-    """Sessions of the pool's database waiting for a lock."""
+    """Sessions of the pool's database waiting for a lock (on a Citus cluster, on any node: a
+    statement the coordinator routes to a worker waits there)."""
+    activity = "citus_stat_activity" if CITUS else "pg_stat_activity"
     return int(
         await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            f"SELECT count(*) FROM {activity} WHERE datname = current_database() "
             "AND wait_event_type = 'Lock'"
         )
     )

@@ -244,11 +244,11 @@ async def test_attribution_holds_while_the_provider_flips_under_load(service: Se
 
 
 @pytest.mark.tampers  # rows written by hand, without their billing periods
-async def test_the_attribution_migration_decides_existing_events(dsn: str) -> None:
+async def test_the_attribution_migration_decides_existing_events(plain_dsn: str) -> None:
     """Data from before attribution: events of customers with a provider take it, those of
     customers without one become unbilled (counted in their totals), those of customers known
     only by their usage wait for the first webhook."""
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(plain_dsn)
     try:
         await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         await conn.execute(queries.MIGRATION_TABLE)
@@ -289,8 +289,8 @@ async def test_the_attribution_migration_decides_existing_events(dsn: str) -> No
             )
     finally:
         await conn.close()
-    assert (await migrate.migrate_dsn(dsn))[:1] == ["0004_attribution"]  # and any later
-    conn = await asyncpg.connect(dsn)
+    assert (await migrate.migrate_dsn(plain_dsn))[:1] == ["0004_attribution"]  # and any later
+    conn = await asyncpg.connect(plain_dsn)
     try:
         events = await conn.fetch(
             "SELECT customer_id, provider, report_state FROM usage_events ORDER BY 1"

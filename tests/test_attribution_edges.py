@@ -143,13 +143,13 @@ async def test_recorders_race_the_first_webhook_and_a_switch(service: Service) -
 
 @pytest.mark.tampers  # rows written by hand, without their billing periods
 async def test_the_migration_makes_parked_events_of_a_customer_without_provider_unbilled(
-    dsn: str,
+    plain_dsn: str,
 ) -> None:
     """Before 0004: a customer on Stripe had an event parked (no Stripe id), then moved to a free
     plan. The migration attributes it to '' (no provider) and makes it unbilled, like the
     pending ones: left 'failed', a requeue would make it pending for ever (no provider claims ''
     events)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(plain_dsn)
     try:
         await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         await conn.execute(queries.MIGRATION_TABLE)
@@ -181,8 +181,8 @@ async def test_the_migration_makes_parked_events_of_a_customer_without_provider_
         )
     finally:
         await conn.close()
-    assert (await migrate.migrate_dsn(dsn))[:1] == ["0004_attribution"]  # and any later
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert (await migrate.migrate_dsn(plain_dsn))[:1] == ["0004_attribution"]  # and any later
+    pool = await asyncpg.create_pool(plain_dsn, min_size=1, max_size=2)
     assert pool is not None
     try:
         store = backlog.Backlog(pool)

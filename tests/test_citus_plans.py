@@ -19,7 +19,19 @@ import asyncpg
 import pytest
 from conftest import CITUS
 
-from usage_service.storage import changes_queries, credits_queries, decisions_queries, queries
+from usage_service import domain
+from usage_service.domain import ids
+from usage_service.domain.errors import KeyConflict
+from usage_service.storage import (
+    changes_queries,
+    connections,
+    credits_queries,
+    decisions_queries,
+    distribution,
+    migrate,
+    queries,
+    store,
+)
 
 pytestmark = pytest.mark.skipif(not CITUS, reason="needs USAGE_TEST_CITUS=1 (a Citus cluster)")
 
@@ -222,3 +234,93 @@ async def test_a_statement_over_every_customer_is_seen_as_such(dsn: str) -> None
     assert max(int(n) for n in _TASKS.findall(plan)) > 1
     assert len({port for port, _ in sent}) == 2
     assert {int(i) for _, command in sent for i in _SHARD.findall(command)} - shards
+
+
+async def _on_two_nodes(conn: asyncpg.Connection) -> tuple[str, str]:
+    """Two customer ids whose shards are on different workers."""
+    homes: dict[int, str] = {}
+    for i in range(100):
+        customer_id = f"cus_{i}"
+        port = await conn.fetchval(
+            "SELECT nodeport FROM citus_shards WHERE table_name = 'customers'::regclass"
+            " AND shardid = get_shard_id_for_distribution_column('customers', $1::text)",
+            customer_id,
+        )
+        homes.setdefault(int(port), customer_id)
+        if len(homes) == 2:
+            first, second = sorted(homes.values())
+            return first, second
+    raise AssertionError("every customer on one worker")
+
+
+def _event(customer_id: str, key: str, quantity: int) -> domain.UsageEvent:
+    when = dt.datetime.now(dt.UTC)
+    return domain.UsageEvent(
+        event_id=ids.new_event_id(),
+        customer_id=customer_id,
+        meter="tokens",
+        quantity=quantity,
+        idempotency_key=key,
+        event_time=when,
+        properties={},
+        payload_hash=domain.payload_hash("tokens", quantity, None, {}),
+    )
+
+
+async def test_a_batch_over_customers_on_two_nodes_is_one_two_phase_commit(dsn: str) -> None:
+    """A batch (BatchRecordUsage's store call) is all or nothing even when its customers live on
+    different workers: Citus commits such a transaction in two phases, and keeps a record of
+    each worker's prepared part (pg_dist_transaction) until it has confirmed the commit there;
+    a key conflict of one customer stores nothing of the other's."""
+    pool = await connections.create_pool(dsn, size=2)
+    st = store.Store(pool)
+    try:
+        async with pool.acquire() as conn:
+            first, second = await _on_two_nodes(conn)
+        await st.record([_event(second, "taken", 1)])
+        with pytest.raises(KeyConflict):  # "taken" with another payload
+            await st.record([_event(first, "a", 5), _event(second, "taken", 2)])
+        assert await pool.fetchval("SELECT count(*) FROM usage_events") == 1
+        parts = "SELECT gid FROM pg_dist_transaction"
+        before = {r["gid"] for r in await pool.fetch(parts)}
+        await st.record([_event(first, "a", 5), _event(second, "fresh", 2)])
+        # (Citus forgets these records once it has checked them, at most every minute)
+        prepared = {r["gid"] for r in await pool.fetch(parts)} - before
+        counts = await pool.fetch(
+            "SELECT customer_id, count(*) AS n FROM usage_events GROUP BY 1 ORDER BY 1"
+        )
+        assert [(r["customer_id"], r["n"]) for r in counts] == [(first, 1), (second, 2)]
+        assert len(prepared) == 2, prepared  # one prepared part per worker
+    finally:
+        await st.close()
+
+
+async def test_migrate_distributes_every_table_by_customer_co_located(dsn: str) -> None:
+    """Every table that carries customer_id (partitions of usage_events included) is sharded by
+    it in the customers table's co-location group; the others are reference tables; a second
+    migrate changes nothing."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await migrate.migrate(conn) == []
+        assert await distribution.distribute(conn) == []
+        rows = await conn.fetch(
+            "SELECT c.relname, d.partmethod::text, d.colocationid,"
+            " EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
+            "  AND a.attname = 'customer_id' AND NOT a.attisdropped) AS by_customer,"
+            " CASE WHEN d.partmethod = 'h'"
+            "  THEN column_to_column_name(d.logicalrelid, d.partkey) END AS column_name"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " LEFT JOIN pg_dist_partition d ON d.logicalrelid = c.oid"
+            " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')"
+            " AND c.relname <> 'schema_migrations'"
+        )
+    finally:
+        await conn.close()
+    group = {r["colocationid"] for r in rows if r["relname"] == "customers"}
+    for r in rows:
+        if r["by_customer"]:
+            shape = (r["partmethod"], r["column_name"], {r["colocationid"]})
+            assert shape == ("h", "customer_id", group), r["relname"]
+        else:
+            assert r["partmethod"] == "n", r["relname"]  # a reference table
+    assert {r["relname"] for r in rows} >= {"usage_events", "usage_events_default", "usage_keys"}

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
+import citus
 import grpc
 import pytest
 from helpers import active_customer
@@ -142,11 +143,16 @@ class Harness:
 
 @pytest.fixture(scope="module")
 def harness(server_dsn: str, template_db: str) -> Iterator[Harness]:
-    from conftest import _admin, with_database
+    from conftest import CITUS, _admin, with_database
 
-    name = f"usage_fuzz_{template_db[-12:]}"
-    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
-    dsn = with_database(server_dsn, name)
+    if CITUS:  # the worker's one distributed database, emptied (conftest)
+        name = template_db
+        dsn = with_database(server_dsn, name)
+        asyncio.run(citus.empty(dsn))
+    else:
+        name = f"usage_fuzz_{template_db[-12:]}"
+        asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+        dsn = with_database(server_dsn, name)
     service = ServiceProcess({"DATABASE_URL": dsn, "USAGE_LOG_LEVEL": "WARNING"})
     h = Harness(service, dsn)
     customer = active_customer()
@@ -154,7 +160,8 @@ def harness(server_dsn: str, template_db: str) -> Iterator[Harness]:
     yield h
     h.channel.close()
     service.terminate()
-    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    if not CITUS:
+        asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @FUZZ

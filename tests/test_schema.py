@@ -152,7 +152,9 @@ async def test_the_database_refuses_an_unknown_value(dsn: str) -> None:
             with pytest.raises(asyncpg.CheckViolationError) as refused:
                 async with conn.transaction():  # a savepoint: the rows stay for the next
                     await conn.execute(statement)
-            assert (refused.value.constraint_name or "").startswith(constraint), statement
+            # (on Citus the coordinator passes on a worker's message, not its fields)
+            named = refused.value.constraint_name or str(refused.value)
+            assert constraint in named, statement
         # What the code writes for a placeholder and for its events (provider not decided yet).
         await conn.execute(
             "INSERT INTO customers (customer_id, plan_id, subscription_status)"

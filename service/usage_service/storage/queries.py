@@ -188,23 +188,14 @@ CHANGED_TOTALS = """t.customer_id, t.meter, t.period_start, t.period_end, t.even
     t.failed_count, t.failed_sum, t.unbilled_count, t.unbilled_sum, t.covered_count,
     t.covered_sum"""
 
-# Adds one customer's events, folded per meter and period, to its lifetime totals per meter
-# (an overflow there refuses them) and to the running totals of their periods (rows without a
-# period, of placeholders, count in the lifetime totals only). Rows come sorted by key so
-# concurrent writers lock in one order.
+# Adds one customer's events, folded per meter and period, to the running totals of their
+# periods (rows without a period, of placeholders, are left out: ADD_LIFETIME counts them).
+# Rows come sorted by key so concurrent writers lock in one order; totals rows are taken before
+# lifetime rows, as consumes take them.
 # $1 customer_id, $2 meter[], $3 period_start[] (NULL: no period), $4 period_end[],
 # $5 event_count[], $6 quantity_sum[], $7 quantity_max[], $8 last_quantity[],
 # $9 last_event_time[], $10 last_seq[], $11 unbilled (the customer has no provider)
 ADD_TOTALS = f"""
-WITH life AS (
-    INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
-    SELECT $1::text, m, sum(n), sum(s)
-    FROM unnest($2::text[], $5::bigint[], $6::bigint[]) AS u(m, n, s)
-    GROUP BY m ORDER BY m
-    ON CONFLICT (customer_id, meter) DO UPDATE SET
-        event_count = l.event_count + excluded.event_count,
-        quantity_sum = l.quantity_sum + excluded.quantity_sum
-)
 INSERT INTO usage_totals AS t (
     customer_id, meter, period_start, period_end, event_count, quantity_sum, quantity_max,
     last_quantity, last_event_time, last_seq, unbilled_count, unbilled_sum)
@@ -230,6 +221,16 @@ ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET
         THEN excluded.last_seq ELSE t.last_seq END,
     last_event_time = greatest(t.last_event_time, excluded.last_event_time)
 RETURNING {CHANGED_TOTALS}"""
+
+# Adds one customer's events, folded as for ADD_TOTALS, to its lifetime totals per meter (an
+# overflow there refuses them). $1 customer_id, $2 meter[], $3 event_count[], $4 quantity_sum[]
+ADD_LIFETIME = """
+INSERT INTO usage_lifetime AS l (customer_id, meter, event_count, quantity_sum)
+SELECT $1::text, m, sum(n), sum(s) FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS u(m, n, s)
+GROUP BY m ORDER BY m
+ON CONFLICT (customer_id, meter) DO UPDATE SET
+    event_count = l.event_count + excluded.event_count,
+    quantity_sum = l.quantity_sum + excluded.quantity_sum"""
 
 _TOTALS_COLUMNS = """meter, event_count, quantity_sum, quantity_max, last_quantity,
     last_event_time, last_seq, reported_count, reported_sum, failed_count, failed_sum,

@@ -472,9 +472,9 @@ class Store:
         customer_id: str,
         events: Sequence[tuple[domain.UsageEvent, int]],
     ) -> list[asyncpg.Record]:
-        """Adds one customer's (event, seq) pairs to its meters' lifetime totals and to the
-        totals of the periods containing them (a placeholder's events count in its lifetime
-        totals only). Returns the period totals rows after the change."""
+        """Adds one customer's (event, seq) pairs to the totals of the periods containing them,
+        then to its meters' lifetime totals (a placeholder's events count in its lifetime totals
+        only). Returns the period totals rows after the change."""
         if not events:
             return []
         # (meter, period start or None for a placeholder) -> (event, seq) pairs
@@ -491,7 +491,7 @@ class Store:
             groups[(pair[0].meter, latest[2])].append(pair)
         keys = sorted(groups, key=lambda k: _group_order((customer_id, *k)))
         folded = [domain.fold(groups[k]) for k in keys]
-        return await conn.fetch(
+        changed = await conn.fetch(
             queries.ADD_TOTALS,
             customer_id,
             [m for m, _ in keys],
@@ -505,6 +505,14 @@ class Store:
             [t.last_seq for t in folded],
             locked.provider(customer_id) == "",
         )
+        await conn.execute(
+            queries.ADD_LIFETIME,
+            customer_id,
+            [m for m, _ in keys],
+            [t.event_count for t in folded],
+            [t.quantity_sum for t in folded],
+        )
+        return changed
 
     async def period_totals(
         self, customer: domain.Customer, period: periods.Period
