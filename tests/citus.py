@@ -7,10 +7,13 @@ emptied: every table but the migrations' is truncated."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import urllib.parse
 
 import asyncpg
+
+from usage_service.storage import partitions, partitions_queries
 
 # USAGE_TEST_CITUS=1: DATABASE_URL is the coordinator of a Citus cluster (scripts/citus-cluster).
 ENABLED = os.environ.get("USAGE_TEST_CITUS", "") == "1"
@@ -73,9 +76,15 @@ async def drop_database(coordinator: str, name: str) -> None:
 
 async def empty(dsn: str) -> None:
     """Truncates every table of the public schema but the migrations' (distributed tables on
-    every shard), as one statement."""
+    every shard), as one statement, and leaves usage_events the partitions a migrate makes."""
     conn = await asyncpg.connect(dsn)
     try:
+        months = [r[0] for r in await conn.fetch(partitions_queries.PARTITIONS)]
+        months += [r[0] for r in await conn.fetch(partitions_queries.DETACHED)]
+        for month in months:
+            if month != "usage_events_default":
+                await conn.execute(f'DROP TABLE "{month}"')
+        await partitions.ensure(conn, dt.datetime.now(dt.UTC))
         names = await conn.fetch(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition"

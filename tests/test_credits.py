@@ -369,8 +369,12 @@ async def test_a_top_up_during_a_burst_of_consumes_is_spent_exactly_once(
         await grants.CreateGrant(_grant("c1", 50))
 
     results = await asyncio.gather(*(consumer() for _ in range(16)), top_up())
-    # 280 consumes at least come after the first 40: the 50 units are spent, no more
-    assert sum(r for r in results if r is not None) == 50
+    allowed = sum(r for r in results if r is not None)
+    # The burst may end before the top-up commits (it does on a loaded cluster): whatever is
+    # left of the 50 units is spent by the consumes after it, one each, and no unit twice.
+    while (await service.usage.CheckEntitlement(_consume("c1", 1))).allowed:
+        allowed += 1
+    assert allowed == 50
     tokens = await _summary(service, "c1", "tokens")
     assert (tokens.used, tokens.covered, tokens.balance) == (50, 50, 0)
 
