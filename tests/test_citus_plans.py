@@ -298,7 +298,7 @@ async def test_a_batch_over_customers_on_two_nodes_is_one_two_phase_commit(dsn: 
 async def test_migrate_distributes_every_table_by_customer_co_located(dsn: str) -> None:
     """Every table that carries customer_id (partitions of usage_events included) is sharded by
     it in the customers table's co-location group; the others are reference tables; a second
-    migrate changes nothing."""
+    migrate changes nothing; the database's sessions see shards as tables."""
     conn = await asyncpg.connect(dsn)
     try:
         assert await migrate.migrate(conn) == []
@@ -324,3 +324,9 @@ async def test_migrate_distributes_every_table_by_customer_co_located(dsn: str) 
         else:
             assert r["partmethod"] == "n", r["relname"]  # a reference table
     assert {r["relname"] for r in rows} >= {"usage_events", "usage_events_default", "usage_keys"}
+    # new sessions see no hidden shards to filter out (a client's type lookups stay fast)
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SHOW citus.override_table_visibility") == "off"
+    finally:
+        await conn.close()

@@ -25,6 +25,7 @@ async def distribute(conn: asyncpg.Connection) -> list[str]:
     """Distributes the tables Citus does not manage yet; returns their names."""
     if not await present(conn):
         return []
+    await conn.execute(q.SHOW_SHARDS)
     done: list[str] = []
     for row in await conn.fetch(q.UNDISTRIBUTED):
         name = str(row["name"])

@@ -23,3 +23,12 @@ REFERENCE = "SELECT create_reference_table($1::regclass)"
 
 # Whether a table is distributed by customer_id. $1 table
 DISTRIBUTED = "SELECT count(*) > 0 FROM pg_dist_partition WHERE logicalrelid = $1::regclass"
+
+# Catalog queries see shards as the tables they are (Citus hides them by default by filtering
+# pg_class, which makes a client's type lookups take about a second per new connection, where
+# there are no shards to hide on a coordinator). For the database's new sessions.
+SHOW_SHARDS = """
+DO $$ BEGIN
+    EXECUTE format('ALTER DATABASE %I SET citus.override_table_visibility = off',
+        current_database());
+END $$"""
