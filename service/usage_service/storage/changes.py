@@ -152,34 +152,43 @@ async def append(conn: Conn, changes: Sequence[Change], now: dt.datetime) -> dic
 async def _append(
     conn: Conn, entries: Mapping[str, Sequence[_Entry]], now: dt.datetime
 ) -> dict[str, int]:
-    """Each customer's changes (customers in order), in two statements per customer: the head
-    moves first; the first usage change in a later period than the head had is a rollover."""
-    versions: dict[str, int] = {}
-    for customer_id in sorted(entries):
-        mine = entries[customer_id]
-        starts = [e.period_start for e in mine if e.period_start is not None]
-        head = await conn.fetchrow(
-            q.ADVANCE_HEAD, customer_id, len(mine), max(starts, default=None)
-        )
-        assert head is not None
+    """Each customer's changes, customers in order, in two statements per customer (each sent
+    for every customer at once): the heads move first; a customer's first usage change in a
+    later period than its head had is a rollover."""
+    customers = sorted(entries)
+    if not customers:
+        return {}
+    heads = await conn.fetchmany(
+        q.ADVANCE_HEAD,
+        [
+            (c, len(entries[c]), max(starts, default=None))
+            for c in customers
+            for starts in [[e.period_start for e in entries[c] if e.period_start is not None]]
+        ],
+    )
+    args: list[tuple[object, ...]] = []
+    for c, head in zip(customers, heads, strict=True):
+        mine = entries[c]
         kinds = [e.kind for e in mine]
         if head["rolled"]:
             at = next(i for i, e in enumerate(mine) if e.period_start == head["period_start"])
             if kinds[at] == "usage":
                 kinds[at] = "rollover"
         first = head["version"] - len(mine) + 1
-        versions[customer_id] = await conn.fetchval(
-            q.ADD_CHANGES,
-            customer_id,
-            list(range(first, first + len(mine))),
-            kinds,
-            [e.period_start for e in mine],
-            [e.period_end for e in mine],
-            [e.figures for e in mine],
-            now,
-            [e.detail for e in mine],
+        args.append(
+            (
+                c,
+                list(range(first, first + len(mine))),
+                kinds,
+                [e.period_start for e in mine],
+                [e.period_end for e in mine],
+                [e.figures for e in mine],
+                now,
+                [e.detail for e in mine],
+            )
         )
-    return versions
+    added = await conn.fetchmany(q.ADD_CHANGES, args)
+    return {c: int(r["version"]) for c, r in zip(customers, added, strict=True)}
 
 
 async def notify(conn: Conn | asyncpg.Connection, customer_ids: Sequence[str] | None) -> None:

@@ -327,64 +327,52 @@ class Store:
         by_customer: dict[str, list[tuple[domain.UsageEvent, int]]] = defaultdict(list)
         for pair in ordered:
             by_customer[pair[0].customer_id].append(pair)
-        async with self._writing(by_customer) as conn:
-            # one customer at a time, in customer order: every statement names one customer
-            replanned = False
-            for customer_id in sorted(by_customer):
-                mine = by_customer[customer_id]
-                replanned |= await self._record_customer(conn, customer_id, mine, known)
-        if replanned:
+        customers = sorted(by_customer)
+        # Every statement names one customer; a statement's executions for several customers
+        # are sent together (asyncpg's fetchmany: one round trip), in customer order.
+        async with self._writing(customers) as conn:
+            locked = await self._lock_customers(conn, customers, ordered)
+            inserted_rows = await conn.fetchmany(
+                queries.INSERT_EVENTS,
+                [
+                    (
+                        [e.event_id for e, _ in by_customer[c]],
+                        c,
+                        [e.idempotency_key for e, _ in by_customer[c]],
+                        [e.meter for e, _ in by_customer[c]],
+                        [e.quantity for e, _ in by_customer[c]],
+                        [e.event_time for e, _ in by_customer[c]],
+                        [properties_json(e.properties) for e, _ in by_customer[c]],
+                        [e.payload_hash for e, _ in by_customer[c]],
+                        [o for _, o in by_customer[c]],
+                        locked.provider(c),
+                    )
+                    for c in customers
+                ],
+            )
+            # seq = one value per statement, shifted, plus the event's acceptance order
+            seqs = {r["seq"] & ORDER_MASK: r["seq"] for r in inserted_rows}
+            added = [(e, seqs[o]) for e, o in ordered if o in seqs]
+            missing = [e for e, o in ordered if o not in seqs]
+            if missing:  # keys stored by earlier calls: duplicates, or conflicts to replan
+                for c in sorted({e.customer_id for e in missing}):
+                    keys = [e.idempotency_key for e in missing if e.customer_id == c]
+                    for r in await conn.fetch(queries.EXISTING_EVENTS, c, keys):
+                        known[(r["customer_id"], r["idempotency_key"])] = (
+                            str(r["event_id"]),
+                            bytes(r["payload_hash"]),
+                        )
+                for e in missing:
+                    seen = known.get((e.customer_id, e.idempotency_key))
+                    if seen is None or seen[1] != e.payload_hash:
+                        raise idempotency.Replan
+            changed = await self._add_totals(conn, locked, added)
+            details: dict[str, dict[str, dict[str, list[object]]]] = {}
+            changed = await self._burn_prepaid(conn, locked, added, changed, details)
+            await changes.append_totals(conn, "usage", changed, dt.datetime.now(dt.UTC), details)
+        if missing:
             answers, _ = idempotency.resolve(requests, known)
         return answers
-
-    async def _record_customer(
-        self,
-        conn: Conn,
-        customer_id: str,
-        ordered: Sequence[tuple[domain.UsageEvent, int]],
-        known: dict[idempotency.Key, tuple[str, bytes]],
-    ) -> bool:
-        """Stores one customer's fresh events (with their acceptance order) in the caller's
-        transaction; True when some keys turned out stored by earlier calls (duplicates, now
-        in `known`); raises idempotency.Replan when one is a conflict."""
-        fresh = [e for e, _ in ordered]
-        locked = await self._lock_customer(conn, customer_id, fresh)
-        inserted_rows = await conn.fetch(
-            queries.INSERT_EVENTS,
-            [e.event_id for e in fresh],
-            customer_id,
-            [e.idempotency_key for e in fresh],
-            [e.meter for e in fresh],
-            [e.quantity for e in fresh],
-            [e.event_time for e in fresh],
-            [properties_json(e.properties) for e in fresh],
-            [e.payload_hash for e in fresh],
-            [o for _, o in ordered],
-            locked.provider(customer_id),
-        )
-        # seq = one value per statement, shifted, plus the event's acceptance order
-        seqs = {r["seq"] & ORDER_MASK: r["seq"] for r in inserted_rows}
-        added = [(e, seqs[o]) for e, o in ordered if o in seqs]
-        missing = [e for e, o in ordered if o not in seqs]
-        if missing:  # keys stored by earlier calls: duplicates, or conflicts to replan
-            for r in await conn.fetch(
-                queries.EXISTING_EVENTS,
-                customer_id,
-                [e.idempotency_key for e in missing],
-            ):
-                known[(r["customer_id"], r["idempotency_key"])] = (
-                    str(r["event_id"]),
-                    bytes(r["payload_hash"]),
-                )
-            for e in missing:
-                seen = known.get((e.customer_id, e.idempotency_key))
-                if seen is None or seen[1] != e.payload_hash:
-                    raise idempotency.Replan
-        changed = await self._add_totals(conn, locked, customer_id, added)
-        details: dict[str, dict[str, dict[str, list[object]]]] = {}
-        changed = await self._burn_prepaid(conn, locked, added, changed, details)
-        await changes.append_totals(conn, "usage", changed, dt.datetime.now(dt.UTC), details)
-        return bool(missing)
 
     def prepaid(self, plan_id: str, meter: str) -> MeteredFeature | None:
         """The plan's feature for the meter when it is prepaid."""
@@ -401,7 +389,7 @@ class Store:
         details: dict[str, dict[str, dict[str, list[object]]]],
     ) -> list[asyncpg.Record]:
         """Burns grants for the events of prepaid features (their totals rows are locked by
-        now), each customer's and feature's in acceptance order, all in two statements; returns
+        now), each customer's and feature's in acceptance order, customer by customer; returns
         `changed` with the rows the burns changed, and puts each customer's credit after the
         burns in `details` (for the change log)."""
         if self.plans is None:
@@ -430,88 +418,99 @@ class Store:
             wanted.append(
                 credits.Wanted(customer_id, feature, sorted(spans, key=lambda p: p.start))
             )
-        grants, now = await credits.lock(conn, wanted, self.clock(), self.clock)
-        burners = [
-            credits.Burner(
-                w.customer_id,
-                w.feature,
-                self.plans.meters[w.feature.meter].aggregation,
-                grants[w.key],
-                usage[w.key],
-            )
-            for w in wanted
-        ]
-        rows, afters = await credits.burn(conn, burners, now)
-        replaced = {(r["customer_id"], r["meter"], r["period_start"]): r for r in rows}
-        for b, after in zip(burners, afters, strict=True):
-            start, end, _s = locked.bounds(b.customer_id, now)
-            credit = credits.credit_detail(
-                b.customer_id, b.feature, after, periods.Period(start, end), now
-            )
-            details.setdefault(b.customer_id, {"credit": {}})["credit"].update(credit)
+        replaced: dict[tuple[str, str, dt.datetime], asyncpg.Record] = {}
+        for customer_id in sorted({w.customer_id for w in wanted}):  # one customer at a time
+            mine = [w for w in wanted if w.customer_id == customer_id]
+            grants, now = await credits.lock(conn, mine, self.clock(), self.clock)
+            burners = [
+                credits.Burner(
+                    w.customer_id,
+                    w.feature,
+                    self.plans.meters[w.feature.meter].aggregation,
+                    grants[w.key],
+                    usage[w.key],
+                )
+                for w in mine
+            ]
+            rows, afters = await credits.burn(conn, burners, now)
+            replaced.update({(r["customer_id"], r["meter"], r["period_start"]): r for r in rows})
+            for b, after in zip(burners, afters, strict=True):
+                start, end, _s = locked.bounds(b.customer_id, now)
+                credit = credits.credit_detail(
+                    b.customer_id, b.feature, after, periods.Period(start, end), now
+                )
+                details.setdefault(b.customer_id, {"credit": {}})["credit"].update(credit)
         return [replaced.get((r["customer_id"], r["meter"], r["period_start"]), r) for r in changed]
 
-    async def _lock_customer(
-        self, conn: Conn, customer_id: str, events: Sequence[domain.UsageEvent]
+    async def _lock_customers(
+        self,
+        conn: Conn,
+        customer_ids: Sequence[str],
+        events: Sequence[tuple[domain.UsageEvent, int]],
     ) -> _Locked:
-        """Locks the customer (shared), creating a placeholder for an unknown one, and reads all
-        its confirmed periods when some of its events are before its last one."""
-        row = await conn.fetchrow(queries.LOCK_CUSTOMER, customer_id)
-        if row is None:
-            await conn.execute(queries.INSERT_PLACEHOLDER, customer_id)
-            row = await conn.fetchrow(queries.LOCK_CUSTOMER, customer_id)
-            assert row is not None
-        start = row["period_start"] if row["plan_id"] else _NEVER
-        early = [customer_id] if any(e.event_time < start for e in events) else []
-        return _Locked({customer_id: row}, await stored_periods(conn, early) if early else {})
+        """Locks the customers (shared, in the order given), creating placeholders for unknown
+        ones, and reads all the confirmed periods of those with events before their last one."""
+        found = await conn.fetchmany(queries.LOCK_CUSTOMER, [(c,) for c in customer_ids])
+        if len(found) < len(customer_ids):
+            seen = {r["customer_id"] for r in found}
+            new = [(c,) for c in customer_ids if c not in seen]
+            await conn.executemany(queries.INSERT_PLACEHOLDER, new)
+            found = [*found, *await conn.fetchmany(queries.LOCK_CUSTOMER, new)]
+        rows = {row["customer_id"]: row for row in found}
+        starts = {c: r["period_start"] for c, r in rows.items() if r["plan_id"]}
+        early = sorted(
+            {e.customer_id for e, _ in events if e.event_time < starts.get(e.customer_id, _NEVER)}
+        )
+        return _Locked(rows, await stored_periods(conn, early) if early else {})
 
     async def _add_totals(
         self,
         conn: Conn,
         locked: _Locked,
-        customer_id: str,
         events: Sequence[tuple[domain.UsageEvent, int]],
     ) -> list[asyncpg.Record]:
-        """Adds one customer's (event, seq) pairs to the totals of the periods containing them,
-        then to its meters' lifetime totals (a placeholder's events count in its lifetime totals
-        only). Returns the period totals rows after the change."""
+        """Adds (event, seq) pairs to the totals of the periods containing them, then to their
+        meters' lifetime totals, customer by customer (a placeholder's events count in its
+        lifetime totals only). Returns the period totals rows after the change."""
         if not events:
             return []
-        # (meter, period start or None for a placeholder) -> (event, seq) pairs
-        groups: dict[tuple[str, dt.datetime | None], list[tuple[domain.UsageEvent, int]]] = (
-            defaultdict(list)
-        )
-        ends: dict[dt.datetime | None, dt.datetime] = {}
-        latest: tuple[dt.datetime, dt.datetime, dt.datetime | None] | None = None
+        # customer -> (meter, period start or None for a placeholder) -> (event, seq) pairs
+        groups: dict[str, dict[tuple[str, dt.datetime | None], list[tuple[domain.UsageEvent, int]]]]
+        groups = defaultdict(lambda: defaultdict(list))
+        ends: dict[tuple[str, dt.datetime | None], dt.datetime] = {}
+        latest: dict[str, tuple[dt.datetime, dt.datetime, dt.datetime | None]] = {}
         for pair in events:
-            when = pair[0].event_time
-            if latest is None or not latest[0] <= when < latest[1]:  # most share a period
-                latest = locked.bounds(customer_id, when)
-                ends[latest[2]] = latest[1]
-            groups[(pair[0].meter, latest[2])].append(pair)
-        keys = sorted(groups, key=lambda k: _group_order((customer_id, *k)))
-        folded = [domain.fold(groups[k]) for k in keys]
-        changed = await conn.fetch(
-            queries.ADD_TOTALS,
-            customer_id,
-            [m for m, _ in keys],
-            [s for _, s in keys],
-            [ends[s] for _, s in keys],
-            [t.event_count for t in folded],
-            [t.quantity_sum for t in folded],
-            [t.quantity_max for t in folded],
-            [t.last_quantity for t in folded],
-            [t.last_event_time for t in folded],
-            [t.last_seq for t in folded],
-            locked.provider(customer_id) == "",
-        )
-        await conn.execute(
-            queries.ADD_LIFETIME,
-            customer_id,
-            [m for m, _ in keys],
-            [t.event_count for t in folded],
-            [t.quantity_sum for t in folded],
-        )
+            customer_id, when = pair[0].customer_id, pair[0].event_time
+            bounds = latest.get(customer_id)  # most events of a customer share a period
+            if bounds is None or not bounds[0] <= when < bounds[1]:
+                bounds = latest[customer_id] = locked.bounds(customer_id, when)
+                ends[(customer_id, bounds[2])] = bounds[1]
+            groups[customer_id][(pair[0].meter, bounds[2])].append(pair)
+        args: list[tuple[object, ...]] = []
+        lifetime: list[tuple[object, ...]] = []
+        for c in sorted(groups):
+            keys = sorted(groups[c], key=lambda k: _group_order((c, *k)))
+            folded = [domain.fold(groups[c][k]) for k in keys]
+            meters = [m for m, _ in keys]
+            args.append(
+                (
+                    c,
+                    meters,
+                    [s for _, s in keys],
+                    [ends[(c, s)] for _, s in keys],
+                    [t.event_count for t in folded],
+                    [t.quantity_sum for t in folded],
+                    [t.quantity_max for t in folded],
+                    [t.last_quantity for t in folded],
+                    [t.last_event_time for t in folded],
+                    [t.last_seq for t in folded],
+                    locked.provider(c) == "",
+                )
+            )
+            counts = [t.event_count for t in folded]
+            lifetime.append((c, meters, counts, [t.quantity_sum for t in folded]))
+        changed = await conn.fetchmany(queries.ADD_TOTALS, args)
+        await conn.executemany(queries.ADD_LIFETIME, lifetime)
         return changed
 
     async def period_totals(
