@@ -221,7 +221,7 @@ async def _until_fresh(model: readmodel.ReadModel[store.Kept]) -> None:
 async def service(dsn: str, plans: plans_mod.Plans) -> AsyncIterator[Service]:
     pool = await connections.create_pool(dsn, size=20)
     model = readmodel.ReadModel[store.Kept](pool)  # checks from memory, as `serve` answers them
-    st = store.Store(pool, read_model=model)
+    st = store.Store(pool, read_model=model, group_by_customer=CITUS)  # as `serve` makes it
     running = await start_server(st, plans, "127.0.0.1:0")
     await _until_fresh(model)
     address = f"127.0.0.1:{running.port}"

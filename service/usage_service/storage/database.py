@@ -12,7 +12,14 @@ import asyncpg
 from pydantic import Field
 
 from usage_service import settings
-from usage_service.storage import connections, embedded, migrate, readmodel, store
+from usage_service.storage import (
+    connections,
+    distribution,
+    embedded,
+    migrate,
+    readmodel,
+    store,
+)
 
 DEFAULT_DATA_DIR = ".data"  # embedded PostgreSQL lives in DATA_DIR/postgres
 DEFAULT_POOL_SIZE = 10  # database connections per process
@@ -42,7 +49,9 @@ async def database(
         await migrate.migrate_dsn(dsn)
         pool = await connections.create_pool(dsn, config.pool_size)
         model = readmodel.ReadModel[store.Kept].configured(pool, read_model) if read_model else None
-        st = store.Store(pool, read_model=model)
+        async with pool.acquire() as conn:
+            sharded = await distribution.present(conn)
+        st = store.Store(pool, read_model=model, group_by_customer=sharded)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = " ".join(str(exc).split()) or "no reason given"
         raise settings.ConfigError(

@@ -17,7 +17,7 @@ from usage_service.storage import distribution_queries as q
 log = logging.getLogger(__name__)
 
 
-async def present(conn: asyncpg.Connection) -> bool:
+async def present(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> bool:
     return bool(await conn.fetchval(q.CITUS_PRESENT))
 
 

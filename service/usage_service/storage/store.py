@@ -124,9 +124,13 @@ class Store:
         group_commit: bool = True,
         plans: Plans | None = None,
         read_model: readmodel.ReadModel[Kept] | None = None,
+        group_by_customer: bool = False,
     ) -> None:
         self.pool = pool
         self.group_commit = group_commit
+        # group commit per customer (on Citus: a group's transaction stays on one worker), or
+        # across customers (on one PostgreSQL: calls of every customer share a commit)
+        self.group_by_customer = group_by_customer
         # what checks read, kept in memory (None: every check reads the database)
         self.read_model = read_model
         # the plans whose prepaid features burn grants when usage is recorded (None: none do)
@@ -134,9 +138,10 @@ class Store:
         # what recording takes as now: whether a grant has expired (a consume's now is its
         # event's time)
         self.clock: Callable[[], dt.datetime] = _utc_now
-        # writes of one customer, grouped per customer (a group's statements all name it, and
-        # on Citus its transaction stays on one node)
-        self._writes: coalesce.Keyed[
+        self._writes: coalesce.Coalescer[
+            Sequence[domain.UsageEvent], list[idempotency.Recorded] | KeyConflict
+        ] = coalesce.Coalescer(self.record_isolated, weight=len)
+        self._writes_of: coalesce.Keyed[
             str, Sequence[domain.UsageEvent], list[idempotency.Recorded] | KeyConflict
         ] = coalesce.Keyed(self.record_isolated, weight=len)
         # checks' reads, grouped per customer (one statement reads one customer)
@@ -163,6 +168,7 @@ class Store:
 
     async def close(self) -> None:
         await self._writes.close()
+        await self._writes_of.close()
         await self._reads.close()
         await self._consumes.close()
         await self.pool.close()
@@ -229,14 +235,18 @@ class Store:
     # --- usage ---
 
     async def submit(self, events: Sequence[domain.UsageEvent]) -> list[idempotency.Recorded]:
-        """`record`, coalesced with concurrent callers of the same customer into one transaction
-        (group commit; a call that names several customers runs alone):
+        """`record`, coalesced with concurrent callers into one transaction (group commit; with
+        `group_by_customer`, only callers of the same customer, and a call that names several
+        customers runs alone):
         answered only after the commit that holds these events; a key conflict or a failing
         total fails only this call."""
         customers = {e.customer_id for e in events}
-        if not self.group_commit or len(customers) != 1:
+        if not self.group_commit or (self.group_by_customer and len(customers) != 1):
             return await self.record(events)
-        answer = await self._writes.submit(customers.pop(), events)
+        if self.group_by_customer:
+            answer = await self._writes_of.submit(customers.pop(), events)
+        else:
+            answer = await self._writes.submit(events)
         if isinstance(answer, KeyConflict):
             raise answer
         return answer
