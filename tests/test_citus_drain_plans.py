@@ -11,10 +11,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import pytest
 from conftest import CITUS
-from test_citus_plans import CUSTOMER, END, NOW, START, _home, explain, remote_commands
+from test_citus_plans import CUSTOMER, END, NOW, START, assert_on_customers_node
 
 from usage_service.storage import drain_queries as d
 from usage_service.storage import reconcile_queries as r
@@ -78,21 +77,7 @@ PER_CUSTOMER: dict[str, tuple[str, Callable[[], tuple[Any, ...]]]] = {
 @pytest.mark.parametrize("name", sorted(PER_CUSTOMER))
 async def test_a_drain_statement_runs_on_the_customers_node(dsn: str, name: str) -> None:
     sql, args = PER_CUSTOMER[name]
-    conn = await asyncpg.connect(dsn)
-    try:
-        coordinator, worker, shards = await _home(conn)
-        plan = await explain(conn, sql, args())
-        sent = await remote_commands(conn, sql, args())
-    finally:
-        await conn.close()
-    counts = [int(n) for n in re.findall(r"Task Count: (\d+)", plan)]
-    assert max(counts, default=1) == 1, plan
-    nodes = {int(p) for p in re.findall(r"Node: host=\S+ port=(\d+)", plan)}
-    assert nodes - {coordinator} <= {worker}, plan
-    assert sent, "nothing was sent to a worker"
-    assert {port for port, _ in sent} == {worker}, sent
-    named = {int(i) for _, c in sent for i in re.findall(r"\b[a-z][a-z0-9_]*_(\d{6,})\b", c)}
-    assert named and named <= shards, (named - shards, sent)
+    await assert_on_customers_node(dsn, sql, args())
 
 
 def test_every_statement_is_checked() -> None:
