@@ -18,6 +18,8 @@ from usage_service.storage import partitions, partitions_queries
 # USAGE_TEST_CITUS=1: DATABASE_URL is the coordinator of a Citus cluster (scripts/citus-cluster).
 ENABLED = os.environ.get("USAGE_TEST_CITUS", "") == "1"
 
+SETUP_LOCK = 7301958420019  # an advisory lock of the coordinator's `postgres` database
+
 # Tables that hold nothing after a migration and are emptied between tests.
 KEPT = frozenset({"schema_migrations"})
 
@@ -57,14 +59,21 @@ async def create_database(coordinator: str, name: str) -> str:
     """Makes `name` on every node of the cluster whose coordinator's `postgres` database is
     `coordinator`, with the workers added; returns its DSN on the coordinator."""
     nodes = await _nodes(coordinator)
-    for host, port, _ in nodes:
-        await _run(_at(coordinator, host, port, "postgres"), f'CREATE DATABASE "{name}"')
-        await _run(_at(coordinator, host, port, name), "CREATE EXTENSION citus")
-    host, port, _ = nodes[0]
-    dsn = _at(coordinator, host, port, name)
-    statements = [f"SELECT citus_set_coordinator_host('{host}', {port})"]
-    statements += [f"SELECT citus_add_node('{h}', {p})" for h, p, first in nodes if not first]
-    await _run(dsn, *statements)
+    # One database at a time: adding a node copies the role to it, and two pytest workers doing
+    # so at once fail with "tuple concurrently updated" on the worker's role.
+    lock = await asyncpg.connect(coordinator)
+    try:
+        await lock.execute(f"SELECT pg_advisory_lock({SETUP_LOCK})")
+        for host, port, _ in nodes:
+            await _run(_at(coordinator, host, port, "postgres"), f'CREATE DATABASE "{name}"')
+            await _run(_at(coordinator, host, port, name), "CREATE EXTENSION citus")
+        host, port, _ = nodes[0]
+        dsn = _at(coordinator, host, port, name)
+        statements = [f"SELECT citus_set_coordinator_host('{host}', {port})"]
+        statements += [f"SELECT citus_add_node('{h}', {p})" for h, p, first in nodes if not first]
+        await _run(dsn, *statements)
+    finally:
+        await lock.close()  # the session's advisory lock goes with it
     return dsn
 
 
