@@ -46,7 +46,8 @@ async def _nodes(coordinator: str) -> list[tuple[str, int, bool]]:
     return [(r["nodename"], r["nodeport"], r["coordinator"]) for r in rows]
 
 
-async def _run(dsn: str, *statements: str) -> None:
+async def execute(dsn: str, *statements: str) -> None:
+    """Runs statements one by one on a connection of their own."""
     conn = await asyncpg.connect(dsn)
     try:
         for sql in statements:
@@ -65,13 +66,13 @@ async def create_database(coordinator: str, name: str) -> str:
     try:
         await lock.execute(f"SELECT pg_advisory_lock({SETUP_LOCK})")
         for host, port, _ in nodes:
-            await _run(_at(coordinator, host, port, "postgres"), f'CREATE DATABASE "{name}"')
-            await _run(_at(coordinator, host, port, name), "CREATE EXTENSION citus")
+            await execute(_at(coordinator, host, port, "postgres"), f'CREATE DATABASE "{name}"')
+            await execute(_at(coordinator, host, port, name), "CREATE EXTENSION citus")
         host, port, _ = nodes[0]
         dsn = _at(coordinator, host, port, name)
         statements = [f"SELECT citus_set_coordinator_host('{host}', {port})"]
         statements += [f"SELECT citus_add_node('{h}', {p})" for h, p, first in nodes if not first]
-        await _run(dsn, *statements)
+        await execute(dsn, *statements)
     finally:
         await lock.close()  # the session's advisory lock goes with it
     return dsn
@@ -80,7 +81,7 @@ async def create_database(coordinator: str, name: str) -> str:
 async def drop_database(coordinator: str, name: str) -> None:
     for host, port, _ in await _nodes(coordinator):
         drop = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
-        await _run(_at(coordinator, host, port, "postgres"), drop)
+        await execute(_at(coordinator, host, port, "postgres"), drop)
 
 
 async def empty(dsn: str) -> None:

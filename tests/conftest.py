@@ -73,13 +73,7 @@ async def _reachable(dsn: str) -> bool:
     return True
 
 
-async def _admin(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for sql in statements:
-            await conn.execute(sql)
-    finally:
-        await conn.close()
+_admin = citus.execute  # statements run on a connection of their own (CREATE DATABASE ...)
 
 
 @pytest.fixture(scope="session")

@@ -201,16 +201,28 @@ class _RolledBack(Exception):
     pass
 
 
-async def assert_on_customers_node(dsn: str, sql: str, args: tuple[Any, ...]) -> None:
-    """The statement, with CUSTOMER's values, runs on the worker holding CUSTOMER's shards and
-    names no other shard (see the module's docstring)."""
+async def _observed(
+    dsn: str, sql: str, args: tuple[Any, ...]
+) -> tuple[int, int, set[int], str, list[tuple[int, str]]]:
+    """_home's answer, then the statement's plan and the commands it sends to workers."""
     conn = await asyncpg.connect(dsn)
     try:
         coordinator, worker, shards = await _home(conn)
-        plan = await explain(conn, sql, args)
-        sent = await remote_commands(conn, sql, args)
+        return (
+            coordinator,
+            worker,
+            shards,
+            await explain(conn, sql, args),
+            await remote_commands(conn, sql, args),
+        )
     finally:
         await conn.close()
+
+
+async def assert_on_customers_node(dsn: str, sql: str, args: tuple[Any, ...]) -> None:
+    """The statement, with CUSTOMER's values, runs on the worker holding CUSTOMER's shards and
+    names no other shard (see the module's docstring)."""
+    coordinator, worker, shards, plan, sent = await _observed(dsn, sql, args)
     counts = [int(n) for n in _TASKS.findall(plan)]
     assert max(counts, default=1) == 1, plan  # no step runs one task per shard
     assert {int(p) for p in _NODE.findall(plan)} - {coordinator} <= {worker}, plan
@@ -230,13 +242,7 @@ async def test_a_statement_over_every_customer_is_seen_as_such(dsn: str) -> None
     """The checks above can fail: a statement that does not name one customer reads every
     shard, on both workers."""
     sql, args = "SELECT count(*) FROM usage_totals WHERE meter = $1", ("x",)
-    conn = await asyncpg.connect(dsn)
-    try:
-        _, _, shards = await _home(conn)
-        plan = await explain(conn, sql, args)
-        sent = await remote_commands(conn, sql, args)
-    finally:
-        await conn.close()
+    _, _, shards, plan, sent = await _observed(dsn, sql, args)
     assert max(int(n) for n in _TASKS.findall(plan)) > 1
     assert len({port for port, _ in sent}) == 2
     assert {int(i) for _, command in sent for i in _SHARD.findall(command)} - shards

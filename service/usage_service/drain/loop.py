@@ -102,6 +102,21 @@ def _own(answer: Outcome, report: Report) -> Outcome:
     return outcome.Rejected(mine) if mine else outcome.Delivered()
 
 
+def _past_resend(
+    adapter: Adapter | StreamAdapter, reports: list[Report]
+) -> tuple[list[tuple[Report, Outcome]], list[Report]]:
+    """The reports answered as failed for being past the adapter's re-send window (see
+    _too_old), and those still to send."""
+    sent: list[tuple[Report, Outcome]] = []
+    due = []
+    for report in reports:
+        if _too_old(adapter, report):
+            sent.append((report, outcome.Failed(adapter.reporting.too_old)))
+        else:
+            due.append(report)
+    return sent, due
+
+
 def _too_old(adapter: Adapter, report: Report) -> bool:
     """First sent longer ago than the adapter re-sends (the provider's dedupe may be over)."""
     window = adapter.reporting.resend_window
@@ -283,13 +298,7 @@ class Drain:
         """Per-event providers: the reports (one customer each) packed into calls of at most
         the adapter's batch of events, `concurrency` calls at a time; each report is answered
         from its call's outcome (a rejection: its own events' reasons only)."""
-        sent: list[tuple[Report, Outcome]] = []
-        due = []
-        for report in reports:
-            if _too_old(adapter, report):
-                sent.append((report, outcome.Failed(adapter.reporting.too_old)))
-            else:
-                due.append(report)
+        sent, due = _past_resend(adapter, reports)
         gate = asyncio.Semaphore(self.settings.concurrency)
 
         async def send(group: list[Report]) -> list[tuple[Report, Outcome]]:
@@ -321,13 +330,7 @@ class Drain:
         self, adapter: StreamAdapter, reports: list[Report]
     ) -> list[tuple[Report, Outcome]]:
         """The reports in shared calls (the adapter batches them); the answers to settle."""
-        sent: list[tuple[Report, Outcome]] = []
-        due = []
-        for report in reports:
-            if _too_old(adapter, report):
-                sent.append((report, outcome.Failed(adapter.reporting.too_old)))
-            else:
-                due.append(report)
+        sent, due = _past_resend(adapter, reports)
         if not due:
             return sent
         provider = due[0].provider.value
